@@ -1,0 +1,236 @@
+//! The one `Settings` struct, read from the environment (a `.env` file is loaded by `main`).
+//! Every variable has a development default; a bad value stops start-up with a line naming the variable.
+
+use std::fmt::Display;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres:postgres@localhost:5432/nestling";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppEnv {
+    Development,
+    Production,
+    Test,
+}
+
+impl FromStr for AppEnv {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "development" | "dev" => Ok(Self::Development),
+            "production" | "prod" => Ok(Self::Production),
+            "test" => Ok(Self::Test),
+            _ => Err(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub app: AppSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub ttl: TtlTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppSettings {
+    pub env: AppEnv,
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: String,
+    /// True when `DATABASE_URL` was not set: only then may development start a private Postgres.
+    pub url_is_default: bool,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+    pub acquire_timeout: Duration,
+    /// Client-side deadline for every statement (or transaction); sqlx has none of its own.
+    pub statement_timeout: Duration,
+    pub health_timeout: Duration,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub enabled: bool,
+    pub url: String,
+}
+
+/// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtlTable {
+    pub tasks: Duration,
+    pub projects: Duration,
+    pub workspaces: Duration,
+    pub daily_metrics: Duration,
+    pub user: Duration,
+    pub rate_limit_window: Duration,
+    pub auth_token: Duration,
+}
+
+impl TtlTable {
+    /// (environment variable, default seconds, value) for every entry, in README order.
+    pub fn entries(&self) -> [(&'static str, u64, Duration); 7] {
+        [
+            ("CACHE_TTL_TASKS", 300, self.tasks),
+            ("CACHE_TTL_PROJECTS", 600, self.projects),
+            ("CACHE_TTL_WORKSPACES", 1800, self.workspaces),
+            ("CACHE_TTL_DAILY_METRICS", 900, self.daily_metrics),
+            ("CACHE_TTL_USER", 3600, self.user),
+            ("RATE_LIMIT_WINDOW", 60, self.rate_limit_window),
+            ("AUTH_TOKEN_TTL", 7200, self.auth_token),
+        ]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {name}: expected {expected}, got {value:?}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub expected: &'static str,
+    pub value: String,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests can build them without touching the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let vars = Vars(&lookup);
+        let database_url = lookup("DATABASE_URL");
+        Ok(Settings {
+            app: AppSettings {
+                env: vars.parse("APP_ENV", AppEnv::Development, "development, production or test")?,
+                host: vars.string("APP_HOST", "127.0.0.1"),
+                port: vars.parse("APP_PORT", 8080, "a port number (0-65535)")?,
+                workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
+                shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
+            },
+            database: DatabaseSettings {
+                url_is_default: database_url.is_none(),
+                url: database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+                max_connections: vars.parse("DATABASE_MAX_CONNECTIONS", 10, "a positive number")?,
+                connect_timeout: vars.millis("DATABASE_CONNECT_TIMEOUT_MS", 2000)?,
+                acquire_timeout: vars.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 1000)?,
+                statement_timeout: vars.millis("DATABASE_STATEMENT_TIMEOUT_MS", 3000)?,
+                health_timeout: vars.millis("DATABASE_HEALTH_TIMEOUT_MS", 1000)?,
+                migrate_on_start: vars.parse("APP_MIGRATE_ON_START", true, "true or false")?,
+            },
+            redis: RedisSettings {
+                enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
+                url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+            },
+            ttl: TtlTable {
+                tasks: vars.secs("CACHE_TTL_TASKS", 300)?,
+                projects: vars.secs("CACHE_TTL_PROJECTS", 600)?,
+                workspaces: vars.secs("CACHE_TTL_WORKSPACES", 1800)?,
+                daily_metrics: vars.secs("CACHE_TTL_DAILY_METRICS", 900)?,
+                user: vars.secs("CACHE_TTL_USER", 3600)?,
+                rate_limit_window: vars.secs("RATE_LIMIT_WINDOW", 60)?,
+                auth_token: vars.secs("AUTH_TOKEN_TTL", 7200)?,
+            },
+        })
+    }
+}
+
+struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
+    fn string(&self, name: &str, default: &str) -> String {
+        (self.0)(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: FromStr + Display>(
+        &self,
+        name: &'static str,
+        default: T,
+        expected: &'static str,
+    ) -> Result<T, ConfigError> {
+        match (self.0)(name) {
+            None => Ok(default),
+            Some(value) => value.trim().parse().map_err(|_| ConfigError { name, expected, value }),
+        }
+    }
+
+    fn millis(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.positive(name, default, "a whole number of milliseconds > 0")
+            .map(Duration::from_millis)
+    }
+
+    fn secs(&self, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        self.positive(name, default, "a whole number of seconds > 0")
+            .map(Duration::from_secs)
+    }
+
+    fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
+        let value: u64 = self.parse(name, default, expected)?;
+        if value == 0 {
+            return Err(ConfigError { name, expected, value: "0".into() });
+        }
+        Ok(value)
+    }
+}
+
+impl Display for AppEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Development => "development",
+            Self::Production => "production",
+            Self::Test => "test",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ttl_table() {
+        let s = settings(&[]).unwrap();
+        for (name, default, value) in s.ttl.entries() {
+            assert_eq!(value, Duration::from_secs(default), "{name}");
+        }
+        assert!(s.database.url_is_default);
+        assert!(!s.redis.enabled);
+        assert_eq!(s.app.port, 8080);
+    }
+
+    #[test]
+    fn an_invalid_value_names_the_variable() {
+        let cases = [
+            ("APP_PORT", "eighty"),
+            ("APP_PORT", "70000"),
+            ("REDIS_ENABLED", "yes please"),
+            ("CACHE_TTL_TASKS", "0"),
+            ("DATABASE_STATEMENT_TIMEOUT_MS", "-1"),
+            ("APP_ENV", "staging"),
+        ];
+        for (name, value) in cases {
+            let err = settings(&[(name, value)]).expect_err(name);
+            assert_eq!(err.name, name);
+            assert!(err.to_string().starts_with(&format!("invalid value for {name}: expected ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_database_url_is_not_the_default() {
+        let s = settings(&[("DATABASE_URL", DEFAULT_DATABASE_URL)]).unwrap();
+        assert!(!s.database.url_is_default);
+    }
+}

@@ -1,0 +1,58 @@
+//! THE composition root: every component, listed once, in dependency order. Pools are created
+//! before the module (async set-up) and passed in as component parameters.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use shaku::module;
+use sqlx::PgPool;
+
+use crate::config::Settings;
+use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::modules::auth::repository::PgTokenRepository;
+use crate::modules::auth::service::{Auth, AuthParameters};
+use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
+use crate::modules::metrics::repository::PgMetricsRepository;
+use crate::modules::metrics::service::Metrics;
+use crate::modules::projects::repository::PgProjectRepository;
+use crate::modules::projects::service::Projects;
+use crate::modules::tasks::repository::PgTaskRepository;
+use crate::modules::tasks::service::Tasks;
+use crate::modules::users::repository::PgUserRepository;
+use crate::modules::users::service::Users;
+use crate::modules::workspaces::repository::PgWorkspaceRepository;
+use crate::modules::workspaces::service::Workspaces;
+
+module! {
+    pub AppModule {
+        components = [
+            // infrastructure
+            PgDatabase,
+            // repositories: all SQL
+            PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
+            PgTaskRepository, PgMetricsRepository,
+            // services: rules
+            Auth, Users, Workspaces, Projects, Tasks, Metrics, HealthChecks,
+        ],
+        providers = []
+    }
+}
+
+/// What handlers take to get a service: `tasks: Inject<dyn TaskService>`.
+pub type Inject<I> = shaku_actix::Inject<AppModule, I>;
+
+/// The module builder with every parameter set; tests add `with_component_override` before `build`.
+pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppModule> {
+    AppModule::builder()
+        .with_component_parameters::<PgDatabase>(PgDatabaseParameters {
+            pool,
+            statement_timeout: settings.database.statement_timeout,
+            health_timeout: settings.database.health_timeout,
+        })
+        .with_component_parameters::<Auth>(AuthParameters { token_ttl: settings.ttl.auth_token })
+        .with_component_parameters::<HealthChecks>(HealthChecksParameters { started: Instant::now() })
+}
+
+pub fn build(settings: &Settings, pool: PgPool) -> Arc<AppModule> {
+    Arc::new(builder(settings, pool).build())
+}

@@ -1,0 +1,295 @@
+//! The one error type, `AppError`, and the JSON envelope every error path answers with
+//! (NestJS-compatible keys plus a stable `code`), including extractor and routing failures.
+
+use std::collections::BTreeMap;
+
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+pub type AppResult<T> = Result<T, AppError>;
+
+/// Request bodies larger than this are refused with 413.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("validation failed")]
+    Validation(BTreeMap<String, Vec<String>>),
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{message}")]
+    Unauthorized { code: &'static str, message: &'static str },
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// `entity` names what was not found; it becomes the code `<entity>_not_found`.
+    #[error("{entity} not found")]
+    NotFound { entity: &'static str },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("request body is larger than {BODY_LIMIT_BYTES} bytes")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("database unavailable")]
+    DatabaseUnavailable(#[source] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The envelope of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    #[schema(example = 404)]
+    pub status_code: u16,
+    #[schema(example = "Not Found")]
+    pub error: String,
+    #[schema(example = "task not found")]
+    pub message: String,
+    #[schema(example = "task_not_found")]
+    pub code: String,
+    /// Field → messages for validation failures; null otherwise.
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<BTreeMap<String, Vec<String>>>,
+}
+
+impl AppError {
+    pub fn not_found(entity: &'static str) -> Self {
+        Self::NotFound { entity }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest { code, message: message.into() }
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Conflict { code, message: message.into() }
+    }
+
+    pub fn internal(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(err.into())
+    }
+
+    /// One field, one message: for rules that need the database (e.g. "assignee is not a member").
+    pub fn invalid_field(field: &str, message: &str) -> Self {
+        Self::Validation(BTreeMap::from([(field.to_owned(), vec![message.to_owned()])]))
+    }
+
+    pub fn code(&self) -> String {
+        match self {
+            Self::Validation(_) => "validation_failed".into(),
+            Self::BadRequest { code, .. } | Self::Unauthorized { code, .. } | Self::Conflict { code, .. } => {
+                (*code).into()
+            }
+            Self::Forbidden(_) => "forbidden".into(),
+            Self::NotFound { entity } => format!("{entity}_not_found"),
+            Self::PayloadTooLarge => "payload_too_large".into(),
+            Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
+            Self::DatabaseUnavailable(_) => "database_unavailable".into(),
+            Self::Internal(_) => "internal_error".into(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let status = self.status_code();
+        let details = match self {
+            Self::Validation(fields) => Some(fields.clone()),
+            _ => None,
+        };
+        ErrorBody {
+            status_code: status.as_u16(),
+            error: status.canonical_reason().unwrap_or("Error").to_owned(),
+            // 5xx messages are generic by construction: the variants' Display never includes the cause.
+            message: self.to_string(),
+            code: self.code(),
+            details,
+        }
+    }
+}
+
+impl ResponseError for AppError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Validation(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if self.status_code().is_server_error() {
+            log::error!("{}: {}", self.code(), error_chain(self));
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        if let Self::Unauthorized { .. } = self {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let Self::DatabaseUnavailable(_) = self {
+            response.insert_header(("Retry-After", "1"));
+        }
+        response.json(self.body())
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(err: sqlx::Error) -> Self {
+        use sqlx::Error::*;
+        match &err {
+            PoolTimedOut | PoolClosed | Io(_) | Tls(_) | Protocol(_) | WorkerCrashed => Self::DatabaseUnavailable(err),
+            Database(db) => match db.code().as_deref() {
+                // Strings with characters Postgres cannot store (NUL) are the client's fault.
+                Some("22021" | "22P05") => Self::bad_request("invalid_text", "text contains characters that cannot be stored"),
+                // Cannot connect / shutting down / too many connections.
+                Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+                    Self::DatabaseUnavailable(err)
+                }
+                _ => Self::Internal(err.into()),
+            },
+            _ => Self::Internal(err.into()),
+        }
+    }
+}
+
+impl From<validator::ValidationErrors> for AppError {
+    fn from(errors: validator::ValidationErrors) -> Self {
+        let mut fields = BTreeMap::new();
+        for (field, errs) in errors.field_errors() {
+            let messages = errs
+                .iter()
+                .map(|e| e.message.as_ref().map(|m| m.to_string()).unwrap_or_else(|| describe(e)))
+                .collect();
+            fields.insert(camel_case(&field), messages);
+        }
+        Self::Validation(fields)
+    }
+}
+
+fn describe(error: &validator::ValidationError) -> String {
+    let param = |name: &str| error.params.get(name).map(|v| v.to_string());
+    match error.code.as_ref() {
+        "length" => match (param("min"), param("max")) {
+            (Some(min), Some(max)) => format!("must be between {min} and {max} characters"),
+            (Some(min), None) => format!("must be at least {min} characters"),
+            (None, Some(max)) => format!("must be at most {max} characters"),
+            _ => "has an invalid length".into(),
+        },
+        "range" => match (param("min"), param("max")) {
+            (Some(min), Some(max)) => format!("must be between {min} and {max}"),
+            _ => "is out of range".into(),
+        },
+        "email" => "must be a valid email address".into(),
+        other => other.replace('_', " "),
+    }
+}
+
+fn camel_case(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Validator rule for every free-text field: Postgres cannot store NUL, so it is a 400, not a 500.
+pub fn no_nul(value: &str) -> Result<(), validator::ValidationError> {
+    if value.contains('\0') {
+        return Err(validator::ValidationError::new("nul").with_message("must not contain NUL characters".into()));
+    }
+    Ok(())
+}
+
+/// Extractor configuration: malformed bodies, paths and queries answer with the envelope too.
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(BODY_LIMIT_BYTES)
+        .error_handler(|err, _req: &HttpRequest| json_error(err).into())
+}
+
+fn json_error(err: JsonPayloadError) -> AppError {
+    match err {
+        JsonPayloadError::ContentType => {
+            AppError::UnsupportedMediaType("request body must be JSON (Content-Type: application/json)".into())
+        }
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => AppError::PayloadTooLarge,
+        JsonPayloadError::Deserialize(e) if e.is_data() => AppError::bad_request("invalid_body", e.to_string()),
+        JsonPayloadError::Deserialize(e) => AppError::bad_request("malformed_json", e.to_string()),
+        other => AppError::bad_request("invalid_body", other.to_string()),
+    }
+}
+
+pub fn path_config() -> web::PathConfig {
+    web::PathConfig::default().error_handler(|err: PathError, _req| {
+        AppError::bad_request("invalid_path", format!("invalid path parameter: {err}")).into()
+    })
+}
+
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err: QueryPayloadError, _req| {
+        AppError::bad_request("invalid_query", format!("invalid query parameter: {err}")).into()
+    })
+}
+
+/// Fallback for unknown routes.
+pub async fn route_not_found() -> AppError {
+    AppError::not_found("route")
+}
+
+impl actix_web::Responder for AppError {
+    type Body = actix_web::body::BoxBody;
+    fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
+        self.error_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_never_show_their_cause() {
+        let err = AppError::internal("password=hunter2 leaked in a driver message");
+        let body = err.body();
+        assert_eq!(body.status_code, 500);
+        assert_eq!(body.message, "internal error");
+        assert_eq!(body.code, "internal_error");
+    }
+
+    #[test]
+    fn validation_details_use_json_field_names() {
+        assert_eq!(camel_case("assignee_id"), "assigneeId");
+        assert_eq!(camel_case("title"), "title");
+    }
+}
+
+/// Whether `err` is a unique violation of the named constraint (or unique index).
+pub fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(constraint))
+}

@@ -1,0 +1,62 @@
+//! `nestling` (serve), `nestling migrate`, `nestling seed`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nestling::config::Settings;
+use nestling::infra::database;
+use nestling::seed;
+use nestling::startup::Application;
+
+#[derive(Parser)]
+#[command(name = "nestling", version, about = "A NestJS-style backend starter in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Create the database if missing, apply migrations, exit.
+    Migrate,
+    /// Migrate, then load the demo data (demo@nestling.dev / demo-password).
+    Seed,
+}
+
+fn main() -> ExitCode {
+    dotenvy::dotenv().ok();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn")).init();
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("nestling: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = actix_web::rt::System::new().block_on(run(cli.command.unwrap_or(Command::Serve), settings));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("nestling: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Serve => Application::build(settings).await?.run_until_stopped().await?,
+        Command::Migrate => {
+            database::prepare(&mut settings, true).await?;
+            log::info!("migrations applied");
+        }
+        Command::Seed => {
+            let pool = database::prepare(&mut settings, true).await?;
+            seed::run(&pool).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+use async_trait::async_trait;
+use chrono::Utc;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use shaku::{Component, Interface};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
+use super::password;
+use super::repository::TokenRepository;
+use crate::error::{is_unique_violation, AppError, AppResult};
+use crate::modules::users::model::User;
+use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
+
+const INVALID_CREDENTIALS: AppError =
+    AppError::Unauthorized { code: "invalid_credentials", message: "email or password is wrong" };
+const INVALID_TOKEN: AppError =
+    AppError::Unauthorized { code: "invalid_token", message: "token is invalid or expired" };
+
+#[async_trait]
+pub trait AuthService: Interface {
+    async fn register(&self, request: RegisterRequest) -> AppResult<User>;
+    async fn login(&self, request: LoginRequest) -> AppResult<LoginResponse>;
+    async fn logout(&self, token: &str) -> AppResult<()>;
+    /// The user behind a bearer token; 401 when it is unknown or expired.
+    async fn authenticate(&self, token: &str) -> AppResult<User>;
+}
+
+#[derive(Component)]
+#[shaku(interface = AuthService)]
+pub struct Auth {
+    #[shaku(inject)]
+    users: Arc<dyn UserRepository>,
+    #[shaku(inject)]
+    tokens: Arc<dyn TokenRepository>,
+    token_ttl: Duration,
+}
+
+/// Tokens are 32 random bytes, hex-encoded; only their SHA-256 is stored.
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[async_trait]
+impl AuthService for Auth {
+    async fn register(&self, request: RegisterRequest) -> AppResult<User> {
+        let email = request.email.trim().to_lowercase();
+        let hash = password::hash(request.password).await?;
+        self.users.create(&email, request.name.trim(), &hash).await.map_err(|err| {
+            if is_unique_violation(&err, EMAIL_UNIQUE) {
+                AppError::conflict("email_taken", "a user with this email already exists")
+            } else {
+                err.into()
+            }
+        })
+    }
+
+    async fn login(&self, request: LoginRequest) -> AppResult<LoginResponse> {
+        let credentials = self.users.find_credentials(request.email.trim()).await?;
+        let (user_id, stored) = match credentials {
+            Some((id, hash)) => (Some(id), Some(hash)),
+            None => (None, None),
+        };
+        let valid = password::verify(request.password, stored).await?;
+        let user_id = match (valid, user_id) {
+            (true, Some(id)) => id,
+            _ => return Err(INVALID_CREDENTIALS),
+        };
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let token = hex::encode(bytes);
+        let expires_at = Utc::now() + self.token_ttl;
+        self.tokens.insert(&token_hash(&token), user_id, expires_at).await?;
+        Ok(LoginResponse { token, token_type: "Bearer".into(), expires_at })
+    }
+
+    async fn logout(&self, token: &str) -> AppResult<()> {
+        Ok(self.tokens.delete(&token_hash(token)).await?)
+    }
+
+    async fn authenticate(&self, token: &str) -> AppResult<User> {
+        // Anything that is not 64 hex characters cannot be one of ours: skip the database.
+        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(INVALID_TOKEN);
+        }
+        match self.tokens.find_user(&token_hash(token)).await? {
+            Some((user, _expires_at)) => Ok(user),
+            None => Err(INVALID_TOKEN),
+        }
+    }
+}

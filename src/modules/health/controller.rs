@@ -1,0 +1,43 @@
+use actix_web::{get, web, HttpResponse};
+
+use super::service::{HealthReport, HealthService};
+use crate::container::Inject;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(live).service(ready).service(health);
+}
+
+fn respond(report: HealthReport) -> HttpResponse {
+    if report.is_ok() {
+        HttpResponse::Ok().json(report)
+    } else {
+        HttpResponse::ServiceUnavailable().json(report)
+    }
+}
+
+/// 200 while the process runs.
+#[utoipa::path(tag = "health", operation_id = "get_liveness", responses((status = 200, description = "Alive")))]
+#[get("/health/live")]
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// 200 when Postgres answers within `DATABASE_HEALTH_TIMEOUT_MS`, 503 otherwise.
+#[utoipa::path(
+    tag = "health", operation_id = "get_readiness",
+    responses((status = 200, body = HealthReport), (status = 503, description = "Database down", body = HealthReport))
+)]
+#[get("/health/ready")]
+pub async fn ready(checks: Inject<dyn HealthService>) -> HttpResponse {
+    respond(checks.readiness().await)
+}
+
+/// Every component with its status and latency, plus version and uptime.
+#[utoipa::path(
+    tag = "health", operation_id = "get_health",
+    responses((status = 200, body = HealthReport), (status = 503, description = "A component is down", body = HealthReport))
+)]
+#[get("/health")]
+pub async fn health(checks: Inject<dyn HealthService>) -> HttpResponse {
+    respond(checks.report().await)
+}

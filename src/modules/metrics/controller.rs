@@ -1,0 +1,31 @@
+use actix_web::{get, web, HttpResponse};
+use uuid::Uuid;
+
+use super::dto::{DailyMetrics, DailyMetricsQuery};
+use super::service::MetricsService;
+use crate::container::Inject;
+use crate::error::{AppResult, ErrorBody};
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_daily_metrics);
+}
+
+/// Per-day counts of created, completed and open tasks in a workspace.
+#[utoipa::path(
+    tag = "metrics", operation_id = "get_daily_metrics", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id"), DailyMetricsQuery),
+    responses(
+        (status = 200, body = DailyMetrics), (status = 400, description = "Bad dates or range", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
+)]
+#[get("/api/workspaces/{id}/metrics/daily")]
+pub async fn get_daily_metrics(
+    me: AuthUser,
+    metrics: Inject<dyn MetricsService>,
+    id: web::Path<Uuid>,
+    query: web::Query<DailyMetricsQuery>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(metrics.daily(me.id, *id, query.into_inner()).await?))
+}

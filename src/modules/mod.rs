@@ -1,0 +1,65 @@
+//! Feature modules: each owns its routes (controller), rules (service), SQL (repository) and DTOs.
+
+pub mod auth;
+pub mod health;
+pub mod metrics;
+pub mod projects;
+pub mod tasks;
+pub mod users;
+pub mod workspaces;
+
+use actix_web::web::ServiceConfig;
+
+/// Mounts every feature's routes.
+pub fn configure(cfg: &mut ServiceConfig) {
+    health::configure(cfg);
+    auth::configure(cfg);
+    users::configure(cfg);
+    workspaces::configure(cfg);
+    projects::configure(cfg);
+    tasks::configure(cfg);
+    metrics::configure(cfg);
+}
+
+/// `limit` / `offset` paging shared by list endpoints.
+pub mod paging {
+    use serde::{Deserialize, Serialize};
+    use utoipa::ToSchema;
+
+    pub const DEFAULT_LIMIT: i64 = 50;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Paging {
+        pub limit: i64,
+        pub offset: i64,
+    }
+
+    /// One page of items; `nextOffset` is null on the last page.
+    #[derive(Debug, Serialize, Deserialize, ToSchema)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Page<T> {
+        pub items: Vec<T>,
+        pub limit: i64,
+        pub offset: i64,
+        pub next_offset: Option<i64>,
+    }
+
+    impl<T> Page<T> {
+        /// `rows` was fetched with `limit + 1`: the extra row only tells whether a next page exists.
+        pub fn from_rows(mut rows: Vec<T>, paging: Paging) -> Self {
+            let more = rows.len() as i64 > paging.limit;
+            rows.truncate(paging.limit as usize);
+            Page { items: rows, limit: paging.limit, offset: paging.offset, next_offset: more.then_some(paging.offset + paging.limit) }
+        }
+    }
+}
+
+/// PATCH fields that distinguish "absent" (leave as is) from `null` (clear): `Option<Option<T>>`
+/// with `#[serde(default, deserialize_with = "nullable::deserialize")]`.
+pub mod nullable {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}

@@ -1,0 +1,106 @@
+use actix_web::{delete, get, patch, post, web, HttpResponse};
+use uuid::Uuid;
+use validator::Validate;
+
+use super::dto::{CreateProjectRequest, UpdateProjectRequest};
+use super::model::Project;
+use super::service::ProjectService;
+use crate::container::Inject;
+use crate::error::{AppResult, ErrorBody};
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(create_project)
+        .service(list_projects)
+        .service(get_project)
+        .service(update_project)
+        .service(delete_project);
+}
+
+/// Create a project in a workspace.
+#[utoipa::path(
+    tag = "projects", operation_id = "create_project", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    request_body = CreateProjectRequest,
+    responses(
+        (status = 201, body = Project), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "Workspace missing or not a member", body = ErrorBody),
+    )
+)]
+#[post("/api/workspaces/{id}/projects")]
+pub async fn create_project(
+    me: AuthUser,
+    projects: Inject<dyn ProjectService>,
+    id: web::Path<Uuid>,
+    body: web::Json<CreateProjectRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Created().json(projects.create(me.id, *id, body.into_inner()).await?))
+}
+
+/// Projects of a workspace.
+#[utoipa::path(
+    tag = "projects", operation_id = "list_projects", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    responses((status = 200, body = Vec<Project>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[get("/api/workspaces/{id}/projects")]
+pub async fn list_projects(
+    me: AuthUser,
+    projects: Inject<dyn ProjectService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(projects.list(me.id, *id).await?))
+}
+
+/// One project.
+#[utoipa::path(
+    tag = "projects", operation_id = "get_project", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Project id")),
+    responses((status = 200, body = Project), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[get("/api/projects/{id}")]
+pub async fn get_project(
+    me: AuthUser,
+    projects: Inject<dyn ProjectService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(projects.get(me.id, *id).await?))
+}
+
+/// Change a project's name or description.
+#[utoipa::path(
+    tag = "projects", operation_id = "update_project", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Project id")),
+    request_body = UpdateProjectRequest,
+    responses(
+        (status = 200, body = Project), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+#[patch("/api/projects/{id}")]
+pub async fn update_project(
+    me: AuthUser,
+    projects: Inject<dyn ProjectService>,
+    id: web::Path<Uuid>,
+    body: web::Json<UpdateProjectRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Ok().json(projects.update(me.id, *id, body.into_inner()).await?))
+}
+
+/// Delete a project and its tasks.
+#[utoipa::path(
+    tag = "projects", operation_id = "delete_project", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Project id")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[delete("/api/projects/{id}")]
+pub async fn delete_project(
+    me: AuthUser,
+    projects: Inject<dyn ProjectService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    projects.delete(me.id, *id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,104 @@
+use actix_web::{delete, get, patch, post, web, HttpResponse};
+use uuid::Uuid;
+use validator::Validate;
+
+use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
+use super::model::Task;
+use super::service::TaskService;
+use crate::container::Inject;
+use crate::error::{AppResult, ErrorBody};
+use crate::modules::auth::AuthUser;
+use crate::modules::paging::Page;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(create_task)
+        .service(list_tasks)
+        .service(get_task)
+        .service(update_task)
+        .service(delete_task);
+}
+
+/// Create a task in a project.
+#[utoipa::path(
+    tag = "tasks", operation_id = "create_task", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Project id")),
+    request_body = CreateTaskRequest,
+    responses(
+        (status = 201, body = Task), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "Project missing or not a member", body = ErrorBody),
+    )
+)]
+#[post("/api/projects/{id}/tasks")]
+pub async fn create_task(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    id: web::Path<Uuid>,
+    body: web::Json<CreateTaskRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Created().json(tasks.create(me.id, *id, body.into_inner()).await?))
+}
+
+/// Tasks of a project, oldest first, filtered by status and assignee.
+#[utoipa::path(
+    tag = "tasks", operation_id = "list_tasks", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Project id"), TaskQuery),
+    responses(
+        (status = 200, body = Page<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+#[get("/api/projects/{id}/tasks")]
+pub async fn list_tasks(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    id: web::Path<Uuid>,
+    query: web::Query<TaskQuery>,
+) -> AppResult<HttpResponse> {
+    query.validate()?;
+    Ok(HttpResponse::Ok().json(tasks.list(me.id, *id, query.into_inner()).await?))
+}
+
+/// One task.
+#[utoipa::path(
+    tag = "tasks", operation_id = "get_task", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Task id")),
+    responses((status = 200, body = Task), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[get("/api/tasks/{id}")]
+pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(tasks.get(me.id, *id).await?))
+}
+
+/// Change any field of a task; `null` clears description, assignee and due date.
+#[utoipa::path(
+    tag = "tasks", operation_id = "update_task", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Task id")),
+    request_body = UpdateTaskRequest,
+    responses(
+        (status = 200, body = Task), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+#[patch("/api/tasks/{id}")]
+pub async fn update_task(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    id: web::Path<Uuid>,
+    body: web::Json<UpdateTaskRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Ok().json(tasks.update(me.id, *id, body.into_inner()).await?))
+}
+
+/// Delete a task.
+#[utoipa::path(
+    tag = "tasks", operation_id = "delete_task", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Task id")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[delete("/api/tasks/{id}")]
+pub async fn delete_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+    tasks.delete(me.id, *id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}

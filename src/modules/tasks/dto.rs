@@ -1,0 +1,69 @@
+use chrono::NaiveDate;
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+use validator::Validate;
+
+use super::model::{TaskPriority, TaskStatus};
+use crate::error::no_nul;
+use crate::modules::nullable;
+use crate::modules::paging::{Paging, DEFAULT_LIMIT};
+
+#[derive(Debug, Deserialize, Validate, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateTaskRequest {
+    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    #[schema(example = "Write the README")]
+    pub title: String,
+    #[validate(length(max = 10000), custom(function = "no_nul"))]
+    pub description: Option<String>,
+    /// Defaults to `todo`.
+    pub status: Option<TaskStatus>,
+    /// Defaults to `medium`.
+    pub priority: Option<TaskPriority>,
+    /// Must be a member of the workspace.
+    pub assignee_id: Option<Uuid>,
+    #[schema(value_type = Option<String>, format = Date, example = "2026-12-24")]
+    pub due_date: Option<NaiveDate>,
+}
+
+/// Absent fields stay as they are; `null` clears `description`, `assigneeId` and `dueDate`.
+#[derive(Debug, Default, Deserialize, Validate, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateTaskRequest {
+    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    pub title: Option<String>,
+    #[serde(default, deserialize_with = "nullable::deserialize")]
+    #[validate(length(max = 10000), custom(function = "no_nul"))]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+    pub status: Option<TaskStatus>,
+    pub priority: Option<TaskPriority>,
+    #[serde(default, deserialize_with = "nullable::deserialize")]
+    #[schema(value_type = Option<Uuid>)]
+    pub assignee_id: Option<Option<Uuid>>,
+    #[serde(default, deserialize_with = "nullable::deserialize")]
+    #[schema(value_type = Option<String>, format = Date)]
+    pub due_date: Option<Option<NaiveDate>>,
+}
+
+/// Filters and paging for task lists. Unknown parameters are rejected.
+#[derive(Debug, Clone, Default, Deserialize, Validate, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    pub assignee_id: Option<Uuid>,
+    /// Page size, 1–100 (default 50).
+    #[validate(range(min = 1, max = 100))]
+    pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    #[validate(range(min = 0, max = 1000000))]
+    pub offset: Option<i64>,
+}
+
+impl TaskQuery {
+    pub fn paging(&self) -> Paging {
+        Paging { limit: self.limit.unwrap_or(DEFAULT_LIMIT), offset: self.offset.unwrap_or(0) }
+    }
+}

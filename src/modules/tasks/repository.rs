@@ -1,0 +1,126 @@
+use async_trait::async_trait;
+use shaku::{Component, Interface};
+use std::sync::Arc;
+use uuid::Uuid;
+
+use super::model::{Task, TaskStatus};
+use crate::infra::database::Database;
+use crate::modules::paging::Paging;
+
+const COLUMNS: &str = "id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
+                       completed_at, created_at, updated_at";
+
+/// Which tasks a list shows.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskListFilter {
+    pub status: Option<TaskStatus>,
+    pub assignee_id: Option<Uuid>,
+}
+
+#[async_trait]
+pub trait TaskRepository: Interface {
+    /// Inserts `task` as given, except `id`, `created_at` and `updated_at`, which the database sets.
+    async fn create(&self, task: &Task) -> Result<Task, sqlx::Error>;
+    async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error>;
+    /// One page (plus one row, to tell whether there is a next page) of a project's tasks.
+    async fn list_in_project(&self, project_id: Uuid, filter: TaskListFilter, paging: Paging)
+        -> Result<Vec<Task>, sqlx::Error>;
+    /// Tasks assigned to `user_id` in workspaces they are still a member of (page + one row).
+    async fn list_assigned(&self, user_id: Uuid, status: Option<TaskStatus>, paging: Paging)
+        -> Result<Vec<Task>, sqlx::Error>;
+    /// Writes every editable field of `task`.
+    async fn save(&self, task: &Task) -> Result<Option<Task>, sqlx::Error>;
+    async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
+}
+
+#[derive(Component)]
+#[shaku(interface = TaskRepository)]
+pub struct PgTaskRepository {
+    #[shaku(inject)]
+    db: Arc<dyn Database>,
+}
+
+#[async_trait]
+impl TaskRepository for PgTaskRepository {
+    async fn create(&self, task: &Task) -> Result<Task, sqlx::Error> {
+        let sql = format!(
+            "INSERT INTO tasks (project_id, workspace_id, title, description, status, priority, assignee_id, due_date, completed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(task.project_id)
+            .bind(task.workspace_id)
+            .bind(&task.title)
+            .bind(&task.description)
+            .bind(task.status)
+            .bind(task.priority)
+            .bind(task.assignee_id)
+            .bind(task.due_date)
+            .bind(task.completed_at);
+        self.db.run(query.fetch_one(self.db.pool())).await
+    }
+
+    async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error> {
+        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE id = $1");
+        self.db.run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool())).await
+    }
+
+    async fn list_in_project(
+        &self,
+        project_id: Uuid,
+        filter: TaskListFilter,
+        paging: Paging,
+    ) -> Result<Vec<Task>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks
+             WHERE project_id = $1 AND ($2::task_status IS NULL OR status = $2) AND ($3::uuid IS NULL OR assignee_id = $3)
+             ORDER BY created_at, id LIMIT $4 OFFSET $5"
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(project_id)
+            .bind(filter.status)
+            .bind(filter.assignee_id)
+            .bind(paging.limit + 1)
+            .bind(paging.offset);
+        self.db.run(query.fetch_all(self.db.pool())).await
+    }
+
+    async fn list_assigned(
+        &self,
+        user_id: Uuid,
+        status: Option<TaskStatus>,
+        paging: Paging,
+    ) -> Result<Vec<Task>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks t
+             WHERE t.assignee_id = $1 AND ($2::task_status IS NULL OR t.status = $2)
+               AND EXISTS (SELECT 1 FROM workspace_members m WHERE m.workspace_id = t.workspace_id AND m.user_id = $1)
+             ORDER BY t.created_at, t.id LIMIT $3 OFFSET $4"
+        );
+        let query = sqlx::query_as(&sql).bind(user_id).bind(status).bind(paging.limit + 1).bind(paging.offset);
+        self.db.run(query.fetch_all(self.db.pool())).await
+    }
+
+    async fn save(&self, task: &Task) -> Result<Option<Task>, sqlx::Error> {
+        let sql = format!(
+            "UPDATE tasks SET title = $2, description = $3, status = $4, priority = $5, assignee_id = $6,
+                    due_date = $7, completed_at = $8, updated_at = now()
+             WHERE id = $1 RETURNING {COLUMNS}"
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(task.id)
+            .bind(&task.title)
+            .bind(&task.description)
+            .bind(task.status)
+            .bind(task.priority)
+            .bind(task.assignee_id)
+            .bind(task.due_date)
+            .bind(task.completed_at);
+        self.db.run(query.fetch_optional(self.db.pool())).await
+    }
+
+    async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        let query = sqlx::query("DELETE FROM tasks WHERE id = $1").bind(id);
+        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+    }
+}

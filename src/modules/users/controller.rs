@@ -1,0 +1,70 @@
+use actix_web::{get, patch, web, HttpResponse};
+use validator::Validate;
+
+use super::dto::UpdateMeRequest;
+use super::model::User;
+use super::service::UserService;
+use crate::container::Inject;
+use crate::error::{AppResult, ErrorBody};
+use crate::modules::auth::AuthUser;
+use crate::modules::paging::Page;
+use crate::modules::tasks::dto::TaskQuery;
+use crate::modules::tasks::model::Task;
+use crate::modules::tasks::service::TaskService;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_me).service(update_me).service(list_my_tasks);
+}
+
+/// The signed-in user.
+#[utoipa::path(
+    tag = "users", operation_id = "get_me", security(("bearer" = [])),
+    responses(
+        (status = 200, body = User),
+        (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
+    )
+)]
+#[get("/api/users/me")]
+pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(users.get(me.id).await?))
+}
+
+/// Change my display name.
+#[utoipa::path(
+    tag = "users", operation_id = "update_me", security(("bearer" = [])),
+    request_body = UpdateMeRequest,
+    responses(
+        (status = 200, body = User),
+        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    )
+)]
+#[patch("/api/users/me")]
+pub async fn update_me(
+    me: AuthUser,
+    users: Inject<dyn UserService>,
+    body: web::Json<UpdateMeRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Ok().json(users.update(me.id, body.into_inner()).await?))
+}
+
+/// Tasks assigned to me, across the workspaces I belong to.
+#[utoipa::path(
+    tag = "users", operation_id = "list_my_tasks", security(("bearer" = [])),
+    params(TaskQuery),
+    responses(
+        (status = 200, body = Page<Task>),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    )
+)]
+#[get("/api/users/me/tasks")]
+pub async fn list_my_tasks(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    query: web::Query<TaskQuery>,
+) -> AppResult<HttpResponse> {
+    query.validate()?;
+    Ok(HttpResponse::Ok().json(tasks.list_assigned(me.id, query.into_inner()).await?))
+}

@@ -1,0 +1,162 @@
+use actix_web::{delete, get, patch, post, web, HttpResponse};
+use uuid::Uuid;
+use validator::Validate;
+
+use super::dto::{AddMemberRequest, CreateWorkspaceRequest, UpdateWorkspaceRequest};
+use super::model::{Member, Workspace};
+use super::service::WorkspaceService;
+use crate::container::Inject;
+use crate::error::{AppResult, ErrorBody};
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(create_workspace)
+        .service(list_workspaces)
+        .service(get_workspace)
+        .service(update_workspace)
+        .service(delete_workspace)
+        .service(list_members)
+        .service(add_member)
+        .service(remove_member);
+}
+
+/// Create a workspace; the caller becomes its owner.
+#[utoipa::path(
+    tag = "workspaces", operation_id = "create_workspace", security(("bearer" = [])),
+    request_body = CreateWorkspaceRequest,
+    responses((status = 201, body = Workspace), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody))
+)]
+#[post("/api/workspaces")]
+pub async fn create_workspace(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    body: web::Json<CreateWorkspaceRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Created().json(workspaces.create(me.id, body.into_inner()).await?))
+}
+
+/// Workspaces I am a member of.
+#[utoipa::path(
+    tag = "workspaces", operation_id = "list_workspaces", security(("bearer" = [])),
+    responses((status = 200, body = Vec<Workspace>), (status = 401, body = ErrorBody))
+)]
+#[get("/api/workspaces")]
+pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(workspaces.list(me.id).await?))
+}
+
+/// One workspace (members only).
+#[utoipa::path(
+    tag = "workspaces", operation_id = "get_workspace", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    responses(
+        (status = 200, body = Workspace), (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, description = "Missing or not a member", body = ErrorBody),
+    )
+)]
+#[get("/api/workspaces/{id}")]
+pub async fn get_workspace(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(workspaces.get(me.id, *id).await?))
+}
+
+/// Rename a workspace (owners only).
+#[utoipa::path(
+    tag = "workspaces", operation_id = "update_workspace", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    request_body = UpdateWorkspaceRequest,
+    responses(
+        (status = 200, body = Workspace), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, description = "Not an owner", body = ErrorBody), (status = 404, body = ErrorBody),
+    )
+)]
+#[patch("/api/workspaces/{id}")]
+pub async fn update_workspace(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    id: web::Path<Uuid>,
+    body: web::Json<UpdateWorkspaceRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Ok().json(workspaces.update(me.id, *id, body.into_inner()).await?))
+}
+
+/// Delete a workspace with its projects and tasks (owners only).
+#[utoipa::path(
+    tag = "workspaces", operation_id = "delete_workspace", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    responses(
+        (status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
+)]
+#[delete("/api/workspaces/{id}")]
+pub async fn delete_workspace(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    workspaces.delete(me.id, *id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Members of a workspace.
+#[utoipa::path(
+    tag = "workspaces", operation_id = "list_members", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    responses((status = 200, body = Vec<Member>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+#[get("/api/workspaces/{id}/members")]
+pub async fn list_members(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(workspaces.members(me.id, *id).await?))
+}
+
+/// Add a registered user by email (owners only).
+#[utoipa::path(
+    tag = "workspaces", operation_id = "add_member", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id")),
+    request_body = AddMemberRequest,
+    responses(
+        (status = 201, body = Member), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, description = "Workspace or user not found", body = ErrorBody),
+        (status = 409, description = "Already a member", body = ErrorBody),
+    )
+)]
+#[post("/api/workspaces/{id}/members")]
+pub async fn add_member(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    id: web::Path<Uuid>,
+    body: web::Json<AddMemberRequest>,
+) -> AppResult<HttpResponse> {
+    body.validate()?;
+    Ok(HttpResponse::Created().json(workspaces.add_member(me.id, *id, body.into_inner()).await?))
+}
+
+/// Remove a member (owners only); their tasks here become unassigned.
+#[utoipa::path(
+    tag = "workspaces", operation_id = "remove_member", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Workspace id"), ("userId" = Uuid, Path, description = "Member's user id")),
+    responses(
+        (status = 204, description = "Removed"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "Last owner", body = ErrorBody),
+    )
+)]
+#[delete("/api/workspaces/{id}/members/{userId}")]
+pub async fn remove_member(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+    path: web::Path<(Uuid, Uuid)>,
+) -> AppResult<HttpResponse> {
+    let (id, member_id) = path.into_inner();
+    workspaces.remove_member(me.id, id, member_id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}

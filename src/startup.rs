@@ -1,0 +1,83 @@
+//! Start-up: database → container → HttpServer. `Application::build` binds (port 0 works, for
+//! tests), `port()` tells where, `run_until_stopped()` serves until SIGTERM/Ctrl-C (graceful).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::middleware::{from_fn, Logger};
+use actix_web::{web, App, HttpResponse, HttpServer};
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::Settings;
+use crate::container::{self, AppModule};
+use crate::error;
+use crate::infra::database::{self, DatabaseSetupError};
+use crate::infra::request_id::request_id;
+use crate::modules;
+use crate::openapi::ApiDoc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Database(#[from] DatabaseSetupError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Prepares the database (dev service, create, migrate), builds the container and binds.
+    pub async fn build(mut settings: Settings) -> Result<Self, StartupError> {
+        let migrate = settings.database.migrate_on_start;
+        let pool = database::prepare(&mut settings, migrate).await?;
+        let module = container::build(&settings, pool);
+        Self::serve(&settings, module)
+    }
+
+    /// Binds and starts serving an already built container (tests build theirs with overrides).
+    pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
+        let address = format!("{}:{}", settings.app.host, settings.app.port);
+        let bind_error = |source| StartupError::Bind { address: address.clone(), source };
+        let listener = TcpListener::bind(&address).map_err(bind_error)?;
+        let port = listener.local_addr().map_err(bind_error)?.port();
+        let openapi = ApiDoc::openapi();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(module.clone())
+                .app_data(error::json_config())
+                .app_data(error::path_config())
+                .app_data(error::query_config())
+                .wrap(from_fn(request_id))
+                .wrap(Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#))
+                .configure(modules::configure)
+                .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
+                .route("/docs", web::get().to(|| async { redirect("/docs/") }))
+                .default_service(web::to(error::route_not_found))
+        })
+        .shutdown_timeout(settings.app.shutdown_timeout.as_secs());
+        if settings.app.workers > 0 {
+            server = server.workers(settings.app.workers);
+        }
+        let server = server.listen(listener).map_err(bind_error)?.run();
+        log::info!("listening on http://{}:{port} (API docs at /docs)", settings.app.host);
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn redirect(to: &'static str) -> HttpResponse {
+    HttpResponse::PermanentRedirect().insert_header(("Location", to)).finish()
+}
