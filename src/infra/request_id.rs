@@ -24,11 +24,8 @@ pub async fn request_id(
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let http_request = req.request().clone();
-    let mut response = match next.call(req).await {
-        Ok(response) => response.map_into_boxed_body(),
-        Err(err) => ServiceResponse::from_err(err, http_request),
-    };
+    // Handler and extractor errors arrive here as responses already, so they get the header too.
+    let mut response = next.call(req).await?;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(X_REQUEST_ID, value);
     }
