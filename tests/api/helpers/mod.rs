@@ -1,0 +1,272 @@
+//! The test harness: `TestApp::spawn().await` runs the real app on a random port against its own
+//! fresh database (a copy of the migrated template) on the harness-owned Postgres.
+//! `TestApp::builder().settings(|s| ...).postgres(&server).spawn().await` customises it.
+//! Set `TEST_LOG=1` to see the app's logs.
+
+pub mod servers;
+
+use std::sync::Once;
+use std::time::Duration;
+
+use nestling::config::{AppEnv, Settings};
+use nestling::startup::Application;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+pub use servers::{private_postgres, shared_postgres, TestPostgres};
+
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    /// A pool on this test's database, for assertions the API cannot make.
+    pub db: PgPool,
+    pub db_name: String,
+    admin_url: String,
+    server: actix_web::dev::ServerHandle,
+}
+
+type SettingsTweak = Box<dyn FnOnce(&mut Settings)>;
+
+pub struct TestAppBuilder<'a> {
+    tweaks: Vec<SettingsTweak>,
+    postgres: Option<&'a TestPostgres>,
+}
+
+fn init_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn"))
+                .is_test(true)
+                .try_init();
+        }
+    });
+}
+
+/// Settings for a test app: defaults, test environment, a random port, one worker.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::from_lookup(|_| None).expect("defaults are valid");
+    settings.app.env = AppEnv::Test;
+    settings.app.port = 0;
+    settings.app.workers = 1;
+    settings.app.shutdown_timeout = Duration::from_secs(1);
+    settings.database.url_is_default = false;
+    settings.database.max_connections = 5;
+    settings
+}
+
+impl<'a> TestAppBuilder<'a> {
+    pub fn settings(mut self, tweak: impl FnOnce(&mut Settings) + 'static) -> Self {
+        self.tweaks.push(Box::new(tweak));
+        self
+    }
+
+    /// Use this (private) server instead of the shared one.
+    pub fn postgres(mut self, server: &'a TestPostgres) -> Self {
+        self.postgres = Some(server);
+        self
+    }
+
+    pub async fn spawn(self) -> TestApp {
+        init_logging();
+        let postgres = match self.postgres {
+            Some(server) => server,
+            None => tokio::task::spawn_blocking(shared_postgres).await.expect("shared postgres"),
+        };
+        let db_name = format!("test_{}", Uuid::new_v4().simple());
+        let admin_url = postgres.url("postgres");
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect as admin");
+        sqlx::query(&format!("CREATE DATABASE {db_name} TEMPLATE {}", servers::TEMPLATE_DB))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+
+        let mut settings = test_settings();
+        settings.database.url = postgres.url(&db_name);
+        for tweak in self.tweaks {
+            tweak(&mut settings);
+        }
+        let db = PgPool::connect(&postgres.url(&db_name)).await.expect("test pool");
+        let app = Application::build(settings).await.expect("app builds");
+        let port = app.port();
+        let server = app.server_handle();
+        tokio::spawn(app.run_until_stopped());
+        TestApp {
+            address: format!("http://127.0.0.1:{port}"),
+            port,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            db,
+            db_name,
+            admin_url,
+            server,
+        }
+    }
+}
+
+impl Drop for TestApp {
+    /// Stops the app and drops the test's database (on a thread of its own: the test's runtime,
+    /// which runs the server, is blocked here, so nothing below may wait on it).
+    fn drop(&mut self) {
+        // Sends the stop command; awaiting it would deadlock on this blocked runtime.
+        drop(self.server.stop(false));
+        let (admin_url, db_name) = (self.admin_url.clone(), self.db_name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let drop_db = async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&mut admin).await.ok()
+                };
+                // A frozen or killed private server cannot answer: do not hang the test on it.
+                let _ = tokio::time::timeout(Duration::from_secs(5), drop_db).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A response with its body parsed as JSON (`Value::Null` when empty or not JSON).
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl TestResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the error envelope: status, stable code, and every key present.
+    pub fn assert_error(&self, status: u16, code: &str) -> &Self {
+        assert_eq!(self.status.as_u16(), status, "status for {}: {}", code, self.text);
+        assert_eq!(self.body["statusCode"], status, "envelope statusCode: {}", self.text);
+        assert_eq!(self.body["code"], code, "envelope code: {}", self.text);
+        assert!(self.body["error"].is_string(), "envelope error: {}", self.text);
+        assert!(self.body["message"].is_string(), "envelope message: {}", self.text);
+        assert!(self.body.get("details").is_some(), "envelope details: {}", self.text);
+        self
+    }
+
+    pub fn assert_status(&self, status: u16) -> &Self {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        self
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::builder().spawn().await
+    }
+
+    pub fn builder<'a>() -> TestAppBuilder<'a> {
+        TestAppBuilder { tweaks: Vec::new(), postgres: None }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// Any request: `body` is sent as JSON when given.
+    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> TestResponse {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        into_test_response(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> TestResponse {
+        self.request(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> TestResponse {
+        self.request(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: Value) -> TestResponse {
+        self.request(Method::PATCH, path, Some(token), Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> TestResponse {
+        self.request(Method::DELETE, path, Some(token), None).await
+    }
+
+    /// Registers a fresh user and logs in.
+    pub async fn register_user(&self) -> TestUser {
+        let email = format!("user-{}@example.com", Uuid::new_v4().simple());
+        let password = "correct horse battery".to_owned();
+        let registered = self
+            .request(
+                Method::POST,
+                "/api/auth/register",
+                None,
+                Some(json!({ "email": email, "password": password, "name": "Test User" })),
+            )
+            .await;
+        registered.assert_status(201);
+        let id = registered.body["id"].as_str().unwrap().parse().unwrap();
+        let token = self.login(&email, &password).await;
+        TestUser { id, email, password, token }
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> String {
+        let response = self
+            .request(Method::POST, "/api/auth/login", None, Some(json!({ "email": email, "password": password })))
+            .await;
+        response.assert_status(200);
+        response.body["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn create_workspace(&self, owner: &TestUser) -> Value {
+        let response = self.post("/api/workspaces", &owner.token, json!({ "name": "Workspace" })).await;
+        response.assert_status(201);
+        response.body
+    }
+
+    pub async fn create_project(&self, user: &TestUser, workspace_id: &str) -> Value {
+        let path = format!("/api/workspaces/{workspace_id}/projects");
+        let response = self.post(&path, &user.token, json!({ "name": "Project" })).await;
+        response.assert_status(201);
+        response.body
+    }
+
+    pub async fn create_task(&self, user: &TestUser, project_id: &str, body: Value) -> Value {
+        let response = self.post(&format!("/api/projects/{project_id}/tasks"), &user.token, body).await;
+        response.assert_status(201);
+        response.body
+    }
+
+    /// A user with a workspace and a project in it: (user, workspace, project).
+    pub async fn user_with_project(&self) -> (TestUser, Value, Value) {
+        let user = self.register_user().await;
+        let workspace = self.create_workspace(&user).await;
+        let project = self.create_project(&user, workspace["id"].as_str().unwrap()).await;
+        (user, workspace, project)
+    }
+}
+
+pub async fn into_test_response(response: reqwest::Response) -> TestResponse {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    TestResponse { status, headers, body, text }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: Uuid,
+    pub email: String,
+    pub password: String,
+    pub token: String,
+}

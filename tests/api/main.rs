@@ -1,0 +1,7 @@
+//! One test binary for the whole API: every file below is a feature's tests.
+
+mod helpers;
+
+mod database_faults;
+mod health;
+mod openapi;
