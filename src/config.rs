@@ -109,10 +109,18 @@ impl Settings {
         let database_url = lookup("DATABASE_URL");
         Ok(Settings {
             app: AppSettings {
-                env: vars.parse("APP_ENV", AppEnv::Development, "development, production or test")?,
+                env: vars.parse(
+                    "APP_ENV",
+                    AppEnv::Development,
+                    "development, production or test",
+                )?,
                 host: vars.string("APP_HOST", "127.0.0.1"),
                 port: vars.parse("APP_PORT", 8080, "a port number (0-65535)")?,
-                workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
+                workers: vars.parse(
+                    "APP_WORKERS",
+                    0,
+                    "a number of worker threads (0 = one per core)",
+                )?,
                 shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
             },
             database: DatabaseSettings {
@@ -157,7 +165,11 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
     ) -> Result<T, ConfigError> {
         match (self.0)(name) {
             None => Ok(default),
-            Some(value) => value.trim().parse().map_err(|_| ConfigError { name, expected, value }),
+            Some(value) => value.trim().parse().map_err(|_| ConfigError {
+                name,
+                expected,
+                value,
+            }),
         }
     }
 
@@ -171,10 +183,19 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
             .map(Duration::from_secs)
     }
 
-    fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
+    fn positive(
+        &self,
+        name: &'static str,
+        default: u64,
+        expected: &'static str,
+    ) -> Result<u64, ConfigError> {
         let value: u64 = self.parse(name, default, expected)?;
         if value == 0 {
-            return Err(ConfigError { name, expected, value: "0".into() });
+            return Err(ConfigError {
+                name,
+                expected,
+                value: "0".into(),
+            });
         }
         Ok(value)
     }
@@ -196,7 +217,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -224,7 +248,11 @@ mod tests {
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);
             assert_eq!(err.name, name);
-            assert!(err.to_string().starts_with(&format!("invalid value for {name}: expected ")), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid value for {name}: expected ")),
+                "{err}"
+            );
         }
     }
 

@@ -49,8 +49,12 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             statement_timeout: settings.database.statement_timeout,
             health_timeout: settings.database.health_timeout,
         })
-        .with_component_parameters::<Auth>(AuthParameters { token_ttl: settings.ttl.auth_token })
-        .with_component_parameters::<HealthChecks>(HealthChecksParameters { started: Instant::now() })
+        .with_component_parameters::<Auth>(AuthParameters {
+            token_ttl: settings.ttl.auth_token,
+        })
+        .with_component_parameters::<HealthChecks>(HealthChecksParameters {
+            started: Instant::now(),
+        })
 }
 
 pub fn build(settings: &Settings, pool: PgPool) -> Arc<AppModule> {

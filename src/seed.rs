@@ -16,8 +16,19 @@ const TEAMMATE_EMAIL: &str = "sam@nestling.dev";
 const TASKS: usize = 300;
 const DAYS: i64 = 60;
 
-const VERBS: [&str; 8] = ["Write", "Review", "Fix", "Design", "Ship", "Test", "Plan", "Document"];
-const NOUNS: [&str; 8] = ["login page", "invoice export", "search", "onboarding", "API limits", "dashboard", "billing", "release notes"];
+const VERBS: [&str; 8] = [
+    "Write", "Review", "Fix", "Design", "Ship", "Test", "Plan", "Document",
+];
+const NOUNS: [&str; 8] = [
+    "login page",
+    "invoice export",
+    "search",
+    "onboarding",
+    "API limits",
+    "dashboard",
+    "billing",
+    "release notes",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -45,16 +56,24 @@ pub async fn run(pool: &PgPool) -> Result<(), SeedError> {
     let mut tx = pool.begin().await?;
 
     let user = |email: &'static str, name: &'static str| {
-        sqlx::query_scalar::<_, Uuid>("INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING id")
-            .bind(email)
-            .bind(name)
-            .bind(hash.clone())
+        sqlx::query_scalar::<_, Uuid>(
+            "INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING id",
+        )
+        .bind(email)
+        .bind(name)
+        .bind(hash.clone())
     };
     let demo = user(DEMO_EMAIL, "Demo User").fetch_one(&mut *tx).await?;
-    let teammate = user(TEAMMATE_EMAIL, "Sam Teammate").fetch_one(&mut *tx).await?;
+    let teammate = user(TEAMMATE_EMAIL, "Sam Teammate")
+        .fetch_one(&mut *tx)
+        .await?;
 
     let layout: [(&str, &[&str], &[Uuid]); 2] = [
-        ("Acme Inc", &["Website relaunch", "Mobile app", "Internal tools"], &[demo, teammate]),
+        (
+            "Acme Inc",
+            &["Website relaunch", "Mobile app", "Internal tools"],
+            &[demo, teammate],
+        ),
         ("Side Project", &["Blog", "Newsletter"], &[demo]),
     ];
     let mut projects = Vec::new();
@@ -94,16 +113,29 @@ pub async fn run(pool: &PgPool) -> Result<(), SeedError> {
         let roll: f64 = rng.gen();
         let (status, completed) = if roll < 0.45 {
             let open_for = (now - created).num_seconds().max(1);
-            ("done", Some(created + Duration::seconds(rng.gen_range(0..open_for))))
+            (
+                "done",
+                Some(created + Duration::seconds(rng.gen_range(0..open_for))),
+            )
         } else if roll < 0.65 {
             ("in_progress", None)
         } else {
             ("todo", None)
         };
-        let assignee = if rng.gen_bool(0.8) { Some(members[rng.gen_range(0..members.len())]) } else { None };
+        let assignee = if rng.gen_bool(0.8) {
+            Some(members[rng.gen_range(0..members.len())])
+        } else {
+            None
+        };
         let priority = ["low", "medium", "high", "urgent"][rng.gen_range(0..4)];
-        let title = format!("{} {}", VERBS[rng.gen_range(0..VERBS.len())], NOUNS[rng.gen_range(0..NOUNS.len())]);
-        let due = rng.gen_bool(0.5).then(|| (created + Duration::days(rng.gen_range(1..30))).date_naive());
+        let title = format!(
+            "{} {}",
+            VERBS[rng.gen_range(0..VERBS.len())],
+            NOUNS[rng.gen_range(0..NOUNS.len())]
+        );
+        let due = rng
+            .gen_bool(0.5)
+            .then(|| (created + Duration::days(rng.gen_range(1..30))).date_naive());
         sqlx::query(
             "INSERT INTO tasks (project_id, workspace_id, title, status, priority, assignee_id, due_date,
                                 completed_at, created_at, updated_at)

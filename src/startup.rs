@@ -23,7 +23,10 @@ pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DatabaseSetupError),
     #[error("cannot listen on {address}: {source}")]
-    Bind { address: String, source: std::io::Error },
+    Bind {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct Application {
@@ -43,7 +46,10 @@ impl Application {
     /// Binds and starts serving an already built container (tests build theirs with overrides).
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
         let address = format!("{}:{}", settings.app.host, settings.app.port);
-        let bind_error = |source| StartupError::Bind { address: address.clone(), source };
+        let bind_error = |source| StartupError::Bind {
+            address: address.clone(),
+            source,
+        };
         let listener = TcpListener::bind(&address).map_err(bind_error)?;
         let port = listener.local_addr().map_err(bind_error)?.port();
         let openapi = ApiDoc::openapi();
@@ -56,7 +62,9 @@ impl Application {
                 .wrap(from_fn(request_id))
                 .wrap(Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#))
                 .configure(modules::configure)
-                .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
+                .service(
+                    SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()),
+                )
                 .route("/docs", web::get().to(|| async { redirect("/docs/") }))
                 .default_service(web::to(error::route_not_found))
         })
@@ -65,7 +73,10 @@ impl Application {
             server = server.workers(settings.app.workers);
         }
         let server = server.listen(listener).map_err(bind_error)?.run();
-        log::info!("listening on http://{}:{port} (API docs at /docs)", settings.app.host);
+        log::info!(
+            "listening on http://{}:{port} (API docs at /docs)",
+            settings.app.host
+        );
         Ok(Self { port, server })
     }
 
@@ -84,5 +95,7 @@ impl Application {
 }
 
 fn redirect(to: &'static str) -> HttpResponse {
-    HttpResponse::PermanentRedirect().insert_header(("Location", to)).finish()
+    HttpResponse::PermanentRedirect()
+        .insert_header(("Location", to))
+        .finish()
 }

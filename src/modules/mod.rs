@@ -49,7 +49,12 @@ pub mod paging {
         pub fn from_rows(mut rows: Vec<T>, paging: Paging) -> Self {
             let more = rows.len() as i64 > paging.limit;
             rows.truncate(paging.limit as usize);
-            Page { items: rows, limit: paging.limit, offset: paging.offset, next_offset: more.then_some(paging.offset + paging.limit) }
+            Page {
+                items: rows,
+                limit: paging.limit,
+                offset: paging.offset,
+                next_offset: more.then_some(paging.offset + paging.limit),
+            }
         }
     }
 }
@@ -59,7 +64,9 @@ pub mod paging {
 pub mod nullable {
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
         Option::<T>::deserialize(d).map(Some)
     }
 }

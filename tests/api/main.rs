@@ -5,3 +5,4 @@ mod helpers;
 mod database_faults;
 mod health;
 mod openapi;
+mod readme;

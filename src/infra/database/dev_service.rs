@@ -20,14 +20,26 @@ fn ensure_running_blocking() -> Result<String, String> {
         binaries.initdb(&data)?;
         let port = local_server::free_port().map_err(|e| format!("no free port: {e}"))?;
         local_server::write_server_conf(&data, port, &[])?;
-        std::fs::write(&port_file, port.to_string()).map_err(|e| format!("cannot write {}: {e}", port_file.display()))?;
+        std::fs::write(&port_file, port.to_string())
+            .map_err(|e| format!("cannot write {}: {e}", port_file.display()))?;
     }
     let port: u16 = std::fs::read_to_string(&port_file)
         .ok()
         .and_then(|text| text.trim().parse().ok())
-        .ok_or_else(|| format!("{} is missing or damaged: delete {} to start over", port_file.display(), data.display()))?;
+        .ok_or_else(|| {
+            format!(
+                "{} is missing or damaged: delete {} to start over",
+                port_file.display(),
+                data.display()
+            )
+        })?;
 
-    let running = binaries.command("pg_ctl").arg("status").arg("-D").arg(&data).output();
+    let running = binaries
+        .command("pg_ctl")
+        .arg("status")
+        .arg("-D")
+        .arg(&data)
+        .output();
     let already_running = matches!(running, Ok(out) if out.status.success());
     if !already_running {
         let output = binaries
@@ -49,14 +61,22 @@ fn ensure_running_blocking() -> Result<String, String> {
             ));
         }
     }
-    let pg_ctl = binaries.command("pg_ctl").get_program().to_string_lossy().into_owned();
+    let pg_ctl = binaries
+        .command("pg_ctl")
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
     let stop = match local_server::server_user() {
         Some(_) => format!("su postgres -c '{pg_ctl} stop -D {}'", data.display()),
         None => format!("{pg_ctl} stop -D {}", data.display()),
     };
     log::info!(
         "dev service: {} private Postgres on 127.0.0.1:{port} (data in {}); stop it with: {stop}",
-        if already_running { "using the" } else { "started a" },
+        if already_running {
+            "using the"
+        } else {
+            "started a"
+        },
         data.display()
     );
     Ok(format!("postgres://postgres@127.0.0.1:{port}/nestling"))
@@ -75,5 +95,7 @@ fn data_dir() -> Result<PathBuf, String> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     cwd.hash(&mut hasher);
-    Ok(std::env::temp_dir().join(format!("nestling-dev-{:x}", hasher.finish())).join("pg"))
+    Ok(std::env::temp_dir()
+        .join(format!("nestling-dev-{:x}", hasher.finish()))
+        .join("pg"))
 }

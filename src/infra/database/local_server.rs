@@ -41,7 +41,11 @@ impl PgBinaries {
         };
         on_path
             .or_else(installed)
-            .filter(|dir| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file()))
+            .filter(|dir| {
+                ["initdb", "pg_ctl", "postgres"]
+                    .iter()
+                    .all(|b| dir.join(b).is_file())
+            })
             .map(|dir| Self { dir })
             .ok_or_else(|| MISSING_BINARIES.to_owned())
     }
@@ -57,18 +61,30 @@ impl PgBinaries {
 
     /// Creates a trust-authenticated cluster (superuser `postgres`) in `data_dir`.
     pub fn initdb(&self, data_dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         hand_to_server_user(data_dir)?;
         let output = self
             .command("initdb")
             .arg("-D")
             .arg(data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .current_dir(data_dir)
             .output()
             .map_err(|e| format!("cannot run initdb: {e}"))?;
         if !output.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&output.stderr).trim()));
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
         }
         Ok(())
     }
@@ -103,11 +119,14 @@ pub fn hand_to_server_user(dir: &Path) -> Result<(), String> {
 /// Whether the server user can reach `dir` (every ancestor searchable). Always true when not root.
 pub fn reachable_by_server_user(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Some((uid, _)) = server_user() else { return true };
-    dir.ancestors().all(|ancestor| match std::fs::metadata(ancestor) {
-        Ok(meta) => meta.uid() == uid || meta.mode() & 0o001 != 0,
-        Err(_) => true, // not created yet: we create it ourselves
-    })
+    let Some((uid, _)) = server_user() else {
+        return true;
+    };
+    dir.ancestors()
+        .all(|ancestor| match std::fs::metadata(ancestor) {
+            Ok(meta) => meta.uid() == uid || meta.mode() & 0o001 != 0,
+            Err(_) => true, // not created yet: we create it ourselves
+        })
 }
 
 /// A TCP port that was free a moment ago on the loopback interface.
@@ -129,5 +148,6 @@ pub fn write_server_conf(data_dir: &Path, port: u16, extra: &[&str]) -> Result<(
         text.push_str(line);
         text.push('\n');
     }
-    file.write_all(text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", conf.display()))
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", conf.display()))
 }

@@ -47,19 +47,29 @@ impl Database for PgDatabase {
 impl dyn Database {
     /// Runs one statement or transaction under the statement deadline. sqlx has no query timeout,
     /// and a frozen server never answers: without this a request would hang forever.
-    pub async fn run<T>(&self, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+    pub async fn run<T>(
+        &self,
+        work: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
         within(self.statement_timeout(), work).await
     }
 
     /// Round-trip time of `SELECT 1`, under the (shorter) health deadline.
     pub async fn ping(&self) -> Result<Duration, sqlx::Error> {
         let started = Instant::now();
-        within(self.health_timeout(), sqlx::query("SELECT 1").execute(self.pool())).await?;
+        within(
+            self.health_timeout(),
+            sqlx::query("SELECT 1").execute(self.pool()),
+        )
+        .await?;
         Ok(started.elapsed())
     }
 }
 
-async fn within<T>(deadline: Duration, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+async fn within<T>(
+    deadline: Duration,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
     match tokio::time::timeout(deadline, work).await {
         Ok(result) => result,
         Err(_) => Err(sqlx::Error::Io(io::Error::new(
@@ -89,8 +99,12 @@ pub async fn prepare(settings: &mut Settings, migrate: bool) -> Result<PgPool, D
     let db = &settings.database;
     let options: PgConnectOptions = db.url.parse().map_err(DatabaseSetupError::InvalidUrl)?;
     match probe(&options, db.connect_timeout).await {
-        Err(err) if refused(&err) && settings.app.env == AppEnv::Development && db.url_is_default => {
-            let url = dev_service::ensure_running().await.map_err(DatabaseSetupError::DevService)?;
+        Err(err)
+            if refused(&err) && settings.app.env == AppEnv::Development && db.url_is_default =>
+        {
+            let url = dev_service::ensure_running()
+                .await
+                .map_err(DatabaseSetupError::DevService)?;
             settings.database.url = url;
         }
         _ => {}
@@ -131,8 +145,14 @@ fn refused(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Io(e) if e.kind() == io::ErrorKind::ConnectionRefused)
 }
 
-async fn create_database_if_missing(options: &PgConnectOptions, timeout: Duration) -> Result<(), DatabaseSetupError> {
-    let unreachable = |source| DatabaseSetupError::Unreachable { url: describe(options), source };
+async fn create_database_if_missing(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<(), DatabaseSetupError> {
+    let unreachable = |source| DatabaseSetupError::Unreachable {
+        url: describe(options),
+        source,
+    };
     let err = match probe(options, timeout).await {
         Ok(()) => return Ok(()),
         Err(err) => err,
@@ -143,7 +163,9 @@ async fn create_database_if_missing(options: &PgConnectOptions, timeout: Duratio
     }
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let admin = options.clone().database("postgres");
-    let mut conn = within(timeout, sqlx::PgConnection::connect_with(&admin)).await.map_err(unreachable)?;
+    let mut conn = within(timeout, sqlx::PgConnection::connect_with(&admin))
+        .await
+        .map_err(unreachable)?;
     let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match sqlx::query(&statement).execute(&mut conn).await {
         Ok(_) => log::info!("created database {name}"),

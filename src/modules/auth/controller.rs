@@ -24,7 +24,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
 )]
 #[post("/api/auth/register")]
-pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterRequest>) -> AppResult<HttpResponse> {
+pub async fn register(
+    auth: Inject<dyn AuthService>,
+    body: web::Json<RegisterRequest>,
+) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(auth.register(body.into_inner()).await?))
 }
@@ -40,7 +43,10 @@ pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterReq
     )
 )]
 #[post("/api/auth/login")]
-pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>) -> AppResult<HttpResponse> {
+pub async fn login(
+    auth: Inject<dyn AuthService>,
+    body: web::Json<LoginRequest>,
+) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(auth.login(body.into_inner()).await?))
 }

@@ -27,8 +27,10 @@ impl Deref for AuthUser {
     }
 }
 
-const MISSING_TOKEN: AppError =
-    AppError::Unauthorized { code: "missing_token", message: "an Authorization: Bearer token is required" };
+const MISSING_TOKEN: AppError = AppError::Unauthorized {
+    code: "missing_token",
+    message: "an Authorization: Bearer token is required",
+};
 
 impl FromRequest for AuthUser {
     type Error = AppError;
@@ -39,9 +41,14 @@ impl FromRequest for AuthUser {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
             .map(|token| token.trim().to_owned());
-        let auth: Option<Arc<dyn AuthService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
+        let auth: Option<Arc<dyn AuthService>> =
+            req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
         Box::pin(async move {
             let token = token.filter(|t| !t.is_empty()).ok_or(MISSING_TOKEN)?;
             let auth = auth.ok_or_else(|| AppError::internal("AppModule missing from app data"))?;

@@ -13,10 +13,14 @@ use crate::error::{is_unique_violation, AppError, AppResult};
 use crate::modules::users::model::User;
 use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
 
-const INVALID_CREDENTIALS: AppError =
-    AppError::Unauthorized { code: "invalid_credentials", message: "email or password is wrong" };
-const INVALID_TOKEN: AppError =
-    AppError::Unauthorized { code: "invalid_token", message: "token is invalid or expired" };
+const INVALID_CREDENTIALS: AppError = AppError::Unauthorized {
+    code: "invalid_credentials",
+    message: "email or password is wrong",
+};
+const INVALID_TOKEN: AppError = AppError::Unauthorized {
+    code: "invalid_token",
+    message: "token is invalid or expired",
+};
 
 #[async_trait]
 pub trait AuthService: Interface {
@@ -47,13 +51,16 @@ impl AuthService for Auth {
     async fn register(&self, request: RegisterRequest) -> AppResult<User> {
         let email = request.email.trim().to_lowercase();
         let hash = password::hash(request.password).await?;
-        self.users.create(&email, request.name.trim(), &hash).await.map_err(|err| {
-            if is_unique_violation(&err, EMAIL_UNIQUE) {
-                AppError::conflict("email_taken", "a user with this email already exists")
-            } else {
-                err.into()
-            }
-        })
+        self.users
+            .create(&email, request.name.trim(), &hash)
+            .await
+            .map_err(|err| {
+                if is_unique_violation(&err, EMAIL_UNIQUE) {
+                    AppError::conflict("email_taken", "a user with this email already exists")
+                } else {
+                    err.into()
+                }
+            })
     }
 
     async fn login(&self, request: LoginRequest) -> AppResult<LoginResponse> {
@@ -71,8 +78,14 @@ impl AuthService for Auth {
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let token = hex::encode(bytes);
         let expires_at = Utc::now() + self.token_ttl;
-        self.tokens.insert(&token_hash(&token), user_id, expires_at).await?;
-        Ok(LoginResponse { token, token_type: "Bearer".into(), expires_at })
+        self.tokens
+            .insert(&token_hash(&token), user_id, expires_at)
+            .await?;
+        Ok(LoginResponse {
+            token,
+            token_type: "Bearer".into(),
+            expires_at,
+        })
     }
 
     async fn logout(&self, token: &str) -> AppResult<()> {

@@ -95,7 +95,11 @@ impl HealthChecks {
             uptime_seconds: self.started.elapsed().as_secs(),
         };
         for (name, health) in components {
-            let bucket = if health.status == ComponentStatus::Down { &mut report.error } else { &mut report.info };
+            let bucket = if health.status == ComponentStatus::Down {
+                &mut report.error
+            } else {
+                &mut report.info
+            };
             bucket.insert(name.to_owned(), health.clone());
             report.details.insert(name.to_owned(), health);
         }

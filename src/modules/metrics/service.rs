@@ -12,7 +12,12 @@ pub const MAX_DAYS: i64 = 366;
 
 #[async_trait]
 pub trait MetricsService: Interface {
-    async fn daily(&self, user_id: Uuid, workspace_id: Uuid, query: DailyMetricsQuery) -> AppResult<DailyMetrics>;
+    async fn daily(
+        &self,
+        user_id: Uuid,
+        workspace_id: Uuid,
+        query: DailyMetricsQuery,
+    ) -> AppResult<DailyMetrics>;
 }
 
 #[derive(Component)]
@@ -26,16 +31,31 @@ pub struct Metrics {
 
 #[async_trait]
 impl MetricsService for Metrics {
-    async fn daily(&self, user_id: Uuid, workspace_id: Uuid, query: DailyMetricsQuery) -> AppResult<DailyMetrics> {
+    async fn daily(
+        &self,
+        user_id: Uuid,
+        workspace_id: Uuid,
+        query: DailyMetricsQuery,
+    ) -> AppResult<DailyMetrics> {
         let DailyMetricsQuery { from, to } = query;
         if from > to {
             return Err(AppError::invalid_field("from", "must not be after `to`"));
         }
         if (to - from).num_days() + 1 > MAX_DAYS {
-            return Err(AppError::invalid_field("to", "the range may span at most 366 days"));
+            return Err(AppError::invalid_field(
+                "to",
+                "the range may span at most 366 days",
+            ));
         }
-        self.workspaces.require_member(user_id, workspace_id).await?;
+        self.workspaces
+            .require_member(user_id, workspace_id)
+            .await?;
         let days = self.metrics.daily(workspace_id, from, to).await?;
-        Ok(DailyMetrics { workspace_id, from, to, days })
+        Ok(DailyMetrics {
+            workspace_id,
+            from,
+            to,
+            days,
+        })
     }
 }

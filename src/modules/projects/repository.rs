@@ -10,7 +10,12 @@ const COLUMNS: &str = "id, workspace_id, name, description, created_at, updated_
 
 #[async_trait]
 pub trait ProjectRepository: Interface {
-    async fn create(&self, workspace_id: Uuid, name: &str, description: Option<&str>) -> Result<Project, sqlx::Error>;
+    async fn create(
+        &self,
+        workspace_id: Uuid,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<Project, sqlx::Error>;
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Project>, sqlx::Error>;
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error>;
@@ -26,33 +31,59 @@ pub struct PgProjectRepository {
 
 #[async_trait]
 impl ProjectRepository for PgProjectRepository {
-    async fn create(&self, workspace_id: Uuid, name: &str, description: Option<&str>) -> Result<Project, sqlx::Error> {
+    async fn create(
+        &self,
+        workspace_id: Uuid,
+        name: &str,
+        description: Option<&str>,
+    ) -> Result<Project, sqlx::Error> {
         let sql =
             format!("INSERT INTO projects (workspace_id, name, description) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
-        let query = sqlx::query_as(&sql).bind(workspace_id).bind(name).bind(description);
+        let query = sqlx::query_as(&sql)
+            .bind(workspace_id)
+            .bind(name)
+            .bind(description);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
 
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM projects WHERE workspace_id = $1 ORDER BY created_at, id");
-        self.db.run(sqlx::query_as(&sql).bind(workspace_id).fetch_all(self.db.pool())).await
+        let sql = format!(
+            "SELECT {COLUMNS} FROM projects WHERE workspace_id = $1 ORDER BY created_at, id"
+        );
+        self.db
+            .run(
+                sqlx::query_as(&sql)
+                    .bind(workspace_id)
+                    .fetch_all(self.db.pool()),
+            )
+            .await
     }
 
     async fn find(&self, id: Uuid) -> Result<Option<Project>, sqlx::Error> {
         let sql = format!("SELECT {COLUMNS} FROM projects WHERE id = $1");
-        self.db.run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool())).await
+        self.db
+            .run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool()))
+            .await
     }
 
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error> {
         let sql = format!(
             "UPDATE projects SET name = $2, description = $3, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
         );
-        let query = sqlx::query_as(&sql).bind(project.id).bind(&project.name).bind(&project.description);
+        let query = sqlx::query_as(&sql)
+            .bind(project.id)
+            .bind(&project.name)
+            .bind(&project.description);
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM projects WHERE id = $1").bind(id);
-        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+        Ok(self
+            .db
+            .run(query.execute(self.db.pool()))
+            .await?
+            .rows_affected()
+            == 1)
     }
 }

@@ -13,9 +13,19 @@ use crate::modules::workspaces::service::WorkspaceService;
 pub trait ProjectService: Interface {
     /// The project, if the user is a member of its workspace; 404 `project_not_found` otherwise.
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Project>;
-    async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project>;
+    async fn create(
+        &self,
+        user_id: Uuid,
+        workspace_id: Uuid,
+        request: CreateProjectRequest,
+    ) -> AppResult<Project>;
     async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Vec<Project>>;
-    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project>;
+    async fn update(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: UpdateProjectRequest,
+    ) -> AppResult<Project>;
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
 }
 
@@ -34,24 +44,49 @@ const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 impl ProjectService for Projects {
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Project> {
         let project = self.projects.find(id).await?.ok_or(NOT_FOUND)?;
-        match self.workspaces.require_member(user_id, project.workspace_id).await {
+        match self
+            .workspaces
+            .require_member(user_id, project.workspace_id)
+            .await
+        {
             Ok(_) => Ok(project),
             Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
             Err(other) => Err(other),
         }
     }
 
-    async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {
-        self.workspaces.require_member(user_id, workspace_id).await?;
-        Ok(self.projects.create(workspace_id, request.name.trim(), request.description.as_deref()).await?)
+    async fn create(
+        &self,
+        user_id: Uuid,
+        workspace_id: Uuid,
+        request: CreateProjectRequest,
+    ) -> AppResult<Project> {
+        self.workspaces
+            .require_member(user_id, workspace_id)
+            .await?;
+        Ok(self
+            .projects
+            .create(
+                workspace_id,
+                request.name.trim(),
+                request.description.as_deref(),
+            )
+            .await?)
     }
 
     async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Vec<Project>> {
-        self.workspaces.require_member(user_id, workspace_id).await?;
+        self.workspaces
+            .require_member(user_id, workspace_id)
+            .await?;
         Ok(self.projects.list(workspace_id).await?)
     }
 
-    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project> {
+    async fn update(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: UpdateProjectRequest,
+    ) -> AppResult<Project> {
         let mut project = self.get(user_id, id).await?;
         if let Some(name) = request.name {
             project.name = name.trim().to_owned();

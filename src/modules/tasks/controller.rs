@@ -66,7 +66,11 @@ pub async fn list_tasks(
     responses((status = 200, body = Task), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 #[get("/api/tasks/{id}")]
-pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+pub async fn get_task(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(tasks.get(me.id, *id).await?))
 }
 
@@ -98,7 +102,11 @@ pub async fn update_task(
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 #[delete("/api/tasks/{id}")]
-pub async fn delete_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+pub async fn delete_task(
+    me: AuthUser,
+    tasks: Inject<dyn TaskService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
     tasks.delete(me.id, *id).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -64,6 +64,9 @@ pub struct TaskQuery {
 
 impl TaskQuery {
     pub fn paging(&self) -> Paging {
-        Paging { limit: self.limit.unwrap_or(DEFAULT_LIMIT), offset: self.offset.unwrap_or(0) }
+        Paging {
+            limit: self.limit.unwrap_or(DEFAULT_LIMIT),
+            offset: self.offset.unwrap_or(0),
+        }
     }
 }

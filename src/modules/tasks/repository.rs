@@ -7,7 +7,8 @@ use super::model::{Task, TaskStatus};
 use crate::infra::database::Database;
 use crate::modules::paging::Paging;
 
-const COLUMNS: &str = "id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
+const COLUMNS: &str =
+    "id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
                        completed_at, created_at, updated_at";
 
 /// Which tasks a list shows.
@@ -23,11 +24,19 @@ pub trait TaskRepository: Interface {
     async fn create(&self, task: &Task) -> Result<Task, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error>;
     /// One page (plus one row, to tell whether there is a next page) of a project's tasks.
-    async fn list_in_project(&self, project_id: Uuid, filter: TaskListFilter, paging: Paging)
-        -> Result<Vec<Task>, sqlx::Error>;
+    async fn list_in_project(
+        &self,
+        project_id: Uuid,
+        filter: TaskListFilter,
+        paging: Paging,
+    ) -> Result<Vec<Task>, sqlx::Error>;
     /// Tasks assigned to `user_id` in workspaces they are still a member of (page + one row).
-    async fn list_assigned(&self, user_id: Uuid, status: Option<TaskStatus>, paging: Paging)
-        -> Result<Vec<Task>, sqlx::Error>;
+    async fn list_assigned(
+        &self,
+        user_id: Uuid,
+        status: Option<TaskStatus>,
+        paging: Paging,
+    ) -> Result<Vec<Task>, sqlx::Error>;
     /// Writes every editable field of `task`.
     async fn save(&self, task: &Task) -> Result<Option<Task>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
@@ -62,7 +71,9 @@ impl TaskRepository for PgTaskRepository {
 
     async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error> {
         let sql = format!("SELECT {COLUMNS} FROM tasks WHERE id = $1");
-        self.db.run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool())).await
+        self.db
+            .run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool()))
+            .await
     }
 
     async fn list_in_project(
@@ -97,7 +108,11 @@ impl TaskRepository for PgTaskRepository {
                AND EXISTS (SELECT 1 FROM workspace_members m WHERE m.workspace_id = t.workspace_id AND m.user_id = $1)
              ORDER BY t.created_at, t.id LIMIT $3 OFFSET $4"
         );
-        let query = sqlx::query_as(&sql).bind(user_id).bind(status).bind(paging.limit + 1).bind(paging.offset);
+        let query = sqlx::query_as(&sql)
+            .bind(user_id)
+            .bind(status)
+            .bind(paging.limit + 1)
+            .bind(paging.offset);
         self.db.run(query.fetch_all(self.db.pool())).await
     }
 
@@ -121,6 +136,11 @@ impl TaskRepository for PgTaskRepository {
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM tasks WHERE id = $1").bind(id);
-        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+        Ok(self
+            .db
+            .run(query.execute(self.db.pool()))
+            .await?
+            .rows_affected()
+            == 1)
     }
 }

@@ -14,8 +14,18 @@ use crate::modules::workspaces::service::WorkspaceService;
 
 #[async_trait]
 pub trait TaskService: Interface {
-    async fn create(&self, user_id: Uuid, project_id: Uuid, request: CreateTaskRequest) -> AppResult<Task>;
-    async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>>;
+    async fn create(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        request: CreateTaskRequest,
+    ) -> AppResult<Task>;
+    async fn list(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        query: TaskQuery,
+    ) -> AppResult<Page<Task>>;
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>>;
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Task>;
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateTaskRequest) -> AppResult<Task>;
@@ -37,12 +47,15 @@ const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
 
 impl Tasks {
     async fn check_assignee(&self, assignee: Option<Uuid>, workspace_id: Uuid) -> AppResult<()> {
-        let Some(assignee) = assignee else { return Ok(()) };
+        let Some(assignee) = assignee else {
+            return Ok(());
+        };
         match self.workspaces.require_member(assignee, workspace_id).await {
             Ok(_) => Ok(()),
-            Err(AppError::NotFound { .. }) => {
-                Err(AppError::invalid_field("assigneeId", "must be a member of the workspace"))
-            }
+            Err(AppError::NotFound { .. }) => Err(AppError::invalid_field(
+                "assigneeId",
+                "must be a member of the workspace",
+            )),
             Err(other) => Err(other),
         }
     }
@@ -60,9 +73,15 @@ fn apply_status(task: &mut Task, status: TaskStatus) {
 
 #[async_trait]
 impl TaskService for Tasks {
-    async fn create(&self, user_id: Uuid, project_id: Uuid, request: CreateTaskRequest) -> AppResult<Task> {
+    async fn create(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        request: CreateTaskRequest,
+    ) -> AppResult<Task> {
         let project = self.projects.get(user_id, project_id).await?;
-        self.check_assignee(request.assignee_id, project.workspace_id).await?;
+        self.check_assignee(request.assignee_id, project.workspace_id)
+            .await?;
         let now = Utc::now();
         let mut task = Task {
             id: Uuid::nil(),
@@ -82,24 +101,45 @@ impl TaskService for Tasks {
         Ok(self.tasks.create(&task).await?)
     }
 
-    async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>> {
+    async fn list(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        query: TaskQuery,
+    ) -> AppResult<Page<Task>> {
         self.projects.get(user_id, project_id).await?;
-        let filter = TaskListFilter { status: query.status, assignee_id: query.assignee_id };
-        let rows = self.tasks.list_in_project(project_id, filter, query.paging()).await?;
+        let filter = TaskListFilter {
+            status: query.status,
+            assignee_id: query.assignee_id,
+        };
+        let rows = self
+            .tasks
+            .list_in_project(project_id, filter, query.paging())
+            .await?;
         Ok(Page::from_rows(rows, query.paging()))
     }
 
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>> {
         if query.assignee_id.is_some() {
-            return Err(AppError::bad_request("invalid_query", "assigneeId is implied by /users/me/tasks"));
+            return Err(AppError::bad_request(
+                "invalid_query",
+                "assigneeId is implied by /users/me/tasks",
+            ));
         }
-        let rows = self.tasks.list_assigned(user_id, query.status, query.paging()).await?;
+        let rows = self
+            .tasks
+            .list_assigned(user_id, query.status, query.paging())
+            .await?;
         Ok(Page::from_rows(rows, query.paging()))
     }
 
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
         let task = self.tasks.find(id).await?.ok_or(NOT_FOUND)?;
-        match self.workspaces.require_member(user_id, task.workspace_id).await {
+        match self
+            .workspaces
+            .require_member(user_id, task.workspace_id)
+            .await
+        {
             Ok(_) => Ok(task),
             Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
             Err(other) => Err(other),

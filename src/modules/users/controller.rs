@@ -13,7 +13,9 @@ use crate::modules::tasks::model::Task;
 use crate::modules::tasks::service::TaskService;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(get_me).service(update_me).service(list_my_tasks);
+    cfg.service(get_me)
+        .service(update_me)
+        .service(list_my_tasks);
 }
 
 /// The signed-in user.

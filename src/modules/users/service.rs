@@ -24,10 +24,16 @@ pub struct Users {
 #[async_trait]
 impl UserService for Users {
     async fn get(&self, id: Uuid) -> AppResult<User> {
-        self.users.find(id).await?.ok_or(AppError::not_found("user"))
+        self.users
+            .find(id)
+            .await?
+            .ok_or(AppError::not_found("user"))
     }
 
     async fn update(&self, id: Uuid, request: UpdateMeRequest) -> AppResult<User> {
-        self.users.update_name(id, request.name.trim()).await?.ok_or(AppError::not_found("user"))
+        self.users
+            .update_name(id, request.name.trim())
+            .await?
+            .ok_or(AppError::not_found("user"))
     }
 }

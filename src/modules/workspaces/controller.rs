@@ -42,7 +42,10 @@ pub async fn create_workspace(
     responses((status = 200, body = Vec<Workspace>), (status = 401, body = ErrorBody))
 )]
 #[get("/api/workspaces")]
-pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<HttpResponse> {
+pub async fn list_workspaces(
+    me: AuthUser,
+    workspaces: Inject<dyn WorkspaceService>,
+) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(workspaces.list(me.id).await?))
 }
 

@@ -18,12 +18,22 @@ pub trait WorkspaceRepository: Interface {
     async fn find(&self, id: Uuid) -> Result<Option<Workspace>, sqlx::Error>;
     async fn rename(&self, id: Uuid, name: &str) -> Result<Option<Workspace>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
-    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error>;
+    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid)
+        -> Result<Option<Role>, sqlx::Error>;
     async fn members(&self, workspace_id: Uuid) -> Result<Vec<Member>, sqlx::Error>;
-    async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error>;
+    async fn add_member(
+        &self,
+        workspace_id: Uuid,
+        user_id: Uuid,
+        role: Role,
+    ) -> Result<Member, sqlx::Error>;
     /// Removes the member and unassigns their tasks in this workspace, atomically.
     /// Refuses (returns `Ok(false)`) when that would leave the workspace without an owner.
-    async fn remove_member(&self, workspace_id: Uuid, user_id: Uuid) -> Result<RemoveOutcome, sqlx::Error>;
+    async fn remove_member(
+        &self,
+        workspace_id: Uuid,
+        user_id: Uuid,
+    ) -> Result<RemoveOutcome, sqlx::Error>;
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -71,57 +81,99 @@ impl WorkspaceRepository for PgWorkspaceRepository {
             "SELECT {COLUMNS} FROM workspaces w JOIN workspace_members m ON m.workspace_id = w.id
              WHERE m.user_id = $1 ORDER BY w.created_at, w.id"
         );
-        self.db.run(sqlx::query_as(&sql).bind(user_id).fetch_all(self.db.pool())).await
+        self.db
+            .run(sqlx::query_as(&sql).bind(user_id).fetch_all(self.db.pool()))
+            .await
     }
 
     async fn find(&self, id: Uuid) -> Result<Option<Workspace>, sqlx::Error> {
         let sql = format!("SELECT {COLUMNS} FROM workspaces w WHERE w.id = $1");
-        self.db.run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool())).await
+        self.db
+            .run(sqlx::query_as(&sql).bind(id).fetch_optional(self.db.pool()))
+            .await
     }
 
     async fn rename(&self, id: Uuid, name: &str) -> Result<Option<Workspace>, sqlx::Error> {
         let sql = format!("UPDATE workspaces w SET name = $2, updated_at = now() WHERE w.id = $1 RETURNING {COLUMNS}");
-        self.db.run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool())).await
+        self.db
+            .run(
+                sqlx::query_as(&sql)
+                    .bind(id)
+                    .bind(name)
+                    .fetch_optional(self.db.pool()),
+            )
+            .await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM workspaces WHERE id = $1").bind(id);
-        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+        Ok(self
+            .db
+            .run(query.execute(self.db.pool()))
+            .await?
+            .rows_affected()
+            == 1)
     }
 
-    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error> {
-        let query = sqlx::query_scalar("SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2")
-            .bind(workspace_id)
-            .bind(user_id);
+    async fn role_of(
+        &self,
+        workspace_id: Uuid,
+        user_id: Uuid,
+    ) -> Result<Option<Role>, sqlx::Error> {
+        let query = sqlx::query_scalar(
+            "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
+        )
+        .bind(workspace_id)
+        .bind(user_id);
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
     async fn members(&self, workspace_id: Uuid) -> Result<Vec<Member>, sqlx::Error> {
-        let sql = format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 ORDER BY m.joined_at, m.user_id");
-        self.db.run(sqlx::query_as(&sql).bind(workspace_id).fetch_all(self.db.pool())).await
+        let sql =
+            format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 ORDER BY m.joined_at, m.user_id");
+        self.db
+            .run(
+                sqlx::query_as(&sql)
+                    .bind(workspace_id)
+                    .fetch_all(self.db.pool()),
+            )
+            .await
     }
 
-    async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error> {
+    async fn add_member(
+        &self,
+        workspace_id: Uuid,
+        user_id: Uuid,
+        role: Role,
+    ) -> Result<Member, sqlx::Error> {
         let work = async {
             let mut tx = self.db.pool().begin().await?;
-            sqlx::query("INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3)")
-                .bind(workspace_id)
-                .bind(user_id)
-                .bind(role)
-                .execute(&mut *tx)
-                .await?;
-            let member = sqlx::query_as(&format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 AND m.user_id = $2"))
-                .bind(workspace_id)
-                .bind(user_id)
-                .fetch_one(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3)",
+            )
+            .bind(workspace_id)
+            .bind(user_id)
+            .bind(role)
+            .execute(&mut *tx)
+            .await?;
+            let member = sqlx::query_as(&format!(
+                "{MEMBER_SELECT} WHERE m.workspace_id = $1 AND m.user_id = $2"
+            ))
+            .bind(workspace_id)
+            .bind(user_id)
+            .fetch_one(&mut *tx)
+            .await?;
             tx.commit().await?;
             Ok(member)
         };
         self.db.run(work).await
     }
 
-    async fn remove_member(&self, workspace_id: Uuid, user_id: Uuid) -> Result<RemoveOutcome, sqlx::Error> {
+    async fn remove_member(
+        &self,
+        workspace_id: Uuid,
+        user_id: Uuid,
+    ) -> Result<RemoveOutcome, sqlx::Error> {
         let work = async {
             let mut tx = self.db.pool().begin().await?;
             // Lock the membership rows so two concurrent removals cannot both remove "the other" owner.

@@ -17,10 +17,20 @@ pub trait WorkspaceService: Interface {
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace>;
     async fn list(&self, user_id: Uuid) -> AppResult<Vec<Workspace>>;
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Workspace>;
-    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace>;
+    async fn update(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: UpdateWorkspaceRequest,
+    ) -> AppResult<Workspace>;
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
     async fn members(&self, user_id: Uuid, id: Uuid) -> AppResult<Vec<Member>>;
-    async fn add_member(&self, user_id: Uuid, id: Uuid, request: AddMemberRequest) -> AppResult<Member>;
+    async fn add_member(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: AddMemberRequest,
+    ) -> AppResult<Member>;
     async fn remove_member(&self, user_id: Uuid, id: Uuid, member_id: Uuid) -> AppResult<()>;
 }
 
@@ -33,7 +43,9 @@ pub struct Workspaces {
     users: Arc<dyn UserRepository>,
 }
 
-const NOT_FOUND: AppError = AppError::NotFound { entity: "workspace" };
+const NOT_FOUND: AppError = AppError::NotFound {
+    entity: "workspace",
+};
 const OWNERS_ONLY: AppError = AppError::Forbidden("only workspace owners can do this");
 
 impl Workspaces {
@@ -48,7 +60,10 @@ impl Workspaces {
 #[async_trait]
 impl WorkspaceService for Workspaces {
     async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Role> {
-        self.workspaces.role_of(workspace_id, user_id).await?.ok_or(NOT_FOUND)
+        self.workspaces
+            .role_of(workspace_id, user_id)
+            .await?
+            .ok_or(NOT_FOUND)
     }
 
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace> {
@@ -64,9 +79,17 @@ impl WorkspaceService for Workspaces {
         self.workspaces.find(id).await?.ok_or(NOT_FOUND)
     }
 
-    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
+    async fn update(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: UpdateWorkspaceRequest,
+    ) -> AppResult<Workspace> {
         self.require_owner(user_id, id).await?;
-        self.workspaces.rename(id, request.name.trim()).await?.ok_or(NOT_FOUND)
+        self.workspaces
+            .rename(id, request.name.trim())
+            .await?
+            .ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
@@ -80,17 +103,29 @@ impl WorkspaceService for Workspaces {
         Ok(self.workspaces.members(id).await?)
     }
 
-    async fn add_member(&self, user_id: Uuid, id: Uuid, request: AddMemberRequest) -> AppResult<Member> {
+    async fn add_member(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        request: AddMemberRequest,
+    ) -> AppResult<Member> {
         self.require_owner(user_id, id).await?;
-        let user = self.users.find_by_email(request.email.trim()).await?.ok_or(AppError::not_found("user"))?;
+        let user = self
+            .users
+            .find_by_email(request.email.trim())
+            .await?
+            .ok_or(AppError::not_found("user"))?;
         let role = request.role.unwrap_or(Role::Member);
-        self.workspaces.add_member(id, user.id, role).await.map_err(|err| {
-            if is_unique_violation(&err, MEMBER_UNIQUE) {
-                AppError::conflict("member_exists", "this user is already a member")
-            } else {
-                err.into()
-            }
-        })
+        self.workspaces
+            .add_member(id, user.id, role)
+            .await
+            .map_err(|err| {
+                if is_unique_violation(&err, MEMBER_UNIQUE) {
+                    AppError::conflict("member_exists", "this user is already a member")
+                } else {
+                    err.into()
+                }
+            })
     }
 
     async fn remove_member(&self, user_id: Uuid, id: Uuid, member_id: Uuid) -> AppResult<()> {
@@ -98,7 +133,10 @@ impl WorkspaceService for Workspaces {
         match self.workspaces.remove_member(id, member_id).await? {
             RemoveOutcome::Removed => Ok(()),
             RemoveOutcome::NotAMember => Err(AppError::not_found("member")),
-            RemoveOutcome::LastOwner => Err(AppError::conflict("last_owner", "a workspace needs at least one owner")),
+            RemoveOutcome::LastOwner => Err(AppError::conflict(
+                "last_owner",
+                "a workspace needs at least one owner",
+            )),
         }
     }
 }
