@@ -17,9 +17,15 @@ fn short_timeouts(s: &mut nestling::config::Settings) {
 #[tokio::test]
 async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
     let postgres = private_postgres().await;
-    let app = TestApp::builder().postgres(&postgres).settings(short_timeouts).spawn().await;
+    let app = TestApp::builder()
+        .postgres(&postgres)
+        .settings(short_timeouts)
+        .spawn()
+        .await;
     let user = app.register_user().await;
-    app.get("/api/workspaces", &user.token).await.assert_status(200);
+    app.get("/api/workspaces", &user.token)
+        .await
+        .assert_status(200);
 
     postgres.freeze();
     for path in ["/api/workspaces", "/api/users/me"] {
@@ -27,7 +33,10 @@ async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
         let response = app.get(path, &user.token).await;
         let took = started.elapsed();
         response.assert_error(503, "database_unavailable");
-        assert!(took < DEADLINE * 3, "{path} took {took:?} with a {DEADLINE:?} deadline");
+        assert!(
+            took < DEADLINE * 3,
+            "{path} took {took:?} with a {DEADLINE:?} deadline"
+        );
     }
     let ready = app.request(Method::GET, "/health/ready", None, None).await;
     ready.assert_status(503);
@@ -36,7 +45,9 @@ async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
     postgres.thaw();
     let recovered = wait_for_status(&app, "/health/ready", 200).await;
     assert!(recovered, "readiness came back after SIGCONT");
-    app.get("/api/workspaces", &user.token).await.assert_status(200);
+    app.get("/api/workspaces", &user.token)
+        .await
+        .assert_status(200);
 }
 
 /// The control: with the library defaults (no statement deadline, 30 s acquire) the same fault
@@ -55,35 +66,61 @@ async fn without_a_deadline_a_frozen_postgres_hangs_the_request() {
     let user = app.register_user().await;
     postgres.freeze();
     let hung = tokio::time::timeout(DEADLINE * 4, app.get("/api/workspaces", &user.token)).await;
-    assert!(hung.is_err(), "without a deadline the request should still be waiting");
+    assert!(
+        hung.is_err(),
+        "without a deadline the request should still be waiting"
+    );
     postgres.thaw();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_postgres_turns_requests_into_503_and_the_app_recovers_after_restart() {
     let postgres = private_postgres().await;
-    let app = TestApp::builder().postgres(&postgres).settings(short_timeouts).spawn().await;
+    let app = TestApp::builder()
+        .postgres(&postgres)
+        .settings(short_timeouts)
+        .spawn()
+        .await;
     let user = app.register_user().await;
-    app.get("/api/workspaces", &user.token).await.assert_status(200);
+    app.get("/api/workspaces", &user.token)
+        .await
+        .assert_status(200);
 
     postgres.kill();
     let started = Instant::now();
     let response = app.get("/api/workspaces", &user.token).await;
     response.assert_error(503, "database_unavailable");
-    assert!(started.elapsed() < DEADLINE * 3, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < DEADLINE * 3,
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(response.header("retry-after"), Some("1"));
-    app.request(Method::GET, "/health/ready", None, None).await.assert_status(503);
+    app.request(Method::GET, "/health/ready", None, None)
+        .await
+        .assert_status(503);
 
     tokio::task::block_in_place(|| postgres.restart());
-    assert!(wait_for_status(&app, "/health/ready", 200).await, "readiness came back after restart");
-    app.get("/api/workspaces", &user.token).await.assert_status(200);
+    assert!(
+        wait_for_status(&app, "/health/ready", 200).await,
+        "readiness came back after restart"
+    );
+    app.get("/api/workspaces", &user.token)
+        .await
+        .assert_status(200);
 }
 
 /// Polls a route until it answers `status` (at most 10 s): the server's recovery is the event.
 async fn wait_for_status(app: &TestApp, path: &str, status: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if app.request(Method::GET, path, None, None).await.status.as_u16() == status {
+        if app
+            .request(Method::GET, path, None, None)
+            .await
+            .status
+            .as_u16()
+            == status
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,7 +7,9 @@ fn registered_routes() -> Vec<(String, String)> {
     let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/modules");
     for entry in std::fs::read_dir(modules).unwrap() {
         let controller = entry.unwrap().path().join("controller.rs");
-        let Ok(source) = std::fs::read_to_string(&controller) else { continue };
+        let Ok(source) = std::fs::read_to_string(&controller) else {
+            continue;
+        };
         for line in source.lines().map(str::trim) {
             for method in ["get", "post", "put", "patch", "delete"] {
                 if let Some(rest) = line.strip_prefix(&format!("#[{method}(\"")) {
@@ -23,22 +25,46 @@ fn registered_routes() -> Vec<(String, String)> {
 #[tokio::test]
 async fn every_registered_route_is_documented_in_openapi() {
     let app = TestApp::spawn().await;
-    let response = app.request(Method::GET, "/api-docs/openapi.json", None, None).await;
+    let response = app
+        .request(Method::GET, "/api-docs/openapi.json", None, None)
+        .await;
     response.assert_status(200);
     let paths = &response.body["paths"];
     let routes = registered_routes();
-    assert!(routes.len() >= 28, "found only {} routes: is the scan broken?", routes.len());
+    assert!(
+        routes.len() >= 28,
+        "found only {} routes: is the scan broken?",
+        routes.len()
+    );
     for (method, path) in routes {
         let operation = &paths[&path][&method];
-        assert!(operation.is_object(), "{} {path} is not in the OpenAPI document", method.to_uppercase());
-        assert!(operation["operationId"].is_string(), "{method} {path} has no operationId");
-        let protected = path.starts_with("/api/") && !path.starts_with("/api/auth/register") && path != "/api/auth/login";
+        assert!(
+            operation.is_object(),
+            "{} {path} is not in the OpenAPI document",
+            method.to_uppercase()
+        );
+        assert!(
+            operation["operationId"].is_string(),
+            "{method} {path} has no operationId"
+        );
+        let protected = path.starts_with("/api/")
+            && !path.starts_with("/api/auth/register")
+            && path != "/api/auth/login";
         if protected {
-            assert!(operation["security"].is_array(), "{method} {path} does not declare bearer security");
-            assert!(operation["responses"]["401"].is_object(), "{method} {path} does not document 401");
+            assert!(
+                operation["security"].is_array(),
+                "{method} {path} does not declare bearer security"
+            );
+            assert!(
+                operation["responses"]["401"].is_object(),
+                "{method} {path} does not document 401"
+            );
         }
     }
-    assert_eq!(response.body["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        response.body["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
     assert!(response.body["components"]["schemas"]["ErrorBody"].is_object());
 }
 
@@ -47,7 +73,10 @@ async fn swagger_ui_is_served_at_docs() {
     let app = TestApp::spawn().await;
     let response = app.client.get(app.url("/docs/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.text().await.unwrap().contains("swagger"), "Swagger UI page");
+    assert!(
+        response.text().await.unwrap().contains("swagger"),
+        "Swagger UI page"
+    );
     let redirect = app.request(Method::GET, "/docs", None, None).await;
     assert!(redirect.status.is_success(), "/docs redirects to the UI");
 }

@@ -3,8 +3,8 @@
 //! `freeze()` (SIGSTOP), `thaw()` (SIGCONT), `kill()` (SIGKILL) and `restart()` on the same port.
 //! Every server runs in its own process group and is stopped when the test binary exits.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
@@ -39,11 +39,17 @@ fn register_cleanup(postmaster_pid: i32, dir: &Path) {
     AT_EXIT.call_once(|| unsafe {
         libc::atexit(stop_owned_servers);
     });
-    OWNED.lock().unwrap().push((postmaster_pid, dir.to_path_buf()));
+    OWNED
+        .lock()
+        .unwrap()
+        .push((postmaster_pid, dir.to_path_buf()));
 }
 
 fn forget_cleanup(postmaster_pid: i32) {
-    OWNED.lock().unwrap().retain(|(owned, _)| *owned != postmaster_pid);
+    OWNED
+        .lock()
+        .unwrap()
+        .retain(|(owned, _)| *owned != postmaster_pid);
 }
 
 /// Installs a Debian package when we are root and it is missing; otherwise fails with one line.
@@ -70,7 +76,11 @@ pub fn ensure_installed(present: impl Fn() -> bool, package: &str, what: &str) {
 }
 
 pub fn pg_binaries() -> PgBinaries {
-    ensure_installed(|| PgBinaries::locate().is_ok(), "postgresql", "PostgreSQL server binaries");
+    ensure_installed(
+        || PgBinaries::locate().is_ok(),
+        "postgresql",
+        "PostgreSQL server binaries",
+    );
     PgBinaries::locate().expect("located after install")
 }
 
@@ -87,7 +97,11 @@ impl TestPostgres {
     /// or a plain thread.
     pub fn start() -> TestPostgres {
         let binaries = pg_binaries();
-        let dir = tempfile::Builder::new().prefix("nestling-pg-").tempdir().expect("temp dir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("nestling-pg-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
         // The folder must be reachable by the server user when we are root.
         make_traversable(&dir);
         let data = dir.join("data");
@@ -104,7 +118,12 @@ impl TestPostgres {
             ],
         )
         .expect("server conf");
-        let server = TestPostgres { port, dir, child: Mutex::new(None), binaries };
+        let server = TestPostgres {
+            port,
+            dir,
+            child: Mutex::new(None),
+            binaries,
+        };
         server.launch();
         server
     }
@@ -136,10 +155,19 @@ impl TestPostgres {
             if log.contains("database system is ready to accept connections") {
                 return;
             }
-            if let Some(status) = self.child.lock().unwrap().as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .lock()
+                .unwrap()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("postgres exited with {status} while starting:\n{log}");
             }
-            assert!(Instant::now() < deadline, "postgres did not start within 30 s:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start within 30 s:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -149,7 +177,12 @@ impl TestPostgres {
     }
 
     fn postmaster_pid(&self) -> i32 {
-        self.child.lock().unwrap().as_ref().map(|c| c.id() as i32).expect("server running")
+        self.child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .expect("server running")
     }
 
     /// Signals the postmaster and every process it forked. Backends call `setsid()`, so a
@@ -188,7 +221,9 @@ impl TestPostgres {
         }
         forget_cleanup(postmaster_pid);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -202,13 +237,26 @@ impl TestPostgres {
 
     /// Creates the template database with every migration applied.
     fn create_template(&self) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.block_on(async {
-            let mut admin = sqlx::PgConnection::connect(&self.url("postgres")).await.expect("connect");
-            sqlx::query(&format!("CREATE DATABASE {TEMPLATE_DB}")).execute(&mut admin).await.expect("create");
+            let mut admin = sqlx::PgConnection::connect(&self.url("postgres"))
+                .await
+                .expect("connect");
+            sqlx::query(&format!("CREATE DATABASE {TEMPLATE_DB}"))
+                .execute(&mut admin)
+                .await
+                .expect("create");
             admin.close().await.ok();
-            let mut conn = sqlx::PgConnection::connect(&self.url(TEMPLATE_DB)).await.expect("connect template");
-            MIGRATOR.run(&mut conn).await.expect("migrations apply to the template");
+            let mut conn = sqlx::PgConnection::connect(&self.url(TEMPLATE_DB))
+                .await
+                .expect("connect template");
+            MIGRATOR
+                .run(&mut conn)
+                .await
+                .expect("migrations apply to the template");
             conn.close().await.ok();
         });
     }
@@ -226,15 +274,22 @@ impl Drop for TestPostgres {
 
 /// Processes whose parent is `pid`, read from /proc.
 pub fn children_of(pid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|candidate| {
-            let stat = std::fs::read_to_string(format!("/proc/{candidate}/stat")).unwrap_or_default();
+            let stat =
+                std::fs::read_to_string(format!("/proc/{candidate}/stat")).unwrap_or_default();
             // Fields after the parenthesised command name: state, ppid, ...
             let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-            after_name.split_whitespace().nth(1).and_then(|ppid| ppid.parse::<i32>().ok()) == Some(pid)
+            after_name
+                .split_whitespace()
+                .nth(1)
+                .and_then(|ppid| ppid.parse::<i32>().ok())
+                == Some(pid)
         })
         .collect()
 }
