@@ -242,6 +242,17 @@ fn camel_case(snake: &str) -> String {
     out
 }
 
+/// Validator rule for required names and titles: whitespace alone is not a name (we store trimmed text).
+pub fn not_blank(value: &str) -> Result<(), validator::ValidationError> {
+    no_nul(value)?;
+    if value.trim().is_empty() {
+        return Err(
+            validator::ValidationError::new("blank").with_message("must not be blank".into())
+        );
+    }
+    Ok(())
+}
+
 /// Validator rule for every free-text field: Postgres cannot store NUL, so it is a 400, not a 500.
 pub fn no_nul(value: &str) -> Result<(), validator::ValidationError> {
     if value.contains('\0') {

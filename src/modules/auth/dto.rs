@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use validator::Validate;
 
-use crate::error::no_nul;
+use crate::error::{no_nul, not_blank};
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -14,7 +14,7 @@ pub struct RegisterRequest {
     #[validate(length(min = 8, max = 128), custom(function = "no_nul"))]
     #[schema(example = "correct horse battery")]
     pub password: String,
-    #[validate(length(min = 1, max = 100), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 100), custom(function = "not_blank"))]
     #[schema(example = "Ada Lovelace")]
     pub name: String,
 }

@@ -2,13 +2,13 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use validator::Validate;
 
-use crate::error::no_nul;
+use crate::error::{no_nul, not_blank};
 use crate::modules::nullable;
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateProjectRequest {
-    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
     #[schema(example = "Website relaunch")]
     pub name: String,
     #[validate(length(max = 5000), custom(function = "no_nul"))]
@@ -19,7 +19,7 @@ pub struct CreateProjectRequest {
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateProjectRequest {
-    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
     pub name: Option<String>,
     #[serde(default, deserialize_with = "nullable::deserialize")]
     #[validate(length(max = 5000), custom(function = "no_nul"))]

@@ -5,14 +5,14 @@ use uuid::Uuid;
 use validator::Validate;
 
 use super::model::{TaskPriority, TaskStatus};
-use crate::error::no_nul;
+use crate::error::{no_nul, not_blank};
 use crate::modules::nullable;
 use crate::modules::paging::{Paging, DEFAULT_LIMIT};
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTaskRequest {
-    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
     #[schema(example = "Write the README")]
     pub title: String,
     #[validate(length(max = 10000), custom(function = "no_nul"))]
@@ -31,7 +31,7 @@ pub struct CreateTaskRequest {
 #[derive(Debug, Default, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateTaskRequest {
-    #[validate(length(min = 1, max = 200), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
     pub title: Option<String>,
     #[serde(default, deserialize_with = "nullable::deserialize")]
     #[validate(length(max = 10000), custom(function = "no_nul"))]

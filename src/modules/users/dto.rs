@@ -2,12 +2,12 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use validator::Validate;
 
-use crate::error::no_nul;
+use crate::error::not_blank;
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateMeRequest {
-    #[validate(length(min = 1, max = 100), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 100), custom(function = "not_blank"))]
     #[schema(example = "Ada Lovelace")]
     pub name: String,
 }

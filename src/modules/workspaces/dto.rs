@@ -3,12 +3,12 @@ use utoipa::ToSchema;
 use validator::Validate;
 
 use super::model::Role;
-use crate::error::no_nul;
+use crate::error::{no_nul, not_blank};
 
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateWorkspaceRequest {
-    #[validate(length(min = 1, max = 100), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 100), custom(function = "not_blank"))]
     #[schema(example = "Acme")]
     pub name: String,
 }
@@ -16,7 +16,7 @@ pub struct CreateWorkspaceRequest {
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateWorkspaceRequest {
-    #[validate(length(min = 1, max = 100), custom(function = "no_nul"))]
+    #[validate(length(min = 1, max = 100), custom(function = "not_blank"))]
     pub name: String,
 }
 

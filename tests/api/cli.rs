@@ -1,0 +1,114 @@
+//! The `nestling` binary as a user runs it: configuration errors, migrate, graceful shutdown.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::helpers::{shared_postgres, TestApp};
+use nestling::infra::database::local_server::free_port;
+
+fn nestling() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_nestling"));
+    // Run from a folder without a .env file, so only what the test sets applies.
+    command
+        .current_dir(std::env::temp_dir())
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn");
+    command
+}
+
+#[tokio::test]
+async fn an_invalid_variable_stops_startup_with_one_line_naming_it() {
+    let cases = [
+        ("APP_PORT", "eighty"),
+        ("REDIS_ENABLED", "maybe"),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "0"),
+    ];
+    for (variable, value) in cases {
+        let output = nestling().env(variable, value).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{variable}={value}: {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{variable}={value}: one line, got {stderr}");
+        assert!(
+            lines[0].contains(variable) && lines[0].contains(value),
+            "{variable}={value}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_a_missing_database_and_applies_migrations() {
+    let postgres = tokio::task::spawn_blocking(shared_postgres).await.unwrap();
+    let name = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    let status = nestling()
+        .arg("migrate")
+        .env("DATABASE_URL", postgres.url(&name))
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let pool = sqlx::PgPool::connect(&postgres.url(&name)).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'tasks'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 1);
+    pool.close().await;
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_gracefully() {
+    // A database of its own, made by the harness; the binary serves it.
+    let app = TestApp::spawn().await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        shared_postgres_port().await,
+        app.db_name
+    );
+    let port = free_port().unwrap();
+    let mut child = nestling()
+        .env("DATABASE_URL", url)
+        .env("APP_PORT", port.to_string())
+        .env("APP_WORKERS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let live = format!("http://127.0.0.1:{port}/health/live");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.client.get(&live).send().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the binary did not start serving"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: signalling the child we just spawned.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+}
+
+async fn shared_postgres_port() -> u16 {
+    tokio::task::spawn_blocking(shared_postgres)
+        .await
+        .unwrap()
+        .port
+}
