@@ -31,6 +31,7 @@ pub struct Settings {
     pub app: AppSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub cache: CacheSettings,
     pub ttl: TtlTable,
 }
 
@@ -61,6 +62,28 @@ pub struct DatabaseSettings {
 pub struct RedisSettings {
     pub enabled: bool,
     pub url: String,
+    /// Every key the app writes starts with this (see `infra::redis::keys`).
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    /// Longest wait for a pooled connection.
+    pub pool_timeout: Duration,
+    pub pool_size: u32,
+    /// Consecutive failures or timeouts that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one probe may try Redis again.
+    pub breaker_cooldown: Duration,
+}
+
+/// The in-process tier (L1).
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub l1_max_entries: u64,
+    /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
+    /// invalidation message from another instance be lost.
+    pub l1_max_ttl: Duration,
+    /// Random extra lifetime, in percent of the TTL, so entries written together expire apart.
+    pub ttl_jitter_percent: u8,
 }
 
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
@@ -136,6 +159,22 @@ impl Settings {
             redis: RedisSettings {
                 enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
                 url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+                key_prefix: vars.string("REDIS_KEY_PREFIX", "nestling:"),
+                connect_timeout: vars.millis("REDIS_CONNECT_TIMEOUT_MS", 500)?,
+                command_timeout: vars.millis("REDIS_COMMAND_TIMEOUT_MS", 250)?,
+                pool_timeout: vars.millis("REDIS_POOL_TIMEOUT_MS", 300)?,
+                pool_size: vars.parse("REDIS_POOL_SIZE", 8, "a positive number")?,
+                breaker_threshold: vars.parse("REDIS_BREAKER_THRESHOLD", 3, "a positive number")?,
+                breaker_cooldown: vars.millis("REDIS_BREAKER_COOLDOWN_MS", 1000)?,
+            },
+            cache: CacheSettings {
+                l1_max_entries: vars.parse("CACHE_L1_MAX_ENTRIES", 100_000, "a positive number")?,
+                l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
+                ttl_jitter_percent: vars.parse(
+                    "CACHE_TTL_JITTER_PERCENT",
+                    5,
+                    "a percentage (0-100)",
+                )?,
             },
             ttl: TtlTable {
                 tasks: vars.secs("CACHE_TTL_TASKS", 300)?,

@@ -8,7 +8,9 @@ use shaku::module;
 use sqlx::PgPool;
 
 use crate::config::Settings;
+use crate::infra::cache::{self, TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::infra::redis::keys::KeyRegistry;
 use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
 use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
@@ -27,7 +29,7 @@ module! {
     pub AppModule {
         components = [
             // infrastructure
-            PgDatabase,
+            PgDatabase, TieredCache,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -48,6 +50,13 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             pool,
             statement_timeout: settings.database.statement_timeout,
             health_timeout: settings.database.health_timeout,
+        })
+        .with_component_parameters::<TieredCache>(TieredCacheParameters {
+            inner: cache::Inner::new(
+                KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
+                &settings.cache,
+                &settings.redis,
+            ),
         })
         .with_component_parameters::<Auth>(AuthParameters {
             token_ttl: settings.ttl.auth_token,

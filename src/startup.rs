@@ -13,10 +13,12 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Settings;
 use crate::container::{self, AppModule};
 use crate::error;
+use crate::infra::cache::CacheService;
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::request_id::request_id;
 use crate::modules;
 use crate::openapi::ApiDoc;
+use shaku::HasComponent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -45,6 +47,8 @@ impl Application {
 
     /// Binds and starts serving an already built container (tests build theirs with overrides).
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
+        let cache: Arc<dyn CacheService> = module.resolve();
+        cache.start();
         let address = format!("{}:{}", settings.app.host, settings.app.port);
         let bind_error = |source| StartupError::Bind {
             address: address.clone(),

@@ -1,4 +1,7 @@
-//! Infrastructure without routes: the database pool and its local servers, request ids.
+//! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
+//! breaker), the two-tier cache, request ids.
 
+pub mod cache;
 pub mod database;
+pub mod redis;
 pub mod request_id;

@@ -1,0 +1,486 @@
+//! `CacheService`: cache-aside over two tiers, L1 in process (moka) and L2 in Redis, holding the
+//! JSON bytes responses need. Modes: `redis` (L1 + L2), `memory` (L1 only, no Redis connection at
+//! all) and `degraded` (Redis failing: the breaker is open, requests never wait on Redis).
+//!
+//! Correctness rules:
+//! - single-flight per key inside an instance (moka `try_get_with`): N concurrent misses load once;
+//! - a fill that started before an invalidation is dropped: L1 through an invalidation epoch, L2
+//!   through a version key checked atomically by the fill script;
+//! - every invalidation is published; other instances drop the key from L1, and a subscriber that
+//!   lost its connection flushes L1 (pub/sub is at-most-once);
+//! - invalidations that could not reach Redis are queued and replayed when it answers again.
+
+mod subscriber;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bb8_redis::redis::{self, Script};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use moka::future::Cache;
+use rand::Rng;
+use serde::Serialize;
+use shaku::{Component, Interface};
+use utoipa::ToSchema;
+
+use crate::config::{CacheSettings, RedisSettings};
+use crate::error::{AppError, AppResult};
+use crate::infra::redis::breaker::BreakerState;
+use crate::infra::redis::keys::{CacheKey, KeyRegistry};
+use crate::infra::redis::Redis;
+
+/// Where a response came from: the `X-Cache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheTier {
+    HitL1,
+    HitL2,
+    Miss,
+    Bypass,
+}
+
+impl CacheTier {
+    pub fn header_value(self) -> &'static str {
+        match self {
+            Self::HitL1 => "HIT-L1",
+            Self::HitL2 => "HIT-L2",
+            Self::Miss => "MISS",
+            Self::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// Serialized JSON plus what the response headers need.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub bytes: Bytes,
+    pub tier: CacheTier,
+    /// Remaining lifetime: `Cache-Control: private, max-age=<secs>`.
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    Redis,
+    Memory,
+    Degraded,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    pub mode: CacheMode,
+    pub breaker: Option<BreakerState>,
+    pub subscriber_connected: bool,
+    pub l1_entries: u64,
+    pub pending_invalidations: usize,
+}
+
+#[async_trait]
+pub trait CacheService: Interface {
+    /// The cached bytes for `key`, or the loader's (stored in both tiers).
+    async fn get_or_load<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+    ) -> AppResult<Cached>;
+    /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
+    async fn invalidate(&self, keys: Vec<CacheKey>);
+    fn keys(&self) -> &KeyRegistry;
+    fn status(&self) -> CacheStatus;
+    /// The runtime switch: `false` stops using Redis at once, `true` starts again.
+    fn set_redis_enabled(&self, enabled: bool);
+    /// Redis, when it is in use (health and admin endpoints).
+    fn redis(&self) -> Option<Arc<Redis>>;
+    /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
+    fn start(&self);
+}
+
+#[derive(Clone)]
+struct L1Entry {
+    bytes: Bytes,
+    expires_at: Instant,
+    origin: CacheTier,
+}
+
+struct PerEntryExpiry {
+    max_ttl: Duration,
+}
+
+impl moka::Expiry<String, L1Entry> for PerEntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &L1Entry,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .expires_at
+                .saturating_duration_since(now)
+                .min(self.max_ttl),
+        )
+    }
+}
+
+/// The cache's state; `TieredCache` is its DI face.
+pub struct Inner {
+    keys: KeyRegistry,
+    l1: Cache<String, L1Entry>,
+    /// Bumped by every invalidation: a fill that saw another epoch at its start is not kept in L1.
+    epoch: AtomicU64,
+    redis_settings: RedisSettings,
+    redis: OnceLock<Arc<Redis>>,
+    redis_enabled: AtomicBool,
+    subscriber_connected: AtomicBool,
+    pending: Mutex<HashSet<String>>,
+    jitter_percent: u8,
+    /// Identifies this instance in invalidation messages, so it skips its own.
+    instance: String,
+}
+
+#[derive(Component)]
+#[shaku(interface = CacheService)]
+pub struct TieredCache {
+    inner: Arc<Inner>,
+}
+
+impl Inner {
+    pub fn new(keys: KeyRegistry, cache: &CacheSettings, redis: &RedisSettings) -> Arc<Self> {
+        let l1 = Cache::builder()
+            .max_capacity(cache.l1_max_entries)
+            .expire_after(PerEntryExpiry {
+                max_ttl: cache.l1_max_ttl,
+            })
+            .support_invalidation_closures()
+            .build();
+        Arc::new(Inner {
+            keys,
+            l1,
+            epoch: AtomicU64::new(0),
+            redis_settings: redis.clone(),
+            redis: OnceLock::new(),
+            redis_enabled: AtomicBool::new(redis.enabled),
+            subscriber_connected: AtomicBool::new(false),
+            pending: Mutex::new(HashSet::new()),
+            jitter_percent: cache.ttl_jitter_percent.min(100),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+        })
+    }
+
+    /// Redis if it is switched on (created on first use: no connection in memory mode).
+    fn active_redis(&self) -> Option<&Arc<Redis>> {
+        if !self.redis_enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(redis) = self.redis.get() {
+            return Some(redis);
+        }
+        match Redis::new(&self.redis_settings) {
+            Ok(redis) => Some(self.redis.get_or_init(|| Arc::new(redis))),
+            Err(err) => {
+                log::error!("redis: invalid REDIS_URL, staying in memory mode: {err}");
+                None
+            }
+        }
+    }
+
+    fn ttl_with_jitter(&self, key: &CacheKey) -> Duration {
+        let ttl = self.keys.ttl(key.namespace);
+        let jitter_ms = ttl.as_millis() as u64 * self.jitter_percent as u64 / 100;
+        ttl + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter_ms))
+    }
+
+    /// Loads through L2 and the loader; returns the entry to keep in L1.
+    async fn fill(
+        &self,
+        key: &CacheKey,
+        loader: BoxFuture<'_, AppResult<Bytes>>,
+    ) -> AppResult<L1Entry> {
+        let redis = self.active_redis();
+        let mut version = None;
+        if let Some(redis) = redis {
+            match read_l2(redis, &self.keys, key).await {
+                Ok(L2Read {
+                    value: Some(bytes),
+                    pttl_ms,
+                    ..
+                }) => {
+                    let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
+                    return Ok(L1Entry {
+                        bytes,
+                        expires_at: Instant::now() + remaining,
+                        origin: CacheTier::HitL2,
+                    });
+                }
+                Ok(read) => version = Some(read.version),
+                Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key),
+            }
+        }
+        let bytes = loader.await?;
+        let ttl = self.ttl_with_jitter(key);
+        if let (Some(redis), Some(version)) = (redis, version) {
+            if let Err(err) = write_l2(redis, &self.keys, key, &bytes, ttl, version).await {
+                log::debug!("cache: L2 write of {} failed: {err}", key.redis_key);
+            }
+        }
+        Ok(L1Entry {
+            bytes,
+            expires_at: Instant::now() + ttl,
+            origin: CacheTier::Miss,
+        })
+    }
+
+    fn drop_from_l1(&self, key: &CacheKey) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        match &key.field {
+            Some(_) => {
+                let l1_key = key.l1_key();
+                let _ = self.l1.invalidate_entries_if(move |k, _| *k == l1_key);
+            }
+            None => {
+                let plain = key.redis_key.clone();
+                let group = format!("{}#", key.redis_key);
+                let _ = self
+                    .l1
+                    .invalidate_entries_if(move |k, _| *k == plain || k.starts_with(&group));
+            }
+        }
+    }
+
+    /// Flushes L1: after a lost subscription we cannot know what we missed.
+    pub(crate) fn flush_l1(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.l1.invalidate_all();
+    }
+
+    /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is queued.
+    async fn invalidate_l2(&self, redis_keys: Vec<String>) {
+        let Some(redis) = self.active_redis() else {
+            return;
+        };
+        let channel = self.keys.invalidation_channel();
+        let mut pipe = redis::pipe();
+        for redis_key in &redis_keys {
+            let version_key = self.keys.version_of(redis_key);
+            pipe.cmd("UNLINK").arg(redis_key).ignore();
+            pipe.cmd("INCR").arg(&version_key).ignore();
+            // Versions outlive any entry they guard (the longest TTL is the auth token's).
+            pipe.cmd("PEXPIRE")
+                .arg(&version_key)
+                .arg(VERSION_TTL_MS)
+                .ignore();
+            pipe.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(format!("{}|{redis_key}", self.instance))
+                .ignore();
+        }
+        let outcome = redis
+            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await;
+        if let Err(err) = outcome {
+            log::warn!(
+                "cache: {} invalidation(s) queued until Redis answers: {err}",
+                redis_keys.len()
+            );
+            self.pending.lock().unwrap().extend(redis_keys);
+        }
+    }
+
+    /// Replays queued invalidations; called when Redis answers again.
+    pub(crate) async fn replay_pending(&self) {
+        let queued: Vec<String> = self.pending.lock().unwrap().drain().collect();
+        if !queued.is_empty() {
+            log::info!("cache: replaying {} queued invalidation(s)", queued.len());
+            self.invalidate_l2(queued).await;
+        }
+    }
+}
+
+const VERSION_TTL_MS: u64 = 4 * 3600 * 1000;
+
+struct L2Read {
+    value: Option<Bytes>,
+    pttl_ms: i64,
+    version: String,
+}
+
+async fn read_l2(
+    redis: &Redis,
+    keys: &KeyRegistry,
+    key: &CacheKey,
+) -> Result<L2Read, crate::infra::redis::RedisFailure> {
+    let mut pipe = redis::pipe();
+    match &key.field {
+        Some(field) => pipe.cmd("HGET").arg(&key.redis_key).arg(field),
+        None => pipe.cmd("GET").arg(&key.redis_key),
+    };
+    pipe.cmd("PTTL")
+        .arg(&key.redis_key)
+        .cmd("GET")
+        .arg(keys.version_of(&key.redis_key));
+    let (value, pttl_ms, version): (Option<Vec<u8>>, i64, Option<String>) = redis
+        .call(|mut c| async move { pipe.query_async(&mut c).await })
+        .await?;
+    Ok(L2Read {
+        value: value.map(Bytes::from),
+        pttl_ms,
+        version: version.unwrap_or_default(),
+    })
+}
+
+/// Writes only if the key's version is still the one read before loading (no invalidation since).
+fn fill_script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(
+            r"
+            local current = redis.call('GET', KEYS[2]) or ''
+            if current ~= ARGV[1] then return 0 end
+            if ARGV[4] == '' then
+                redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+            else
+                redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
+                if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+            end
+            return 1",
+        )
+    })
+}
+
+async fn write_l2(
+    redis: &Redis,
+    keys: &KeyRegistry,
+    key: &CacheKey,
+    bytes: &Bytes,
+    ttl: Duration,
+    version: String,
+) -> Result<(), crate::infra::redis::RedisFailure> {
+    let mut invocation = fill_script().key(&key.redis_key);
+    invocation
+        .key(keys.version_of(&key.redis_key))
+        .arg(version)
+        .arg(bytes.as_ref())
+        .arg(ttl.as_millis() as u64)
+        .arg(key.field.as_deref().unwrap_or(""));
+    redis
+        .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await.map(|_| ()) })
+        .await
+}
+
+#[async_trait]
+impl CacheService for TieredCache {
+    async fn get_or_load<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+    ) -> AppResult<Cached> {
+        let inner = &self.inner;
+        let l1_key = key.l1_key();
+        if let Some(entry) = inner.l1.get(&l1_key).await {
+            let now = Instant::now();
+            if entry.expires_at > now {
+                return Ok(Cached {
+                    bytes: entry.bytes,
+                    tier: CacheTier::HitL1,
+                    max_age: entry.expires_at - now,
+                });
+            }
+        }
+        let epoch = inner.epoch.load(Ordering::Acquire);
+        let entry = inner
+            .l1
+            .try_get_with(l1_key.clone(), inner.fill(&key, loader))
+            .await
+            .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
+        if inner.epoch.load(Ordering::Acquire) != epoch {
+            // An invalidation ran while we loaded: serve this answer, but do not keep it.
+            inner.l1.invalidate(&l1_key).await;
+        }
+        let max_age = entry.expires_at.saturating_duration_since(Instant::now());
+        Ok(Cached {
+            bytes: entry.bytes,
+            tier: entry.origin,
+            max_age,
+        })
+    }
+
+    async fn invalidate(&self, keys: Vec<CacheKey>) {
+        for key in &keys {
+            self.inner.drop_from_l1(key);
+        }
+        let redis_keys: Vec<String> = keys.into_iter().map(|k| k.redis_key).collect();
+        self.inner.invalidate_l2(redis_keys).await;
+    }
+
+    fn keys(&self) -> &KeyRegistry {
+        &self.inner.keys
+    }
+
+    fn status(&self) -> CacheStatus {
+        let inner = &self.inner;
+        let redis = inner
+            .redis_enabled
+            .load(Ordering::Acquire)
+            .then(|| inner.redis.get())
+            .flatten();
+        let breaker = redis.map(|r| r.breaker_state());
+        let mode = match (inner.redis_enabled.load(Ordering::Acquire), breaker) {
+            (false, _) => CacheMode::Memory,
+            (true, Some(BreakerState::Closed)) | (true, None) => CacheMode::Redis,
+            (true, Some(_)) => CacheMode::Degraded,
+        };
+        CacheStatus {
+            mode,
+            breaker,
+            subscriber_connected: inner.subscriber_connected.load(Ordering::Acquire),
+            l1_entries: inner.l1.entry_count(),
+            pending_invalidations: inner.pending.lock().unwrap().len(),
+        }
+    }
+
+    fn set_redis_enabled(&self, enabled: bool) {
+        let was = self.inner.redis_enabled.swap(enabled, Ordering::AcqRel);
+        if was != enabled {
+            // What L1 holds may have missed invalidations published while we were not listening.
+            self.inner.flush_l1();
+            log::info!(
+                "cache: Redis {}",
+                if enabled {
+                    "enabled"
+                } else {
+                    "disabled (memory mode)"
+                }
+            );
+        }
+    }
+
+    fn redis(&self) -> Option<Arc<Redis>> {
+        self.inner.active_redis().cloned()
+    }
+
+    fn start(&self) {
+        tokio::spawn(subscriber::run(self.inner.clone()));
+    }
+}
+
+/// Single-flight shares one error between all waiters; they each get an equivalent one.
+fn shared_error(err: &AppError) -> AppError {
+    match err {
+        AppError::NotFound { entity } => AppError::NotFound { entity },
+        AppError::Forbidden(message) => AppError::Forbidden(message),
+        AppError::DatabaseUnavailable(_) => {
+            AppError::DatabaseUnavailable(sqlx::Error::PoolTimedOut)
+        }
+        AppError::BadRequest { code, message } => AppError::BadRequest {
+            code,
+            message: message.clone(),
+        },
+        AppError::Validation(fields) => AppError::Validation(fields.clone()),
+        other => AppError::internal(other.to_string()),
+    }
+}

@@ -1,0 +1,84 @@
+//! The invalidation subscriber: a dedicated pub/sub connection that PINGs itself, reconnects and
+//! resubscribes, drops invalidated keys from L1, and flushes L1 whenever it (re)connects, since
+//! messages published while it was away are lost. It also replays queued invalidations.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::Inner;
+
+const PING_EVERY: Duration = Duration::from_millis(500);
+const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+pub(super) async fn run(inner: Arc<Inner>) {
+    loop {
+        if inner.active_redis().is_some() {
+            if let Err(err) = listen(&inner).await {
+                log::debug!("cache: invalidation subscriber: {err}");
+            }
+            if inner.subscriber_connected.swap(false, Ordering::AcqRel) {
+                log::warn!("cache: invalidation subscriber disconnected; L1 flushed, reconnecting");
+                inner.flush_l1();
+            }
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+async fn listen(inner: &Inner) -> Result<(), String> {
+    let Some(redis) = inner.active_redis().cloned() else {
+        return Ok(());
+    };
+    let timeout = inner.redis_settings.connect_timeout;
+    let pubsub = tokio::time::timeout(timeout, redis.client().get_async_pubsub())
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (mut sink, mut stream) = pubsub.split();
+    let channel = inner.keys.invalidation_channel();
+    tokio::time::timeout(timeout, sink.subscribe(&channel))
+        .await
+        .map_err(|_| "subscribe timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    // Anything published before this point is lost to us: start from an empty L1.
+    inner.flush_l1();
+    inner.subscriber_connected.store(true, Ordering::Release);
+    inner.replay_pending().await;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let Some(message) = message else { return Err("subscription closed".into()) };
+                let payload: String = message.get_payload().map_err(|e| e.to_string())?;
+                apply(inner, &payload);
+            }
+            _ = ping.tick() => {
+                if !inner.redis_enabled.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let pong = tokio::time::timeout(inner.redis_settings.command_timeout * 4, sink.ping::<String>()).await;
+                match pong {
+                    Ok(Ok(_)) => inner.replay_pending().await,
+                    Ok(Err(err)) => return Err(format!("ping failed: {err}")),
+                    Err(_) => return Err("ping timed out".into()),
+                }
+            }
+        }
+    }
+}
+
+/// `<instance>|<redis key>`: drop the key from L1 unless we published it ourselves.
+fn apply(inner: &Inner, payload: &str) {
+    let Some((instance, redis_key)) = payload.split_once('|') else {
+        return;
+    };
+    if instance == inner.instance {
+        return;
+    }
+    if let Some(key) = inner.keys.parse(redis_key) {
+        inner.drop_from_l1(&key);
+    }
+}

@@ -1,0 +1,280 @@
+//! The key registry: every Redis key nestling writes is built here, under `REDIS_KEY_PREFIX`,
+//! as `<prefix><namespace>:<id>[:<qualifier>]`, and every namespace takes its TTL from the TTL table.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::config::TtlTable;
+
+/// What kind of entry a key holds; decides its TTL and its metrics label.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Namespace {
+    Tasks,
+    TaskLists,
+    Projects,
+    ProjectLists,
+    Workspaces,
+    WorkspaceLists,
+    Members,
+    Users,
+    AuthTokens,
+    DailyMetrics,
+}
+
+impl Namespace {
+    pub const ALL: [Namespace; 10] = [
+        Self::Tasks,
+        Self::TaskLists,
+        Self::Projects,
+        Self::ProjectLists,
+        Self::Workspaces,
+        Self::WorkspaceLists,
+        Self::Members,
+        Self::Users,
+        Self::AuthTokens,
+        Self::DailyMetrics,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tasks => "tasks",
+            Self::TaskLists => "task-lists",
+            Self::Projects => "projects",
+            Self::ProjectLists => "project-lists",
+            Self::Workspaces => "workspaces",
+            Self::WorkspaceLists => "workspace-lists",
+            Self::Members => "members",
+            Self::Users => "users",
+            Self::AuthTokens => "auth-tokens",
+            Self::DailyMetrics => "daily-metrics",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Namespace> {
+        Self::ALL.into_iter().find(|ns| ns.as_str() == name)
+    }
+
+    /// The TTL-table entry this namespace lives by.
+    pub fn ttl(self, table: &TtlTable) -> Duration {
+        match self {
+            Self::Tasks | Self::TaskLists => table.tasks,
+            Self::Projects | Self::ProjectLists => table.projects,
+            Self::Workspaces | Self::WorkspaceLists | Self::Members => table.workspaces,
+            Self::Users => table.user,
+            Self::AuthTokens => table.auth_token,
+            Self::DailyMetrics => table.daily_metrics,
+        }
+    }
+}
+
+/// One cache entry's address. `group` entries (lists, metrics) share a Redis hash per owner,
+/// so one `DEL` drops every variant (every filter, page or date range) at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub namespace: Namespace,
+    /// The full Redis key, prefix included.
+    pub redis_key: String,
+    /// The hash field for grouped entries; `None` for plain string keys.
+    pub field: Option<String>,
+}
+
+impl CacheKey {
+    /// The in-process (L1) key: the Redis key and the field.
+    pub fn l1_key(&self) -> String {
+        match &self.field {
+            Some(field) => format!("{}#{}", self.redis_key, field),
+            None => self.redis_key.clone(),
+        }
+    }
+
+    /// The same key without its field: invalidating it drops the whole group.
+    pub fn group(&self) -> CacheKey {
+        CacheKey {
+            namespace: self.namespace,
+            redis_key: self.redis_key.clone(),
+            field: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyRegistry {
+    prefix: String,
+    ttl: TtlTable,
+}
+
+impl KeyRegistry {
+    pub fn new(prefix: impl Into<String>, ttl: TtlTable) -> Self {
+        Self {
+            prefix: prefix.into(),
+            ttl,
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn ttl(&self, namespace: Namespace) -> Duration {
+        namespace.ttl(&self.ttl)
+    }
+
+    fn plain(&self, namespace: Namespace, id: impl std::fmt::Display) -> CacheKey {
+        CacheKey {
+            namespace,
+            redis_key: format!("{}{}:{id}", self.prefix, namespace.as_str()),
+            field: None,
+        }
+    }
+
+    fn grouped(
+        &self,
+        namespace: Namespace,
+        owner: impl std::fmt::Display,
+        field: String,
+    ) -> CacheKey {
+        CacheKey {
+            field: Some(field),
+            ..self.plain(namespace, owner)
+        }
+    }
+
+    pub fn task(&self, id: Uuid) -> CacheKey {
+        self.plain(Namespace::Tasks, id)
+    }
+
+    /// One filtered page of a project's tasks; `query` is the canonical query string.
+    pub fn task_list(&self, project_id: Uuid, query: String) -> CacheKey {
+        self.grouped(Namespace::TaskLists, project_id, query)
+    }
+
+    pub fn task_lists(&self, project_id: Uuid) -> CacheKey {
+        self.plain(Namespace::TaskLists, project_id)
+    }
+
+    /// One page of the tasks assigned to a user.
+    pub fn assigned_task_list(&self, user_id: Uuid, query: String) -> CacheKey {
+        self.grouped(Namespace::TaskLists, format!("assignee:{user_id}"), query)
+    }
+
+    pub fn assigned_task_lists(&self, user_id: Uuid) -> CacheKey {
+        self.plain(Namespace::TaskLists, format!("assignee:{user_id}"))
+    }
+
+    pub fn project(&self, id: Uuid) -> CacheKey {
+        self.plain(Namespace::Projects, id)
+    }
+
+    pub fn project_list(&self, workspace_id: Uuid) -> CacheKey {
+        self.plain(Namespace::ProjectLists, workspace_id)
+    }
+
+    pub fn workspace(&self, id: Uuid) -> CacheKey {
+        self.plain(Namespace::Workspaces, id)
+    }
+
+    pub fn workspace_list(&self, user_id: Uuid) -> CacheKey {
+        self.plain(Namespace::WorkspaceLists, user_id)
+    }
+
+    /// A user's role in a workspace (or their absence from it).
+    pub fn member(&self, workspace_id: Uuid, user_id: Uuid) -> CacheKey {
+        self.grouped(Namespace::Members, workspace_id, user_id.to_string())
+    }
+
+    /// Every cached role of one workspace, and its member list.
+    pub fn members(&self, workspace_id: Uuid) -> CacheKey {
+        self.plain(Namespace::Members, workspace_id)
+    }
+
+    pub fn member_list(&self, workspace_id: Uuid) -> CacheKey {
+        self.grouped(Namespace::Members, workspace_id, "list".into())
+    }
+
+    pub fn user(&self, id: Uuid) -> CacheKey {
+        self.plain(Namespace::Users, id)
+    }
+
+    /// Keyed by the token's SHA-256 (hex), never by the token itself.
+    pub fn auth_token(&self, token_sha256_hex: &str) -> CacheKey {
+        self.plain(Namespace::AuthTokens, token_sha256_hex)
+    }
+
+    pub fn daily_metrics(&self, workspace_id: Uuid, range: String) -> CacheKey {
+        self.grouped(Namespace::DailyMetrics, workspace_id, range)
+    }
+
+    pub fn all_daily_metrics(&self, workspace_id: Uuid) -> CacheKey {
+        self.plain(Namespace::DailyMetrics, workspace_id)
+    }
+
+    /// The fill-version companion of a key (see `infra::cache`): bumped by every invalidation.
+    pub fn version_of(&self, redis_key: &str) -> String {
+        let unprefixed = redis_key.strip_prefix(&self.prefix).unwrap_or(redis_key);
+        format!("{}version:{unprefixed}", self.prefix)
+    }
+
+    /// The pub/sub channel invalidations travel on.
+    pub fn invalidation_channel(&self) -> String {
+        format!("{}invalidations", self.prefix)
+    }
+
+    /// `SCAN` pattern for a whole namespace.
+    pub fn namespace_pattern(&self, namespace: Namespace) -> String {
+        format!("{}{}:*", self.prefix, namespace.as_str())
+    }
+
+    /// Parses a full Redis key back into a plain `CacheKey` (for invalidation messages).
+    pub fn parse(&self, redis_key: &str) -> Option<CacheKey> {
+        let rest = redis_key.strip_prefix(&self.prefix)?;
+        let (namespace, _) = rest.split_once(':')?;
+        Some(CacheKey {
+            namespace: Namespace::parse(namespace)?,
+            redis_key: redis_key.to_owned(),
+            field: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn registry() -> KeyRegistry {
+        KeyRegistry::new("app:", Settings::from_lookup(|_| None).unwrap().ttl)
+    }
+
+    #[test]
+    fn keys_follow_prefix_namespace_id() {
+        let id = Uuid::nil();
+        let keys = registry();
+        assert_eq!(keys.task(id).redis_key, format!("app:tasks:{id}"));
+        assert_eq!(
+            keys.task_list(id, "limit=5".into()).l1_key(),
+            format!("app:task-lists:{id}#limit=5")
+        );
+        assert_eq!(
+            keys.version_of(&keys.task(id).redis_key),
+            format!("app:version:tasks:{id}")
+        );
+        assert_eq!(keys.parse(&format!("app:tasks:{id}")), Some(keys.task(id)));
+        assert_eq!(keys.parse("other:tasks:1"), None);
+    }
+
+    #[test]
+    fn every_namespace_takes_its_ttl_from_the_table() {
+        let keys = registry();
+        assert_eq!(keys.ttl(Namespace::Tasks).as_secs(), 300);
+        assert_eq!(keys.ttl(Namespace::TaskLists).as_secs(), 300);
+        assert_eq!(keys.ttl(Namespace::Projects).as_secs(), 600);
+        assert_eq!(keys.ttl(Namespace::Workspaces).as_secs(), 1800);
+        assert_eq!(keys.ttl(Namespace::DailyMetrics).as_secs(), 900);
+        assert_eq!(keys.ttl(Namespace::Users).as_secs(), 3600);
+        assert_eq!(keys.ttl(Namespace::AuthTokens).as_secs(), 7200);
+    }
+}

@@ -1,0 +1,168 @@
+//! The Redis module: a bb8 pool of multiplexed connections where every wait is explicit
+//! (connect, pool checkout, each command), a circuit breaker in front of it, and the key registry.
+//! Nothing here ever fails start-up: connections are made lazily and retried by later calls.
+
+pub mod breaker;
+pub mod keys;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bb8_redis::bb8;
+use bb8_redis::redis::aio::MultiplexedConnection;
+use bb8_redis::redis::{self, AsyncConnectionConfig, RedisError, RedisResult};
+
+use crate::config::RedisSettings;
+use breaker::{BreakerState, CircuitBreaker};
+
+/// Why a Redis call did not happen or did not succeed; callers degrade, they never fail a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisFailure {
+    #[error("circuit breaker open")]
+    CircuitOpen,
+    #[error("no pooled connection within the pool timeout: {0}")]
+    Pool(String),
+    #[error("command timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Command(#[from] RedisError),
+}
+
+/// A pooled connection that remembers whether it saw an I/O error, so the pool discards it.
+/// (bb8-redis' own manager reports connections as never broken and connects with the client's
+/// default timeouts, so a connection that died with Redis would stay in the pool.)
+pub struct TrackedConnection {
+    pub connection: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+}
+
+pub struct RedisManager {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+}
+
+impl bb8::ManageConnection for RedisManager {
+    type Connection = TrackedConnection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<TrackedConnection, RedisError> {
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        Ok(TrackedConnection {
+            connection,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut TrackedConnection) -> Result<(), RedisError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn.connection)
+            .await
+    }
+
+    fn has_broken(&self, conn: &mut TrackedConnection) -> bool {
+        conn.broken.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Redis {
+    pool: bb8::Pool<RedisManager>,
+    client: redis::Client,
+    command_timeout: Duration,
+    breaker: CircuitBreaker,
+}
+
+impl Redis {
+    /// Builds the pool without connecting.
+    pub fn new(settings: &RedisSettings) -> Result<Self, RedisError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout));
+        let pool = bb8::Pool::builder()
+            .max_size(settings.pool_size.max(1))
+            .connection_timeout(settings.pool_timeout)
+            // No PING per checkout on the hot path: broken connections are flagged by `call`.
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .build_unchecked(RedisManager {
+                client: client.clone(),
+                config,
+            });
+        Ok(Self {
+            pool,
+            client,
+            command_timeout: settings.command_timeout,
+            breaker: CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+        })
+    }
+
+    /// Runs one command (or pipeline) under the breaker and the command timeout.
+    pub async fn call<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if !self.breaker.allow() {
+            return Err(RedisFailure::CircuitOpen);
+        }
+        let outcome = self.call_unguarded(command).await;
+        match &outcome {
+            Ok(_) => self.breaker.record_success(),
+            Err(_) => self.breaker.record_failure(),
+        }
+        outcome
+    }
+
+    async fn call_unguarded<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| RedisFailure::Pool(e.to_string()))?;
+        let connection = pooled.connection.clone();
+        let result = tokio::time::timeout(self.command_timeout, command(connection)).await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
+                {
+                    pooled.broken.store(true, Ordering::Relaxed);
+                }
+                Err(RedisFailure::Command(err))
+            }
+            Err(_) => Err(RedisFailure::Timeout(self.command_timeout)),
+        }
+    }
+
+    /// PING round-trip time.
+    pub async fn ping(&self) -> Result<Duration, RedisFailure> {
+        let started = Instant::now();
+        self.call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Connections open / idle in the pool.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (state.connections, state.idle_connections)
+    }
+
+    /// The client, for the dedicated pub/sub connection.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+}
