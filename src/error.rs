@@ -176,6 +176,10 @@ impl From<sqlx::Error> for AppError {
                     "invalid_text",
                     "text contains characters that cannot be stored",
                 ),
+                // A date the parser accepts but Postgres cannot store (e.g. year -4800).
+                Some("22008") => {
+                    Self::bad_request("invalid_date", "date is outside the supported range")
+                }
                 // Cannot connect / shutting down / too many connections.
                 Some(code)
                     if code.starts_with("08") || code.starts_with("57P") || code == "53300" =>
@@ -309,6 +313,11 @@ impl actix_web::Responder for AppError {
     }
 }
 
+/// Whether `err` is a unique violation of the named constraint (or unique index).
+pub fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(constraint))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,9 +336,4 @@ mod tests {
         assert_eq!(camel_case("assignee_id"), "assigneeId");
         assert_eq!(camel_case("title"), "title");
     }
-}
-
-/// Whether `err` is a unique violation of the named constraint (or unique index).
-pub fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation() && db.constraint() == Some(constraint))
 }

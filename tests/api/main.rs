@@ -2,7 +2,16 @@
 
 mod helpers;
 
+mod auth;
+mod cli;
 mod database_faults;
+mod errors;
 mod health;
+mod isolation;
+mod metrics;
 mod openapi;
+mod projects;
 mod readme;
+mod tasks;
+mod users;
+mod workspaces;

@@ -20,7 +20,7 @@ pub struct TaskListFilter {
 
 #[async_trait]
 pub trait TaskRepository: Interface {
-    /// Inserts `task` as given, except `id`, `created_at` and `updated_at`, which the database sets.
+    /// Inserts `task` as given (`updated_at` = `created_at`), except `id`, which the database sets.
     async fn create(&self, task: &Task) -> Result<Task, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error>;
     /// One page (plus one row, to tell whether there is a next page) of a project's tasks.
@@ -53,8 +53,9 @@ pub struct PgTaskRepository {
 impl TaskRepository for PgTaskRepository {
     async fn create(&self, task: &Task) -> Result<Task, sqlx::Error> {
         let sql = format!(
-            "INSERT INTO tasks (project_id, workspace_id, title, description, status, priority, assignee_id, due_date, completed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}"
+            "INSERT INTO tasks (project_id, workspace_id, title, description, status, priority, assignee_id, due_date,
+                                completed_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING {COLUMNS}"
         );
         let query = sqlx::query_as(&sql)
             .bind(task.project_id)
@@ -65,7 +66,10 @@ impl TaskRepository for PgTaskRepository {
             .bind(task.priority)
             .bind(task.assignee_id)
             .bind(task.due_date)
-            .bind(task.completed_at);
+            .bind(task.completed_at)
+            // The service's clock, like `completed_at`: a task created as done is never completed
+            // before it was created.
+            .bind(task.created_at);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
 

@@ -39,9 +39,11 @@ fn init_logging() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn"))
-                .is_test(true)
-                .try_init();
+            let _ = env_logger::Builder::from_env(
+                env_logger::Env::default().default_filter_or("info,sqlx=warn"),
+            )
+            .is_test(true)
+            .try_init();
         }
     });
 }
@@ -74,15 +76,22 @@ impl<'a> TestAppBuilder<'a> {
         init_logging();
         let postgres = match self.postgres {
             Some(server) => server,
-            None => tokio::task::spawn_blocking(shared_postgres).await.expect("shared postgres"),
+            None => tokio::task::spawn_blocking(shared_postgres)
+                .await
+                .expect("shared postgres"),
         };
         let db_name = format!("test_{}", Uuid::new_v4().simple());
         let admin_url = postgres.url("postgres");
-        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect as admin");
-        sqlx::query(&format!("CREATE DATABASE {db_name} TEMPLATE {}", servers::TEMPLATE_DB))
-            .execute(&mut admin)
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
             .await
-            .expect("create test database");
+            .expect("connect as admin");
+        sqlx::query(&format!(
+            "CREATE DATABASE {db_name} TEMPLATE {}",
+            servers::TEMPLATE_DB
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
         admin.close().await.ok();
 
         let mut settings = test_settings();
@@ -90,7 +99,9 @@ impl<'a> TestAppBuilder<'a> {
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
-        let db = PgPool::connect(&postgres.url(&db_name)).await.expect("test pool");
+        let db = PgPool::connect(&postgres.url(&db_name))
+            .await
+            .expect("test pool");
         let app = Application::build(settings).await.expect("app builds");
         let port = app.port();
         let server = app.server_handle();
@@ -115,11 +126,17 @@ impl Drop for TestApp {
         drop(self.server.stop(false));
         let (admin_url, db_name) = (self.admin_url.clone(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 let drop_db = async {
                     let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")).execute(&mut admin).await.ok()
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await
+                        .ok()
                 };
                 // A frozen or killed private server cannot answer: do not hang the test on it.
                 let _ = tokio::time::timeout(Duration::from_secs(5), drop_db).await;
@@ -145,12 +162,34 @@ impl TestResponse {
 
     /// Asserts the error envelope: status, stable code, and every key present.
     pub fn assert_error(&self, status: u16, code: &str) -> &Self {
-        assert_eq!(self.status.as_u16(), status, "status for {}: {}", code, self.text);
-        assert_eq!(self.body["statusCode"], status, "envelope statusCode: {}", self.text);
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "status for {}: {}",
+            code,
+            self.text
+        );
+        assert_eq!(
+            self.body["statusCode"], status,
+            "envelope statusCode: {}",
+            self.text
+        );
         assert_eq!(self.body["code"], code, "envelope code: {}", self.text);
-        assert!(self.body["error"].is_string(), "envelope error: {}", self.text);
-        assert!(self.body["message"].is_string(), "envelope message: {}", self.text);
-        assert!(self.body.get("details").is_some(), "envelope details: {}", self.text);
+        assert!(
+            self.body["error"].is_string(),
+            "envelope error: {}",
+            self.text
+        );
+        assert!(
+            self.body["message"].is_string(),
+            "envelope message: {}",
+            self.text
+        );
+        assert!(
+            self.body.get("details").is_some(),
+            "envelope details: {}",
+            self.text
+        );
         self
     }
 
@@ -166,7 +205,10 @@ impl TestApp {
     }
 
     pub fn builder<'a>() -> TestAppBuilder<'a> {
-        TestAppBuilder { tweaks: Vec::new(), postgres: None }
+        TestAppBuilder {
+            tweaks: Vec::new(),
+            postgres: None,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -174,7 +216,13 @@ impl TestApp {
     }
 
     /// Any request: `body` is sent as JSON when given.
-    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> TestResponse {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> TestResponse {
         let mut request = self.client.request(method, self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -190,11 +238,13 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, token: &str, body: Value) -> TestResponse {
-        self.request(Method::POST, path, Some(token), Some(body)).await
+        self.request(Method::POST, path, Some(token), Some(body))
+            .await
     }
 
     pub async fn patch(&self, path: &str, token: &str, body: Value) -> TestResponse {
-        self.request(Method::PATCH, path, Some(token), Some(body)).await
+        self.request(Method::PATCH, path, Some(token), Some(body))
+            .await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> TestResponse {
@@ -216,32 +266,56 @@ impl TestApp {
         registered.assert_status(201);
         let id = registered.body["id"].as_str().unwrap().parse().unwrap();
         let token = self.login(&email, &password).await;
-        TestUser { id, email, password, token }
+        TestUser {
+            id,
+            email,
+            password,
+            token,
+        }
     }
 
     pub async fn login(&self, email: &str, password: &str) -> String {
         let response = self
-            .request(Method::POST, "/api/auth/login", None, Some(json!({ "email": email, "password": password })))
+            .request(
+                Method::POST,
+                "/api/auth/login",
+                None,
+                Some(json!({ "email": email, "password": password })),
+            )
             .await;
         response.assert_status(200);
         response.body["token"].as_str().unwrap().to_owned()
     }
 
     pub async fn create_workspace(&self, owner: &TestUser) -> Value {
-        let response = self.post("/api/workspaces", &owner.token, json!({ "name": "Workspace" })).await;
+        let response = self
+            .post(
+                "/api/workspaces",
+                &owner.token,
+                json!({ "name": "Workspace" }),
+            )
+            .await;
         response.assert_status(201);
         response.body
     }
 
     pub async fn create_project(&self, user: &TestUser, workspace_id: &str) -> Value {
         let path = format!("/api/workspaces/{workspace_id}/projects");
-        let response = self.post(&path, &user.token, json!({ "name": "Project" })).await;
+        let response = self
+            .post(&path, &user.token, json!({ "name": "Project" }))
+            .await;
         response.assert_status(201);
         response.body
     }
 
     pub async fn create_task(&self, user: &TestUser, project_id: &str, body: Value) -> Value {
-        let response = self.post(&format!("/api/projects/{project_id}/tasks"), &user.token, body).await;
+        let response = self
+            .post(
+                &format!("/api/projects/{project_id}/tasks"),
+                &user.token,
+                body,
+            )
+            .await;
         response.assert_status(201);
         response.body
     }
@@ -250,8 +324,25 @@ impl TestApp {
     pub async fn user_with_project(&self) -> (TestUser, Value, Value) {
         let user = self.register_user().await;
         let workspace = self.create_workspace(&user).await;
-        let project = self.create_project(&user, workspace["id"].as_str().unwrap()).await;
+        let project = self
+            .create_project(&user, workspace["id"].as_str().unwrap())
+            .await;
         (user, workspace, project)
+    }
+
+    /// `owner` adds `member` to the workspace (by email, as a plain member).
+    pub async fn add_member(
+        &self,
+        owner: &TestUser,
+        workspace_id: &str,
+        member: &TestUser,
+    ) -> Value {
+        let path = format!("/api/workspaces/{workspace_id}/members");
+        let response = self
+            .post(&path, &owner.token, json!({ "email": member.email }))
+            .await;
+        response.assert_status(201);
+        response.body
     }
 }
 
@@ -260,7 +351,12 @@ pub async fn into_test_response(response: reqwest::Response) -> TestResponse {
     let headers = response.headers().clone();
     let text = response.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    TestResponse { status, headers, body, text }
+    TestResponse {
+        status,
+        headers,
+        body,
+        text,
+    }
 }
 
 #[derive(Debug, Clone)]
