@@ -42,6 +42,8 @@ pub struct AppSettings {
     pub port: u16,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Bearer credential for `/admin/*`; admin routes answer 403 while it is unset.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,19 +134,12 @@ impl Settings {
         let database_url = lookup("DATABASE_URL");
         Ok(Settings {
             app: AppSettings {
-                env: vars.parse(
-                    "APP_ENV",
-                    AppEnv::Development,
-                    "development, production or test",
-                )?,
+                env: vars.parse("APP_ENV", AppEnv::Development, "development, production or test")?,
                 host: vars.string("APP_HOST", "127.0.0.1"),
                 port: vars.parse("APP_PORT", 8080, "a port number (0-65535)")?,
-                workers: vars.parse(
-                    "APP_WORKERS",
-                    0,
-                    "a number of worker threads (0 = one per core)",
-                )?,
+                workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
                 shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
+                admin_token: lookup("ADMIN_TOKEN").filter(|token| !token.is_empty()),
             },
             database: DatabaseSettings {
                 url_is_default: database_url.is_none(),
@@ -170,11 +165,7 @@ impl Settings {
             cache: CacheSettings {
                 l1_max_entries: vars.parse("CACHE_L1_MAX_ENTRIES", 100_000, "a positive number")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
-                ttl_jitter_percent: vars.parse(
-                    "CACHE_TTL_JITTER_PERCENT",
-                    5,
-                    "a percentage (0-100)",
-                )?,
+                ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,
             },
             ttl: TtlTable {
                 tasks: vars.secs("CACHE_TTL_TASKS", 300)?,
@@ -204,11 +195,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
     ) -> Result<T, ConfigError> {
         match (self.0)(name) {
             None => Ok(default),
-            Some(value) => value.trim().parse().map_err(|_| ConfigError {
-                name,
-                expected,
-                value,
-            }),
+            Some(value) => value.trim().parse().map_err(|_| ConfigError { name, expected, value }),
         }
     }
 
@@ -222,12 +209,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
             .map(Duration::from_secs)
     }
 
-    fn positive(
-        &self,
-        name: &'static str,
-        default: u64,
-        expected: &'static str,
-    ) -> Result<u64, ConfigError> {
+    fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
         let value: u64 = self.parse(name, default, expected)?;
         if value == 0 {
             return Err(ConfigError {
@@ -256,10 +238,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 

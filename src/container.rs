@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::infra::cache::{self, TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
 use crate::infra::redis::keys::KeyRegistry;
+use crate::modules::admin::service::{Admin, AdminParameters};
 use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
 use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
@@ -35,6 +36,7 @@ module! {
             PgTaskRepository, PgMetricsRepository,
             // services: rules
             Auth, Users, Workspaces, Projects, Tasks, Metrics, HealthChecks,
+            Admin,
         ],
         providers = []
     }
@@ -57,6 +59,9 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
                 &settings.cache,
                 &settings.redis,
             ),
+        })
+        .with_component_parameters::<Admin>(AdminParameters {
+            admin_token: settings.app.admin_token.clone(),
         })
         .with_component_parameters::<Auth>(AuthParameters {
             token_ttl: settings.ttl.auth_token,

@@ -21,10 +21,7 @@ pub enum AppError {
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     #[error("{message}")]
-    Unauthorized {
-        code: &'static str,
-        message: &'static str,
-    },
+    Unauthorized { code: &'static str, message: &'static str },
     #[error("{0}")]
     Forbidden(&'static str),
     /// `entity` names what was not found; it becomes the code `<entity>_not_found`.
@@ -84,18 +81,15 @@ impl AppError {
 
     /// One field, one message: for rules that need the database (e.g. "assignee is not a member").
     pub fn invalid_field(field: &str, message: &str) -> Self {
-        Self::Validation(BTreeMap::from([(
-            field.to_owned(),
-            vec![message.to_owned()],
-        )]))
+        Self::Validation(BTreeMap::from([(field.to_owned(), vec![message.to_owned()])]))
     }
 
     pub fn code(&self) -> String {
         match self {
             Self::Validation(_) => "validation_failed".into(),
-            Self::BadRequest { code, .. }
-            | Self::Unauthorized { code, .. }
-            | Self::Conflict { code, .. } => (*code).into(),
+            Self::BadRequest { code, .. } | Self::Unauthorized { code, .. } | Self::Conflict { code, .. } => {
+                (*code).into()
+            }
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
             Self::PayloadTooLarge => "payload_too_large".into(),
@@ -167,23 +161,16 @@ impl From<sqlx::Error> for AppError {
     fn from(err: sqlx::Error) -> Self {
         use sqlx::Error::*;
         match &err {
-            PoolTimedOut | PoolClosed | Io(_) | Tls(_) | Protocol(_) | WorkerCrashed => {
-                Self::DatabaseUnavailable(err)
-            }
+            PoolTimedOut | PoolClosed | Io(_) | Tls(_) | Protocol(_) | WorkerCrashed => Self::DatabaseUnavailable(err),
             Database(db) => match db.code().as_deref() {
                 // Strings with characters Postgres cannot store (NUL) are the client's fault.
-                Some("22021" | "22P05") => Self::bad_request(
-                    "invalid_text",
-                    "text contains characters that cannot be stored",
-                ),
-                // A date the parser accepts but Postgres cannot store (e.g. year -4800).
-                Some("22008") => {
-                    Self::bad_request("invalid_date", "date is outside the supported range")
+                Some("22021" | "22P05") => {
+                    Self::bad_request("invalid_text", "text contains characters that cannot be stored")
                 }
+                // A date the parser accepts but Postgres cannot store (e.g. year -4800).
+                Some("22008") => Self::bad_request("invalid_date", "date is outside the supported range"),
                 // Cannot connect / shutting down / too many connections.
-                Some(code)
-                    if code.starts_with("08") || code.starts_with("57P") || code == "53300" =>
-                {
+                Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
                     Self::DatabaseUnavailable(err)
                 }
                 _ => Self::Internal(err.into()),
@@ -199,12 +186,7 @@ impl From<validator::ValidationErrors> for AppError {
         for (field, errs) in errors.field_errors() {
             let messages = errs
                 .iter()
-                .map(|e| {
-                    e.message
-                        .as_ref()
-                        .map(|m| m.to_string())
-                        .unwrap_or_else(|| describe(e))
-                })
+                .map(|e| e.message.as_ref().map(|m| m.to_string()).unwrap_or_else(|| describe(e)))
                 .collect();
             fields.insert(camel_case(&field), messages);
         }
@@ -250,9 +232,7 @@ fn camel_case(snake: &str) -> String {
 pub fn not_blank(value: &str) -> Result<(), validator::ValidationError> {
     no_nul(value)?;
     if value.trim().is_empty() {
-        return Err(
-            validator::ValidationError::new("blank").with_message("must not be blank".into())
-        );
+        return Err(validator::ValidationError::new("blank").with_message("must not be blank".into()));
     }
     Ok(())
 }
@@ -260,8 +240,7 @@ pub fn not_blank(value: &str) -> Result<(), validator::ValidationError> {
 /// Validator rule for every free-text field: Postgres cannot store NUL, so it is a 400, not a 500.
 pub fn no_nul(value: &str) -> Result<(), validator::ValidationError> {
     if value.contains('\0') {
-        return Err(validator::ValidationError::new("nul")
-            .with_message("must not contain NUL characters".into()));
+        return Err(validator::ValidationError::new("nul").with_message("must not contain NUL characters".into()));
     }
     Ok(())
 }
@@ -275,15 +254,11 @@ pub fn json_config() -> web::JsonConfig {
 
 fn json_error(err: JsonPayloadError) -> AppError {
     match err {
-        JsonPayloadError::ContentType => AppError::UnsupportedMediaType(
-            "request body must be JSON (Content-Type: application/json)".into(),
-        ),
-        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
-            AppError::PayloadTooLarge
+        JsonPayloadError::ContentType => {
+            AppError::UnsupportedMediaType("request body must be JSON (Content-Type: application/json)".into())
         }
-        JsonPayloadError::Deserialize(e) if e.is_data() => {
-            AppError::bad_request("invalid_body", e.to_string())
-        }
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => AppError::PayloadTooLarge,
+        JsonPayloadError::Deserialize(e) if e.is_data() => AppError::bad_request("invalid_body", e.to_string()),
         JsonPayloadError::Deserialize(e) => AppError::bad_request("malformed_json", e.to_string()),
         other => AppError::bad_request("invalid_body", other.to_string()),
     }

@@ -9,11 +9,7 @@ use nestling::seed;
 use nestling::startup::Application;
 
 #[derive(Parser)]
-#[command(
-    name = "nestling",
-    version,
-    about = "A NestJS-style backend starter in Rust"
-)]
+#[command(name = "nestling", version, about = "A NestJS-style backend starter in Rust")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -31,8 +27,7 @@ enum Command {
 
 fn main() -> ExitCode {
     dotenvy::dotenv().ok();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn"))
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn")).init();
     let cli = Cli::parse();
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
@@ -41,8 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome =
-        actix_web::rt::System::new().block_on(run(cli.command.unwrap_or(Command::Serve), settings));
+    let outcome = actix_web::rt::System::new().block_on(run(cli.command.unwrap_or(Command::Serve), settings));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -54,12 +48,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Serve => {
-            Application::build(settings)
-                .await?
-                .run_until_stopped()
-                .await?
-        }
+        Command::Serve => Application::build(settings).await?.run_until_stopped().await?,
         Command::Migrate => {
             database::prepare(&mut settings, true).await?;
             log::info!("migrations applied");

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
-use crate::modules::{auth, health, metrics, projects, tasks, users, workspaces};
+use crate::modules::{admin, auth, health, metrics, projects, tasks, users, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use crate::modules::{auth, health, metrics, projects, tasks, users, workspaces};
         tasks::controller::create_task, tasks::controller::list_tasks, tasks::controller::get_task,
         tasks::controller::update_task, tasks::controller::delete_task,
         metrics::controller::get_daily_metrics,
+        admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -33,6 +34,7 @@ use crate::modules::{auth, health, metrics, projects, tasks, users, workspaces};
         (name = "workspaces", description = "Workspaces and members"),
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),
         (name = "health", description = "Liveness, readiness, components"),
+        (name = "admin", description = "Operator endpoints (ADMIN_TOKEN)"),
     )
 )]
 pub struct ApiDoc;
@@ -42,14 +44,16 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
+        let bearer = |format: &str| {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("opaque")
+                    .bearer_format(format)
                     .build(),
-            ),
-        );
+            )
+        };
+        // Users' login tokens, and the operator's ADMIN_TOKEN for /admin routes.
+        components.add_security_scheme("bearer", bearer("opaque"));
+        components.add_security_scheme("admin", bearer("ADMIN_TOKEN"));
     }
 }

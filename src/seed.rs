@@ -16,9 +16,7 @@ const TEAMMATE_EMAIL: &str = "sam@nestling.dev";
 const TASKS: usize = 300;
 const DAYS: i64 = 60;
 
-const VERBS: [&str; 8] = [
-    "Write", "Review", "Fix", "Design", "Ship", "Test", "Plan", "Document",
-];
+const VERBS: [&str; 8] = ["Write", "Review", "Fix", "Design", "Ship", "Test", "Plan", "Document"];
 const NOUNS: [&str; 8] = [
     "login page",
     "invoice export",
@@ -56,17 +54,13 @@ pub async fn run(pool: &PgPool) -> Result<(), SeedError> {
     let mut tx = pool.begin().await?;
 
     let user = |email: &'static str, name: &'static str| {
-        sqlx::query_scalar::<_, Uuid>(
-            "INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING id",
-        )
-        .bind(email)
-        .bind(name)
-        .bind(hash.clone())
+        sqlx::query_scalar::<_, Uuid>("INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING id")
+            .bind(email)
+            .bind(name)
+            .bind(hash.clone())
     };
     let demo = user(DEMO_EMAIL, "Demo User").fetch_one(&mut *tx).await?;
-    let teammate = user(TEAMMATE_EMAIL, "Sam Teammate")
-        .fetch_one(&mut *tx)
-        .await?;
+    let teammate = user(TEAMMATE_EMAIL, "Sam Teammate").fetch_one(&mut *tx).await?;
 
     let layout: [(&str, &[&str], &[Uuid]); 2] = [
         (
@@ -113,10 +107,7 @@ pub async fn run(pool: &PgPool) -> Result<(), SeedError> {
         let roll: f64 = rng.gen();
         let (status, completed) = if roll < 0.45 {
             let open_for = (now - created).num_seconds().max(1);
-            (
-                "done",
-                Some(created + Duration::seconds(rng.gen_range(0..open_for))),
-            )
+            ("done", Some(created + Duration::seconds(rng.gen_range(0..open_for))))
         } else if roll < 0.65 {
             ("in_progress", None)
         } else {

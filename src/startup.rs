@@ -25,10 +25,7 @@ pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DatabaseSetupError),
     #[error("cannot listen on {address}: {source}")]
-    Bind {
-        address: String,
-        source: std::io::Error,
-    },
+    Bind { address: String, source: std::io::Error },
 }
 
 pub struct Application {
@@ -66,9 +63,7 @@ impl Application {
                 .wrap(from_fn(request_id))
                 .wrap(Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#))
                 .configure(modules::configure)
-                .service(
-                    SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()),
-                )
+                .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
                 .route("/docs", web::get().to(|| async { redirect("/docs/") }))
                 .default_service(web::to(error::route_not_found))
         })
@@ -77,10 +72,7 @@ impl Application {
             server = server.workers(settings.app.workers);
         }
         let server = server.listen(listener).map_err(bind_error)?.run();
-        log::info!(
-            "listening on http://{}:{port} (API docs at /docs)",
-            settings.app.host
-        );
+        log::info!("listening on http://{}:{port} (API docs at /docs)", settings.app.host);
         Ok(Self { port, server })
     }
 

@@ -20,9 +20,7 @@ pub async fn request_id(
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|value| value.to_str().ok())
-        .filter(|value| {
-            !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic())
-        })
+        .filter(|value| !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));

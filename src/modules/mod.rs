@@ -1,5 +1,6 @@
 //! Feature modules: each owns its routes (controller), rules (service), SQL (repository) and DTOs.
 
+pub mod admin;
 pub mod auth;
 pub mod health;
 pub mod metrics;
@@ -19,6 +20,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
     projects::configure(cfg);
     tasks::configure(cfg);
     metrics::configure(cfg);
+    admin::configure(cfg);
 }
 
 /// `limit` / `offset` paging shared by list endpoints.
@@ -64,9 +66,32 @@ pub mod paging {
 pub mod nullable {
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-        d: D,
-    ) -> Result<Option<Option<T>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
         Option::<T>::deserialize(d).map(Some)
     }
+}
+
+/// A cacheable read as an HTTP response: the cached JSON bytes as they are, with `X-Cache`
+/// (`HIT-L1`, `HIT-L2`, `MISS`, `BYPASS`) and `Cache-Control: private, max-age=<remaining TTL>`.
+pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header(("X-Cache", cached.tier.header_value()))
+        .insert_header((
+            "Cache-Control",
+            format!("private, max-age={}", cached.max_age.as_secs()),
+        ))
+        .body(cached.bytes)
+}
+
+/// Serializes a value for the cache (the bytes the response will carry).
+pub fn to_json_bytes<T: serde::Serialize>(value: &T) -> crate::error::AppResult<bytes::Bytes> {
+    serde_json::to_vec(value)
+        .map(bytes::Bytes::from)
+        .map_err(crate::error::AppError::internal)
+}
+
+/// Reads a value back from cached bytes (for the few services that need a field of it).
+pub fn from_json_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> crate::error::AppResult<T> {
+    serde_json::from_slice(bytes).map_err(crate::error::AppError::internal)
 }

@@ -17,14 +17,12 @@ fn unique_email() -> String {
 }
 
 async fn register(app: &TestApp, body: Value) -> TestResponse {
-    app.request(Method::POST, "/api/auth/register", None, Some(body))
-        .await
+    app.request(Method::POST, "/api/auth/register", None, Some(body)).await
 }
 
 async fn login(app: &TestApp, email: &str, password: &str) -> TestResponse {
     let body = json!({ "email": email, "password": password });
-    app.request(Method::POST, "/api/auth/login", None, Some(body))
-        .await
+    app.request(Method::POST, "/api/auth/login", None, Some(body)).await
 }
 
 /// `GET /api/users/me`: the cheapest route that needs a token.
@@ -42,11 +40,7 @@ async fn assert_login_expires_after(app: &TestApp, email: &str, ttl: TimeDelta) 
     let response = login(app, email, PASSWORD).await;
     let after = Utc::now();
     response.assert_status(200);
-    let expires_at: DateTime<Utc> = response.body["expiresAt"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let expires_at: DateTime<Utc> = response.body["expiresAt"].as_str().unwrap().parse().unwrap();
     // Same clock for client and server: the only slack needed is for rounding.
     let slack = TimeDelta::seconds(1);
     assert!(
@@ -59,9 +53,11 @@ async fn assert_login_expires_after(app: &TestApp, email: &str, ttl: TimeDelta) 
 async fn register_returns_201_with_the_user_and_never_the_password() {
     let app = TestApp::spawn().await;
     let local = format!("Ada.{}", Uuid::new_v4().simple());
-    let response =
-        register(&app, json!({ "email": format!("{local}@Example.COM"), "password": PASSWORD, "name": "Ada Lovelace" }))
-            .await;
+    let response = register(
+        &app,
+        json!({ "email": format!("{local}@Example.COM"), "password": PASSWORD, "name": "Ada Lovelace" }),
+    )
+    .await;
 
     response.assert_status(201);
     let body = response.body.as_object().expect("a JSON object");
@@ -76,16 +72,8 @@ async fn register_returns_201_with_the_user_and_never_the_password() {
     assert!(body["id"].as_str().unwrap().parse::<Uuid>().is_ok());
     assert_eq!(body["email"], format!("{local}@example.com").to_lowercase());
     assert_eq!(body["name"], "Ada Lovelace");
-    assert!(body["createdAt"]
-        .as_str()
-        .unwrap()
-        .parse::<DateTime<Utc>>()
-        .is_ok());
-    assert!(body["updatedAt"]
-        .as_str()
-        .unwrap()
-        .parse::<DateTime<Utc>>()
-        .is_ok());
+    assert!(body["createdAt"].as_str().unwrap().parse::<DateTime<Utc>>().is_ok());
+    assert!(body["updatedAt"].as_str().unwrap().parse::<DateTime<Utc>>().is_ok());
     let text = response.text.to_lowercase();
     for secret in [PASSWORD, "password", "hash", "$argon2"] {
         assert!(
@@ -100,12 +88,9 @@ async fn register_returns_201_with_the_user_and_never_the_password() {
 async fn register_returns_409_email_taken_for_an_email_already_registered_in_any_case() {
     let app = TestApp::spawn().await;
     let email = unique_email();
-    register(
-        &app,
-        json!({ "email": email, "password": PASSWORD, "name": "First" }),
-    )
-    .await
-    .assert_status(201);
+    register(&app, json!({ "email": email, "password": PASSWORD, "name": "First" }))
+        .await
+        .assert_status(201);
 
     let cases = [
         ("the same email", email.clone()),
@@ -151,16 +136,8 @@ async fn register_returns_400_validation_failed_naming_the_invalid_field() {
         ),
         ("name is empty", with("name", ""), "name"),
         ("name is only whitespace", with("name", "   "), "name"),
-        (
-            "name is over 100 characters",
-            with("name", &long_name),
-            "name",
-        ),
-        (
-            "name contains a NUL character",
-            with("name", "Ada\0Lovelace"),
-            "name",
-        ),
+        ("name is over 100 characters", with("name", &long_name), "name"),
+        ("name contains a NUL character", with("name", "Ada\0Lovelace"), "name"),
     ];
 
     for (reason, body, field) in cases {
@@ -179,10 +156,7 @@ async fn register_returns_400_validation_failed_naming_the_invalid_field() {
         assert_eq!(fields, [field], "{reason}: {}", response.text);
         let messages = details[field].as_array().unwrap();
         assert!(
-            !messages.is_empty()
-                && messages
-                    .iter()
-                    .all(|m| m.as_str().is_some_and(|m| !m.is_empty())),
+            !messages.is_empty() && messages.iter().all(|m| m.as_str().is_some_and(|m| !m.is_empty())),
             "{reason}: {}",
             response.text
         );
@@ -245,11 +219,7 @@ async fn only_the_sha256_of_a_token_is_stored() {
         sha256(&user.token),
         "the stored value is the SHA-256 of the token"
     );
-    assert_ne!(
-        stored.as_slice(),
-        user.token.as_bytes(),
-        "the token itself is stored"
-    );
+    assert_ne!(stored.as_slice(), user.token.as_bytes(), "the token itself is stored");
     assert_ne!(
         *stored,
         hex::decode(&user.token).unwrap(),
@@ -289,9 +259,7 @@ async fn logout_returns_204_and_the_token_is_then_refused() {
     response.assert_status(204);
     assert!(response.text.is_empty(), "{}", response.text);
 
-    me(&app, Some(&user.token))
-        .await
-        .assert_error(401, "invalid_token");
+    me(&app, Some(&user.token)).await.assert_error(401, "invalid_token");
     let again = app
         .request(Method::POST, "/api/auth/logout", Some(&user.token), None)
         .await;
@@ -308,9 +276,7 @@ async fn logout_revokes_only_the_token_it_is_made_with() {
         .await
         .assert_status(204);
 
-    me(&app, Some(&user.token))
-        .await
-        .assert_error(401, "invalid_token");
+    me(&app, Some(&user.token)).await.assert_error(401, "invalid_token");
     me(&app, Some(&second)).await.assert_status(200);
 }
 
@@ -347,11 +313,7 @@ async fn a_garbage_or_unknown_token_gets_401_invalid_token() {
     for (reason, token) in cases {
         let response = me(&app, Some(&token)).await;
         assert_eq!(response.status, 401, "{reason}: {}", response.text);
-        assert_eq!(
-            response.body["code"], "invalid_token",
-            "{reason}: {}",
-            response.text
-        );
+        assert_eq!(response.body["code"], "invalid_token", "{reason}: {}", response.text);
         response.assert_error(401, "invalid_token");
     }
 }
@@ -360,21 +322,38 @@ async fn a_garbage_or_unknown_token_gets_401_invalid_token() {
 async fn an_expired_token_gets_401_invalid_token() {
     let app = TestApp::spawn().await;
     let user = app.register_user().await;
-    me(&app, Some(&user.token)).await.assert_status(200);
 
-    // Direct SQL: waiting out the TTL is not an option, and no API call can age a token.
-    let expired = sqlx::query(
-        "UPDATE auth_tokens SET expires_at = now() - interval '1 second' WHERE token_hash = $1",
-    )
-    .bind(sha256(&user.token))
-    .execute(&app.db)
-    .await
-    .unwrap();
+    // Direct SQL: waiting out the TTL is not an option, and no API call can age a token. Done
+    // before the token's first use, so the lookup reaches Postgres rather than the cache.
+    let expired = sqlx::query("UPDATE auth_tokens SET expires_at = now() - interval '1 second' WHERE token_hash = $1")
+        .bind(sha256(&user.token))
+        .execute(&app.db)
+        .await
+        .unwrap();
     assert_eq!(expired.rows_affected(), 1);
 
-    me(&app, Some(&user.token))
+    me(&app, Some(&user.token)).await.assert_error(401, "invalid_token");
+}
+
+#[tokio::test]
+async fn a_cached_session_stops_working_when_its_token_expires() {
+    let app = TestApp::builder()
+        .settings(|s| s.ttl.auth_token = Duration::from_secs(1))
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    me(&app, Some(&user.token)).await.assert_status(200);
+    let cached = me(&app, Some(&user.token)).await;
+    cached.assert_status(200);
+
+    // The session is cached now (L1); its expiry, not the cache TTL, decides.
+    let expires_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT expires_at FROM auth_tokens")
+        .fetch_one(&app.db)
         .await
-        .assert_error(401, "invalid_token");
+        .unwrap();
+    let wait = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    me(&app, Some(&user.token)).await.assert_error(401, "invalid_token");
 }
 
 #[tokio::test]
@@ -390,15 +369,11 @@ async fn logging_in_again_removes_the_users_expired_tokens() {
 
     let fresh = app.login(&user.email, &user.password).await;
 
-    let stored: Vec<(Vec<u8>, Uuid)> =
-        sqlx::query_as("SELECT token_hash, user_id FROM auth_tokens ORDER BY user_id")
-            .fetch_all(&app.db)
-            .await
-            .unwrap();
-    assert!(
-        stored.contains(&(sha256(&fresh), user.id)),
-        "the new token is stored"
-    );
+    let stored: Vec<(Vec<u8>, Uuid)> = sqlx::query_as("SELECT token_hash, user_id FROM auth_tokens ORDER BY user_id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert!(stored.contains(&(sha256(&fresh), user.id)), "the new token is stored");
     assert!(
         !stored.contains(&(sha256(&user.token), user.id)),
         "the user's expired token is still stored"
@@ -416,18 +391,11 @@ async fn every_401_carries_www_authenticate_bearer() {
     let cases = [
         ("missing token", me(&app, None).await),
         ("invalid token", me(&app, Some("not-a-token")).await),
-        (
-            "wrong password",
-            login(&app, &user.email, "not the password").await,
-        ),
+        ("wrong password", login(&app, &user.email, "not the password").await),
     ];
 
     for (reason, response) in cases {
         assert_eq!(response.status, 401, "{reason}: {}", response.text);
-        assert_eq!(
-            response.header("www-authenticate"),
-            Some("Bearer"),
-            "{reason}"
-        );
+        assert_eq!(response.header("www-authenticate"), Some("Bearer"), "{reason}");
     }
 }

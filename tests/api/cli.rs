@@ -26,11 +26,7 @@ async fn an_invalid_variable_stops_startup_with_one_line_naming_it() {
     for (variable, value) in cases {
         let output = nestling().env(variable, value).output().await.unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(
-            output.status.code(),
-            Some(1),
-            "{variable}={value}: {stderr}"
-        );
+        assert_eq!(output.status.code(), Some(1), "{variable}={value}: {stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "{variable}={value}: one line, got {stderr}");
         assert!(
@@ -52,17 +48,13 @@ async fn migrate_creates_a_missing_database_and_applies_migrations() {
         .unwrap();
     assert!(status.success());
     let pool = sqlx::PgPool::connect(&postgres.url(&name)).await.unwrap();
-    let tables: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'tasks'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(tables, 1);
-    pool.close().await;
-    let admin = sqlx::PgPool::connect(&postgres.url("postgres"))
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'tasks'")
+        .fetch_one(&pool)
         .await
         .unwrap();
+    assert_eq!(tables, 1);
+    pool.close().await;
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.unwrap();
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(&admin)
         .await
@@ -91,10 +83,7 @@ async fn sigterm_stops_the_server_gracefully() {
     let live = format!("http://127.0.0.1:{port}/health/live");
     let deadline = Instant::now() + Duration::from_secs(20);
     while app.client.get(&live).send().await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the binary did not start serving"
-        );
+        assert!(Instant::now() < deadline, "the binary did not start serving");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // SAFETY: signalling the child we just spawned.
@@ -107,8 +96,5 @@ async fn sigterm_stops_the_server_gracefully() {
 }
 
 async fn shared_postgres_port() -> u16 {
-    tokio::task::spawn_blocking(shared_postgres)
-        .await
-        .unwrap()
-        .port
+    tokio::task::spawn_blocking(shared_postgres).await.unwrap().port
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::{private_postgres, TestApp};
 use reqwest::Method;
+use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_millis(500);
 
@@ -23,21 +24,30 @@ async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
         .spawn()
         .await;
     let user = app.register_user().await;
-    app.get("/api/workspaces", &user.token)
-        .await
-        .assert_status(200);
+    app.get("/api/workspaces", &user.token).await.assert_status(200);
 
     postgres.freeze();
-    for path in ["/api/workspaces", "/api/users/me"] {
+    let uncached = format!("/api/workspaces/{}", uuid::Uuid::new_v4());
+    let requests = [
+        (
+            "a write",
+            Method::POST,
+            "/api/workspaces",
+            Some(json!({ "name": "while frozen" })),
+        ),
+        ("an uncached read", Method::GET, uncached.as_str(), None),
+    ];
+    for (what, method, path, body) in requests {
         let started = Instant::now();
-        let response = app.get(path, &user.token).await;
+        let response = app.request(method, path, Some(&user.token), body).await;
         let took = started.elapsed();
         response.assert_error(503, "database_unavailable");
-        assert!(
-            took < DEADLINE * 3,
-            "{path} took {took:?} with a {DEADLINE:?} deadline"
-        );
+        assert!(took < DEADLINE * 3, "{what} took {took:?} with a {DEADLINE:?} deadline");
     }
+    // What the cache holds is still served while Postgres is frozen.
+    let cached = app.get("/api/workspaces", &user.token).await;
+    cached.assert_status(200);
+    assert_eq!(cached.header("x-cache"), Some("HIT-L1"));
     let ready = app.request(Method::GET, "/health/ready", None, None).await;
     ready.assert_status(503);
     assert_eq!(ready.body["error"]["database"]["status"], "down");
@@ -45,9 +55,10 @@ async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
     postgres.thaw();
     let recovered = wait_for_status(&app, "/health/ready", 200).await;
     assert!(recovered, "readiness came back after SIGCONT");
-    app.get("/api/workspaces", &user.token)
+    // A write proves Postgres itself is back (reads may come from the cache).
+    app.post("/api/workspaces", &user.token, json!({ "name": "after" }))
         .await
-        .assert_status(200);
+        .assert_status(201);
 }
 
 /// The control: with the library defaults (no statement deadline, 30 s acquire) the same fault
@@ -65,11 +76,9 @@ async fn without_a_deadline_a_frozen_postgres_hangs_the_request() {
         .await;
     let user = app.register_user().await;
     postgres.freeze();
-    let hung = tokio::time::timeout(DEADLINE * 4, app.get("/api/workspaces", &user.token)).await;
-    assert!(
-        hung.is_err(),
-        "without a deadline the request should still be waiting"
-    );
+    let write = app.post("/api/workspaces", &user.token, json!({ "name": "while frozen" }));
+    let hung = tokio::time::timeout(DEADLINE * 4, write).await;
+    assert!(hung.is_err(), "without a deadline the request should still be waiting");
     postgres.thaw();
 }
 
@@ -82,19 +91,15 @@ async fn a_killed_postgres_turns_requests_into_503_and_the_app_recovers_after_re
         .spawn()
         .await;
     let user = app.register_user().await;
-    app.get("/api/workspaces", &user.token)
-        .await
-        .assert_status(200);
+    app.get("/api/workspaces", &user.token).await.assert_status(200);
 
     postgres.kill();
     let started = Instant::now();
-    let response = app.get("/api/workspaces", &user.token).await;
+    let response = app
+        .post("/api/workspaces", &user.token, json!({ "name": "while dead" }))
+        .await;
     response.assert_error(503, "database_unavailable");
-    assert!(
-        started.elapsed() < DEADLINE * 3,
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < DEADLINE * 3, "took {:?}", started.elapsed());
     assert_eq!(response.header("retry-after"), Some("1"));
     app.request(Method::GET, "/health/ready", None, None)
         .await
@@ -105,22 +110,17 @@ async fn a_killed_postgres_turns_requests_into_503_and_the_app_recovers_after_re
         wait_for_status(&app, "/health/ready", 200).await,
         "readiness came back after restart"
     );
-    app.get("/api/workspaces", &user.token)
+    // A write proves Postgres itself is back (reads may come from the cache).
+    app.post("/api/workspaces", &user.token, json!({ "name": "after" }))
         .await
-        .assert_status(200);
+        .assert_status(201);
 }
 
 /// Polls a route until it answers `status` (at most 10 s): the server's recovery is the event.
 async fn wait_for_status(app: &TestApp, path: &str, status: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if app
-            .request(Method::GET, path, None, None)
-            .await
-            .status
-            .as_u16()
-            == status
-        {
+        if app.request(Method::GET, path, None, None).await.status.as_u16() == status {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

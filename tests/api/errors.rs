@@ -26,9 +26,7 @@ impl World {
         let (user, workspace, project) = app.user_with_project().await;
         let workspace = workspace["id"].as_str().unwrap().to_owned();
         let project = project["id"].as_str().unwrap().to_owned();
-        let task = app
-            .create_task(&user, &project, json!({ "title": "Task" }))
-            .await;
+        let task = app.create_task(&user, &project, json!({ "title": "Task" })).await;
         let task = task["id"].as_str().unwrap().to_owned();
         World {
             user,
@@ -62,14 +60,7 @@ impl World {
         if let Some(content_type) = content_type {
             request = request.header(CONTENT_TYPE, content_type);
         }
-        into_test_response(
-            request
-                .body(body.to_vec())
-                .send()
-                .await
-                .expect("request sent"),
-        )
-        .await
+        into_test_response(request.body(body.to_vec()).send().await.expect("request sent")).await
     }
 }
 
@@ -82,14 +73,8 @@ fn assert_envelope(name: &str, response: &TestResponse, status: u16, code: &str)
         "{name}: envelope statusCode: {text}"
     );
     assert_eq!(response.body["code"], code, "{name}: envelope code: {text}");
-    assert!(
-        response.body["error"].is_string(),
-        "{name}: envelope error: {text}"
-    );
-    assert!(
-        response.body["message"].is_string(),
-        "{name}: envelope message: {text}"
-    );
+    assert!(response.body["error"].is_string(), "{name}: envelope error: {text}");
+    assert!(response.body["message"].is_string(), "{name}: envelope message: {text}");
     assert!(
         response.body.get("details").is_some(),
         "{name}: envelope details: {text}"
@@ -107,16 +92,8 @@ fn assert_envelope(name: &str, response: &TestResponse, status: u16, code: &str)
 /// in writes to it).
 async fn fingerprint(app: &TestApp) -> Vec<(&'static str, i64, Option<String>)> {
     let mut tables = Vec::new();
-    for table in [
-        "users",
-        "workspaces",
-        "workspace_members",
-        "projects",
-        "tasks",
-    ] {
-        let sql = format!(
-            "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t"
-        );
+    for table in ["users", "workspaces", "workspace_members", "projects", "tasks"] {
+        let sql = format!("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
         let (count, digest): (i64, Option<String>) = sqlx::query_as(&sql)
             .fetch_one(&app.db)
             .await
@@ -129,15 +106,7 @@ async fn fingerprint(app: &TestApp) -> Vec<(&'static str, i64, Option<String>)> 
 const JSON: Option<&str> = Some("application/json");
 
 /// name, method, path, content type, body, expected status, expected code.
-type BodyCase<'a> = (
-    &'a str,
-    &'a Method,
-    &'a str,
-    Option<&'a str>,
-    &'a [u8],
-    u16,
-    &'a str,
-);
+type BodyCase<'a> = (&'a str, &'a Method, &'a str, Option<&'a str>, &'a [u8], u16, &'a str);
 
 #[tokio::test]
 async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
@@ -165,16 +134,10 @@ async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
     ];
     let before = fingerprint(&app).await;
     for (name, method, path, content_type, body, status, code) in cases {
-        let response = world
-            .send_raw(&app, method.clone(), path, content_type, body)
-            .await;
+        let response = world.send_raw(&app, method.clone(), path, content_type, body).await;
         assert_envelope(name, &response, status, code);
     }
-    assert_eq!(
-        before,
-        fingerprint(&app).await,
-        "a refused body changed the database"
-    );
+    assert_eq!(before, fingerprint(&app).await, "a refused body changed the database");
 }
 
 /// Without `Content-Length` the limit can only be enforced while reading: still 413, still the envelope.
@@ -182,9 +145,7 @@ async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
 async fn a_chunked_body_over_64_kib_is_refused_with_413_while_streaming() {
     let app = TestApp::spawn().await;
     let user = app.register_user().await;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
     let head = format!(
         "POST /api/workspaces HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
@@ -195,9 +156,7 @@ async fn a_chunked_body_over_64_kib_is_refused_with_413_while_streaming() {
     for _ in 0..10 {
         // The server may answer and stop reading before the last chunk: that is what is tested.
         let written = async {
-            stream
-                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-                .await?;
+            stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await?;
             stream.write_all(&chunk).await?;
             stream.write_all(b"\r\n").await
         };
@@ -210,10 +169,7 @@ async fn a_chunked_body_over_64_kib_is_refused_with_413_while_streaming() {
     let _ = stream.read_to_end(&mut answer).await;
     let answer = String::from_utf8_lossy(&answer).to_lowercase();
     assert!(answer.starts_with("http/1.1 413"), "{answer}");
-    assert!(
-        answer.contains("content-type: application/json"),
-        "{answer}"
-    );
+    assert!(answer.contains("content-type: application/json"), "{answer}");
     assert!(answer.contains("x-request-id: "), "{answer}");
     assert!(answer.contains(r#""code":"payload_too_large""#), "{answer}");
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM workspaces")
@@ -286,13 +242,12 @@ async fn a_nul_character_in_any_text_field_is_a_400_and_nothing_is_stored() {
     let token = Some(world.user.token.as_str());
     let requests = signed_in
         .into_iter()
-        .map(|(name, method, path, body, field)| {
-            (name, method.clone(), world.fill(path), token, body, field)
-        });
-    let requests =
-        requests.chain(anonymous.into_iter().map(|(name, path, body, field)| {
-            (name, Method::POST, path.to_owned(), None, body, field)
-        }));
+        .map(|(name, method, path, body, field)| (name, method.clone(), world.fill(path), token, body, field));
+    let requests = requests.chain(
+        anonymous
+            .into_iter()
+            .map(|(name, path, body, field)| (name, Method::POST, path.to_owned(), None, body, field)),
+    );
     for (name, method, path, token, body, field) in requests {
         let response = app.request(method, &path, token, Some(body)).await;
         assert_envelope(name, &response, 400, "validation_failed");
@@ -326,19 +281,10 @@ async fn a_date_postgres_cannot_store_is_a_400_not_a_500() {
         let response = app
             .request(method, &world.fill(path), Some(&world.user.token), body)
             .await;
-        let code = response.body["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let code = response.body["code"].as_str().unwrap_or_default().to_owned();
         assert_envelope(name, &response, 400, &code);
         assert!(
-            [
-                "validation_failed",
-                "invalid_body",
-                "invalid_query",
-                "invalid_date"
-            ]
-            .contains(&code.as_str()),
+            ["validation_failed", "invalid_body", "invalid_query", "invalid_date"].contains(&code.as_str()),
             "{name}: {code}"
         );
     }
@@ -369,16 +315,8 @@ async fn unknown_routes_answer_404_route_not_found_with_or_without_a_token() {
             "route_not_found",
         );
         let signed_in = app.get(path, &user.token).await;
-        assert_envelope(
-            &format!("GET {path} with a token"),
-            &signed_in,
-            404,
-            "route_not_found",
-        );
-        assert_eq!(
-            anonymous.body, signed_in.body,
-            "GET {path}: a token changes nothing"
-        );
+        assert_envelope(&format!("GET {path} with a token"), &signed_in, 404, "route_not_found");
+        assert_eq!(anonymous.body, signed_in.body, "GET {path}: a token changes nothing");
     }
 }
 
@@ -399,12 +337,7 @@ async fn a_wrong_method_on_a_known_path_answers_with_the_envelope() {
     for (method, path) in cases {
         let name = format!("{method} {path}");
         let response = app
-            .request(
-                method,
-                &world.fill(path),
-                Some(&world.user.token),
-                Some(json!({})),
-            )
+            .request(method, &world.fill(path), Some(&world.user.token), Some(json!({})))
             .await;
         let status = response.status.as_u16();
         let code = match status {
@@ -448,11 +381,7 @@ async fn missing_or_bad_tokens_answer_401_with_the_envelope_and_a_bearer_challen
             let response = into_test_response(request.send().await.unwrap()).await;
             let name = format!("GET {path} with {name}");
             assert_envelope(&name, &response, 401, code);
-            assert_eq!(
-                response.header("www-authenticate"),
-                Some("Bearer"),
-                "{name}"
-            );
+            assert_eq!(response.header("www-authenticate"), Some("Bearer"), "{name}");
         }
     }
 }

@@ -38,9 +38,7 @@ async fn readiness_is_200_when_the_database_answers() {
 async fn every_response_carries_a_request_id_and_keeps_the_clients() {
     let app = TestApp::spawn().await;
     let generated = app.request(Method::GET, "/health/live", None, None).await;
-    assert!(generated
-        .header("x-request-id")
-        .is_some_and(|id| !id.is_empty()));
+    assert!(generated.header("x-request-id").is_some_and(|id| !id.is_empty()));
 
     let sent = app
         .client

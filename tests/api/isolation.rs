@@ -45,12 +45,7 @@ impl Tenant {
     fn fill(&self, template: &str) -> String {
         fill(
             template,
-            [
-                &self.workspace,
-                &self.project,
-                &self.task,
-                &self.member.id.to_string(),
-            ],
+            [&self.workspace, &self.project, &self.task, &self.member.id.to_string()],
         )
     }
 }
@@ -117,16 +112,8 @@ fn matrix(stranger_email: &str) -> Vec<Row> {
 /// in writes to it).
 async fn fingerprint(app: &TestApp) -> Vec<(&'static str, i64, Option<String>)> {
     let mut tables = Vec::new();
-    for table in [
-        "users",
-        "workspaces",
-        "workspace_members",
-        "projects",
-        "tasks",
-    ] {
-        let sql = format!(
-            "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t"
-        );
+    for table in ["users", "workspaces", "workspace_members", "projects", "tasks"] {
+        let sql = format!("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
         let (count, digest): (i64, Option<String>) = sqlx::query_as(&sql)
             .fetch_one(&app.db)
             .await
@@ -149,20 +136,10 @@ async fn a_stranger_replaying_another_tenants_ids_gets_the_random_id_404_and_cha
         let name = row.name();
         let token = Some(stranger.token.as_str());
         let replayed = app
-            .request(
-                row.method.clone(),
-                &tenant.fill(row.template),
-                token,
-                row.body.clone(),
-            )
+            .request(row.method.clone(), &tenant.fill(row.template), token, row.body.clone())
             .await;
         let random = app
-            .request(
-                row.method.clone(),
-                &fill_random(row.template),
-                token,
-                row.body.clone(),
-            )
+            .request(row.method.clone(), &fill_random(row.template), token, row.body.clone())
             .await;
 
         assert_eq!(
@@ -212,9 +189,7 @@ async fn the_owner_reads_every_route_the_stranger_is_refused() {
         .into_iter()
         .filter(|row| row.method == Method::GET)
     {
-        let response = app
-            .get(&tenant.fill(row.template), &tenant.owner.token)
-            .await;
+        let response = app.get(&tenant.fill(row.template), &tenant.owner.token).await;
         assert_eq!(
             response.status.as_u16(),
             200,
@@ -241,11 +216,7 @@ async fn a_strangers_lists_do_not_show_another_tenants_workspaces_or_tasks() {
         .iter()
         .map(|w| &w["id"])
         .collect();
-    assert_eq!(
-        ids,
-        [&own["id"]],
-        "the stranger sees exactly their own workspace"
-    );
+    assert_eq!(ids, [&own["id"]], "the stranger sees exactly their own workspace");
 
     let tasks = app.get("/api/users/me/tasks", &stranger.token).await;
     tasks.assert_status(200);

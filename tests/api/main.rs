@@ -3,6 +3,7 @@
 mod helpers;
 
 mod auth;
+mod cache;
 mod cli;
 mod database_faults;
 mod errors;
@@ -12,6 +13,7 @@ mod metrics;
 mod openapi;
 mod projects;
 mod readme;
+mod redis_faults;
 mod tasks;
 mod users;
 mod workspaces;

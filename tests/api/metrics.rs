@@ -51,11 +51,7 @@ async fn task_at(
     created_at: &str,
     completed_at: Option<&str>,
 ) -> Value {
-    let status = if completed_at.is_some() {
-        "done"
-    } else {
-        "todo"
-    };
+    let status = if completed_at.is_some() { "done" } else { "todo" };
     let task = app
         .create_task(
             user,
@@ -178,9 +174,7 @@ async fn daily_metrics_of_a_workspace_without_tasks_are_all_zero() {
 async fn tasks_created_and_completed_through_the_api_count_today() {
     let app = TestApp::spawn().await;
     let (user, workspace, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "Today" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "Today" })).await;
     // Yesterday to tomorrow, so the test holds when it runs across a UTC midnight.
     let today = Utc::now().date_naive();
     let query = format!("?from={}&to={}", today - Days::new(1), today + Days::new(1));
@@ -270,11 +264,7 @@ async fn a_range_over_366_days_is_400_validation_failed_naming_to() {
         let response = daily(&app, &user, &workspace, query).await;
         assert_eq!(response.status, 400, "{query}: {}", response.text);
         response.assert_error(400, "validation_failed");
-        assert!(
-            response.body["details"]["to"].is_array(),
-            "{query}: {}",
-            response.text
-        );
+        assert!(response.body["details"]["to"].is_array(), "{query}: {}", response.text);
     }
 }
 
@@ -287,11 +277,7 @@ async fn from_after_to_is_400_validation_failed_naming_from() {
     let response = daily(&app, &user, &workspace, "?from=2024-03-02&to=2024-03-01").await;
 
     response.assert_error(400, "validation_failed");
-    assert!(
-        response.body["details"]["from"].is_array(),
-        "{}",
-        response.text
-    );
+    assert!(response.body["details"]["from"].is_array(), "{}", response.text);
 }
 
 #[tokio::test]
@@ -308,22 +294,12 @@ async fn missing_or_malformed_dates_are_400_invalid_query() {
         ("month 13", "?from=2024-13-01&to=2024-12-31"),
         ("February 30th", "?from=2024-02-01&to=2024-02-30"),
         ("day first", "?from=01-03-2024&to=2024-03-05"),
-        (
-            "a timestamp, not a date",
-            "?from=2024-03-01T00:00:00Z&to=2024-03-05",
-        ),
-        (
-            "unknown parameter",
-            "?from=2024-03-01&to=2024-03-05&tz=Europe/Berlin",
-        ),
+        ("a timestamp, not a date", "?from=2024-03-01T00:00:00Z&to=2024-03-05"),
+        ("unknown parameter", "?from=2024-03-01&to=2024-03-05&tz=Europe/Berlin"),
     ] {
         let response = daily(&app, &user, &workspace, query).await;
         assert_eq!(response.status, 400, "{reason}: {}", response.text);
-        assert_eq!(
-            response.body["code"], "invalid_query",
-            "{reason}: {}",
-            response.text
-        );
+        assert_eq!(response.body["code"], "invalid_query", "{reason}: {}", response.text);
     }
 }
 

@@ -38,10 +38,7 @@ async fn create_project_returns_201_with_the_project() {
     assert_eq!(project["workspaceId"], workspace["id"]);
     assert_eq!(project["name"], "Launch");
     assert_eq!(project["description"], "Ship it");
-    assert_eq!(
-        timestamp(&project["createdAt"]),
-        timestamp(&project["updatedAt"])
-    );
+    assert_eq!(timestamp(&project["createdAt"]), timestamp(&project["updatedAt"]));
     let keys: Vec<&String> = project.as_object().unwrap().keys().collect();
     assert_eq!(keys.len(), 6, "no other fields: {project}");
 }
@@ -94,10 +91,7 @@ async fn list_projects_of_a_workspace_without_projects_is_empty() {
     let workspace = app.create_workspace(&user).await;
 
     let response = app
-        .get(
-            &format!("/api/workspaces/{}/projects", id(&workspace)),
-            &user.token,
-        )
+        .get(&format!("/api/workspaces/{}/projects", id(&workspace)), &user.token)
         .await;
 
     response.assert_status(200);
@@ -109,9 +103,7 @@ async fn get_project_returns_the_project() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
 
-    let response = app
-        .get(&format!("/api/projects/{}", id(&project)), &user.token)
-        .await;
+    let response = app.get(&format!("/api/projects/{}", id(&project)), &user.token).await;
 
     response.assert_status(200);
     assert_eq!(response.body, project);
@@ -123,10 +115,7 @@ async fn get_project_that_does_not_exist_is_404_project_not_found() {
     let user = app.register_user().await;
 
     let response = app
-        .get(
-            &format!("/api/projects/{}", uuid::Uuid::new_v4()),
-            &user.token,
-        )
+        .get(&format!("/api/projects/{}", uuid::Uuid::new_v4()), &user.token)
         .await;
 
     response.assert_error(404, "project_not_found");
@@ -148,10 +137,7 @@ async fn projects_need_a_token() {
     let (_, workspace, project) = app.user_with_project().await;
 
     for (method, path) in [
-        (
-            Method::GET,
-            format!("/api/workspaces/{}/projects", id(&workspace)),
-        ),
+        (Method::GET, format!("/api/workspaces/{}/projects", id(&workspace))),
         (Method::GET, format!("/api/projects/{}", id(&project))),
         (Method::DELETE, format!("/api/projects/{}", id(&project))),
     ] {
@@ -177,9 +163,7 @@ async fn patch_project_renames_it_and_keeps_the_description() {
         .clone();
     let path = format!("/api/projects/{}", id(&created));
 
-    let response = app
-        .patch(&path, &user.token, json!({ "name": "New" }))
-        .await;
+    let response = app.patch(&path, &user.token, json!({ "name": "New" })).await;
 
     response.assert_status(200);
     assert_eq!(response.body["name"], "New");
@@ -213,9 +197,7 @@ async fn patch_project_with_null_description_clears_it_while_an_absent_descripti
     absent.assert_status(200);
     assert_eq!(absent.body["description"], "Ship it", "absent leaves it");
 
-    let cleared = app
-        .patch(&path, &user.token, json!({ "description": null }))
-        .await;
+    let cleared = app.patch(&path, &user.token, json!({ "description": null })).await;
     cleared.assert_status(200);
     assert_eq!(cleared.body["description"], Value::Null, "null clears it");
     assert_eq!(cleared.body["name"], "Launch");
@@ -230,19 +212,15 @@ async fn patch_project_with_null_description_clears_it_while_an_absent_descripti
 async fn delete_project_returns_204_then_404_and_removes_its_tasks() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    app.create_task(&user, id(&project), json!({ "title": "one" }))
-        .await;
-    app.create_task(&user, id(&project), json!({ "title": "two" }))
-        .await;
+    app.create_task(&user, id(&project), json!({ "title": "one" })).await;
+    app.create_task(&user, id(&project), json!({ "title": "two" })).await;
     let path = format!("/api/projects/{}", id(&project));
 
     let response = app.delete(&path, &user.token).await;
 
     response.assert_status(204);
     assert!(response.text.is_empty(), "no body: {}", response.text);
-    app.get(&path, &user.token)
-        .await
-        .assert_error(404, "project_not_found");
+    app.get(&path, &user.token).await.assert_error(404, "project_not_found");
     app.delete(&path, &user.token)
         .await
         .assert_error(404, "project_not_found");
@@ -258,12 +236,7 @@ async fn delete_project_returns_204_then_404_and_removes_its_tasks() {
 /// Bodies every project write must refuse: (reason, body, expected code, field named in details).
 fn invalid_project_bodies() -> Vec<(&'static str, Value, &'static str, Option<&'static str>)> {
     vec![
-        (
-            "empty name",
-            json!({ "name": "" }),
-            "validation_failed",
-            Some("name"),
-        ),
+        ("empty name", json!({ "name": "" }), "validation_failed", Some("name")),
         (
             "name of only whitespace",
             json!({ "name": " \t\n " }),
@@ -300,12 +273,7 @@ fn invalid_project_bodies() -> Vec<(&'static str, Value, &'static str, Option<&'
             "invalid_body",
             None,
         ),
-        (
-            "name of the wrong type",
-            json!({ "name": 42 }),
-            "invalid_body",
-            None,
-        ),
+        ("name of the wrong type", json!({ "name": 42 }), "invalid_body", None),
     ]
 }
 
@@ -380,21 +348,14 @@ async fn a_workspace_member_can_create_and_read_projects() {
 
     assert_eq!(members["workspaceId"], workspace["id"]);
     let listed = app
-        .get(
-            &format!("/api/workspaces/{}/projects", id(&workspace)),
-            &member.token,
-        )
+        .get(&format!("/api/workspaces/{}/projects", id(&workspace)), &member.token)
         .await;
     listed.assert_status(200);
     assert_eq!(listed.body, json!([owners, members]));
-    let read = app
-        .get(&format!("/api/projects/{}", id(&owners)), &member.token)
-        .await;
+    let read = app.get(&format!("/api/projects/{}", id(&owners)), &member.token).await;
     read.assert_status(200);
     assert_eq!(read.body, owners);
-    let by_owner = app
-        .get(&format!("/api/projects/{}", id(&members)), &owner.token)
-        .await;
+    let by_owner = app.get(&format!("/api/projects/{}", id(&members)), &owner.token).await;
     by_owner.assert_status(200);
     assert_eq!(by_owner.body, members);
 }

@@ -30,10 +30,7 @@ async fn the_readme_walkthrough_works_as_written_against_seeded_data() {
         script.contains("BASE=http://127.0.0.1:8080"),
         "the walk-through targets the default address"
     );
-    let script = script.replace(
-        "BASE=http://127.0.0.1:8080",
-        &format!("BASE={}", app.address),
-    );
+    let script = script.replace("BASE=http://127.0.0.1:8080", &format!("BASE={}", app.address));
 
     let output = tokio::process::Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
@@ -54,14 +51,8 @@ async fn the_readme_walkthrough_works_as_written_against_seeded_data() {
         stdout.contains("\"title\":\"Try nestling\""),
         "shows the new task:\n{stdout}"
     );
-    assert!(
-        stdout.contains("\"status\":\"done\""),
-        "shows the task done:\n{stdout}"
-    );
-    assert!(
-        stdout.contains("\"openAtEndOfDay\""),
-        "shows daily metrics:\n{stdout}"
-    );
+    assert!(stdout.contains("\"status\":\"done\""), "shows the task done:\n{stdout}");
+    assert!(stdout.contains("\"openAtEndOfDay\""), "shows daily metrics:\n{stdout}");
     assert!(
         stdout.contains("\"code\":\"validation_failed\""),
         "shows the error envelope:\n{stdout}"
@@ -81,12 +72,11 @@ async fn seeding_twice_keeps_one_copy_of_the_demo_data() {
         .fetch_one(&app.db)
         .await
         .unwrap();
-    let oldest_days: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - min(created_at))::float8 / 86400 FROM tasks",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let oldest_days: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM now() - min(created_at))::float8 / 86400 FROM tasks")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
     assert_eq!((users, tasks), (2, 300));
     assert!(
         oldest_days > 50.0 && oldest_days <= 60.0,
@@ -104,19 +94,14 @@ fn the_readme_ttl_table_matches_the_code() {
             "{variable}: default differs from the documented one"
         );
         let row = format!("| `{variable}` | {default_seconds} |");
-        assert!(
-            readme.contains(&row),
-            "README TTL table lacks the row starting {row}"
-        );
+        assert!(readme.contains(&row), "README TTL table lacks the row starting {row}");
     }
 }
 
 #[test]
 fn every_configuration_variable_is_documented_in_the_readme_and_env_example() {
-    let config =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs")).unwrap();
-    let env_example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+    let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/config.rs")).unwrap();
+    let env_example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
     let readme = readme();
     let code = config.split("#[cfg(test)]").next().unwrap();
     let variables: Vec<&str> = code
@@ -130,10 +115,7 @@ fn every_configuration_variable_is_documented_in_the_readme_and_env_example() {
                     .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
         })
         .collect();
-    assert!(
-        variables.len() >= 20,
-        "found only {variables:?}: is the scan broken?"
-    );
+    assert!(variables.len() >= 20, "found only {variables:?}: is the scan broken?");
     for variable in variables {
         assert!(
             env_example.contains(&format!("{variable}=")),

@@ -32,8 +32,7 @@ fn task_path(task: &Value) -> String {
 }
 
 async fn list(app: &TestApp, user: &TestUser, project: &Value, query: &str) -> TestResponse {
-    app.get(&format!("{}{query}", tasks_path(project)), &user.token)
-        .await
+    app.get(&format!("{}{query}", tasks_path(project)), &user.token).await
 }
 
 fn titles(page: &Value) -> Vec<&str> {
@@ -59,11 +58,7 @@ async fn create_task_with_only_a_title_uses_the_defaults() {
     let (user, workspace, project) = app.user_with_project().await;
 
     let response = app
-        .post(
-            &tasks_path(&project),
-            &user.token,
-            json!({ "title": "Write docs" }),
-        )
+        .post(&tasks_path(&project), &user.token, json!({ "title": "Write docs" }))
         .await;
 
     response.assert_status(201);
@@ -79,11 +74,7 @@ async fn create_task_with_only_a_title_uses_the_defaults() {
     assert_eq!(task["assigneeId"], Value::Null);
     assert_eq!(task["dueDate"], Value::Null);
     assert_eq!(timestamp(&task["createdAt"]), timestamp(&task["updatedAt"]));
-    assert_eq!(
-        task.as_object().unwrap().len(),
-        12,
-        "no other fields: {task}"
-    );
+    assert_eq!(task.as_object().unwrap().len(), 12, "no other fields: {task}");
     assert_eq!(app.get(&task_path(task), &user.token).await.body, *task);
 }
 
@@ -145,15 +136,11 @@ async fn create_task_accepts_the_longest_title_and_description() {
 async fn setting_status_done_stamps_completed_at_and_moving_back_to_in_progress_clears_it() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "Finish" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "Finish" })).await;
     let path = task_path(&task);
 
     let before = now();
-    let done = app
-        .patch(&path, &user.token, json!({ "status": "done" }))
-        .await;
+    let done = app.patch(&path, &user.token, json!({ "status": "done" })).await;
     let after = now();
 
     done.assert_status(200);
@@ -168,26 +155,19 @@ async fn setting_status_done_stamps_completed_at_and_moving_back_to_in_progress_
         done.body["completedAt"]
     );
 
-    let reopened = app
-        .patch(&path, &user.token, json!({ "status": "in_progress" }))
-        .await;
+    let reopened = app.patch(&path, &user.token, json!({ "status": "in_progress" })).await;
 
     reopened.assert_status(200);
     assert_eq!(reopened.body["status"], "in_progress");
     assert_eq!(reopened.body["completedAt"], Value::Null);
-    assert_eq!(
-        app.get(&path, &user.token).await.body["completedAt"],
-        Value::Null
-    );
+    assert_eq!(app.get(&path, &user.token).await.body["completedAt"], Value::Null);
 }
 
 #[tokio::test]
 async fn patching_a_done_task_keeps_its_completed_at() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "Finish" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "Finish" })).await;
     let path = task_path(&task);
     let done = app
         .patch(&path, &user.token, json!({ "status": "done" }))
@@ -196,11 +176,7 @@ async fn patching_a_done_task_keeps_its_completed_at() {
         .clone();
 
     let renamed = app
-        .patch(
-            &path,
-            &user.token,
-            json!({ "title": "Finished", "status": "done" }),
-        )
+        .patch(&path, &user.token, json!({ "title": "Finished", "status": "done" }))
         .await;
 
     renamed.assert_status(200);
@@ -247,10 +223,7 @@ async fn a_task_created_as_done_is_not_completed_before_it_was_created() {
         )
         .await;
 
-    let (created_at, completed_at) = (
-        timestamp(&task["createdAt"]),
-        timestamp(&task["completedAt"]),
-    );
+    let (created_at, completed_at) = (timestamp(&task["createdAt"]), timestamp(&task["completedAt"]));
     assert!(
         completed_at >= created_at,
         "completedAt {completed_at} precedes createdAt {created_at}"
@@ -277,9 +250,7 @@ async fn patch_with_null_clears_description_assignee_and_due_date_while_absent_f
         .await;
     let path = task_path(&task);
 
-    let renamed = app
-        .patch(&path, &user.token, json!({ "title": "Plan B" }))
-        .await;
+    let renamed = app.patch(&path, &user.token, json!({ "title": "Plan B" })).await;
 
     renamed.assert_status(200);
     assert_eq!(renamed.body["title"], "Plan B");
@@ -323,9 +294,7 @@ async fn patch_sets_every_field() {
     let (owner, workspace, project) = app.user_with_project().await;
     let member = app.register_user().await;
     app.add_member(&owner, id(&workspace), &member).await;
-    let task = app
-        .create_task(&owner, id(&project), json!({ "title": "Plan" }))
-        .await;
+    let task = app.create_task(&owner, id(&project), json!({ "title": "Plan" })).await;
 
     let response = app
         .patch(
@@ -357,9 +326,7 @@ async fn patch_sets_every_field() {
 async fn an_assignee_who_is_not_a_workspace_member_is_400_validation_failed() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "Mine" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "Mine" })).await;
     let stranger = app.register_user().await;
     // A member of some other workspace is still a stranger here.
     let elsewhere = app.register_user().await;
@@ -386,11 +353,7 @@ async fn an_assignee_who_is_not_a_workspace_member_is_400_validation_failed() {
         );
 
         let patched = app
-            .patch(
-                &task_path(&task),
-                &user.token,
-                json!({ "assigneeId": assignee }),
-            )
+            .patch(&task_path(&task), &user.token, json!({ "assigneeId": assignee }))
             .await;
         assert_eq!(patched.status, 400, "patch, {reason}: {}", patched.text);
         patched.assert_error(400, "validation_failed");
@@ -421,12 +384,8 @@ async fn list_tasks_filters_by_status() {
         ("d", "done"),
         ("e", "todo"),
     ] {
-        app.create_task(
-            &user,
-            id(&project),
-            json!({ "title": title, "status": status }),
-        )
-        .await;
+        app.create_task(&user, id(&project), json!({ "title": title, "status": status }))
+            .await;
     }
     // The same statuses in another project of the workspace must not leak in.
     let other = app.create_project(&user, id(&workspace)).await;
@@ -466,23 +425,11 @@ async fn list_tasks_filters_by_assignee_and_status_together() {
         .await;
     }
 
-    let theirs = list(
-        &app,
-        &owner,
-        &project,
-        &format!("?assigneeId={}", member.id),
-    )
-    .await;
+    let theirs = list(&app, &owner, &project, &format!("?assigneeId={}", member.id)).await;
     theirs.assert_status(200);
     assert_eq!(titles(&theirs.body), ["theirs", "theirs, done"]);
 
-    let mine = list(
-        &app,
-        &member,
-        &project,
-        &format!("?assigneeId={}", owner.id),
-    )
-    .await;
+    let mine = list(&app, &member, &project, &format!("?assigneeId={}", owner.id)).await;
     assert_eq!(titles(&mine.body), ["mine"]);
 
     let theirs_done = list(
@@ -526,11 +473,7 @@ async fn list_tasks_pages_with_limit_and_offset_oldest_first() {
         ("?limit=3", vec!["t0", "t1", "t2"], json!(3)),
         ("?limit=3&offset=3", vec!["t3", "t4", "t5"], json!(6)),
         ("?limit=3&offset=6", vec!["t6"], Value::Null),
-        (
-            "?limit=7",
-            vec!["t0", "t1", "t2", "t3", "t4", "t5", "t6"],
-            Value::Null,
-        ),
+        ("?limit=7", vec!["t0", "t1", "t2", "t3", "t4", "t5", "t6"], Value::Null),
         ("?limit=2&offset=5", vec!["t5", "t6"], Value::Null),
         ("?limit=3&offset=1", vec!["t1", "t2", "t3"], json!(4)),
         ("?limit=3&offset=7", vec![], Value::Null),
@@ -543,10 +486,7 @@ async fn list_tasks_pages_with_limit_and_offset_oldest_first() {
         assert_eq!(response.body["nextOffset"], next_offset, "{query}");
     }
 
-    let page = list(&app, &user, &project, "?limit=3&offset=3")
-        .await
-        .body
-        .clone();
+    let page = list(&app, &user, &project, "?limit=3&offset=3").await.body.clone();
     assert_eq!(page["limit"], 3);
     assert_eq!(page["offset"], 3);
 }
@@ -611,11 +551,7 @@ async fn list_tasks_returns_400_invalid_query_for_malformed_parameters() {
     ] {
         let response = list(&app, &user, &project, query).await;
         assert_eq!(response.status, 400, "{reason}: {}", response.text);
-        assert_eq!(
-            response.body["code"], "invalid_query",
-            "{reason}: {}",
-            response.text
-        );
+        assert_eq!(response.body["code"], "invalid_query", "{reason}: {}", response.text);
     }
 }
 
@@ -709,12 +645,7 @@ async fn create_task_returns_400_for_invalid_bodies() {
     let (user, _, project) = app.user_with_project().await;
 
     let mut rows = invalid_task_bodies();
-    rows.push((
-        "missing title",
-        json!({ "priority": "low" }),
-        "invalid_body",
-        None,
-    ));
+    rows.push(("missing title", json!({ "priority": "low" }), "invalid_body", None));
     for (reason, body, code, field) in rows {
         let response = app.post(&tasks_path(&project), &user.token, body).await;
         assert_eq!(response.status, 400, "{reason}: {}", response.text);
@@ -735,9 +666,7 @@ async fn create_task_returns_400_for_invalid_bodies() {
 async fn patch_task_returns_400_for_invalid_bodies() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "Stable" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "Stable" })).await;
     let path = task_path(&task);
 
     for (reason, body, code, field) in invalid_task_bodies() {
@@ -752,11 +681,7 @@ async fn patch_task_returns_400_for_invalid_bodies() {
             );
         }
     }
-    assert_eq!(
-        app.get(&path, &user.token).await.body,
-        task,
-        "the task is unchanged"
-    );
+    assert_eq!(app.get(&path, &user.token).await.body, task, "the task is unchanged");
 }
 
 #[tokio::test]
@@ -766,21 +691,15 @@ async fn delete_task_returns_204_then_404_task_not_found() {
     let task = app
         .create_task(&user, id(&project), json!({ "title": "Gone soon" }))
         .await;
-    let kept = app
-        .create_task(&user, id(&project), json!({ "title": "Kept" }))
-        .await;
+    let kept = app.create_task(&user, id(&project), json!({ "title": "Kept" })).await;
     let path = task_path(&task);
 
     let response = app.delete(&path, &user.token).await;
 
     response.assert_status(204);
     assert!(response.text.is_empty(), "no body: {}", response.text);
-    app.get(&path, &user.token)
-        .await
-        .assert_error(404, "task_not_found");
-    app.delete(&path, &user.token)
-        .await
-        .assert_error(404, "task_not_found");
+    app.get(&path, &user.token).await.assert_error(404, "task_not_found");
+    app.delete(&path, &user.token).await.assert_error(404, "task_not_found");
     let remaining = list(&app, &user, &project, "").await;
     assert_eq!(remaining.body["items"], json!([kept]));
 }
@@ -791,15 +710,11 @@ async fn a_task_id_that_does_not_exist_is_404_task_not_found() {
     let user = app.register_user().await;
     let path = format!("/api/tasks/{}", uuid::Uuid::new_v4());
 
-    app.get(&path, &user.token)
-        .await
-        .assert_error(404, "task_not_found");
+    app.get(&path, &user.token).await.assert_error(404, "task_not_found");
     app.patch(&path, &user.token, json!({ "title": "x" }))
         .await
         .assert_error(404, "task_not_found");
-    app.delete(&path, &user.token)
-        .await
-        .assert_error(404, "task_not_found");
+    app.delete(&path, &user.token).await.assert_error(404, "task_not_found");
 }
 
 #[tokio::test]
@@ -808,9 +723,7 @@ async fn a_project_that_does_not_exist_is_404_project_not_found() {
     let user = app.register_user().await;
     let path = format!("/api/projects/{}/tasks", uuid::Uuid::new_v4());
 
-    app.get(&path, &user.token)
-        .await
-        .assert_error(404, "project_not_found");
+    app.get(&path, &user.token).await.assert_error(404, "project_not_found");
     app.post(&path, &user.token, json!({ "title": "x" }))
         .await
         .assert_error(404, "project_not_found");
@@ -829,13 +742,9 @@ async fn a_non_member_cannot_see_create_change_or_delete_tasks() {
     list(&app, &stranger, &project, "")
         .await
         .assert_error(404, "project_not_found");
-    app.post(
-        &tasks_path(&project),
-        &stranger.token,
-        json!({ "title": "Intruder" }),
-    )
-    .await
-    .assert_error(404, "project_not_found");
+    app.post(&tasks_path(&project), &stranger.token, json!({ "title": "Intruder" }))
+        .await
+        .assert_error(404, "project_not_found");
     app.get(&path, &stranger.token)
         .await
         .assert_error(404, "task_not_found");
@@ -847,11 +756,7 @@ async fn a_non_member_cannot_see_create_change_or_delete_tasks() {
         .assert_error(404, "task_not_found");
 
     let stored = list(&app, &owner, &project, "").await;
-    assert_eq!(
-        stored.body["items"],
-        json!([task]),
-        "untouched, nothing added"
-    );
+    assert_eq!(stored.body["items"], json!([task]), "untouched, nothing added");
 }
 
 #[tokio::test]
@@ -884,9 +789,7 @@ async fn a_workspace_member_can_work_on_the_owners_tasks() {
 async fn tasks_need_a_token() {
     let app = TestApp::spawn().await;
     let (user, _, project) = app.user_with_project().await;
-    let task = app
-        .create_task(&user, id(&project), json!({ "title": "x" }))
-        .await;
+    let task = app.create_task(&user, id(&project), json!({ "title": "x" })).await;
 
     for (method, path) in [
         (Method::GET, tasks_path(&project)),

@@ -12,9 +12,7 @@ fn id(value: &Value) -> String {
 
 /// The ids of the tasks on my "assigned to me" page for `query` (e.g. `?status=done`).
 async fn my_task_ids(app: &TestApp, user: &TestUser, query: &str) -> BTreeSet<String> {
-    let response = app
-        .get(&format!("/api/users/me/tasks{query}"), &user.token)
-        .await;
+    let response = app.get(&format!("/api/users/me/tasks{query}"), &user.token).await;
     response.assert_status(200);
     response.body["items"]
         .as_array()
@@ -31,8 +29,7 @@ async fn assigned_task(
     assignee: &TestUser,
     status: &str,
 ) -> String {
-    let body =
-        json!({ "title": format!("{status} task"), "assigneeId": assignee.id, "status": status });
+    let body = json!({ "title": format!("{status} task"), "assigneeId": assignee.id, "status": status });
     id(&app.create_task(creator, &id(project), body).await)
 }
 
@@ -44,13 +41,7 @@ async fn get_me_returns_the_signed_in_user() {
     let response = app.get("/api/users/me", &user.token).await;
 
     response.assert_status(200);
-    let mut keys: Vec<&str> = response
-        .body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = response.body.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
@@ -70,18 +61,11 @@ async fn patch_me_changes_my_name_and_the_change_persists() {
     let before = app.get("/api/users/me", &user.token).await.body;
 
     let response = app
-        .patch(
-            "/api/users/me",
-            &user.token,
-            json!({ "name": "  Grace Hopper " }),
-        )
+        .patch("/api/users/me", &user.token, json!({ "name": "  Grace Hopper " }))
         .await;
 
     response.assert_status(200);
-    assert_eq!(
-        response.body["name"], "Grace Hopper",
-        "the name is stored trimmed"
-    );
+    assert_eq!(response.body["name"], "Grace Hopper", "the name is stored trimmed");
     assert_eq!(response.body["id"], before["id"]);
     assert_eq!(response.body["email"], before["email"]);
     assert_eq!(response.body["createdAt"], before["createdAt"]);
@@ -101,9 +85,7 @@ async fn patch_me_returns_400_validation_failed_naming_the_name_when_it_is_inval
     ];
 
     for (reason, name) in cases {
-        let response = app
-            .patch("/api/users/me", &user.token, json!({ "name": name }))
-            .await;
+        let response = app.patch("/api/users/me", &user.token, json!({ "name": name })).await;
         assert_eq!(response.status, 400, "{reason}: {}", response.text);
         assert_eq!(
             response.body["code"], "validation_failed",
@@ -155,12 +137,7 @@ async fn my_tasks_lists_only_tasks_assigned_to_me_across_my_workspaces() {
     assert_eq!(response.body["limit"], 50);
     assert_eq!(response.body["offset"], 0);
     assert_eq!(response.body["nextOffset"], Value::Null);
-    let ids: BTreeSet<String> = response.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(id)
-        .collect();
+    let ids: BTreeSet<String> = response.body["items"].as_array().unwrap().iter().map(id).collect();
     assert_eq!(ids, BTreeSet::from([in_mine, in_theirs]));
 }
 
@@ -172,10 +149,7 @@ async fn my_tasks_leaves_out_workspaces_i_was_removed_from() {
     app.add_member(&teammate, &id(&theirs), &me).await;
     let kept = assigned_task(&app, &me, &my_project, &me, "todo").await;
     let there = assigned_task(&app, &teammate, &their_project, &me, "todo").await;
-    assert_eq!(
-        my_task_ids(&app, &me, "").await,
-        BTreeSet::from([kept.clone(), there])
-    );
+    assert_eq!(my_task_ids(&app, &me, "").await, BTreeSet::from([kept.clone(), there]));
 
     let path = format!("/api/workspaces/{}/members/{}", id(&theirs), me.id);
     app.delete(&path, &teammate.token).await.assert_status(204);
@@ -191,18 +165,12 @@ async fn my_tasks_filters_by_status() {
     let in_progress = assigned_task(&app, &me, &project, &me, "in_progress").await;
     let done = assigned_task(&app, &me, &project, &me, "done").await;
 
-    assert_eq!(
-        my_task_ids(&app, &me, "?status=todo").await,
-        BTreeSet::from([todo])
-    );
+    assert_eq!(my_task_ids(&app, &me, "?status=todo").await, BTreeSet::from([todo]));
     assert_eq!(
         my_task_ids(&app, &me, "?status=in_progress").await,
         BTreeSet::from([in_progress])
     );
-    assert_eq!(
-        my_task_ids(&app, &me, "?status=done").await,
-        BTreeSet::from([done])
-    );
+    assert_eq!(my_task_ids(&app, &me, "?status=done").await, BTreeSet::from([done]));
 }
 
 #[tokio::test]
@@ -217,9 +185,7 @@ async fn my_tasks_pages_with_limit_and_offset() {
     first.assert_status(200);
     assert_eq!(first.body["items"].as_array().unwrap().len(), 2);
     assert_eq!(first.body["nextOffset"], 2);
-    let last = app
-        .get("/api/users/me/tasks?limit=2&offset=2", &me.token)
-        .await;
+    let last = app.get("/api/users/me/tasks?limit=2&offset=2", &me.token).await;
     assert_eq!(last.body["items"].as_array().unwrap().len(), 1);
     assert_eq!(last.body["nextOffset"], Value::Null);
 }
@@ -230,7 +196,5 @@ async fn my_tasks_returns_400_invalid_query_for_an_assignee_id() {
     let user = app.register_user().await;
 
     let path = format!("/api/users/me/tasks?assigneeId={}", user.id);
-    app.get(&path, &user.token)
-        .await
-        .assert_error(400, "invalid_query");
+    app.get(&path, &user.token).await.assert_error(400, "invalid_query");
 }

@@ -19,10 +19,7 @@ fn uuid(value: &Value) -> Uuid {
 /// The workspace's members as user id → role, read by `user`.
 async fn roles(app: &TestApp, user: &TestUser, workspace_id: &str) -> BTreeMap<String, String> {
     let response = app
-        .get(
-            &format!("/api/workspaces/{workspace_id}/members"),
-            &user.token,
-        )
+        .get(&format!("/api/workspaces/{workspace_id}/members"), &user.token)
         .await;
     response.assert_status(200);
     let members = response.body.as_array().expect("a list of members");
@@ -43,12 +40,7 @@ async fn add_owner(app: &TestApp, owner: &TestUser, workspace_id: &str, co_owner
     app.post(&path, &owner.token, body).await.assert_status(201);
 }
 
-async fn remove_member(
-    app: &TestApp,
-    by: &TestUser,
-    workspace_id: &str,
-    member: &TestUser,
-) -> TestResponse {
+async fn remove_member(app: &TestApp, by: &TestUser, workspace_id: &str, member: &TestUser) -> TestResponse {
     app.delete(
         &format!("/api/workspaces/{workspace_id}/members/{}", member.id),
         &by.token,
@@ -57,11 +49,7 @@ async fn remove_member(
 }
 
 async fn count(app: &TestApp, sql: &str, id: Uuid) -> i64 {
-    sqlx::query_scalar(sql)
-        .bind(id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap()
+    sqlx::query_scalar(sql).bind(id).fetch_one(&app.db).await.unwrap()
 }
 
 #[tokio::test]
@@ -74,13 +62,7 @@ async fn create_workspace_returns_201_and_makes_the_creator_its_owner() {
         .await;
 
     response.assert_status(201);
-    let mut keys: Vec<&str> = response
-        .body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = response.body.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
@@ -92,10 +74,7 @@ async fn create_workspace_returns_201_and_makes_the_creator_its_owner() {
     assert_eq!(response.body["createdBy"], user.id.to_string());
 
     let members = app
-        .get(
-            &format!("/api/workspaces/{}/members", id(&response.body)),
-            &user.token,
-        )
+        .get(&format!("/api/workspaces/{}/members", id(&response.body)), &user.token)
         .await;
     members.assert_status(200);
     let members = members.body.as_array().unwrap();
@@ -119,9 +98,7 @@ async fn create_workspace_returns_400_validation_failed_naming_the_name_when_it_
     ];
 
     for (reason, name) in cases {
-        let response = app
-            .post("/api/workspaces", &user.token, json!({ "name": name }))
-            .await;
+        let response = app.post("/api/workspaces", &user.token, json!({ "name": name })).await;
         assert_eq!(response.status, 400, "{reason}: {}", response.text);
         assert_eq!(
             response.body["code"], "validation_failed",
@@ -154,11 +131,7 @@ async fn list_workspaces_shows_only_the_workspaces_i_belong_to() {
 
     response.assert_status(200);
     let ids: Vec<String> = response.body.as_array().unwrap().iter().map(id).collect();
-    assert_eq!(
-        ids,
-        [id(&first), id(&second), id(&joined)],
-        "mine, oldest first"
-    );
+    assert_eq!(ids, [id(&first), id(&second), id(&joined)], "mine, oldest first");
 }
 
 #[tokio::test]
@@ -185,9 +158,7 @@ async fn an_owner_can_rename_a_workspace() {
     let workspace = app.create_workspace(&owner).await;
     let path = format!("/api/workspaces/{}", id(&workspace));
 
-    let response = app
-        .patch(&path, &owner.token, json!({ "name": "Renamed" }))
-        .await;
+    let response = app.patch(&path, &owner.token, json!({ "name": "Renamed" })).await;
 
     response.assert_status(200);
     assert_eq!(response.body["name"], "Renamed");
@@ -214,10 +185,7 @@ async fn an_owner_can_delete_a_workspace() {
     app.get(&path, &owner.token)
         .await
         .assert_error(404, "workspace_not_found");
-    assert_eq!(
-        app.get("/api/workspaces", &owner.token).await.body,
-        json!([])
-    );
+    assert_eq!(app.get("/api/workspaces", &owner.token).await.body, json!([]));
 }
 
 #[tokio::test]
@@ -225,9 +193,7 @@ async fn deleting_a_workspace_deletes_its_projects_and_tasks() {
     let app = TestApp::spawn().await;
     let (owner, doomed, project) = app.user_with_project().await;
     let second_project = app.create_project(&owner, &id(&doomed)).await;
-    let task = app
-        .create_task(&owner, &id(&project), json!({ "title": "one" }))
-        .await;
+    let task = app.create_task(&owner, &id(&project), json!({ "title": "one" })).await;
     app.create_task(
         &owner,
         &id(&second_project),
@@ -266,11 +232,7 @@ async fn deleting_a_workspace_deletes_its_projects_and_tasks() {
         1,
         "projects of another workspace"
     );
-    assert_eq!(
-        count(&app, tasks, uuid(&kept)).await,
-        1,
-        "tasks of another workspace"
-    );
+    assert_eq!(count(&app, tasks, uuid(&kept)).await, 1, "tasks of another workspace");
     app.get(&format!("/api/projects/{}", id(&project)), &owner.token)
         .await
         .assert_error(404, "project_not_found");
@@ -304,12 +266,7 @@ async fn a_plain_member_can_read_a_workspace_but_gets_403_on_every_change() {
             format!("/api/workspaces/{ws}"),
             Some(json!({ "name": "Mine now" })),
         ),
-        (
-            "delete it",
-            Method::DELETE,
-            format!("/api/workspaces/{ws}"),
-            None,
-        ),
+        ("delete it", Method::DELETE, format!("/api/workspaces/{ws}"), None),
         (
             "add a member",
             Method::POST,
@@ -336,9 +293,7 @@ async fn a_plain_member_can_read_a_workspace_but_gets_403_on_every_change() {
     }
 
     assert_eq!(
-        app.get(&format!("/api/workspaces/{ws}"), &owner.token)
-            .await
-            .body,
+        app.get(&format!("/api/workspaces/{ws}"), &owner.token).await.body,
         workspace
     );
     assert_eq!(roles(&app, &owner, &ws).await, roles_before);
@@ -360,13 +315,7 @@ async fn add_member_by_email_returns_201_with_the_member_as_a_plain_member() {
         .await;
 
     response.assert_status(201);
-    let mut keys: Vec<&str> = response
-        .body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = response.body.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(
         keys,
@@ -379,10 +328,7 @@ async fn add_member_by_email_returns_201_with_the_member_as_a_plain_member() {
     assert_eq!(response.body["name"], "Test User");
     assert_eq!(response.body["role"], "member");
     let roles = roles(&app, &owner, &ws).await;
-    assert_eq!(
-        roles.get(&newcomer.id.to_string()).map(String::as_str),
-        Some("member")
-    );
+    assert_eq!(roles.get(&newcomer.id.to_string()).map(String::as_str), Some("member"));
     app.get(&format!("/api/workspaces/{ws}"), &newcomer.token)
         .await
         .assert_status(200);
@@ -414,10 +360,7 @@ async fn a_member_added_as_owner_can_manage_the_workspace() {
 
     add_owner(&app, &owner, &ws, &co_owner).await;
 
-    assert_eq!(
-        roles(&app, &owner, &ws).await[&co_owner.id.to_string()],
-        "owner"
-    );
+    assert_eq!(roles(&app, &owner, &ws).await[&co_owner.id.to_string()], "owner");
     app.patch(
         &format!("/api/workspaces/{ws}"),
         &co_owner.token,
@@ -467,16 +410,10 @@ async fn add_member_returns_409_member_exists_for_someone_already_in_the_workspa
         response.assert_error(409, "member_exists");
     }
     let roles = roles(&app, &owner, &ws).await;
-    let expected = [
-        (owner.id.to_string(), "owner"),
-        (member.id.to_string(), "member"),
-    ];
+    let expected = [(owner.id.to_string(), "owner"), (member.id.to_string(), "member")];
     assert_eq!(
         roles,
-        expected
-            .map(|(id, role)| (id, role.to_owned()))
-            .into_iter()
-            .collect()
+        expected.map(|(id, role)| (id, role.to_owned())).into_iter().collect()
     );
 }
 
@@ -504,15 +441,10 @@ async fn an_owner_can_leave_when_another_owner_remains() {
     let ws = id(&app.create_workspace(&owner).await);
     add_owner(&app, &owner, &ws, &co_owner).await;
 
-    remove_member(&app, &owner, &ws, &owner)
-        .await
-        .assert_status(204);
+    remove_member(&app, &owner, &ws, &owner).await.assert_status(204);
 
     let roles = roles(&app, &co_owner, &ws).await;
-    assert_eq!(
-        roles,
-        BTreeMap::from([(co_owner.id.to_string(), "owner".to_owned())])
-    );
+    assert_eq!(roles, BTreeMap::from([(co_owner.id.to_string(), "owner".to_owned())]));
     app.get(&format!("/api/workspaces/{ws}"), &owner.token)
         .await
         .assert_error(404, "workspace_not_found");
@@ -584,16 +516,11 @@ async fn removing_a_member_unassigns_their_tasks_in_that_workspace_only() {
         )
         .await;
 
-    remove_member(&app, &owner, &ws, &member)
-        .await
-        .assert_status(204);
+    remove_member(&app, &owner, &ws, &member).await.assert_status(204);
 
     let assignee = |task: TestResponse| task.body["assigneeId"].clone();
     let task = |t: &Value| format!("/api/tasks/{}", id(t));
-    assert_eq!(
-        assignee(app.get(&task(&theirs), &owner.token).await),
-        Value::Null
-    );
+    assert_eq!(assignee(app.get(&task(&theirs), &owner.token).await), Value::Null);
     assert_eq!(
         assignee(app.get(&task(&owners), &owner.token).await),
         owner.id.to_string()
@@ -602,9 +529,7 @@ async fn removing_a_member_unassigns_their_tasks_in_that_workspace_only() {
         assignee(app.get(&task(&elsewhere), &owner.token).await),
         member.id.to_string()
     );
-    assert!(!roles(&app, &owner, &ws)
-        .await
-        .contains_key(&member.id.to_string()));
+    assert!(!roles(&app, &owner, &ws).await.contains_key(&member.id.to_string()));
     app.get(&format!("/api/workspaces/{ws}"), &member.token)
         .await
         .assert_error(404, "workspace_not_found");
@@ -631,12 +556,7 @@ async fn a_non_member_gets_the_same_404_as_for_a_workspace_that_does_not_exist()
     let missing = Uuid::new_v4().to_string();
     let routes: [(&str, Method, &str, Option<Value>); 6] = [
         ("get it", Method::GET, "", None),
-        (
-            "rename it",
-            Method::PATCH,
-            "",
-            Some(json!({ "name": "Mine now" })),
-        ),
+        ("rename it", Method::PATCH, "", Some(json!({ "name": "Mine now" }))),
         ("delete it", Method::DELETE, "", None),
         ("list its members", Method::GET, "/members", None),
         (
@@ -656,12 +576,7 @@ async fn a_non_member_gets_the_same_404_as_for_a_workspace_that_does_not_exist()
     for (reason, method, suffix, body) in routes {
         let existing = format!("/api/workspaces/{}{suffix}", id(&workspace));
         let hidden = app
-            .request(
-                method.clone(),
-                &existing,
-                Some(&outsider.token),
-                body.clone(),
-            )
+            .request(method.clone(), &existing, Some(&outsider.token), body.clone())
             .await;
         let absent = app
             .request(

@@ -4,7 +4,7 @@
 //!
 //! Correctness rules:
 //! - single-flight per key inside an instance (moka `try_get_with`): N concurrent misses load once;
-//! - a fill that started before an invalidation is dropped: L1 through an invalidation epoch, L2
+//! - a fill that started before an invalidation is dropped: L1 through per-key epochs, L2
 //!   through a version key checked atomically by the fill script;
 //! - every invalidation is published; other instances drop the key from L1, and a subscriber that
 //!   lost its connection flushes L1 (pub/sub is at-most-once);
@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 use crate::config::{CacheSettings, RedisSettings};
 use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
-use crate::infra::redis::keys::{CacheKey, KeyRegistry};
+use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
 use crate::infra::redis::Redis;
 
 /// Where a response came from: the `X-Cache` header.
@@ -70,6 +70,26 @@ pub enum CacheMode {
     Degraded,
 }
 
+/// Counters of one namespace since start.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceStats {
+    pub namespace: Namespace,
+    pub hits_l1: u64,
+    pub hits_l2: u64,
+    /// Loader runs (misses in both tiers).
+    pub misses: u64,
+    pub hit_rate: f64,
+    pub l1_entries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits_l1: AtomicU64,
+    hits_l2: AtomicU64,
+    misses: AtomicU64,
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheStatus {
@@ -83,17 +103,19 @@ pub struct CacheStatus {
 #[async_trait]
 pub trait CacheService: Interface {
     /// The cached bytes for `key`, or the loader's (stored in both tiers).
-    async fn get_or_load<'a>(
-        &'a self,
-        key: CacheKey,
-        loader: BoxFuture<'a, AppResult<Bytes>>,
-    ) -> AppResult<Cached>;
+    async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached>;
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
     fn keys(&self) -> &KeyRegistry;
     fn status(&self) -> CacheStatus;
     /// The runtime switch: `false` stops using Redis at once, `true` starts again.
     fn set_redis_enabled(&self, enabled: bool);
+    /// Deletes every key matching `pattern` (a full Redis pattern under the key prefix) with
+    /// SCAN + UNLINK, drops matching L1 entries here and tells the other instances to flush L1.
+    /// Returns how many keys were deleted (from Redis; from L1 in memory mode).
+    async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure>;
+    /// Hits, misses and L1 entries per namespace.
+    fn stats(&self) -> Vec<NamespaceStats>;
     /// Redis, when it is in use (health and admin endpoints).
     fn redis(&self) -> Option<Arc<Redis>>;
     /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
@@ -112,18 +134,8 @@ struct PerEntryExpiry {
 }
 
 impl moka::Expiry<String, L1Entry> for PerEntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &String,
-        value: &L1Entry,
-        now: Instant,
-    ) -> Option<Duration> {
-        Some(
-            value
-                .expires_at
-                .saturating_duration_since(now)
-                .min(self.max_ttl),
-        )
+    fn expire_after_create(&self, _key: &String, value: &L1Entry, now: Instant) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now).min(self.max_ttl))
     }
 }
 
@@ -131,8 +143,14 @@ impl moka::Expiry<String, L1Entry> for PerEntryExpiry {
 pub struct Inner {
     keys: KeyRegistry,
     l1: Cache<String, L1Entry>,
-    /// Bumped by every invalidation: a fill that saw another epoch at its start is not kept in L1.
-    epoch: AtomicU64,
+    /// Invalidation epochs: a fill that saw another epoch of its key at its start is not kept in
+    /// L1. One counter per shard of Redis keys (collisions only drop a fill, never keep a stale
+    /// one), plus a generation that every full flush bumps.
+    epochs: Box<[AtomicU64]>,
+    generation: AtomicU64,
+    /// L2 entries written before this moment (Redis clock, ms) are ignored: set when this
+    /// instance reconnects after losing Redis, since invalidations may have been lost meanwhile.
+    pub(crate) l2_trusted_since_ms: AtomicU64,
     redis_settings: RedisSettings,
     redis: OnceLock<Arc<Redis>>,
     redis_enabled: AtomicBool,
@@ -141,6 +159,7 @@ pub struct Inner {
     jitter_percent: u8,
     /// Identifies this instance in invalidation messages, so it skips its own.
     instance: String,
+    counters: [Counters; Namespace::ALL.len()],
 }
 
 #[derive(Component)]
@@ -161,7 +180,9 @@ impl Inner {
         Arc::new(Inner {
             keys,
             l1,
-            epoch: AtomicU64::new(0),
+            epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            generation: AtomicU64::new(0),
+            l2_trusted_since_ms: AtomicU64::new(0),
             redis_settings: redis.clone(),
             redis: OnceLock::new(),
             redis_enabled: AtomicBool::new(redis.enabled),
@@ -169,6 +190,7 @@ impl Inner {
             pending: Mutex::new(HashSet::new()),
             jitter_percent: cache.ttl_jitter_percent.min(100),
             instance: uuid::Uuid::new_v4().simple().to_string(),
+            counters: Default::default(),
         })
     }
 
@@ -189,6 +211,16 @@ impl Inner {
         }
     }
 
+    fn count(&self, namespace: Namespace, tier: CacheTier) {
+        let counters = &self.counters[namespace as usize];
+        let counter = match tier {
+            CacheTier::HitL1 => &counters.hits_l1,
+            CacheTier::HitL2 => &counters.hits_l2,
+            CacheTier::Miss | CacheTier::Bypass => &counters.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn ttl_with_jitter(&self, key: &CacheKey) -> Duration {
         let ttl = self.keys.ttl(key.namespace);
         let jitter_ms = ttl.as_millis() as u64 * self.jitter_percent as u64 / 100;
@@ -196,15 +228,16 @@ impl Inner {
     }
 
     /// Loads through L2 and the loader; returns the entry to keep in L1.
-    async fn fill(
-        &self,
-        key: &CacheKey,
-        loader: BoxFuture<'_, AppResult<Bytes>>,
-    ) -> AppResult<L1Entry> {
+    async fn fill(&self, key: &CacheKey, loader: BoxFuture<'_, AppResult<Bytes>>) -> AppResult<L1Entry> {
         let redis = self.active_redis();
         let mut version = None;
         if let Some(redis) = redis {
-            match read_l2(redis, &self.keys, key).await {
+            // Our own invalidations that did not reach Redis go first: L2 may still hold what they drop.
+            if !self.pending.lock().unwrap().is_empty() {
+                self.replay_pending().await;
+            }
+            let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
+            match read_l2(redis, &self.keys, key, trusted_since).await {
                 Ok(L2Read {
                     value: Some(bytes),
                     pttl_ms,
@@ -221,6 +254,7 @@ impl Inner {
                 Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key),
             }
         }
+        self.count(key.namespace, CacheTier::Miss);
         let bytes = loader.await?;
         let ttl = self.ttl_with_jitter(key);
         if let (Some(redis), Some(version)) = (redis, version) {
@@ -235,8 +269,23 @@ impl Inner {
         })
     }
 
+    fn epoch_shard(&self, redis_key: &str) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        static HASHER: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        let hash = HASHER.get_or_init(Default::default).hash_one(redis_key);
+        &self.epochs[hash as usize % self.epochs.len()]
+    }
+
+    /// (generation, key epoch): changes whenever the key, or everything, is invalidated.
+    fn epoch_of(&self, key: &CacheKey) -> (u64, u64) {
+        (
+            self.generation.load(Ordering::Acquire),
+            self.epoch_shard(&key.redis_key).load(Ordering::Acquire),
+        )
+    }
+
     fn drop_from_l1(&self, key: &CacheKey) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch_shard(&key.redis_key).fetch_add(1, Ordering::AcqRel);
         match &key.field {
             Some(_) => {
                 let l1_key = key.l1_key();
@@ -254,7 +303,7 @@ impl Inner {
 
     /// Flushes L1: after a lost subscription we cannot know what we missed.
     pub(crate) fn flush_l1(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.l1.invalidate_all();
     }
 
@@ -270,10 +319,7 @@ impl Inner {
             pipe.cmd("UNLINK").arg(redis_key).ignore();
             pipe.cmd("INCR").arg(&version_key).ignore();
             // Versions outlive any entry they guard (the longest TTL is the auth token's).
-            pipe.cmd("PEXPIRE")
-                .arg(&version_key)
-                .arg(VERSION_TTL_MS)
-                .ignore();
+            pipe.cmd("PEXPIRE").arg(&version_key).arg(VERSION_TTL_MS).ignore();
             pipe.cmd("PUBLISH")
                 .arg(&channel)
                 .arg(format!("{}|{redis_key}", self.instance))
@@ -301,6 +347,8 @@ impl Inner {
     }
 }
 
+const EPOCH_SHARDS: usize = 1024;
+
 const VERSION_TTL_MS: u64 = 4 * 3600 * 1000;
 
 struct L2Read {
@@ -309,10 +357,13 @@ struct L2Read {
     version: String,
 }
 
+/// Reads an entry, its remaining TTL and its fill version. Entries are stored as
+/// `<written at, Redis ms>:<json>`; one written before `trusted_since_ms` reads as a miss.
 async fn read_l2(
     redis: &Redis,
     keys: &KeyRegistry,
     key: &CacheKey,
+    trusted_since_ms: u64,
 ) -> Result<L2Read, crate::infra::redis::RedisFailure> {
     let mut pipe = redis::pipe();
     match &key.field {
@@ -326,8 +377,13 @@ async fn read_l2(
     let (value, pttl_ms, version): (Option<Vec<u8>>, i64, Option<String>) = redis
         .call(|mut c| async move { pipe.query_async(&mut c).await })
         .await?;
+    let value = value.and_then(|stored| {
+        let colon = stored.iter().position(|b| *b == b':')?;
+        let written_ms: u64 = std::str::from_utf8(&stored[..colon]).ok()?.parse().ok()?;
+        (written_ms >= trusted_since_ms).then(|| Bytes::from(stored).slice(colon + 1..))
+    });
     Ok(L2Read {
-        value: value.map(Bytes::from),
+        value,
         pttl_ms,
         version: version.unwrap_or_default(),
     })
@@ -341,10 +397,12 @@ fn fill_script() -> &'static Script {
             r"
             local current = redis.call('GET', KEYS[2]) or ''
             if current ~= ARGV[1] then return 0 end
+            local now = redis.call('TIME')
+            local stamped = (now[1] * 1000 + math.floor(now[2] / 1000)) .. ':' .. ARGV[2]
             if ARGV[4] == '' then
-                redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+                redis.call('SET', KEYS[1], stamped, 'PX', ARGV[3])
             else
-                redis.call('HSET', KEYS[1], ARGV[4], ARGV[2])
+                redis.call('HSET', KEYS[1], ARGV[4], stamped)
                 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
             end
             return 1",
@@ -374,16 +432,13 @@ async fn write_l2(
 
 #[async_trait]
 impl CacheService for TieredCache {
-    async fn get_or_load<'a>(
-        &'a self,
-        key: CacheKey,
-        loader: BoxFuture<'a, AppResult<Bytes>>,
-    ) -> AppResult<Cached> {
+    async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
         let inner = &self.inner;
         let l1_key = key.l1_key();
         if let Some(entry) = inner.l1.get(&l1_key).await {
             let now = Instant::now();
             if entry.expires_at > now {
+                inner.count(key.namespace, CacheTier::HitL1);
                 return Ok(Cached {
                     bytes: entry.bytes,
                     tier: CacheTier::HitL1,
@@ -391,13 +446,13 @@ impl CacheService for TieredCache {
                 });
             }
         }
-        let epoch = inner.epoch.load(Ordering::Acquire);
+        let epoch = inner.epoch_of(&key);
         let entry = inner
             .l1
             .try_get_with(l1_key.clone(), inner.fill(&key, loader))
             .await
             .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
-        if inner.epoch.load(Ordering::Acquire) != epoch {
+        if inner.epoch_of(&key) != epoch {
             // An invalidation ran while we loaded: serve this answer, but do not keep it.
             inner.l1.invalidate(&l1_key).await;
         }
@@ -443,6 +498,93 @@ impl CacheService for TieredCache {
         }
     }
 
+    async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure> {
+        let inner = &self.inner;
+        let l1_prefix = pattern.trim_end_matches('*').to_owned();
+        let glob = pattern.ends_with('*');
+        let matches = move |k: &String| {
+            if glob {
+                k.starts_with(&l1_prefix)
+            } else {
+                *k == l1_prefix || k.starts_with(&format!("{l1_prefix}#"))
+            }
+        };
+        let l1_count = inner.l1.iter().filter(|(k, _)| matches(k)).count() as u64;
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = inner.l1.invalidate_entries_if(move |k, _| matches(k));
+        let Some(redis) = inner.active_redis() else {
+            return Ok(l1_count);
+        };
+        let mut deleted = 0u64;
+        let mut cursor = 0u64;
+        loop {
+            let pattern = pattern.to_owned();
+            let (next, keys): (u64, Vec<String>) = redis
+                .call(|mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                deleted += redis
+                    .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
+                    .await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let channel = inner.keys.invalidation_channel();
+        let message = format!("{}|{}", inner.instance, subscriber::FLUSH_ALL);
+        let _ = redis
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        Ok(deleted)
+    }
+
+    fn stats(&self) -> Vec<NamespaceStats> {
+        let inner = &self.inner;
+        let prefix_of = |ns: Namespace| format!("{}{}:", inner.keys.prefix(), ns.as_str());
+        Namespace::ALL
+            .into_iter()
+            .map(|namespace| {
+                let counters = &inner.counters[namespace as usize];
+                let (hits_l1, hits_l2, misses) = (
+                    counters.hits_l1.load(Ordering::Relaxed),
+                    counters.hits_l2.load(Ordering::Relaxed),
+                    counters.misses.load(Ordering::Relaxed),
+                );
+                let total = hits_l1 + hits_l2 + misses;
+                let prefix = prefix_of(namespace);
+                NamespaceStats {
+                    namespace,
+                    hits_l1,
+                    hits_l2,
+                    misses,
+                    hit_rate: if total == 0 {
+                        0.0
+                    } else {
+                        (hits_l1 + hits_l2) as f64 / total as f64
+                    },
+                    l1_entries: inner.l1.iter().filter(|(k, _)| k.starts_with(&prefix)).count() as u64,
+                }
+            })
+            .collect()
+    }
+
     fn set_redis_enabled(&self, enabled: bool) {
         let was = self.inner.redis_enabled.swap(enabled, Ordering::AcqRel);
         if was != enabled {
@@ -450,11 +592,7 @@ impl CacheService for TieredCache {
             self.inner.flush_l1();
             log::info!(
                 "cache: Redis {}",
-                if enabled {
-                    "enabled"
-                } else {
-                    "disabled (memory mode)"
-                }
+                if enabled { "enabled" } else { "disabled (memory mode)" }
             );
         }
     }
@@ -473,9 +611,12 @@ fn shared_error(err: &AppError) -> AppError {
     match err {
         AppError::NotFound { entity } => AppError::NotFound { entity },
         AppError::Forbidden(message) => AppError::Forbidden(message),
-        AppError::DatabaseUnavailable(_) => {
-            AppError::DatabaseUnavailable(sqlx::Error::PoolTimedOut)
-        }
+        AppError::Unauthorized { code, message } => AppError::Unauthorized { code, message },
+        AppError::Conflict { code, message } => AppError::Conflict {
+            code,
+            message: message.clone(),
+        },
+        AppError::DatabaseUnavailable(_) => AppError::DatabaseUnavailable(sqlx::Error::PoolTimedOut),
         AppError::BadRequest { code, message } => AppError::BadRequest {
             code,
             message: message.clone(),

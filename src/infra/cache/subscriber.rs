@@ -10,25 +10,35 @@ use futures_util::StreamExt;
 
 use super::Inner;
 
+/// The message body that makes every other instance flush its L1 (after an admin flush).
+pub(super) const FLUSH_ALL: &str = "*";
+
 const PING_EVERY: Duration = Duration::from_millis(500);
 const RETRY_EVERY: Duration = Duration::from_millis(250);
 
 pub(super) async fn run(inner: Arc<Inner>) {
+    // Whether Redis was out of reach since the last subscription: then other instances'
+    // invalidations may never have reached L2, and what L2 holds from before is suspect.
+    let mut lost = false;
     loop {
         if inner.active_redis().is_some() {
-            if let Err(err) = listen(&inner).await {
+            if let Err(err) = listen(&inner, &mut lost).await {
                 log::debug!("cache: invalidation subscriber: {err}");
+                lost = true;
             }
             if inner.subscriber_connected.swap(false, Ordering::AcqRel) {
                 log::warn!("cache: invalidation subscriber disconnected; L1 flushed, reconnecting");
                 inner.flush_l1();
             }
+        } else {
+            // Memory mode: whatever happens in Redis meanwhile is unknown to us.
+            lost = true;
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
 }
 
-async fn listen(inner: &Inner) -> Result<(), String> {
+async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
     let Some(redis) = inner.active_redis().cloned() else {
         return Ok(());
     };
@@ -43,6 +53,16 @@ async fn listen(inner: &Inner) -> Result<(), String> {
         .await
         .map_err(|_| "subscribe timed out".to_owned())?
         .map_err(|e| e.to_string())?;
+    if *lost {
+        let (seconds, micros): (u64, u64) = redis
+            .call(|mut c| async move { bb8_redis::redis::cmd("TIME").query_async(&mut c).await })
+            .await
+            .map_err(|e| e.to_string())?;
+        inner
+            .l2_trusted_since_ms
+            .store(seconds * 1000 + micros / 1000, Ordering::Release);
+        *lost = false;
+    }
     // Anything published before this point is lost to us: start from an empty L1.
     inner.flush_l1();
     inner.subscriber_connected.store(true, Ordering::Release);
@@ -59,7 +79,7 @@ async fn listen(inner: &Inner) -> Result<(), String> {
                 if !inner.redis_enabled.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                let pong = tokio::time::timeout(inner.redis_settings.command_timeout * 4, sink.ping::<String>()).await;
+                let pong = tokio::time::timeout(inner.redis_settings.command_timeout * 4, sink.ping::<bb8_redis::redis::Value>()).await;
                 match pong {
                     Ok(Ok(_)) => inner.replay_pending().await,
                     Ok(Err(err)) => return Err(format!("ping failed: {err}")),
@@ -76,6 +96,10 @@ fn apply(inner: &Inner, payload: &str) {
         return;
     };
     if instance == inner.instance {
+        return;
+    }
+    if redis_key == FLUSH_ALL {
+        inner.flush_l1();
         return;
     }
     if let Some(key) = inner.keys.parse(redis_key) {

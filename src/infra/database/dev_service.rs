@@ -34,12 +34,7 @@ fn ensure_running_blocking() -> Result<String, String> {
             )
         })?;
 
-    let running = binaries
-        .command("pg_ctl")
-        .arg("status")
-        .arg("-D")
-        .arg(&data)
-        .output();
+    let running = binaries.command("pg_ctl").arg("status").arg("-D").arg(&data).output();
     let already_running = matches!(running, Ok(out) if out.status.success());
     if !already_running {
         let output = binaries
@@ -61,22 +56,14 @@ fn ensure_running_blocking() -> Result<String, String> {
             ));
         }
     }
-    let pg_ctl = binaries
-        .command("pg_ctl")
-        .get_program()
-        .to_string_lossy()
-        .into_owned();
+    let pg_ctl = binaries.command("pg_ctl").get_program().to_string_lossy().into_owned();
     let stop = match local_server::server_user() {
         Some(_) => format!("su postgres -c '{pg_ctl} stop -D {}'", data.display()),
         None => format!("{pg_ctl} stop -D {}", data.display()),
     };
     log::info!(
         "dev service: {} private Postgres on 127.0.0.1:{port} (data in {}); stop it with: {stop}",
-        if already_running {
-            "using the"
-        } else {
-            "started a"
-        },
+        if already_running { "using the" } else { "started a" },
         data.display()
     );
     Ok(format!("postgres://postgres@127.0.0.1:{port}/nestling"))

@@ -41,11 +41,7 @@ impl PgBinaries {
         };
         on_path
             .or_else(installed)
-            .filter(|dir| {
-                ["initdb", "pg_ctl", "postgres"]
-                    .iter()
-                    .all(|b| dir.join(b).is_file())
-            })
+            .filter(|dir| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file()))
             .map(|dir| Self { dir })
             .ok_or_else(|| MISSING_BINARIES.to_owned())
     }
@@ -61,8 +57,7 @@ impl PgBinaries {
 
     /// Creates a trust-authenticated cluster (superuser `postgres`) in `data_dir`.
     pub fn initdb(&self, data_dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
         hand_to_server_user(data_dir)?;
         let output = self
             .command("initdb")
@@ -122,11 +117,10 @@ pub fn reachable_by_server_user(dir: &Path) -> bool {
     let Some((uid, _)) = server_user() else {
         return true;
     };
-    dir.ancestors()
-        .all(|ancestor| match std::fs::metadata(ancestor) {
-            Ok(meta) => meta.uid() == uid || meta.mode() & 0o001 != 0,
-            Err(_) => true, // not created yet: we create it ourselves
-        })
+    dir.ancestors().all(|ancestor| match std::fs::metadata(ancestor) {
+        Ok(meta) => meta.uid() == uid || meta.mode() & 0o001 != 0,
+        Err(_) => true, // not created yet: we create it ourselves
+    })
 }
 
 /// A TCP port that was free a moment ago on the loopback interface.
@@ -143,7 +137,8 @@ pub fn write_server_conf(data_dir: &Path, port: u16, extra: &[&str]) -> Result<(
         .append(true)
         .open(&conf)
         .map_err(|e| format!("cannot open {}: {e}", conf.display()))?;
-    let mut text = format!("\n# nestling\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n");
+    let mut text =
+        format!("\n# nestling\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n");
     for line in extra {
         text.push_str(line);
         text.push('\n');

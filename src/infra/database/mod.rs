@@ -47,29 +47,19 @@ impl Database for PgDatabase {
 impl dyn Database {
     /// Runs one statement or transaction under the statement deadline. sqlx has no query timeout,
     /// and a frozen server never answers: without this a request would hang forever.
-    pub async fn run<T>(
-        &self,
-        work: impl Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, sqlx::Error> {
+    pub async fn run<T>(&self, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
         within(self.statement_timeout(), work).await
     }
 
     /// Round-trip time of `SELECT 1`, under the (shorter) health deadline.
     pub async fn ping(&self) -> Result<Duration, sqlx::Error> {
         let started = Instant::now();
-        within(
-            self.health_timeout(),
-            sqlx::query("SELECT 1").execute(self.pool()),
-        )
-        .await?;
+        within(self.health_timeout(), sqlx::query("SELECT 1").execute(self.pool())).await?;
         Ok(started.elapsed())
     }
 }
 
-async fn within<T>(
-    deadline: Duration,
-    work: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
+async fn within<T>(deadline: Duration, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
     match tokio::time::timeout(deadline, work).await {
         Ok(result) => result,
         Err(_) => Err(sqlx::Error::Io(io::Error::new(
@@ -99,9 +89,7 @@ pub async fn prepare(settings: &mut Settings, migrate: bool) -> Result<PgPool, D
     let db = &settings.database;
     let options: PgConnectOptions = db.url.parse().map_err(DatabaseSetupError::InvalidUrl)?;
     match probe(&options, db.connect_timeout).await {
-        Err(err)
-            if refused(&err) && settings.app.env == AppEnv::Development && db.url_is_default =>
-        {
+        Err(err) if refused(&err) && settings.app.env == AppEnv::Development && db.url_is_default => {
             let url = dev_service::ensure_running()
                 .await
                 .map_err(DatabaseSetupError::DevService)?;
@@ -145,10 +133,7 @@ fn refused(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Io(e) if e.kind() == io::ErrorKind::ConnectionRefused)
 }
 
-async fn create_database_if_missing(
-    options: &PgConnectOptions,
-    timeout: Duration,
-) -> Result<(), DatabaseSetupError> {
+async fn create_database_if_missing(options: &PgConnectOptions, timeout: Duration) -> Result<(), DatabaseSetupError> {
     let unreachable = |source| DatabaseSetupError::Unreachable {
         url: describe(options),
         source,

@@ -8,9 +8,7 @@ use uuid::Uuid;
 use crate::config::TtlTable;
 
 /// What kind of entry a key holds; decides its TTL and its metrics label.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Namespace {
     Tasks,
@@ -131,12 +129,7 @@ impl KeyRegistry {
         }
     }
 
-    fn grouped(
-        &self,
-        namespace: Namespace,
-        owner: impl std::fmt::Display,
-        field: String,
-    ) -> CacheKey {
+    fn grouped(&self, namespace: Namespace, owner: impl std::fmt::Display, field: String) -> CacheKey {
         CacheKey {
             field: Some(field),
             ..self.plain(namespace, owner)

@@ -59,9 +59,7 @@ impl bb8::ManageConnection for RedisManager {
     }
 
     async fn is_valid(&self, conn: &mut TrackedConnection) -> Result<(), RedisError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut conn.connection)
-            .await
+        redis::cmd("PING").query_async::<()>(&mut conn.connection).await
     }
 
     fn has_broken(&self, conn: &mut TrackedConnection) -> bool {
@@ -123,18 +121,13 @@ impl Redis {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let pooled = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| RedisFailure::Pool(e.to_string()))?;
+        let pooled = self.pool.get().await.map_err(|e| RedisFailure::Pool(e.to_string()))?;
         let connection = pooled.connection.clone();
         let result = tokio::time::timeout(self.command_timeout, command(connection)).await;
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error()
-                {
+                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
                     pooled.broken.store(true, Ordering::Relaxed);
                 }
                 Err(RedisFailure::Command(err))

@@ -24,10 +24,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
 )]
 #[post("/api/auth/register")]
-pub async fn register(
-    auth: Inject<dyn AuthService>,
-    body: web::Json<RegisterRequest>,
-) -> AppResult<HttpResponse> {
+pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(auth.register(body.into_inner()).await?))
 }
@@ -43,10 +40,7 @@ pub async fn register(
     )
 )]
 #[post("/api/auth/login")]
-pub async fn login(
-    auth: Inject<dyn AuthService>,
-    body: web::Json<LoginRequest>,
-) -> AppResult<HttpResponse> {
+pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(auth.login(body.into_inner()).await?))
 }

@@ -5,26 +5,18 @@ use actix_web::http::header::AUTHORIZATION;
 use actix_web::{FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use shaku::HasComponent;
-use std::ops::Deref;
 use std::sync::Arc;
+use uuid::Uuid;
 
 use super::service::AuthService;
 use crate::container::AppModule;
 use crate::error::AppError;
-use crate::modules::users::model::User;
 
 #[derive(Debug, Clone)]
 pub struct AuthUser {
-    pub user: User,
+    pub id: Uuid,
     /// The bearer token this request came with (logout revokes it).
     pub token: String,
-}
-
-impl Deref for AuthUser {
-    type Target = User;
-    fn deref(&self) -> &User {
-        &self.user
-    }
 }
 
 const MISSING_TOKEN: AppError = AppError::Unauthorized {
@@ -41,19 +33,14 @@ impl FromRequest for AuthUser {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .map(|token| token.trim().to_owned());
-        let auth: Option<Arc<dyn AuthService>> =
-            req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
+        let auth: Option<Arc<dyn AuthService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
         Box::pin(async move {
             let token = token.filter(|t| !t.is_empty()).ok_or(MISSING_TOKEN)?;
             let auth = auth.ok_or_else(|| AppError::internal("AppModule missing from app data"))?;
-            let user = auth.authenticate(&token).await?;
-            Ok(AuthUser { user, token })
+            let id = auth.authenticate(&token).await?;
+            Ok(AuthUser { id, token })
         })
     }
 }

@@ -1,8 +1,6 @@
 //! argon2id hashing, on the blocking pool: a hash takes tens of milliseconds of CPU.
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use std::sync::OnceLock;
 
@@ -28,9 +26,7 @@ pub async fn verify(password: String, stored: Option<String>) -> AppResult<bool>
     tokio::task::spawn_blocking(move || {
         let stored = stored.as_deref().unwrap_or_else(|| dummy_hash());
         let parsed = PasswordHash::new(stored).map_err(|e| AppError::internal(e.to_string()))?;
-        Ok(Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
+        Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
     })
     .await
     .map_err(AppError::internal)?
@@ -38,7 +34,5 @@ pub async fn verify(password: String, stored: Option<String>) -> AppResult<bool>
 
 fn dummy_hash() -> &'static str {
     static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        hash_blocking("nestling-timing-equalizer").expect("argon2 hashes a constant")
-    })
+    DUMMY.get_or_init(|| hash_blocking("nestling-timing-equalizer").expect("argon2 hashes a constant"))
 }

@@ -10,17 +10,9 @@ use crate::modules::users::model::User;
 /// Auth tokens, stored by SHA-256 only.
 #[async_trait]
 pub trait TokenRepository: Interface {
-    async fn insert(
-        &self,
-        token_hash: &[u8],
-        user_id: Uuid,
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error>;
+    async fn insert(&self, token_hash: &[u8], user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error>;
     /// The user a live (unexpired) token belongs to, with the token's expiry.
-    async fn find_user(
-        &self,
-        token_hash: &[u8],
-    ) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error>;
+    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error>;
     async fn delete(&self, token_hash: &[u8]) -> Result<(), sqlx::Error>;
 }
 
@@ -40,12 +32,7 @@ struct TokenOwner {
 
 #[async_trait]
 impl TokenRepository for PgTokenRepository {
-    async fn insert(
-        &self,
-        token_hash: &[u8],
-        user_id: Uuid,
-        expires_at: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
+    async fn insert(&self, token_hash: &[u8], user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error> {
         // Expired tokens of this user go at the same time, so the table does not grow without bound.
         let work = async {
             let mut tx = self.db.pool().begin().await?;
@@ -53,23 +40,18 @@ impl TokenRepository for PgTokenRepository {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "INSERT INTO auth_tokens (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
-            )
-            .bind(token_hash)
-            .bind(user_id)
-            .bind(expires_at)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("INSERT INTO auth_tokens (token_hash, user_id, expires_at) VALUES ($1, $2, $3)")
+                .bind(token_hash)
+                .bind(user_id)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await
         };
         self.db.run(work).await
     }
 
-    async fn find_user(
-        &self,
-        token_hash: &[u8],
-    ) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error> {
+    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error> {
         let query = sqlx::query_as::<_, TokenOwner>(
             "SELECT u.id, u.email, u.name, u.created_at, u.updated_at, t.expires_at
              FROM auth_tokens t JOIN users u ON u.id = t.user_id

@@ -5,13 +5,16 @@ use sha2::{Digest, Sha256};
 use shaku::{Component, Interface};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
 use super::password;
 use super::repository::TokenRepository;
 use crate::error::{is_unique_violation, AppError, AppResult};
+use crate::infra::cache::CacheService;
 use crate::modules::users::model::User;
 use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
+use crate::modules::{from_json_bytes, to_json_bytes};
 
 const INVALID_CREDENTIALS: AppError = AppError::Unauthorized {
     code: "invalid_credentials",
@@ -27,8 +30,8 @@ pub trait AuthService: Interface {
     async fn register(&self, request: RegisterRequest) -> AppResult<User>;
     async fn login(&self, request: LoginRequest) -> AppResult<LoginResponse>;
     async fn logout(&self, token: &str) -> AppResult<()>;
-    /// The user behind a bearer token; 401 when it is unknown or expired.
-    async fn authenticate(&self, token: &str) -> AppResult<User>;
+    /// The id of the user behind a bearer token; 401 when it is unknown or expired.
+    async fn authenticate(&self, token: &str) -> AppResult<Uuid>;
 }
 
 #[derive(Component)]
@@ -38,7 +41,16 @@ pub struct Auth {
     users: Arc<dyn UserRepository>,
     #[shaku(inject)]
     tokens: Arc<dyn TokenRepository>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
     token_ttl: Duration,
+}
+
+/// What the cache keeps for a token: whose it is and until when.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Session {
+    user_id: Uuid,
+    expires_at: chrono::DateTime<Utc>,
 }
 
 /// Tokens are 32 random bytes, hex-encoded; only their SHA-256 is stored.
@@ -78,9 +90,7 @@ impl AuthService for Auth {
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let token = hex::encode(bytes);
         let expires_at = Utc::now() + self.token_ttl;
-        self.tokens
-            .insert(&token_hash(&token), user_id, expires_at)
-            .await?;
+        self.tokens.insert(&token_hash(&token), user_id, expires_at).await?;
         Ok(LoginResponse {
             token,
             token_type: "Bearer".into(),
@@ -89,17 +99,35 @@ impl AuthService for Auth {
     }
 
     async fn logout(&self, token: &str) -> AppResult<()> {
-        Ok(self.tokens.delete(&token_hash(token)).await?)
+        let hash = token_hash(token);
+        self.tokens.delete(&hash).await?;
+        // Every instance drops it from L1 too: a revoked token stops working everywhere at once.
+        self.cache
+            .invalidate(vec![self.cache.keys().auth_token(&hex::encode(hash))])
+            .await;
+        Ok(())
     }
 
-    async fn authenticate(&self, token: &str) -> AppResult<User> {
-        // Anything that is not 64 hex characters cannot be one of ours: skip the database.
+    async fn authenticate(&self, token: &str) -> AppResult<Uuid> {
+        // Anything that is not 64 hex characters cannot be one of ours: skip the lookups.
         if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(INVALID_TOKEN);
         }
-        match self.tokens.find_user(&token_hash(token)).await? {
-            Some((user, _expires_at)) => Ok(user),
-            None => Err(INVALID_TOKEN),
+        let hash = token_hash(token);
+        let key = self.cache.keys().auth_token(&hex::encode(hash));
+        let load = async {
+            let (user, expires_at) = self.tokens.find_user(&hash).await?.ok_or(INVALID_TOKEN)?;
+            to_json_bytes(&Session {
+                user_id: user.id,
+                expires_at,
+            })
+        };
+        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let session: Session = from_json_bytes(&cached.bytes)?;
+        // The cache entry may outlive the token: its own expiry decides.
+        if session.expires_at <= Utc::now() {
+            return Err(INVALID_TOKEN);
         }
+        Ok(session.user_id)
     }
 }

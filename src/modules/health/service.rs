@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 use utoipa::ToSchema;
 
+use crate::infra::cache::{CacheMode, CacheService};
 use crate::infra::database::Database;
+use crate::infra::redis::breaker::BreakerState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComponentStatus {
     Up,
     Down,
+    /// Failing, but the app works around it (Redis down: served from memory and Postgres).
+    Degraded,
     Disabled,
 }
 
@@ -26,6 +30,26 @@ pub struct ComponentHealth {
     pub mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriber: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l1_entries: Option<u64>,
+}
+
+impl ComponentHealth {
+    fn new(status: ComponentStatus) -> Self {
+        Self {
+            status,
+            latency_ms: None,
+            mode: None,
+            message: None,
+            breaker: None,
+            subscriber: None,
+            l1_entries: None,
+        }
+    }
 }
 
 /// `status` is `ok` when every component is up or disabled, `error` otherwise; `info` holds the
@@ -61,6 +85,8 @@ pub trait HealthService: Interface {
 pub struct HealthChecks {
     #[shaku(inject)]
     db: Arc<dyn Database>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
     started: Instant,
 }
 
@@ -68,21 +94,59 @@ impl HealthChecks {
     async fn database(&self) -> ComponentHealth {
         match self.db.ping().await {
             Ok(latency) => ComponentHealth {
-                status: ComponentStatus::Up,
                 latency_ms: Some(latency.as_secs_f64() * 1000.0),
-                mode: None,
-                message: None,
+                ..ComponentHealth::new(ComponentStatus::Up)
             },
             Err(err) => {
                 log::warn!("health: database check failed: {err}");
                 ComponentHealth {
-                    status: ComponentStatus::Down,
-                    latency_ms: None,
-                    mode: None,
                     message: Some("database did not answer".into()),
+                    ..ComponentHealth::new(ComponentStatus::Down)
                 }
             }
         }
+    }
+
+    /// Redis never makes the app unhealthy: when it fails, the cache degrades to memory.
+    async fn redis_and_cache(&self) -> (ComponentHealth, ComponentHealth) {
+        let status = self.cache.status();
+        let redis = match self.cache.redis() {
+            None => ComponentHealth::new(ComponentStatus::Disabled),
+            Some(redis) => {
+                let ping = redis.ping().await;
+                let mut health = match &ping {
+                    Ok(latency) => ComponentHealth {
+                        latency_ms: Some(latency.as_secs_f64() * 1000.0),
+                        ..ComponentHealth::new(ComponentStatus::Up)
+                    },
+                    Err(err) => ComponentHealth {
+                        message: Some(format!("serving without Redis: {err}")),
+                        ..ComponentHealth::new(ComponentStatus::Degraded)
+                    },
+                };
+                health.breaker = Some(redis.breaker_state());
+                health.subscriber = Some(
+                    if status.subscriber_connected {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                    .into(),
+                );
+                health
+            }
+        };
+        let mode = self.cache.status().mode;
+        let cache = ComponentHealth {
+            mode: Some(format!("{mode:?}").to_lowercase()),
+            l1_entries: Some(status.l1_entries),
+            ..ComponentHealth::new(if mode == CacheMode::Degraded {
+                ComponentStatus::Degraded
+            } else {
+                ComponentStatus::Up
+            })
+        };
+        (redis, cache)
     }
 
     fn assemble(&self, components: Vec<(&str, ComponentHealth)>) -> HealthReport {
@@ -115,16 +179,7 @@ impl HealthService for HealthChecks {
     }
 
     async fn report(&self) -> HealthReport {
-        let disabled = |mode: Option<&str>| ComponentHealth {
-            status: ComponentStatus::Disabled,
-            latency_ms: None,
-            mode: mode.map(str::to_owned),
-            message: None,
-        };
-        self.assemble(vec![
-            ("database", self.database().await),
-            ("redis", disabled(None)),
-            ("cache", disabled(Some("off"))),
-        ])
+        let ((redis, cache), database) = tokio::join!(self.redis_and_cache(), self.database());
+        self.assemble(vec![("database", database), ("redis", redis), ("cache", cache)])
     }
 }

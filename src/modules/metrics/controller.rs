@@ -6,6 +6,7 @@ use super::service::MetricsService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
+use crate::modules::cached_response;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(get_daily_metrics);
@@ -27,5 +28,5 @@ pub async fn get_daily_metrics(
     id: web::Path<Uuid>,
     query: web::Query<DailyMetricsQuery>,
 ) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(metrics.daily(me.id, *id, query.into_inner()).await?))
+    Ok(cached_response(metrics.daily(me.id, *id, query.into_inner()).await?))
 }

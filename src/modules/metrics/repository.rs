@@ -10,12 +10,7 @@ use crate::infra::database::Database;
 #[async_trait]
 pub trait MetricsRepository: Interface {
     /// One row per day from `from` to `to` inclusive, zeros included.
-    async fn daily(
-        &self,
-        workspace_id: Uuid,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<Vec<DailyMetric>, sqlx::Error>;
+    async fn daily(&self, workspace_id: Uuid, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyMetric>, sqlx::Error>;
 }
 
 #[derive(Component)]
@@ -27,12 +22,7 @@ pub struct PgMetricsRepository {
 
 #[async_trait]
 impl MetricsRepository for PgMetricsRepository {
-    async fn daily(
-        &self,
-        workspace_id: Uuid,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<Vec<DailyMetric>, sqlx::Error> {
+    async fn daily(&self, workspace_id: Uuid, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyMetric>, sqlx::Error> {
         // Day boundaries are UTC midnights, whatever the session time zone.
         let query = sqlx::query_as(
             "WITH days AS (

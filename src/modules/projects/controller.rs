@@ -8,6 +8,7 @@ use super::service::ProjectService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
+use crate::modules::cached_response;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(create_project)
@@ -50,7 +51,7 @@ pub async fn list_projects(
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
 ) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(projects.list(me.id, *id).await?))
+    Ok(cached_response(projects.list(me.id, *id).await?))
 }
 
 /// One project.
@@ -65,7 +66,7 @@ pub async fn get_project(
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
 ) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(projects.get(me.id, *id).await?))
+    Ok(cached_response(projects.get(me.id, *id).await?))
 }
 
 /// Change a project's name or description.

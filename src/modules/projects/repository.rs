@@ -10,16 +10,12 @@ const COLUMNS: &str = "id, workspace_id, name, description, created_at, updated_
 
 #[async_trait]
 pub trait ProjectRepository: Interface {
-    async fn create(
-        &self,
-        workspace_id: Uuid,
-        name: &str,
-        description: Option<&str>,
-    ) -> Result<Project, sqlx::Error>;
+    async fn create(&self, workspace_id: Uuid, name: &str, description: Option<&str>) -> Result<Project, sqlx::Error>;
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Project>, sqlx::Error>;
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error>;
-    async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
+    /// Deletes the project and its tasks; returns (task id, assignee) of every deleted task.
+    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error>;
 }
 
 #[derive(Component)]
@@ -31,31 +27,17 @@ pub struct PgProjectRepository {
 
 #[async_trait]
 impl ProjectRepository for PgProjectRepository {
-    async fn create(
-        &self,
-        workspace_id: Uuid,
-        name: &str,
-        description: Option<&str>,
-    ) -> Result<Project, sqlx::Error> {
+    async fn create(&self, workspace_id: Uuid, name: &str, description: Option<&str>) -> Result<Project, sqlx::Error> {
         let sql =
             format!("INSERT INTO projects (workspace_id, name, description) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
-        let query = sqlx::query_as(&sql)
-            .bind(workspace_id)
-            .bind(name)
-            .bind(description);
+        let query = sqlx::query_as(&sql).bind(workspace_id).bind(name).bind(description);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
 
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM projects WHERE workspace_id = $1 ORDER BY created_at, id"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM projects WHERE workspace_id = $1 ORDER BY created_at, id");
         self.db
-            .run(
-                sqlx::query_as(&sql)
-                    .bind(workspace_id)
-                    .fetch_all(self.db.pool()),
-            )
+            .run(sqlx::query_as(&sql).bind(workspace_id).fetch_all(self.db.pool()))
             .await
     }
 
@@ -77,13 +59,20 @@ impl ProjectRepository for PgProjectRepository {
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
-    async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
-        let query = sqlx::query("DELETE FROM projects WHERE id = $1").bind(id);
-        Ok(self
-            .db
-            .run(query.execute(self.db.pool()))
-            .await?
-            .rows_affected()
-            == 1)
+    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
+        let work = async {
+            let mut tx = self.db.pool().begin().await?;
+            let tasks = sqlx::query_as("DELETE FROM tasks WHERE project_id = $1 RETURNING id, assignee_id")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM projects WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(tasks)
+        };
+        self.db.run(work).await
     }
 }

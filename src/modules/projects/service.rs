@@ -7,25 +7,19 @@ use super::dto::{CreateProjectRequest, UpdateProjectRequest};
 use super::model::Project;
 use super::repository::ProjectRepository;
 use crate::error::{AppError, AppResult};
+use crate::infra::cache::{CacheService, Cached};
 use crate::modules::workspaces::service::WorkspaceService;
+use crate::modules::{from_json_bytes, to_json_bytes};
 
 #[async_trait]
 pub trait ProjectService: Interface {
-    /// The project, if the user is a member of its workspace; 404 `project_not_found` otherwise.
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Project>;
-    async fn create(
-        &self,
-        user_id: Uuid,
-        workspace_id: Uuid,
-        request: CreateProjectRequest,
-    ) -> AppResult<Project>;
-    async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Vec<Project>>;
-    async fn update(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: UpdateProjectRequest,
-    ) -> AppResult<Project>;
+    /// The project as cached JSON, if the user is a member of its workspace; 404 otherwise.
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
+    /// The same, as a value, for other services.
+    async fn find(&self, user_id: Uuid, id: Uuid) -> AppResult<Project>;
+    async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project>;
+    async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Cached>;
+    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project>;
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
 }
 
@@ -36,70 +30,87 @@ pub struct Projects {
     projects: Arc<dyn ProjectRepository>,
     #[shaku(inject)]
     workspaces: Arc<dyn WorkspaceService>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
-#[async_trait]
-impl ProjectService for Projects {
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Project> {
-        let project = self.projects.find(id).await?.ok_or(NOT_FOUND)?;
-        match self
-            .workspaces
-            .require_member(user_id, project.workspace_id)
-            .await
-        {
-            Ok(_) => Ok(project),
+impl Projects {
+    async fn get_with_value(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Project)> {
+        let key = self.cache.keys().project(id);
+        let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
+        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let project: Project = from_json_bytes(&cached.bytes)?;
+        match self.workspaces.require_member(user_id, project.workspace_id).await {
+            Ok(_) => Ok((cached, project)),
             Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
             Err(other) => Err(other),
         }
     }
+}
 
-    async fn create(
-        &self,
-        user_id: Uuid,
-        workspace_id: Uuid,
-        request: CreateProjectRequest,
-    ) -> AppResult<Project> {
-        self.workspaces
-            .require_member(user_id, workspace_id)
-            .await?;
-        Ok(self
+#[async_trait]
+impl ProjectService for Projects {
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
+        Ok(self.get_with_value(user_id, id).await?.0)
+    }
+
+    async fn find(&self, user_id: Uuid, id: Uuid) -> AppResult<Project> {
+        Ok(self.get_with_value(user_id, id).await?.1)
+    }
+
+    async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {
+        self.workspaces.require_member(user_id, workspace_id).await?;
+        let project = self
             .projects
-            .create(
-                workspace_id,
-                request.name.trim(),
-                request.description.as_deref(),
-            )
-            .await?)
-    }
-
-    async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Vec<Project>> {
-        self.workspaces
-            .require_member(user_id, workspace_id)
+            .create(workspace_id, request.name.trim(), request.description.as_deref())
             .await?;
-        Ok(self.projects.list(workspace_id).await?)
+        self.cache
+            .invalidate(vec![self.cache.keys().project_list(workspace_id)])
+            .await;
+        Ok(project)
     }
 
-    async fn update(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: UpdateProjectRequest,
-    ) -> AppResult<Project> {
-        let mut project = self.get(user_id, id).await?;
+    async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Cached> {
+        self.workspaces.require_member(user_id, workspace_id).await?;
+        let key = self.cache.keys().project_list(workspace_id);
+        let load = async { to_json_bytes(&self.projects.list(workspace_id).await?) };
+        self.cache.get_or_load(key, Box::pin(load)).await
+    }
+
+    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project> {
+        self.find(user_id, id).await?;
+        let mut project = self.projects.find(id).await?.ok_or(NOT_FOUND)?;
         if let Some(name) = request.name {
             project.name = name.trim().to_owned();
         }
         if let Some(description) = request.description {
             project.description = description;
         }
-        self.projects.save(&project).await?.ok_or(NOT_FOUND)
+        let saved = self.projects.save(&project).await?.ok_or(NOT_FOUND)?;
+        let keys = self.cache.keys();
+        self.cache
+            .invalidate(vec![keys.project(id), keys.project_list(saved.workspace_id)])
+            .await;
+        Ok(saved)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
-        self.get(user_id, id).await?;
-        self.projects.delete(id).await?;
+        let project = self.find(user_id, id).await?;
+        let deleted_tasks = self.projects.delete(id).await?;
+        let keys = self.cache.keys();
+        let mut stale = vec![
+            keys.project(id),
+            keys.project_list(project.workspace_id),
+            keys.task_lists(id),
+            keys.all_daily_metrics(project.workspace_id),
+        ];
+        for (task_id, assignee) in deleted_tasks {
+            stale.push(keys.task(task_id));
+            stale.extend(assignee.map(|user| keys.assigned_task_lists(user)));
+        }
+        self.cache.invalidate(stale).await;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use super::service::TaskService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
+use crate::modules::cached_response;
 use crate::modules::paging::Page;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -56,7 +57,7 @@ pub async fn list_tasks(
     query: web::Query<TaskQuery>,
 ) -> AppResult<HttpResponse> {
     query.validate()?;
-    Ok(HttpResponse::Ok().json(tasks.list(me.id, *id, query.into_inner()).await?))
+    Ok(cached_response(tasks.list(me.id, *id, query.into_inner()).await?))
 }
 
 /// One task.
@@ -66,12 +67,8 @@ pub async fn list_tasks(
     responses((status = 200, body = Task), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 #[get("/api/tasks/{id}")]
-pub async fn get_task(
-    me: AuthUser,
-    tasks: Inject<dyn TaskService>,
-    id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(tasks.get(me.id, *id).await?))
+pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+    Ok(cached_response(tasks.get(me.id, *id).await?))
 }
 
 /// Change any field of a task; `null` clears description, assignee and due date.
@@ -102,11 +99,7 @@ pub async fn update_task(
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 #[delete("/api/tasks/{id}")]
-pub async fn delete_task(
-    me: AuthUser,
-    tasks: Inject<dyn TaskService>,
-    id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
+pub async fn delete_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
     tasks.delete(me.id, *id).await?;
     Ok(HttpResponse::NoContent().finish())
 }

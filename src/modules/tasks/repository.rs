@@ -7,8 +7,7 @@ use super::model::{Task, TaskStatus};
 use crate::infra::database::Database;
 use crate::modules::paging::Paging;
 
-const COLUMNS: &str =
-    "id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
+const COLUMNS: &str = "id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
                        completed_at, created_at, updated_at";
 
 /// Which tasks a list shows.
@@ -140,11 +139,6 @@ impl TaskRepository for PgTaskRepository {
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM tasks WHERE id = $1").bind(id);
-        Ok(self
-            .db
-            .run(query.execute(self.db.pool()))
-            .await?
-            .rows_affected()
-            == 1)
+        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
     }
 }

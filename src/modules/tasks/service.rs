@@ -8,26 +8,21 @@ use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
 use super::model::{Task, TaskPriority, TaskStatus};
 use super::repository::{TaskListFilter, TaskRepository};
 use crate::error::{AppError, AppResult};
+use crate::infra::cache::{CacheService, Cached};
+use crate::infra::redis::keys::CacheKey;
 use crate::modules::paging::Page;
 use crate::modules::projects::service::ProjectService;
 use crate::modules::workspaces::service::WorkspaceService;
+use crate::modules::{from_json_bytes, to_json_bytes};
 
 #[async_trait]
 pub trait TaskService: Interface {
-    async fn create(
-        &self,
-        user_id: Uuid,
-        project_id: Uuid,
-        request: CreateTaskRequest,
-    ) -> AppResult<Task>;
-    async fn list(
-        &self,
-        user_id: Uuid,
-        project_id: Uuid,
-        query: TaskQuery,
-    ) -> AppResult<Page<Task>>;
-    async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>>;
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Task>;
+    async fn create(&self, user_id: Uuid, project_id: Uuid, request: CreateTaskRequest) -> AppResult<Task>;
+    /// One page of a project's tasks, as cached JSON.
+    async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached>;
+    /// One page of the tasks assigned to the user, as cached JSON.
+    async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached>;
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateTaskRequest) -> AppResult<Task>;
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
 }
@@ -41,24 +36,28 @@ pub struct Tasks {
     projects: Arc<dyn ProjectService>,
     #[shaku(inject)]
     workspaces: Arc<dyn WorkspaceService>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
 
-impl Tasks {
-    async fn check_assignee(&self, assignee: Option<Uuid>, workspace_id: Uuid) -> AppResult<()> {
-        let Some(assignee) = assignee else {
-            return Ok(());
-        };
-        match self.workspaces.require_member(assignee, workspace_id).await {
-            Ok(_) => Ok(()),
-            Err(AppError::NotFound { .. }) => Err(AppError::invalid_field(
-                "assigneeId",
-                "must be a member of the workspace",
-            )),
-            Err(other) => Err(other),
-        }
-    }
+/// The one field of a cached task that authorization needs.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskOwner {
+    workspace_id: Uuid,
+}
+
+/// Canonical form of a list query: equal queries share one cache entry.
+fn list_variant(query: &TaskQuery) -> String {
+    let status = query.status.map(|s| format!("{s:?}")).unwrap_or_default();
+    let assignee = query.assignee_id.map(|a| a.to_string()).unwrap_or_default();
+    let paging = query.paging();
+    format!(
+        "status={status}&assignee={assignee}&limit={}&offset={}",
+        paging.limit, paging.offset
+    )
 }
 
 /// `completedAt` follows the status: stamped when a task becomes done, cleared when it leaves done.
@@ -71,17 +70,59 @@ fn apply_status(task: &mut Task, status: TaskStatus) {
     task.status = status;
 }
 
+impl Tasks {
+    /// 404 `task_not_found` (not `workspace_not_found`) for a task the user may not see.
+    async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<()> {
+        match self.workspaces.require_member(user_id, workspace_id).await {
+            Ok(_) => Ok(()),
+            Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The task fresh from Postgres (the base of every write), if the user may see it.
+    async fn find_for_write(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
+        let task = self.tasks.find(id).await?.ok_or(NOT_FOUND)?;
+        self.require_member(user_id, task.workspace_id).await?;
+        Ok(task)
+    }
+
+    async fn check_assignee(&self, assignee: Option<Uuid>, workspace_id: Uuid) -> AppResult<()> {
+        let Some(assignee) = assignee else { return Ok(()) };
+        match self.workspaces.require_member(assignee, workspace_id).await {
+            Ok(_) => Ok(()),
+            Err(AppError::NotFound { .. }) => Err(AppError::invalid_field(
+                "assigneeId",
+                "must be a member of the workspace",
+            )),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// What a change to these task states makes stale: the tasks, their projects' lists, their
+    /// assignees' lists and their workspaces' daily metrics.
+    async fn invalidate(&self, states: &[&Task]) {
+        let keys = self.cache.keys();
+        let mut stale: Vec<CacheKey> = Vec::new();
+        for task in states {
+            stale.extend([
+                keys.task(task.id),
+                keys.task_lists(task.project_id),
+                keys.all_daily_metrics(task.workspace_id),
+            ]);
+            stale.extend(task.assignee_id.map(|user| keys.assigned_task_lists(user)));
+        }
+        stale.sort_by(|a, b| a.redis_key.cmp(&b.redis_key));
+        stale.dedup();
+        self.cache.invalidate(stale).await;
+    }
+}
+
 #[async_trait]
 impl TaskService for Tasks {
-    async fn create(
-        &self,
-        user_id: Uuid,
-        project_id: Uuid,
-        request: CreateTaskRequest,
-    ) -> AppResult<Task> {
-        let project = self.projects.get(user_id, project_id).await?;
-        self.check_assignee(request.assignee_id, project.workspace_id)
-            .await?;
+    async fn create(&self, user_id: Uuid, project_id: Uuid, request: CreateTaskRequest) -> AppResult<Task> {
+        let project = self.projects.find(user_id, project_id).await?;
+        self.check_assignee(request.assignee_id, project.workspace_id).await?;
         let now = Utc::now();
         let mut task = Task {
             id: Uuid::nil(),
@@ -98,56 +139,52 @@ impl TaskService for Tasks {
             updated_at: now,
         };
         apply_status(&mut task, request.status.unwrap_or(TaskStatus::Todo));
-        Ok(self.tasks.create(&task).await?)
+        let created = self.tasks.create(&task).await?;
+        self.invalidate(&[&created]).await;
+        Ok(created)
     }
 
-    async fn list(
-        &self,
-        user_id: Uuid,
-        project_id: Uuid,
-        query: TaskQuery,
-    ) -> AppResult<Page<Task>> {
-        self.projects.get(user_id, project_id).await?;
-        let filter = TaskListFilter {
-            status: query.status,
-            assignee_id: query.assignee_id,
+    async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
+        self.projects.find(user_id, project_id).await?;
+        let key = self.cache.keys().task_list(project_id, list_variant(&query));
+        let load = async {
+            let filter = TaskListFilter {
+                status: query.status,
+                assignee_id: query.assignee_id,
+            };
+            let rows = self.tasks.list_in_project(project_id, filter, query.paging()).await?;
+            to_json_bytes(&Page::from_rows(rows, query.paging()))
         };
-        let rows = self
-            .tasks
-            .list_in_project(project_id, filter, query.paging())
-            .await?;
-        Ok(Page::from_rows(rows, query.paging()))
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
-    async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Page<Task>> {
+    async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
         if query.assignee_id.is_some() {
             return Err(AppError::bad_request(
                 "invalid_query",
                 "assigneeId is implied by /users/me/tasks",
             ));
         }
-        let rows = self
-            .tasks
-            .list_assigned(user_id, query.status, query.paging())
-            .await?;
-        Ok(Page::from_rows(rows, query.paging()))
+        let key = self.cache.keys().assigned_task_list(user_id, list_variant(&query));
+        let load = async {
+            let rows = self.tasks.list_assigned(user_id, query.status, query.paging()).await?;
+            to_json_bytes(&Page::from_rows(rows, query.paging()))
+        };
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
-        let task = self.tasks.find(id).await?.ok_or(NOT_FOUND)?;
-        match self
-            .workspaces
-            .require_member(user_id, task.workspace_id)
-            .await
-        {
-            Ok(_) => Ok(task),
-            Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
-            Err(other) => Err(other),
-        }
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
+        let key = self.cache.keys().task(id);
+        let load = async { to_json_bytes(&self.tasks.find(id).await?.ok_or(NOT_FOUND)?) };
+        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let owner: TaskOwner = from_json_bytes(&cached.bytes)?;
+        self.require_member(user_id, owner.workspace_id).await?;
+        Ok(cached)
     }
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateTaskRequest) -> AppResult<Task> {
-        let mut task = self.get(user_id, id).await?;
+        let before = self.find_for_write(user_id, id).await?;
+        let mut task = before.clone();
         if let Some(assignee) = request.assignee_id {
             self.check_assignee(assignee, task.workspace_id).await?;
             task.assignee_id = assignee;
@@ -167,12 +204,15 @@ impl TaskService for Tasks {
         if let Some(status) = request.status {
             apply_status(&mut task, status);
         }
-        self.tasks.save(&task).await?.ok_or(NOT_FOUND)
+        let saved = self.tasks.save(&task).await?.ok_or(NOT_FOUND)?;
+        self.invalidate(&[&before, &saved]).await;
+        Ok(saved)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
-        self.get(user_id, id).await?;
+        let task = self.find_for_write(user_id, id).await?;
         self.tasks.delete(id).await?;
+        self.invalidate(&[&task]).await;
         Ok(())
     }
 }

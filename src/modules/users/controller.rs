@@ -7,15 +7,14 @@ use super::service::UserService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
+use crate::modules::cached_response;
 use crate::modules::paging::Page;
 use crate::modules::tasks::dto::TaskQuery;
 use crate::modules::tasks::model::Task;
 use crate::modules::tasks::service::TaskService;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(get_me)
-        .service(update_me)
-        .service(list_my_tasks);
+    cfg.service(get_me).service(update_me).service(list_my_tasks);
 }
 
 /// The signed-in user.
@@ -28,7 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 )]
 #[get("/api/users/me")]
 pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(users.get(me.id).await?))
+    Ok(cached_response(users.get(me.id).await?))
 }
 
 /// Change my display name.
@@ -68,5 +67,5 @@ pub async fn list_my_tasks(
     query: web::Query<TaskQuery>,
 ) -> AppResult<HttpResponse> {
     query.validate()?;
-    Ok(HttpResponse::Ok().json(tasks.list_assigned(me.id, query.into_inner()).await?))
+    Ok(cached_response(tasks.list_assigned(me.id, query.into_inner()).await?))
 }

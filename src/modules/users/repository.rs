@@ -13,12 +13,7 @@ const COLUMNS: &str = "id, email, name, created_at, updated_at";
 
 #[async_trait]
 pub trait UserRepository: Interface {
-    async fn create(
-        &self,
-        email: &str,
-        name: &str,
-        password_hash: &str,
-    ) -> Result<User, sqlx::Error>;
+    async fn create(&self, email: &str, name: &str, password_hash: &str) -> Result<User, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<User>, sqlx::Error>;
     async fn find_by_email(&self, email: &str) -> Result<Option<User>, sqlx::Error>;
     /// (user id, password hash) for a login attempt.
@@ -35,17 +30,9 @@ pub struct PgUserRepository {
 
 #[async_trait]
 impl UserRepository for PgUserRepository {
-    async fn create(
-        &self,
-        email: &str,
-        name: &str,
-        password_hash: &str,
-    ) -> Result<User, sqlx::Error> {
+    async fn create(&self, email: &str, name: &str, password_hash: &str) -> Result<User, sqlx::Error> {
         let sql = format!("INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
-        let query = sqlx::query_as(&sql)
-            .bind(email)
-            .bind(name)
-            .bind(password_hash);
+        let query = sqlx::query_as(&sql).bind(email).bind(name).bind(password_hash);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
 
@@ -59,32 +46,19 @@ impl UserRepository for PgUserRepository {
     async fn find_by_email(&self, email: &str) -> Result<Option<User>, sqlx::Error> {
         let sql = format!("SELECT {COLUMNS} FROM users WHERE lower(email) = lower($1)");
         self.db
-            .run(
-                sqlx::query_as(&sql)
-                    .bind(email)
-                    .fetch_optional(self.db.pool()),
-            )
+            .run(sqlx::query_as(&sql).bind(email).fetch_optional(self.db.pool()))
             .await
     }
 
     async fn find_credentials(&self, email: &str) -> Result<Option<(Uuid, String)>, sqlx::Error> {
-        let query =
-            sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)")
-                .bind(email);
+        let query = sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)").bind(email);
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
     async fn update_name(&self, id: Uuid, name: &str) -> Result<Option<User>, sqlx::Error> {
-        let sql = format!(
-            "UPDATE users SET name = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
-        );
+        let sql = format!("UPDATE users SET name = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}");
         self.db
-            .run(
-                sqlx::query_as(&sql)
-                    .bind(id)
-                    .bind(name)
-                    .fetch_optional(self.db.pool()),
-            )
+            .run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool()))
             .await
     }
 }

@@ -7,10 +7,13 @@ use super::dto::UpdateMeRequest;
 use super::model::User;
 use super::repository::UserRepository;
 use crate::error::{AppError, AppResult};
+use crate::infra::cache::{CacheService, Cached};
+use crate::modules::to_json_bytes;
+use crate::modules::workspaces::repository::WorkspaceRepository;
 
 #[async_trait]
 pub trait UserService: Interface {
-    async fn get(&self, id: Uuid) -> AppResult<User>;
+    async fn get(&self, id: Uuid) -> AppResult<Cached>;
     async fn update(&self, id: Uuid, request: UpdateMeRequest) -> AppResult<User>;
 }
 
@@ -19,21 +22,35 @@ pub trait UserService: Interface {
 pub struct Users {
     #[shaku(inject)]
     users: Arc<dyn UserRepository>,
+    #[shaku(inject)]
+    workspaces: Arc<dyn WorkspaceRepository>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
 }
+
+const NOT_FOUND: AppError = AppError::NotFound { entity: "user" };
 
 #[async_trait]
 impl UserService for Users {
-    async fn get(&self, id: Uuid) -> AppResult<User> {
-        self.users
-            .find(id)
-            .await?
-            .ok_or(AppError::not_found("user"))
+    async fn get(&self, id: Uuid) -> AppResult<Cached> {
+        let key = self.cache.keys().user(id);
+        let load = async { to_json_bytes(&self.users.find(id).await?.ok_or(NOT_FOUND)?) };
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
     async fn update(&self, id: Uuid, request: UpdateMeRequest) -> AppResult<User> {
-        self.users
+        let user = self
+            .users
             .update_name(id, request.name.trim())
             .await?
-            .ok_or(AppError::not_found("user"))
+            .ok_or(NOT_FOUND)?;
+        // Member lists show names too.
+        let keys = self.cache.keys();
+        let mut stale = vec![keys.user(id)];
+        for workspace in self.workspaces.list_for_user(id).await? {
+            stale.push(keys.member_list(workspace.id));
+        }
+        self.cache.invalidate(stale).await;
+        Ok(user)
     }
 }

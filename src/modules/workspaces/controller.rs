@@ -8,6 +8,7 @@ use super::service::WorkspaceService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
+use crate::modules::cached_response;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(create_workspace)
@@ -42,11 +43,8 @@ pub async fn create_workspace(
     responses((status = 200, body = Vec<Workspace>), (status = 401, body = ErrorBody))
 )]
 #[get("/api/workspaces")]
-pub async fn list_workspaces(
-    me: AuthUser,
-    workspaces: Inject<dyn WorkspaceService>,
-) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(workspaces.list(me.id).await?))
+pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<HttpResponse> {
+    Ok(cached_response(workspaces.list(me.id).await?))
 }
 
 /// One workspace (members only).
@@ -64,7 +62,7 @@ pub async fn get_workspace(
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
 ) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(workspaces.get(me.id, *id).await?))
+    Ok(cached_response(workspaces.get(me.id, *id).await?))
 }
 
 /// Rename a workspace (owners only).
@@ -119,7 +117,7 @@ pub async fn list_members(
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
 ) -> AppResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(workspaces.members(me.id, *id).await?))
+    Ok(cached_response(workspaces.members(me.id, *id).await?))
 }
 
 /// Add a registered user by email (owners only).

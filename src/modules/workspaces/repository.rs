@@ -18,27 +18,20 @@ pub trait WorkspaceRepository: Interface {
     async fn find(&self, id: Uuid) -> Result<Option<Workspace>, sqlx::Error>;
     async fn rename(&self, id: Uuid, name: &str) -> Result<Option<Workspace>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
-    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid)
-        -> Result<Option<Role>, sqlx::Error>;
+    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error>;
     async fn members(&self, workspace_id: Uuid) -> Result<Vec<Member>, sqlx::Error>;
-    async fn add_member(
-        &self,
-        workspace_id: Uuid,
-        user_id: Uuid,
-        role: Role,
-    ) -> Result<Member, sqlx::Error>;
+    async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error>;
     /// Removes the member and unassigns their tasks in this workspace, atomically.
     /// Refuses (returns `Ok(false)`) when that would leave the workspace without an owner.
-    async fn remove_member(
-        &self,
-        workspace_id: Uuid,
-        user_id: Uuid,
-    ) -> Result<RemoveOutcome, sqlx::Error>;
+    async fn remove_member(&self, workspace_id: Uuid, user_id: Uuid) -> Result<RemoveOutcome, sqlx::Error>;
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum RemoveOutcome {
-    Removed,
+    /// With the (task id, project id) of every task that lost its assignee.
+    Removed {
+        unassigned: Vec<(Uuid, Uuid)>,
+    },
     NotAMember,
     LastOwner,
 }
@@ -96,93 +89,58 @@ impl WorkspaceRepository for PgWorkspaceRepository {
     async fn rename(&self, id: Uuid, name: &str) -> Result<Option<Workspace>, sqlx::Error> {
         let sql = format!("UPDATE workspaces w SET name = $2, updated_at = now() WHERE w.id = $1 RETURNING {COLUMNS}");
         self.db
-            .run(
-                sqlx::query_as(&sql)
-                    .bind(id)
-                    .bind(name)
-                    .fetch_optional(self.db.pool()),
-            )
+            .run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool()))
             .await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM workspaces WHERE id = $1").bind(id);
-        Ok(self
-            .db
-            .run(query.execute(self.db.pool()))
-            .await?
-            .rows_affected()
-            == 1)
+        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
     }
 
-    async fn role_of(
-        &self,
-        workspace_id: Uuid,
-        user_id: Uuid,
-    ) -> Result<Option<Role>, sqlx::Error> {
-        let query = sqlx::query_scalar(
-            "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
-        )
-        .bind(workspace_id)
-        .bind(user_id);
+    async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error> {
+        let query = sqlx::query_scalar("SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2")
+            .bind(workspace_id)
+            .bind(user_id);
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
     async fn members(&self, workspace_id: Uuid) -> Result<Vec<Member>, sqlx::Error> {
-        let sql =
-            format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 ORDER BY m.joined_at, m.user_id");
+        let sql = format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 ORDER BY m.joined_at, m.user_id");
         self.db
-            .run(
-                sqlx::query_as(&sql)
-                    .bind(workspace_id)
-                    .fetch_all(self.db.pool()),
-            )
+            .run(sqlx::query_as(&sql).bind(workspace_id).fetch_all(self.db.pool()))
             .await
     }
 
-    async fn add_member(
-        &self,
-        workspace_id: Uuid,
-        user_id: Uuid,
-        role: Role,
-    ) -> Result<Member, sqlx::Error> {
+    async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error> {
         let work = async {
             let mut tx = self.db.pool().begin().await?;
-            sqlx::query(
-                "INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3)",
-            )
-            .bind(workspace_id)
-            .bind(user_id)
-            .bind(role)
-            .execute(&mut *tx)
-            .await?;
-            let member = sqlx::query_as(&format!(
-                "{MEMBER_SELECT} WHERE m.workspace_id = $1 AND m.user_id = $2"
-            ))
-            .bind(workspace_id)
-            .bind(user_id)
-            .fetch_one(&mut *tx)
-            .await?;
+            sqlx::query("INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3)")
+                .bind(workspace_id)
+                .bind(user_id)
+                .bind(role)
+                .execute(&mut *tx)
+                .await?;
+            let member = sqlx::query_as(&format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 AND m.user_id = $2"))
+                .bind(workspace_id)
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(member)
         };
         self.db.run(work).await
     }
 
-    async fn remove_member(
-        &self,
-        workspace_id: Uuid,
-        user_id: Uuid,
-    ) -> Result<RemoveOutcome, sqlx::Error> {
+    async fn remove_member(&self, workspace_id: Uuid, user_id: Uuid) -> Result<RemoveOutcome, sqlx::Error> {
         let work = async {
             let mut tx = self.db.pool().begin().await?;
             // Lock the membership rows so two concurrent removals cannot both remove "the other" owner.
-            let roles: Vec<(Uuid, Role)> = sqlx::query_as(
-                "SELECT user_id, role FROM workspace_members WHERE workspace_id = $1 FOR UPDATE",
-            )
-            .bind(workspace_id)
-            .fetch_all(&mut *tx)
-            .await?;
+            let roles: Vec<(Uuid, Role)> =
+                sqlx::query_as("SELECT user_id, role FROM workspace_members WHERE workspace_id = $1 FOR UPDATE")
+                    .bind(workspace_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
             let Some((_, role)) = roles.iter().find(|(id, _)| *id == user_id) else {
                 return Ok(RemoveOutcome::NotAMember);
             };
@@ -195,13 +153,16 @@ impl WorkspaceRepository for PgWorkspaceRepository {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("UPDATE tasks SET assignee_id = NULL, updated_at = now() WHERE workspace_id = $1 AND assignee_id = $2")
-                .bind(workspace_id)
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
+            let unassigned = sqlx::query_as(
+                "UPDATE tasks SET assignee_id = NULL, updated_at = now() WHERE workspace_id = $1 AND assignee_id = $2
+                 RETURNING id, project_id",
+            )
+            .bind(workspace_id)
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
             tx.commit().await?;
-            Ok(RemoveOutcome::Removed)
+            Ok(RemoveOutcome::Removed { unassigned })
         };
         self.db.run(work).await
     }

@@ -7,30 +7,23 @@ use super::dto::{AddMemberRequest, CreateWorkspaceRequest, UpdateWorkspaceReques
 use super::model::{Member, Role, Workspace};
 use super::repository::{RemoveOutcome, WorkspaceRepository, MEMBER_UNIQUE};
 use crate::error::{is_unique_violation, AppError, AppResult};
+use crate::infra::cache::{CacheService, Cached};
+use crate::infra::redis::keys::CacheKey;
 use crate::modules::users::repository::UserRepository;
+use crate::modules::{from_json_bytes, to_json_bytes};
 
 #[async_trait]
 pub trait WorkspaceService: Interface {
     /// The caller's role in the workspace; 404 `workspace_not_found` when they are not a member,
-    /// exactly as when the workspace does not exist.
+    /// exactly as when the workspace does not exist. Cached, so every feature can afford it.
     async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Role>;
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace>;
-    async fn list(&self, user_id: Uuid) -> AppResult<Vec<Workspace>>;
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Workspace>;
-    async fn update(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: UpdateWorkspaceRequest,
-    ) -> AppResult<Workspace>;
+    async fn list(&self, user_id: Uuid) -> AppResult<Cached>;
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
+    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace>;
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
-    async fn members(&self, user_id: Uuid, id: Uuid) -> AppResult<Vec<Member>>;
-    async fn add_member(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: AddMemberRequest,
-    ) -> AppResult<Member>;
+    async fn members(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
+    async fn add_member(&self, user_id: Uuid, id: Uuid, request: AddMemberRequest) -> AppResult<Member>;
     async fn remove_member(&self, user_id: Uuid, id: Uuid, member_id: Uuid) -> AppResult<()>;
 }
 
@@ -41,11 +34,11 @@ pub struct Workspaces {
     workspaces: Arc<dyn WorkspaceRepository>,
     #[shaku(inject)]
     users: Arc<dyn UserRepository>,
+    #[shaku(inject)]
+    cache: Arc<dyn CacheService>,
 }
 
-const NOT_FOUND: AppError = AppError::NotFound {
-    entity: "workspace",
-};
+const NOT_FOUND: AppError = AppError::NotFound { entity: "workspace" };
 const OWNERS_ONLY: AppError = AppError::Forbidden("only workspace owners can do this");
 
 impl Workspaces {
@@ -55,60 +48,79 @@ impl Workspaces {
             Role::Member => Err(OWNERS_ONLY),
         }
     }
+
+    /// Keys that change with the workspace itself: it, its member data, its members' lists.
+    async fn workspace_keys(&self, id: Uuid) -> AppResult<Vec<CacheKey>> {
+        let keys = self.cache.keys();
+        let mut stale = vec![keys.workspace(id), keys.members(id)];
+        for member in self.workspaces.members(id).await? {
+            stale.push(keys.workspace_list(member.user_id));
+        }
+        Ok(stale)
+    }
 }
 
 #[async_trait]
 impl WorkspaceService for Workspaces {
     async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Role> {
-        self.workspaces
-            .role_of(workspace_id, user_id)
-            .await?
-            .ok_or(NOT_FOUND)
+        let key = self.cache.keys().member(workspace_id, user_id);
+        let load = async { to_json_bytes(&self.workspaces.role_of(workspace_id, user_id).await?) };
+        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        from_json_bytes::<Option<Role>>(&cached.bytes)?.ok_or(NOT_FOUND)
     }
 
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace> {
-        Ok(self.workspaces.create(request.name.trim(), user_id).await?)
+        let workspace = self.workspaces.create(request.name.trim(), user_id).await?;
+        self.cache
+            .invalidate(vec![self.cache.keys().workspace_list(user_id)])
+            .await;
+        Ok(workspace)
     }
 
-    async fn list(&self, user_id: Uuid) -> AppResult<Vec<Workspace>> {
-        Ok(self.workspaces.list_for_user(user_id).await?)
+    async fn list(&self, user_id: Uuid) -> AppResult<Cached> {
+        let key = self.cache.keys().workspace_list(user_id);
+        let load = async { to_json_bytes(&self.workspaces.list_for_user(user_id).await?) };
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
-    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Workspace> {
+    async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
         self.require_member(user_id, id).await?;
-        self.workspaces.find(id).await?.ok_or(NOT_FOUND)
+        let key = self.cache.keys().workspace(id);
+        let load = async { to_json_bytes(&self.workspaces.find(id).await?.ok_or(NOT_FOUND)?) };
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
-    async fn update(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: UpdateWorkspaceRequest,
-    ) -> AppResult<Workspace> {
+    async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
         self.require_owner(user_id, id).await?;
-        self.workspaces
+        let workspace = self
+            .workspaces
             .rename(id, request.name.trim())
             .await?
-            .ok_or(NOT_FOUND)
+            .ok_or(NOT_FOUND)?;
+        self.cache.invalidate(self.workspace_keys(id).await?).await;
+        Ok(workspace)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         self.require_owner(user_id, id).await?;
+        let mut stale = self.workspace_keys(id).await?;
         self.workspaces.delete(id).await?;
+        // Projects and tasks of the workspace stay cached until their TTL, but nobody can reach
+        // them: every read checks membership, and the memberships are gone.
+        let keys = self.cache.keys();
+        stale.extend([keys.project_list(id), keys.all_daily_metrics(id)]);
+        self.cache.invalidate(stale).await;
         Ok(())
     }
 
-    async fn members(&self, user_id: Uuid, id: Uuid) -> AppResult<Vec<Member>> {
+    async fn members(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
         self.require_member(user_id, id).await?;
-        Ok(self.workspaces.members(id).await?)
+        let key = self.cache.keys().member_list(id);
+        let load = async { to_json_bytes(&self.workspaces.members(id).await?) };
+        self.cache.get_or_load(key, Box::pin(load)).await
     }
 
-    async fn add_member(
-        &self,
-        user_id: Uuid,
-        id: Uuid,
-        request: AddMemberRequest,
-    ) -> AppResult<Member> {
+    async fn add_member(&self, user_id: Uuid, id: Uuid, request: AddMemberRequest) -> AppResult<Member> {
         self.require_owner(user_id, id).await?;
         let user = self
             .users
@@ -116,27 +128,38 @@ impl WorkspaceService for Workspaces {
             .await?
             .ok_or(AppError::not_found("user"))?;
         let role = request.role.unwrap_or(Role::Member);
-        self.workspaces
-            .add_member(id, user.id, role)
-            .await
-            .map_err(|err| {
-                if is_unique_violation(&err, MEMBER_UNIQUE) {
-                    AppError::conflict("member_exists", "this user is already a member")
-                } else {
-                    err.into()
-                }
-            })
+        let member = self.workspaces.add_member(id, user.id, role).await.map_err(|err| {
+            if is_unique_violation(&err, MEMBER_UNIQUE) {
+                AppError::conflict("member_exists", "this user is already a member")
+            } else {
+                AppError::from(err)
+            }
+        })?;
+        let keys = self.cache.keys();
+        self.cache
+            .invalidate(vec![keys.members(id), keys.workspace_list(user.id)])
+            .await;
+        Ok(member)
     }
 
     async fn remove_member(&self, user_id: Uuid, id: Uuid, member_id: Uuid) -> AppResult<()> {
         self.require_owner(user_id, id).await?;
         match self.workspaces.remove_member(id, member_id).await? {
-            RemoveOutcome::Removed => Ok(()),
+            RemoveOutcome::Removed { unassigned } => {
+                let keys = self.cache.keys();
+                let mut stale = vec![
+                    keys.members(id),
+                    keys.workspace_list(member_id),
+                    keys.assigned_task_lists(member_id),
+                ];
+                for (task_id, project_id) in unassigned {
+                    stale.extend([keys.task(task_id), keys.task_lists(project_id)]);
+                }
+                self.cache.invalidate(stale).await;
+                Ok(())
+            }
             RemoveOutcome::NotAMember => Err(AppError::not_found("member")),
-            RemoveOutcome::LastOwner => Err(AppError::conflict(
-                "last_owner",
-                "a workspace needs at least one owner",
-            )),
+            RemoveOutcome::LastOwner => Err(AppError::conflict("last_owner", "a workspace needs at least one owner")),
         }
     }
 }

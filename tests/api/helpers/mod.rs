@@ -3,6 +3,7 @@
 //! `TestApp::builder().settings(|s| ...).postgres(&server).spawn().await` customises it.
 //! Set `TEST_LOG=1` to see the app's logs.
 
+pub mod redis;
 pub mod servers;
 
 use std::sync::Once;
@@ -15,6 +16,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
+pub use redis::{private_redis, shared_redis, TestRedis};
 pub use servers::{private_postgres, shared_postgres, TestPostgres};
 
 pub struct TestApp {
@@ -24,8 +26,12 @@ pub struct TestApp {
     /// A pool on this test's database, for assertions the API cannot make.
     pub db: PgPool,
     pub db_name: String,
+    /// The settings this instance runs with (Redis key prefix included).
+    pub settings: Settings,
     admin_url: String,
     server: actix_web::dev::ServerHandle,
+    /// Siblings share the first instance's database; only the first drops it.
+    owns_database: bool,
 }
 
 type SettingsTweak = Box<dyn FnOnce(&mut Settings)>;
@@ -33,17 +39,17 @@ type SettingsTweak = Box<dyn FnOnce(&mut Settings)>;
 pub struct TestAppBuilder<'a> {
     tweaks: Vec<SettingsTweak>,
     postgres: Option<&'a TestPostgres>,
+    redis: Option<&'a TestRedis>,
+    sibling_of: Option<&'a TestApp>,
 }
 
 fn init_logging() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            let _ = env_logger::Builder::from_env(
-                env_logger::Env::default().default_filter_or("info,sqlx=warn"),
-            )
-            .is_test(true)
-            .try_init();
+            let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn"))
+                .is_test(true)
+                .try_init();
         }
     });
 }
@@ -72,8 +78,36 @@ impl<'a> TestAppBuilder<'a> {
         self
     }
 
+    /// Turn Redis on, against this server (`shared_redis()` for the shared one), with a key
+    /// prefix of this test's own.
+    pub fn redis(mut self, server: &'a TestRedis) -> Self {
+        self.redis = Some(server);
+        self
+    }
+
+    /// A second instance of `app`: same database, same Redis and key prefix (a deployment of two).
+    pub fn sibling_of(mut self, app: &'a TestApp) -> Self {
+        self.sibling_of = Some(app);
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
         init_logging();
+        if let Some(first) = self.sibling_of {
+            let mut settings = first.settings.clone();
+            for tweak in self.tweaks {
+                tweak(&mut settings);
+            }
+            let wait_for_redis = settings.redis.enabled;
+            return start(
+                settings,
+                first.db_name.clone(),
+                first.admin_url.clone(),
+                false,
+                wait_for_redis,
+            )
+            .await;
+        }
         let postgres = match self.postgres {
             Some(server) => server,
             None => tokio::task::spawn_blocking(shared_postgres)
@@ -82,40 +116,55 @@ impl<'a> TestAppBuilder<'a> {
         };
         let db_name = format!("test_{}", Uuid::new_v4().simple());
         let admin_url = postgres.url("postgres");
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect as admin");
+        sqlx::query(&format!("CREATE DATABASE {db_name} TEMPLATE {}", servers::TEMPLATE_DB))
+            .execute(&mut admin)
             .await
-            .expect("connect as admin");
-        sqlx::query(&format!(
-            "CREATE DATABASE {db_name} TEMPLATE {}",
-            servers::TEMPLATE_DB
-        ))
-        .execute(&mut admin)
-        .await
-        .expect("create test database");
+            .expect("create test database");
         admin.close().await.ok();
 
         let mut settings = test_settings();
         settings.database.url = postgres.url(&db_name);
+        if let Some(redis) = self.redis {
+            settings.redis.enabled = true;
+            settings.redis.url = redis.url();
+            settings.redis.key_prefix = format!("test-{}:", Uuid::new_v4().simple());
+        }
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
-        let db = PgPool::connect(&postgres.url(&db_name))
-            .await
-            .expect("test pool");
-        let app = Application::build(settings).await.expect("app builds");
-        let port = app.port();
-        let server = app.server_handle();
-        tokio::spawn(app.run_until_stopped());
-        TestApp {
-            address: format!("http://127.0.0.1:{port}"),
-            port,
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
-            db,
-            db_name,
-            admin_url,
-            server,
-        }
+        start(settings, db_name, admin_url, true, self.redis.is_some()).await
     }
+}
+
+/// Starts the app; with `wait_for_redis`, returns once its invalidation subscriber is connected.
+async fn start(
+    settings: Settings,
+    db_name: String,
+    admin_url: String,
+    owns_database: bool,
+    wait_for_redis: bool,
+) -> TestApp {
+    let db = PgPool::connect(&settings.database.url).await.expect("test pool");
+    let app = Application::build(settings.clone()).await.expect("app builds");
+    let port = app.port();
+    let server = app.server_handle();
+    tokio::spawn(app.run_until_stopped());
+    let app = TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        db,
+        db_name,
+        settings,
+        admin_url,
+        server,
+        owns_database,
+    };
+    if wait_for_redis {
+        app.wait_for_subscription().await;
+    }
+    app
 }
 
 impl Drop for TestApp {
@@ -124,6 +173,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         // Sends the stop command; awaiting it would deadlock on this blocked runtime.
         drop(self.server.stop(false));
+        if !self.owns_database {
+            return;
+        }
         let (admin_url, db_name) = (self.admin_url.clone(), self.db_name.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -162,34 +214,12 @@ impl TestResponse {
 
     /// Asserts the error envelope: status, stable code, and every key present.
     pub fn assert_error(&self, status: u16, code: &str) -> &Self {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "status for {}: {}",
-            code,
-            self.text
-        );
-        assert_eq!(
-            self.body["statusCode"], status,
-            "envelope statusCode: {}",
-            self.text
-        );
+        assert_eq!(self.status.as_u16(), status, "status for {}: {}", code, self.text);
+        assert_eq!(self.body["statusCode"], status, "envelope statusCode: {}", self.text);
         assert_eq!(self.body["code"], code, "envelope code: {}", self.text);
-        assert!(
-            self.body["error"].is_string(),
-            "envelope error: {}",
-            self.text
-        );
-        assert!(
-            self.body["message"].is_string(),
-            "envelope message: {}",
-            self.text
-        );
-        assert!(
-            self.body.get("details").is_some(),
-            "envelope details: {}",
-            self.text
-        );
+        assert!(self.body["error"].is_string(), "envelope error: {}", self.text);
+        assert!(self.body["message"].is_string(), "envelope message: {}", self.text);
+        assert!(self.body.get("details").is_some(), "envelope details: {}", self.text);
         self
     }
 
@@ -200,6 +230,24 @@ impl TestResponse {
 }
 
 impl TestApp {
+    /// Waits until the invalidation subscriber is connected (it flushes L1 when it connects, so a
+    /// test that reads before that could see its L1 entries vanish).
+    pub async fn wait_for_subscription(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let health = self.request(Method::GET, "/health", None, None).await;
+            if health.body["details"]["redis"]["subscriber"] == "connected" {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "subscriber did not connect: {}",
+                health.text
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn spawn() -> TestApp {
         Self::builder().spawn().await
     }
@@ -208,6 +256,8 @@ impl TestApp {
         TestAppBuilder {
             tweaks: Vec::new(),
             postgres: None,
+            redis: None,
+            sibling_of: None,
         }
     }
 
@@ -216,13 +266,7 @@ impl TestApp {
     }
 
     /// Any request: `body` is sent as JSON when given.
-    pub async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> TestResponse {
+    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> TestResponse {
         let mut request = self.client.request(method, self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -238,13 +282,11 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, token: &str, body: Value) -> TestResponse {
-        self.request(Method::POST, path, Some(token), Some(body))
-            .await
+        self.request(Method::POST, path, Some(token), Some(body)).await
     }
 
     pub async fn patch(&self, path: &str, token: &str, body: Value) -> TestResponse {
-        self.request(Method::PATCH, path, Some(token), Some(body))
-            .await
+        self.request(Method::PATCH, path, Some(token), Some(body)).await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> TestResponse {
@@ -289,11 +331,7 @@ impl TestApp {
 
     pub async fn create_workspace(&self, owner: &TestUser) -> Value {
         let response = self
-            .post(
-                "/api/workspaces",
-                &owner.token,
-                json!({ "name": "Workspace" }),
-            )
+            .post("/api/workspaces", &owner.token, json!({ "name": "Workspace" }))
             .await;
         response.assert_status(201);
         response.body
@@ -301,20 +339,14 @@ impl TestApp {
 
     pub async fn create_project(&self, user: &TestUser, workspace_id: &str) -> Value {
         let path = format!("/api/workspaces/{workspace_id}/projects");
-        let response = self
-            .post(&path, &user.token, json!({ "name": "Project" }))
-            .await;
+        let response = self.post(&path, &user.token, json!({ "name": "Project" })).await;
         response.assert_status(201);
         response.body
     }
 
     pub async fn create_task(&self, user: &TestUser, project_id: &str, body: Value) -> Value {
         let response = self
-            .post(
-                &format!("/api/projects/{project_id}/tasks"),
-                &user.token,
-                body,
-            )
+            .post(&format!("/api/projects/{project_id}/tasks"), &user.token, body)
             .await;
         response.assert_status(201);
         response.body
@@ -324,23 +356,14 @@ impl TestApp {
     pub async fn user_with_project(&self) -> (TestUser, Value, Value) {
         let user = self.register_user().await;
         let workspace = self.create_workspace(&user).await;
-        let project = self
-            .create_project(&user, workspace["id"].as_str().unwrap())
-            .await;
+        let project = self.create_project(&user, workspace["id"].as_str().unwrap()).await;
         (user, workspace, project)
     }
 
     /// `owner` adds `member` to the workspace (by email, as a plain member).
-    pub async fn add_member(
-        &self,
-        owner: &TestUser,
-        workspace_id: &str,
-        member: &TestUser,
-    ) -> Value {
+    pub async fn add_member(&self, owner: &TestUser, workspace_id: &str, member: &TestUser) -> Value {
         let path = format!("/api/workspaces/{workspace_id}/members");
-        let response = self
-            .post(&path, &owner.token, json!({ "email": member.email }))
-            .await;
+        let response = self.post(&path, &owner.token, json!({ "email": member.email })).await;
         response.assert_status(201);
         response.body
     }

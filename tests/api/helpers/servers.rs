@@ -33,23 +33,17 @@ extern "C" fn stop_owned_servers() {
     }
 }
 
-fn register_cleanup(postmaster_pid: i32, dir: &Path) {
+pub fn register_cleanup(postmaster_pid: i32, dir: &Path) {
     static AT_EXIT: Once = Once::new();
     // SAFETY: registering a plain extern "C" function; it only signals and removes files.
     AT_EXIT.call_once(|| unsafe {
         libc::atexit(stop_owned_servers);
     });
-    OWNED
-        .lock()
-        .unwrap()
-        .push((postmaster_pid, dir.to_path_buf()));
+    OWNED.lock().unwrap().push((postmaster_pid, dir.to_path_buf()));
 }
 
 fn forget_cleanup(postmaster_pid: i32) {
-    OWNED
-        .lock()
-        .unwrap()
-        .retain(|(owned, _)| *owned != postmaster_pid);
+    OWNED.lock().unwrap().retain(|(owned, _)| *owned != postmaster_pid);
 }
 
 /// Installs a Debian package when we are root and it is missing; otherwise fails with one line.
@@ -164,10 +158,7 @@ impl TestPostgres {
             {
                 panic!("postgres exited with {status} while starting:\n{log}");
             }
-            assert!(
-                Instant::now() < deadline,
-                "postgres did not start within 30 s:\n{log}"
-            );
+            assert!(Instant::now() < deadline, "postgres did not start within 30 s:\n{log}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -221,9 +212,7 @@ impl TestPostgres {
         }
         forget_cleanup(postmaster_pid);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-            && Instant::now() < deadline
-        {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -253,10 +242,7 @@ impl TestPostgres {
             let mut conn = sqlx::PgConnection::connect(&self.url(TEMPLATE_DB))
                 .await
                 .expect("connect template");
-            MIGRATOR
-                .run(&mut conn)
-                .await
-                .expect("migrations apply to the template");
+            MIGRATOR.run(&mut conn).await.expect("migrations apply to the template");
             conn.close().await.ok();
         });
     }
@@ -281,8 +267,7 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
         .filter(|candidate| {
-            let stat =
-                std::fs::read_to_string(format!("/proc/{candidate}/stat")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{candidate}/stat")).unwrap_or_default();
             // Fields after the parenthesised command name: state, ppid, ...
             let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
             after_name

@@ -1,0 +1,86 @@
+use actix_web::dev::Payload;
+use actix_web::http::header::AUTHORIZATION;
+use actix_web::{delete, get, post, web, FromRequest, HttpRequest, HttpResponse};
+use shaku::HasComponent;
+use std::future::{ready, Ready};
+use std::sync::Arc;
+
+use super::service::{AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse};
+use crate::container::{AppModule, Inject};
+use crate::error::{AppError, AppResult, ErrorBody};
+use crate::infra::cache::CacheStatus;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_cache_stats)
+        .service(set_cache_mode)
+        .service(flush_cache);
+}
+
+/// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`.
+pub struct AdminAuth;
+
+impl FromRequest for AdminAuth {
+    type Error = AppError;
+    type Future = Ready<Result<Self, AppError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let admin: Option<Arc<dyn AdminService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
+        ready(match admin {
+            Some(admin) => admin.authorize(token).map(|()| AdminAuth),
+            None => Err(AppError::internal("AppModule missing from app data")),
+        })
+    }
+}
+
+/// Cache mode, breaker, subscriber, and per namespace: hits, misses, hit rate, L1 entries.
+#[utoipa::path(
+    tag = "admin", operation_id = "get_cache_stats", security(("admin" = [])),
+    responses(
+        (status = 200, body = CacheStatsResponse), (status = 401, body = ErrorBody),
+        (status = 403, description = "ADMIN_TOKEN is not set", body = ErrorBody),
+    )
+)]
+#[get("/admin/cache/stats")]
+pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> HttpResponse {
+    HttpResponse::Ok().json(admin.cache_stats())
+}
+
+/// Switch Redis off (memory mode) or on, on this running instance, without a restart.
+#[utoipa::path(
+    tag = "admin", operation_id = "set_cache_mode", security(("admin" = [])),
+    request_body = CacheModeRequest,
+    responses((status = 200, body = CacheStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+)]
+#[post("/admin/cache/mode")]
+pub async fn set_cache_mode(
+    _admin: AdminAuth,
+    admin: Inject<dyn AdminService>,
+    body: web::Json<CacheModeRequest>,
+) -> HttpResponse {
+    HttpResponse::Ok().json(admin.set_cache_mode(body.into_inner()))
+}
+
+/// Delete a namespace (or a pattern under the key prefix) with SCAN + UNLINK; never KEYS or FLUSHDB.
+#[utoipa::path(
+    tag = "admin", operation_id = "flush_cache", security(("admin" = [])),
+    params(FlushQuery),
+    responses(
+        (status = 200, body = FlushResponse),
+        (status = 400, description = "Unknown namespace, or a pattern outside the prefix", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    )
+)]
+#[delete("/admin/cache")]
+pub async fn flush_cache(
+    _admin: AdminAuth,
+    admin: Inject<dyn AdminService>,
+    query: web::Query<FlushQuery>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.flush(query.into_inner()).await?))
+}

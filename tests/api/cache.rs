@@ -1,0 +1,443 @@
+//! The two-tier cache as users see it: `X-Cache` / `Cache-Control` on every cacheable read,
+//! fresh data after every write (one instance and two), TTLs from the TTL table, memory mode
+//! without a single Redis connection, single-flight, admin stats, flush and the runtime switch.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use nestling::config::Settings;
+use redis::AsyncCommands;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{private_redis, shared_redis, TestApp, TestUser};
+
+const ADMIN: &str = "test-admin-token";
+
+fn with_admin(s: &mut Settings) {
+    s.app.admin_token = Some(ADMIN.into());
+}
+
+/// A user with a workspace, a project and a task assigned to them.
+struct World {
+    user: TestUser,
+    workspace: String,
+    project: String,
+    task: String,
+}
+
+impl World {
+    async fn create(app: &TestApp) -> World {
+        let (user, workspace, project) = app.user_with_project().await;
+        let project = project["id"].as_str().unwrap().to_owned();
+        let task = app
+            .create_task(&user, &project, json!({ "title": "original", "assigneeId": user.id }))
+            .await;
+        World {
+            workspace: workspace["id"].as_str().unwrap().to_owned(),
+            task: task["id"].as_str().unwrap().to_owned(),
+            project,
+            user,
+        }
+    }
+
+    fn fill(&self, template: &str) -> String {
+        let today = chrono::Utc::now().date_naive();
+        template
+            .replace("{workspace}", &self.workspace)
+            .replace("{project}", &self.project)
+            .replace("{task}", &self.task)
+            .replace("{today}", &today.to_string())
+    }
+}
+
+/// (method, path, JSON body) of a write.
+type Write = (&'static str, &'static str, &'static str);
+
+/// (entity, read path, TTL-table seconds, write that changes it, JSON pointer, expected value after).
+type EntityRow = (&'static str, &'static str, u64, Write, &'static str, &'static str);
+
+#[rustfmt::skip]
+const ENTITIES: [EntityRow; 10] = [
+    ("task",           "/api/tasks/{task}",               300,  ("PATCH", "/api/tasks/{task}", r#"{"title":"changed"}"#),           "/title",          "changed"),
+    ("task list",      "/api/projects/{project}/tasks",   300,  ("PATCH", "/api/tasks/{task}", r#"{"title":"changed"}"#),           "/items/0/title",  "changed"),
+    ("my tasks",       "/api/users/me/tasks",             300,  ("PATCH", "/api/tasks/{task}", r#"{"title":"changed"}"#),           "/items/0/title",  "changed"),
+    ("project",        "/api/projects/{project}",         600,  ("PATCH", "/api/projects/{project}", r#"{"name":"changed"}"#),      "/name",           "changed"),
+    ("project list",   "/api/workspaces/{workspace}/projects", 600, ("PATCH", "/api/projects/{project}", r#"{"name":"changed"}"#), "/0/name",       "changed"),
+    ("workspace",      "/api/workspaces/{workspace}",     1800, ("PATCH", "/api/workspaces/{workspace}", r#"{"name":"changed"}"#), "/name",          "changed"),
+    ("workspace list", "/api/workspaces",                 1800, ("PATCH", "/api/workspaces/{workspace}", r#"{"name":"changed"}"#), "/0/name",        "changed"),
+    ("members",        "/api/workspaces/{workspace}/members", 1800, ("PATCH", "/api/users/me", r#"{"name":"changed"}"#),        "/0/name",         "changed"),
+    ("user",           "/api/users/me",                   3600, ("PATCH", "/api/users/me", r#"{"name":"changed"}"#),            "/name",           "changed"),
+    ("daily metrics",  "/api/workspaces/{workspace}/metrics/daily?from={today}&to={today}", 900, ("PATCH", "/api/tasks/{task}", r#"{"status":"done"}"#), "/days/0/completed", "1"),
+];
+
+fn max_age(response: &crate::helpers::TestResponse) -> u64 {
+    let header = response.header("cache-control").unwrap_or_default();
+    header
+        .strip_prefix("private, max-age=")
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("Cache-Control is {header:?}"))
+}
+
+fn pointer_text(body: &Value, pointer: &str) -> String {
+    match body.pointer(pointer) {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => panic!("{pointer} missing in {body}"),
+    }
+}
+
+/// Every entity: a miss, then an L1 hit with the same body and a max-age from the TTL table; after
+/// a write, the next read is fresh.
+async fn every_entity_is_cached_and_fresh_after_writes(app: &TestApp) {
+    for (entity, read, ttl, (method, write_path, write_body), pointer, expected) in ENTITIES {
+        let world = World::create(app).await;
+        let token = &world.user.token;
+        let path = world.fill(read);
+        // The first read may already hit: setting up the world reads some entities.
+        let first = app.get(&path, token).await;
+        first.assert_status(200);
+        let second = app.get(&path, token).await;
+        assert_eq!(second.header("x-cache"), Some("HIT-L1"), "{entity}: second read");
+        assert_eq!(second.body, first.body, "{entity}: a hit serves the same body");
+        let age = max_age(&second);
+        assert!(
+            age <= ttl * 105 / 100 && age + 5 >= ttl,
+            "{entity}: max-age {age} for a TTL of {ttl}"
+        );
+
+        let method: Method = method.parse().unwrap();
+        let body: Value = serde_json::from_str(write_body).unwrap();
+        app.request(method, &world.fill(write_path), Some(token), Some(body))
+            .await
+            .assert_status(200);
+        let after = app.get(&path, token).await;
+        assert_eq!(
+            pointer_text(&after.body, pointer),
+            expected,
+            "{entity}: fresh after the write: {}",
+            after.text
+        );
+        assert_eq!(
+            after.header("x-cache"),
+            Some("MISS"),
+            "{entity}: the write invalidated it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn in_memory_mode_every_entity_is_cached_and_fresh_after_writes() {
+    let app = TestApp::spawn().await;
+    every_entity_is_cached_and_fresh_after_writes(&app).await;
+}
+
+#[tokio::test]
+async fn with_redis_every_entity_is_cached_and_fresh_after_writes() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder().redis(redis).spawn().await;
+    every_entity_is_cached_and_fresh_after_writes(&app).await;
+}
+
+#[tokio::test]
+async fn a_second_instance_reads_from_redis_and_sees_the_first_instances_writes() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let a = TestApp::builder().redis(redis).spawn().await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let world = World::create(&a).await;
+    let token = &world.user.token;
+    let path = world.fill("/api/tasks/{task}");
+
+    assert_eq!(a.get(&path, token).await.header("x-cache"), Some("MISS"));
+    let from_b = b.get(&path, token).await;
+    assert_eq!(
+        from_b.header("x-cache"),
+        Some("HIT-L2"),
+        "B finds what A loaded: {}",
+        from_b.text
+    );
+    assert_eq!(b.get(&path, token).await.header("x-cache"), Some("HIT-L1"));
+
+    // Propagation: after A's write returns, how long until B (which holds the task in L1) serves it?
+    let mut delays = Vec::new();
+    for trial in 0..200 {
+        let title = format!("title {trial}");
+        a.patch(&path, token, json!({ "title": title }))
+            .await
+            .assert_status(200);
+        let written = Instant::now();
+        loop {
+            let seen = b.get(&path, token).await;
+            if seen.body["title"] == title.as_str() {
+                delays.push(written.elapsed());
+                break;
+            }
+            assert!(written.elapsed() < Duration::from_secs(2), "B never saw trial {trial}");
+        }
+        // Warm B's L1 again so the next trial measures invalidation, not a miss.
+        assert_eq!(b.get(&path, token).await.header("x-cache"), Some("HIT-L1"));
+    }
+    delays.sort();
+    let p99 = delays[delays.len() * 99 / 100 - 1];
+    assert!(p99 <= Duration::from_millis(50), "p99 propagation {p99:?}");
+}
+
+#[tokio::test]
+async fn redis_pttl_of_every_key_kind_follows_the_ttl_table() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder()
+        .redis(redis)
+        .settings(|s| s.ttl.tasks = Duration::from_secs(120))
+        .spawn()
+        .await;
+    let world = World::create(&app).await;
+    for (_, read, ..) in ENTITIES {
+        app.get(&world.fill(read), &world.user.token).await.assert_status(200);
+    }
+    let mut conn = redis.connection().await;
+    let prefix = app.settings.redis.key_prefix.clone();
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}*")).await.unwrap();
+        let mut keys = Vec::new();
+        while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+            keys.push(key.unwrap());
+        }
+        keys
+    };
+    let ttl = &app.settings.ttl;
+    #[rustfmt::skip]
+    let expected = [
+        ("tasks:", ttl.tasks), ("task-lists:", ttl.tasks), ("projects:", ttl.projects),
+        ("project-lists:", ttl.projects), ("workspaces:", ttl.workspaces), ("workspace-lists:", ttl.workspaces),
+        ("members:", ttl.workspaces), ("users:", ttl.user), ("auth-tokens:", ttl.auth_token),
+        ("daily-metrics:", ttl.daily_metrics),
+    ];
+    for (kind, ttl) in expected {
+        let key = keys
+            .iter()
+            .find(|k| k.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(kind)))
+            .unwrap_or_else(|| panic!("no {kind} key among {keys:?}"));
+        let pttl: i64 = conn.pttl(key).await.unwrap();
+        let ttl_ms = ttl.as_millis() as i64;
+        let jitter = ttl_ms * app.settings.cache.ttl_jitter_percent as i64 / 100;
+        assert!(
+            pttl <= ttl_ms + jitter && pttl >= ttl_ms - 5_000,
+            "{key}: PTTL {pttl} ms, TTL {ttl_ms} ms"
+        );
+    }
+    assert_eq!(
+        app.settings.ttl.tasks,
+        Duration::from_secs(120),
+        "CACHE_TTL_TASKS override in use"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_disabled_the_domain_works_and_redis_receives_no_connection() {
+    let redis = private_redis().await;
+    let mut probe = redis.connection().await;
+    let connections_before = total_connections(&mut probe).await;
+    let url = redis.url();
+    let app = TestApp::builder()
+        .settings(move |s| {
+            s.redis.enabled = false;
+            s.redis.url = url;
+        })
+        .spawn()
+        .await;
+    every_entity_is_cached_and_fresh_after_writes(&app).await;
+    let health = app.request(Method::GET, "/health", None, None).await;
+    assert_eq!(health.body["details"]["redis"]["status"], "disabled");
+    assert_eq!(health.body["details"]["cache"]["mode"], "memory");
+    assert_eq!(
+        total_connections(&mut probe).await,
+        connections_before,
+        "memory mode opened a Redis connection"
+    );
+}
+
+async fn total_connections(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO stats has total_connections_received")
+}
+
+async fn cache_stats(app: &TestApp) -> Value {
+    let response = app.request(Method::GET, "/admin/cache/stats", Some(ADMIN), None).await;
+    response.assert_status(200);
+    response.body
+}
+
+fn misses(stats: &Value, namespace: &str) -> u64 {
+    stats["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ns| ns["namespace"] == namespace)
+        .and_then(|ns| ns["misses"].as_u64())
+        .unwrap_or_else(|| panic!("no {namespace} in {stats}"))
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_cold_reads_run_the_loader_once() {
+    let app = TestApp::builder().settings(with_admin).spawn().await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/tasks/{task}");
+    let before = misses(&cache_stats(&app).await, "tasks");
+    let responses = join_all((0..1000).map(|_| app.get(&path, &world.user.token))).await;
+    assert!(responses.iter().all(|r| r.status == 200), "every read succeeds");
+    let after = misses(&cache_stats(&app).await, "tasks");
+    assert_eq!(after - before, 1, "the task loader ran {} times", after - before);
+}
+
+#[tokio::test]
+async fn admin_routes_need_the_admin_token() {
+    let disabled = TestApp::spawn().await;
+    disabled
+        .request(Method::GET, "/admin/cache/stats", Some(ADMIN), None)
+        .await
+        .assert_error(403, "forbidden");
+    let app = TestApp::builder().settings(with_admin).spawn().await;
+    app.request(Method::GET, "/admin/cache/stats", None, None)
+        .await
+        .assert_error(401, "missing_token");
+    app.request(Method::GET, "/admin/cache/stats", Some("wrong"), None)
+        .await
+        .assert_error(401, "invalid_admin_token");
+    let user = app.register_user().await;
+    app.request(Method::GET, "/admin/cache/stats", Some(&user.token), None)
+        .await
+        .assert_error(401, "invalid_admin_token");
+}
+
+#[tokio::test]
+async fn flushing_a_namespace_deletes_exactly_its_keys_with_scan_and_unlink() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder().redis(redis).settings(with_admin).spawn().await;
+    let prefix = app.settings.redis.key_prefix.clone();
+    let mut conn = redis.connection().await;
+    // 100,000 keys in the tasks namespace (written directly: the API would take minutes), and one
+    // key of another namespace that must survive.
+    for chunk in 0..100 {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}tasks:bulk-{chunk}-{i}"))
+                .arg("{}")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    let _: () = conn.set(format!("{prefix}projects:survivor"), "{}").await.unwrap();
+    let keys_calls_before = command_calls(&mut conn, "keys").await;
+
+    let world = World::create(&app).await;
+    let reads = async {
+        let mut served = 0;
+        for _ in 0..50 {
+            app.get(&world.fill("/api/tasks/{task}"), &world.user.token)
+                .await
+                .assert_status(200);
+            served += 1;
+        }
+        served
+    };
+    let flush = app.request(Method::DELETE, "/admin/cache?namespace=tasks", Some(ADMIN), None);
+    let (flushed, served) = tokio::join!(flush, reads);
+    flushed.assert_status(200);
+    assert_eq!(served, 50, "reads were served during the flush");
+    let deleted = flushed.body["deleted"].as_u64().unwrap();
+    // The 100,000 bulk keys, plus the task key if a concurrent read had cached it.
+    assert!((100_000..=100_001).contains(&deleted), "deleted {deleted}");
+    let left: Option<String> = conn.get(format!("{prefix}tasks:bulk-0-0")).await.unwrap();
+    assert!(left.is_none());
+    let survivor: Option<String> = conn.get(format!("{prefix}projects:survivor")).await.unwrap();
+    assert!(survivor.is_some(), "other namespaces are untouched");
+    assert_eq!(
+        command_calls(&mut conn, "keys").await,
+        keys_calls_before,
+        "KEYS was used"
+    );
+}
+
+async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn flush_refuses_patterns_outside_the_prefix_and_unknown_namespaces() {
+    let app = TestApp::builder().settings(with_admin).spawn().await;
+    let prefix = app.settings.redis.key_prefix.clone();
+    #[rustfmt::skip]
+    let cases = [
+        ("a bare star", "pattern=*".to_owned()),
+        ("the prefix and a star", format!("pattern={prefix}*")),
+        ("another prefix", "pattern=other:tasks:*".to_owned()),
+        ("an unknown namespace", "namespace=everything".to_owned()),
+        ("both namespace and pattern", format!("namespace=tasks&pattern={prefix}tasks:*")),
+        ("neither", String::new()),
+    ];
+    for (case, query) in cases {
+        let response = app
+            .request(Method::DELETE, &format!("/admin/cache?{query}"), Some(ADMIN), None)
+            .await;
+        assert_eq!(response.status, 400, "{case}: {}", response.text);
+    }
+}
+
+#[tokio::test]
+async fn the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder().redis(redis).settings(with_admin).spawn().await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/projects/{project}/tasks");
+    let mode = |app: &TestApp| {
+        let app_address = app.url("/health");
+        let client = app.client.clone();
+        async move {
+            client
+                .get(app_address)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(mode(&app).await["details"]["cache"]["mode"], "redis");
+
+    let reads = async {
+        let mut failures = 0;
+        for _ in 0..200 {
+            if app.get(&path, &world.user.token).await.status != 200 {
+                failures += 1;
+            }
+        }
+        failures
+    };
+    let switches = async {
+        for redis_on in [false, true, false, true] {
+            let switched = app
+                .request(
+                    Method::POST,
+                    "/admin/cache/mode",
+                    Some(ADMIN),
+                    Some(json!({ "redis": redis_on })),
+                )
+                .await;
+            switched.assert_status(200);
+            assert_eq!(switched.body["mode"], if redis_on { "redis" } else { "memory" });
+        }
+    };
+    let (failures, ()) = tokio::join!(reads, switches);
+    assert_eq!(failures, 0);
+    assert_eq!(mode(&app).await["details"]["cache"]["mode"], "redis");
+}

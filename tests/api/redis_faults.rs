@@ -1,0 +1,332 @@
+//! Redis failures, each on a `redis-server` the test owns (killed or frozen by PID): the API keeps
+//! answering from memory and Postgres, with no 5xx and no request over 1 s, and picks Redis up
+//! again when it returns. A control run with library-like timeouts shows the same fault hanging.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{private_redis, TestApp, TestRedis, TestUser};
+
+struct Sample {
+    started: Duration,
+    took: Duration,
+    status: u16,
+}
+
+struct Load {
+    samples: Mutex<Vec<Sample>>,
+    origin: Instant,
+}
+
+/// Four workers reading a task list (one write in ten) until `stop` resolves; bounded by count.
+async fn steady_load(
+    app: &TestApp,
+    user: &TestUser,
+    project: &str,
+    task: &str,
+    stop: impl std::future::Future,
+) -> Load {
+    let load = Load {
+        samples: Mutex::new(Vec::new()),
+        origin: Instant::now(),
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let worker = |id: usize| {
+        let (load, done) = (&load, &done);
+        async move {
+            let mut n = 0usize;
+            while !done.load(std::sync::atomic::Ordering::Acquire) && n < 5_000 {
+                n += 1;
+                let started = Instant::now();
+                let status = if (n + id).is_multiple_of(10) {
+                    let body = json!({ "title": format!("write {id}-{n}") });
+                    app.patch(&format!("/api/tasks/{task}"), &user.token, body).await.status
+                } else {
+                    app.get(&format!("/api/projects/{project}/tasks"), &user.token)
+                        .await
+                        .status
+                };
+                load.samples.lock().unwrap().push(Sample {
+                    started: started - load.origin,
+                    took: started.elapsed(),
+                    status: status.as_u16(),
+                });
+            }
+        }
+    };
+    let stopper = async {
+        stop.await;
+        done.store(true, std::sync::atomic::Ordering::Release);
+    };
+    tokio::join!(join_all((0..4).map(worker)), stopper);
+    load
+}
+
+impl Load {
+    fn assert_no_5xx_and_nothing_over_a_second(&self) {
+        let samples = self.samples.lock().unwrap();
+        assert!(samples.len() > 100, "only {} requests ran", samples.len());
+        let server_errors = samples.iter().filter(|s| s.status >= 500).count();
+        assert_eq!(
+            server_errors,
+            0,
+            "{server_errors} of {} requests failed with 5xx",
+            samples.len()
+        );
+        let slowest = samples.iter().map(|s| s.took).max().unwrap();
+        assert!(slowest < Duration::from_secs(1), "slowest request took {slowest:?}");
+    }
+
+    /// p99 latency of requests started in [from, to) after the load began.
+    fn p99_between(&self, from: Duration, to: Duration) -> (Duration, usize) {
+        let samples = self.samples.lock().unwrap();
+        let mut took: Vec<Duration> = samples
+            .iter()
+            .filter(|s| s.started >= from && s.started < to)
+            .map(|s| s.took)
+            .collect();
+        assert!(took.len() >= 20, "only {} requests in the window", took.len());
+        took.sort();
+        (took[(took.len() * 99).div_ceil(100) - 1], took.len())
+    }
+}
+
+async fn spawn_with_redis(redis: &TestRedis) -> TestApp {
+    TestApp::builder().redis(redis).spawn().await
+}
+
+async fn world(app: &TestApp) -> (TestUser, String, String) {
+    let (user, _, project) = app.user_with_project().await;
+    let project = project["id"].as_str().unwrap().to_owned();
+    let task = app.create_task(&user, &project, json!({ "title": "before" })).await;
+    (user, project, task["id"].as_str().unwrap().to_owned())
+}
+
+/// Waits until /health shows Redis up with the breaker closed and the subscriber connected.
+async fn time_until_redis_is_used_again(app: &TestApp) -> Duration {
+    let started = Instant::now();
+    loop {
+        let health = app.request(Method::GET, "/health", None, None).await;
+        let redis = &health.body["details"]["redis"];
+        if redis["status"] == "up" && redis["breaker"] == "closed" && redis["subscriber"] == "connected" {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Redis not used again: {}",
+            health.text
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_under_load_causes_no_errors_and_is_used_again_after_restart() {
+    let redis = private_redis().await;
+    let app = spawn_with_redis(&redis).await;
+    let (user, project, task) = world(&app).await;
+    let marks = Mutex::new((Duration::ZERO, Duration::ZERO));
+    let origin = Instant::now();
+    let faults = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.kill();
+        let killed = origin.elapsed();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::task::block_in_place(|| redis.restart());
+        *marks.lock().unwrap() = (killed, origin.elapsed());
+        let back = time_until_redis_is_used_again(&app).await;
+        assert!(
+            back <= Duration::from_secs(2),
+            "Redis used again {back:?} after restart"
+        );
+    };
+    let load = steady_load(&app, &user, &project, &task, faults).await;
+    let (killed, restarted) = *marks.lock().unwrap();
+    load.assert_no_5xx_and_nothing_over_a_second();
+    let skew = load.origin.duration_since(origin.min(load.origin));
+    let (p99, n) = load.p99_between(killed + Duration::from_millis(500) - skew, restarted - skew);
+    assert!(
+        p99 <= Duration::from_millis(100),
+        "p99 {p99:?} over {n} requests while Redis was dead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_under_load_causes_no_errors_and_is_used_again_after_sigcont() {
+    let redis = private_redis().await;
+    let app = spawn_with_redis(&redis).await;
+    let (user, project, task) = world(&app).await;
+    let marks = Mutex::new((Duration::ZERO, Duration::ZERO));
+    let origin = Instant::now();
+    let faults = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.freeze();
+        let frozen = origin.elapsed();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        redis.thaw();
+        *marks.lock().unwrap() = (frozen, origin.elapsed());
+        let back = time_until_redis_is_used_again(&app).await;
+        assert!(
+            back <= Duration::from_secs(2),
+            "Redis used again {back:?} after SIGCONT"
+        );
+    };
+    let load = steady_load(&app, &user, &project, &task, faults).await;
+    let (frozen, thawed) = *marks.lock().unwrap();
+    load.assert_no_5xx_and_nothing_over_a_second();
+    let skew = load.origin.duration_since(origin.min(load.origin));
+    // The breaker opens after three timed-out commands; measure from a second in.
+    let (p99, n) = load.p99_between(frozen + Duration::from_secs(1) - skew, thawed - skew);
+    assert!(
+        p99 <= Duration::from_millis(100),
+        "p99 {p99:?} over {n} requests while Redis was frozen"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_made_while_redis_was_frozen_is_not_served_stale_by_any_instance_after() {
+    let redis = private_redis().await;
+    let a = spawn_with_redis(&redis).await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let (user, _, task) = world(&a).await;
+    let path = format!("/api/tasks/{task}");
+    // Both instances hold the old title (L2 and B's L1).
+    assert_eq!(a.get(&path, &user.token).await.body["title"], "before");
+    assert_eq!(b.get(&path, &user.token).await.body["title"], "before");
+    assert_eq!(b.get(&path, &user.token).await.header("x-cache"), Some("HIT-L1"));
+
+    redis.freeze();
+    let write = a.patch(&path, &user.token, json!({ "title": "during" })).await;
+    write.assert_status(200);
+    // B cannot learn about the write while Redis is frozen; it notices the outage itself.
+    wait_for_subscriber(&b, "disconnected").await;
+    redis.thaw();
+    wait_for_subscriber(&b, "connected").await;
+
+    let from_b = b.get(&path, &user.token).await;
+    assert_eq!(
+        from_b.body["title"],
+        "during",
+        "B served a stale task ({:?})",
+        from_b.header("x-cache")
+    );
+    assert_eq!(a.get(&path, &user.token).await.body["title"], "during");
+}
+
+async fn wait_for_subscriber(app: &TestApp, state: &str) {
+    let started = Instant::now();
+    loop {
+        let health = app.request(Method::GET, "/health", None, None).await;
+        if health.body["details"]["redis"]["subscriber"] == state {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "subscriber never {state}: {}",
+            health.text
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_absent_at_startup_does_not_delay_the_app_which_connects_when_it_appears() {
+    let redis = private_redis().await;
+    redis.kill();
+    let started = Instant::now();
+    let url = redis.url();
+    let app = TestApp::builder()
+        .settings(move |s| {
+            s.redis.enabled = true;
+            s.redis.url = url;
+        })
+        .spawn()
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "start-up took {:?}",
+        started.elapsed()
+    );
+    let (user, project, _) = world(&app).await;
+    for _ in 0..20 {
+        app.get(&format!("/api/projects/{project}/tasks"), &user.token)
+            .await
+            .assert_status(200);
+    }
+    let health = app.request(Method::GET, "/health", None, None).await;
+    health.assert_status(200);
+    assert_eq!(health.body["details"]["redis"]["status"], "degraded");
+
+    tokio::task::block_in_place(|| redis.restart());
+    let connected = time_until_redis_is_used_again(&app).await;
+    assert!(
+        connected <= Duration::from_secs(2),
+        "connected {connected:?} after Redis appeared"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_subscriber_resubscribes_and_flushes_l1() {
+    let redis = private_redis().await;
+    let app = spawn_with_redis(&redis).await;
+    let (user, _, task) = world(&app).await;
+    let path = format!("/api/tasks/{task}");
+    app.get(&path, &user.token).await;
+    assert_eq!(app.get(&path, &user.token).await.header("x-cache"), Some("HIT-L1"));
+
+    let mut admin = redis.connection().await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let started = Instant::now();
+    loop {
+        let read = app.get(&path, &user.token).await;
+        if read.header("x-cache") != Some("HIT-L1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "L1 was not flushed within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resubscribed = time_until_redis_is_used_again(&app).await + started.elapsed();
+    assert!(
+        resubscribed <= Duration::from_secs(2),
+        "resubscribed after {resubscribed:?}"
+    );
+}
+
+/// The control: with a command timeout like a client without one (and a breaker that never opens),
+/// a frozen Redis hangs requests, which is what the tests above would catch without the mitigation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_timeouts_and_breaker_a_frozen_redis_hangs_requests() {
+    let redis = private_redis().await;
+    let url = redis.url();
+    let app = TestApp::builder()
+        .settings(move |s| {
+            s.redis.enabled = true;
+            s.redis.url = url;
+            s.redis.command_timeout = Duration::from_secs(30);
+            s.redis.pool_timeout = Duration::from_secs(30);
+            s.redis.breaker_threshold = u32::MAX;
+        })
+        .spawn()
+        .await;
+    let (user, project, _) = world(&app).await;
+    redis.freeze();
+    let path = format!("/api/projects/{project}/tasks?limit=7");
+    let read = app.get(&path, &user.token);
+    let hung = tokio::time::timeout(Duration::from_millis(1500), read).await;
+    assert!(hung.is_err(), "the request should still be waiting on the frozen Redis");
+    redis.thaw();
+}
