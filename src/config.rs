@@ -80,6 +80,8 @@ pub struct RedisSettings {
 /// The in-process tier (L1).
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
+    /// `false` skips the in-process tier (for measurements; production keeps it on).
+    pub l1_enabled: bool,
     pub l1_max_entries: u64,
     /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
     /// invalidation message from another instance be lost.
@@ -163,6 +165,7 @@ impl Settings {
                 breaker_cooldown: vars.millis("REDIS_BREAKER_COOLDOWN_MS", 1000)?,
             },
             cache: CacheSettings {
+                l1_enabled: vars.parse("CACHE_L1_ENABLED", true, "true or false")?,
                 l1_max_entries: vars.parse("CACHE_L1_MAX_ENTRIES", 100_000, "a positive number")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,

@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::infra::cache::{self, TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
 use crate::infra::redis::keys::KeyRegistry;
+use crate::infra::telemetry::{PrometheusMetrics, PrometheusMetricsParameters, Telemetry};
 use crate::modules::admin::service::{Admin, AdminParameters};
 use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
@@ -30,7 +31,7 @@ module! {
     pub AppModule {
         components = [
             // infrastructure
-            PgDatabase, TieredCache,
+            PgDatabase, TieredCache, PrometheusMetrics,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -47,7 +48,11 @@ pub type Inject<I> = shaku_actix::Inject<AppModule, I>;
 
 /// The module builder with every parameter set; tests add `with_component_override` before `build`.
 pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppModule> {
+    let telemetry = Telemetry::new();
     AppModule::builder()
+        .with_component_parameters::<PrometheusMetrics>(PrometheusMetricsParameters {
+            telemetry: telemetry.clone(),
+        })
         .with_component_parameters::<PgDatabase>(PgDatabaseParameters {
             pool,
             statement_timeout: settings.database.statement_timeout,
@@ -58,6 +63,7 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
                 KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
                 &settings.cache,
                 &settings.redis,
+                telemetry,
             ),
         })
         .with_component_parameters::<Admin>(AdminParameters {

@@ -5,13 +5,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
-use crate::modules::{admin, auth, health, metrics, projects, tasks, users, workspaces};
+use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks, users, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "nestling", description = "A NestJS-style, dependency-injected backend starter in Rust."),
     paths(
-        health::controller::live, health::controller::ready, health::controller::health,
+        health::controller::live, health::controller::ready, health::controller::health, health::controller::metrics,
         auth::controller::register, auth::controller::login, auth::controller::logout,
         users::controller::get_me, users::controller::update_me, users::controller::list_my_tasks,
         workspaces::controller::create_workspace, workspaces::controller::list_workspaces,
@@ -25,6 +25,8 @@ use crate::modules::{admin, auth, health, metrics, projects, tasks, users, works
         tasks::controller::update_task, tasks::controller::delete_task,
         metrics::controller::get_daily_metrics,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
+        admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
+        admin::controller::get_redis_slowlog, cache_policy::get_cache_policy,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
@@ -35,6 +37,7 @@ use crate::modules::{admin, auth, health, metrics, projects, tasks, users, works
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),
         (name = "health", description = "Liveness, readiness, components"),
         (name = "admin", description = "Operator endpoints (ADMIN_TOKEN)"),
+        (name = "cache", description = "The TTL table in force"),
     )
 )]
 pub struct ApiDoc;

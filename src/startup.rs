@@ -16,6 +16,7 @@ use crate::error;
 use crate::infra::cache::CacheService;
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::request_id::request_id;
+use crate::infra::telemetry::{record_http, MetricsRegistry};
 use crate::modules;
 use crate::openapi::ApiDoc;
 use shaku::HasComponent;
@@ -46,6 +47,8 @@ impl Application {
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
         let cache: Arc<dyn CacheService> = module.resolve();
         cache.start();
+        let metrics: Arc<dyn MetricsRegistry> = module.resolve();
+        let telemetry = web::Data::new(metrics.telemetry());
         let address = format!("{}:{}", settings.app.host, settings.app.port);
         let bind_error = |source| StartupError::Bind {
             address: address.clone(),
@@ -60,6 +63,8 @@ impl Application {
                 .app_data(error::json_config())
                 .app_data(error::path_config())
                 .app_data(error::query_config())
+                .app_data(telemetry.clone())
+                .wrap(from_fn(record_http))
                 .wrap(from_fn(request_id))
                 .wrap(Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#))
                 .configure(modules::configure)

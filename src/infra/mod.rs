@@ -1,7 +1,8 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, request ids.
+//! breaker), the two-tier cache, request ids, Prometheus telemetry.
 
 pub mod cache;
 pub mod database;
 pub mod redis;
 pub mod request_id;
+pub mod telemetry;

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache_policy;
 pub mod health;
 pub mod metrics;
 pub mod projects;
@@ -21,6 +22,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
     tasks::configure(cfg);
     metrics::configure(cfg);
     admin::configure(cfg);
+    cache_policy::configure(cfg);
 }
 
 /// `limit` / `offset` paging shared by list endpoints.

@@ -10,6 +10,7 @@ mod errors;
 mod health;
 mod isolation;
 mod metrics;
+mod observability;
 mod openapi;
 mod projects;
 mod readme;

@@ -6,7 +6,12 @@ fn registered_routes() -> Vec<(String, String)> {
     let mut routes = Vec::new();
     let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/modules");
     for entry in std::fs::read_dir(modules).unwrap() {
-        let controller = entry.unwrap().path().join("controller.rs");
+        let path = entry.unwrap().path();
+        let controller = if path.is_dir() {
+            path.join("controller.rs")
+        } else {
+            path
+        };
         let Ok(source) = std::fs::read_to_string(&controller) else {
             continue;
         };
@@ -73,4 +78,39 @@ async fn swagger_ui_is_served_at_docs() {
     assert!(response.text().await.unwrap().contains("swagger"), "Swagger UI page");
     let redirect = app.request(Method::GET, "/docs", None, None).await;
     assert!(redirect.status.is_success(), "/docs redirects to the UI");
+}
+
+/// The other direction: every documented operation is mounted (a handler defined but never passed
+/// to `service(...)` would answer `route_not_found`).
+#[tokio::test]
+async fn every_documented_operation_is_mounted() {
+    let app = TestApp::spawn().await;
+    let document = app
+        .request(Method::GET, "/api-docs/openapi.json", None, None)
+        .await
+        .body;
+    let mut checked = 0;
+    for (path, operations) in document["paths"].as_object().unwrap() {
+        let concrete = path
+            .split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    uuid::Uuid::new_v4().to_string()
+                } else {
+                    segment.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in operations.as_object().unwrap().keys() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let response = app.request(method.clone(), &concrete, None, None).await;
+            assert_ne!(
+                response.body["code"], "route_not_found",
+                "{method} {path} is documented but not mounted"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 36, "checked only {checked} operations");
 }

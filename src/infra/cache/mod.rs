@@ -32,6 +32,7 @@ use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
 use crate::infra::redis::Redis;
+use crate::infra::telemetry::Telemetry;
 
 /// Where a response came from: the `X-Cache` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +84,6 @@ pub struct NamespaceStats {
     pub l1_entries: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    hits_l1: AtomicU64,
-    hits_l2: AtomicU64,
-    misses: AtomicU64,
-}
-
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheStatus {
@@ -107,6 +101,7 @@ pub trait CacheService: Interface {
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
     fn keys(&self) -> &KeyRegistry;
+    fn ttl_jitter_percent(&self) -> u8;
     fn status(&self) -> CacheStatus;
     /// The runtime switch: `false` stops using Redis at once, `true` starts again.
     fn set_redis_enabled(&self, enabled: bool);
@@ -157,9 +152,10 @@ pub struct Inner {
     subscriber_connected: AtomicBool,
     pending: Mutex<HashSet<String>>,
     jitter_percent: u8,
+    l1_enabled: bool,
     /// Identifies this instance in invalidation messages, so it skips its own.
     instance: String,
-    counters: [Counters; Namespace::ALL.len()],
+    pub(crate) telemetry: Arc<Telemetry>,
 }
 
 #[derive(Component)]
@@ -169,7 +165,12 @@ pub struct TieredCache {
 }
 
 impl Inner {
-    pub fn new(keys: KeyRegistry, cache: &CacheSettings, redis: &RedisSettings) -> Arc<Self> {
+    pub fn new(
+        keys: KeyRegistry,
+        cache: &CacheSettings,
+        redis: &RedisSettings,
+        telemetry: Arc<Telemetry>,
+    ) -> Arc<Self> {
         let l1 = Cache::builder()
             .max_capacity(cache.l1_max_entries)
             .expire_after(PerEntryExpiry {
@@ -189,8 +190,9 @@ impl Inner {
             subscriber_connected: AtomicBool::new(false),
             pending: Mutex::new(HashSet::new()),
             jitter_percent: cache.ttl_jitter_percent.min(100),
+            l1_enabled: cache.l1_enabled,
             instance: uuid::Uuid::new_v4().simple().to_string(),
-            counters: Default::default(),
+            telemetry,
         })
     }
 
@@ -202,7 +204,7 @@ impl Inner {
         if let Some(redis) = self.redis.get() {
             return Some(redis);
         }
-        match Redis::new(&self.redis_settings) {
+        match Redis::new(&self.redis_settings, self.telemetry.clone()) {
             Ok(redis) => Some(self.redis.get_or_init(|| Arc::new(redis))),
             Err(err) => {
                 log::error!("redis: invalid REDIS_URL, staying in memory mode: {err}");
@@ -212,13 +214,22 @@ impl Inner {
     }
 
     fn count(&self, namespace: Namespace, tier: CacheTier) {
-        let counters = &self.counters[namespace as usize];
-        let counter = match tier {
-            CacheTier::HitL1 => &counters.hits_l1,
-            CacheTier::HitL2 => &counters.hits_l2,
-            CacheTier::Miss | CacheTier::Bypass => &counters.misses,
+        let result = match tier {
+            CacheTier::HitL1 => "hit_l1",
+            CacheTier::HitL2 => "hit_l2",
+            CacheTier::Miss | CacheTier::Bypass => "miss",
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.telemetry
+            .cache_requests
+            .with_label_values(&[namespace.as_str(), result])
+            .inc();
+    }
+
+    fn counted(&self, namespace: Namespace, result: &str) -> u64 {
+        self.telemetry
+            .cache_requests
+            .with_label_values(&[namespace.as_str(), result])
+            .get()
     }
 
     fn ttl_with_jitter(&self, key: &CacheKey) -> Duration {
@@ -255,7 +266,9 @@ impl Inner {
             }
         }
         self.count(key.namespace, CacheTier::Miss);
+        let started = Instant::now();
         let bytes = loader.await?;
+        self.telemetry.observe_loader(key.namespace.as_str(), started.elapsed());
         let ttl = self.ttl_with_jitter(key);
         if let (Some(redis), Some(version)) = (redis, version) {
             if let Err(err) = write_l2(redis, &self.keys, key, &bytes, ttl, version).await {
@@ -333,6 +346,7 @@ impl Inner {
                 "cache: {} invalidation(s) queued until Redis answers: {err}",
                 redis_keys.len()
             );
+            self.telemetry.invalidations_queued.inc_by(redis_keys.len() as u64);
             self.pending.lock().unwrap().extend(redis_keys);
         }
     }
@@ -342,6 +356,7 @@ impl Inner {
         let queued: Vec<String> = self.pending.lock().unwrap().drain().collect();
         if !queued.is_empty() {
             log::info!("cache: replaying {} queued invalidation(s)", queued.len());
+            self.telemetry.invalidations_replayed.inc_by(queued.len() as u64);
             self.invalidate_l2(queued).await;
         }
     }
@@ -434,6 +449,15 @@ async fn write_l2(
 impl CacheService for TieredCache {
     async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
         let inner = &self.inner;
+        if !inner.l1_enabled {
+            let entry = inner.fill(&key, loader).await?;
+            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
+            return Ok(Cached {
+                bytes: entry.bytes,
+                tier: entry.origin,
+                max_age,
+            });
+        }
         let l1_key = key.l1_key();
         if let Some(entry) = inner.l1.get(&l1_key).await {
             let now = Instant::now();
@@ -474,6 +498,10 @@ impl CacheService for TieredCache {
 
     fn keys(&self) -> &KeyRegistry {
         &self.inner.keys
+    }
+
+    fn ttl_jitter_percent(&self) -> u8 {
+        self.inner.jitter_percent
     }
 
     fn status(&self) -> CacheStatus {
@@ -561,11 +589,10 @@ impl CacheService for TieredCache {
         Namespace::ALL
             .into_iter()
             .map(|namespace| {
-                let counters = &inner.counters[namespace as usize];
                 let (hits_l1, hits_l2, misses) = (
-                    counters.hits_l1.load(Ordering::Relaxed),
-                    counters.hits_l2.load(Ordering::Relaxed),
-                    counters.misses.load(Ordering::Relaxed),
+                    inner.counted(namespace, "hit_l1"),
+                    inner.counted(namespace, "hit_l2"),
+                    inner.counted(namespace, "miss"),
                 );
                 let total = hits_l1 + hits_l2 + misses;
                 let prefix = prefix_of(namespace);

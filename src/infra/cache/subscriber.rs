@@ -73,6 +73,7 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
             message = stream.next() => {
                 let Some(message) = message else { return Err("subscription closed".into()) };
                 let payload: String = message.get_payload().map_err(|e| e.to_string())?;
+                inner.telemetry.pubsub_messages.inc();
                 apply(inner, &payload);
             }
             _ = ping.tick() => {

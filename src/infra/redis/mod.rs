@@ -15,6 +15,7 @@ use bb8_redis::redis::aio::MultiplexedConnection;
 use bb8_redis::redis::{self, AsyncConnectionConfig, RedisError, RedisResult};
 
 use crate::config::RedisSettings;
+use crate::infra::telemetry::Telemetry;
 use breaker::{BreakerState, CircuitBreaker};
 
 /// Why a Redis call did not happen or did not succeed; callers degrade, they never fail a request.
@@ -68,6 +69,7 @@ impl bb8::ManageConnection for RedisManager {
 }
 
 pub struct Redis {
+    telemetry: Arc<Telemetry>,
     pool: bb8::Pool<RedisManager>,
     client: redis::Client,
     command_timeout: Duration,
@@ -76,7 +78,7 @@ pub struct Redis {
 
 impl Redis {
     /// Builds the pool without connecting.
-    pub fn new(settings: &RedisSettings) -> Result<Self, RedisError> {
+    pub fn new(settings: &RedisSettings, telemetry: Arc<Telemetry>) -> Result<Self, RedisError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
@@ -92,6 +94,7 @@ impl Redis {
                 config,
             });
         Ok(Self {
+            telemetry,
             pool,
             client,
             command_timeout: settings.command_timeout,
@@ -106,12 +109,24 @@ impl Redis {
         Fut: Future<Output = RedisResult<T>>,
     {
         if !self.breaker.allow() {
+            self.telemetry.redis_errors.with_label_values(&["circuit_open"]).inc();
             return Err(RedisFailure::CircuitOpen);
         }
+        let started = Instant::now();
         let outcome = self.call_unguarded(command).await;
+        self.telemetry.observe_redis(started, outcome.is_ok());
         match &outcome {
             Ok(_) => self.breaker.record_success(),
-            Err(_) => self.breaker.record_failure(),
+            Err(failure) => {
+                let kind = match failure {
+                    RedisFailure::Timeout(_) => "timeout",
+                    RedisFailure::Pool(_) => "pool",
+                    RedisFailure::Command(_) => "error",
+                    RedisFailure::CircuitOpen => "circuit_open",
+                };
+                self.telemetry.redis_errors.with_label_values(&[kind]).inc();
+                self.breaker.record_failure();
+            }
         }
         outcome
     }
@@ -148,10 +163,10 @@ impl Redis {
         self.breaker.state()
     }
 
-    /// Connections open / idle in the pool.
-    pub fn pool_state(&self) -> (u32, u32) {
+    /// Connections open and idle in the pool, and its counters.
+    pub fn pool_statistics(&self) -> (u32, u32, bb8::Statistics) {
         let state = self.pool.state();
-        (state.connections, state.idle_connections)
+        (state.connections, state.idle_connections, state.statistics)
     }
 
     /// The client, for the dedicated pub/sub connection.

@@ -5,7 +5,10 @@ use shaku::HasComponent;
 use std::future::{ready, Ready};
 use std::sync::Arc;
 
-use super::service::{AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse};
+use super::service::{
+    AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse, RedisHealth, RedisMetrics,
+    SlowlogEntry, WarmRequest, WarmResponse,
+};
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::infra::cache::CacheStatus;
@@ -13,7 +16,11 @@ use crate::infra::cache::CacheStatus;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(get_cache_stats)
         .service(set_cache_mode)
-        .service(flush_cache);
+        .service(flush_cache)
+        .service(warm_cache)
+        .service(get_redis_health)
+        .service(get_redis_metrics)
+        .service(get_redis_slowlog);
 }
 
 /// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`.
@@ -83,4 +90,61 @@ pub async fn flush_cache(
     query: web::Query<FlushQuery>,
 ) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.flush(query.into_inner()).await?))
+}
+
+/// Load the hot entries of a workspace: it, its members, its projects and their first task pages.
+#[utoipa::path(
+    tag = "admin", operation_id = "warm_cache", security(("admin" = [])),
+    request_body = WarmRequest,
+    responses(
+        (status = 200, body = WarmResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    )
+)]
+#[post("/admin/cache/warm")]
+pub async fn warm_cache(
+    _admin: AdminAuth,
+    admin: Inject<dyn AdminService>,
+    body: web::Json<WarmRequest>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.warm(body.into_inner()).await?))
+}
+
+/// PING latency, breaker, subscriber and pool of this instance's Redis connection.
+#[utoipa::path(
+    tag = "admin", operation_id = "get_redis_health", security(("admin" = [])),
+    responses(
+        (status = 200, body = RedisHealth), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "Redis is disabled (memory mode)", body = ErrorBody),
+    )
+)]
+#[get("/admin/redis/health")]
+pub async fn get_redis_health(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.redis_health().await?))
+}
+
+/// Selected INFO fields: memory, clients, ops/s, keyspace hit rate.
+#[utoipa::path(
+    tag = "admin", operation_id = "get_redis_metrics", security(("admin" = [])),
+    responses(
+        (status = 200, body = RedisMetrics), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "Redis is disabled or did not answer", body = ErrorBody),
+    )
+)]
+#[get("/admin/redis/metrics")]
+pub async fn get_redis_metrics(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.redis_metrics().await?))
+}
+
+/// The 25 most recent slow commands (SLOWLOG GET).
+#[utoipa::path(
+    tag = "admin", operation_id = "get_redis_slowlog", security(("admin" = [])),
+    responses(
+        (status = 200, body = Vec<SlowlogEntry>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "Redis is disabled or did not answer", body = ErrorBody),
+    )
+)]
+#[get("/admin/redis/slowlog")]
+pub async fn get_redis_slowlog(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.redis_slowlog().await?))
 }

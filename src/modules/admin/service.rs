@@ -8,6 +8,13 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
+use crate::modules::projects::model::Project;
+use crate::modules::projects::service::ProjectService;
+use crate::modules::tasks::dto::TaskQuery;
+use crate::modules::tasks::service::TaskService;
+use crate::modules::workspaces::model::Role;
+use crate::modules::workspaces::repository::WorkspaceRepository;
+use crate::modules::workspaces::service::WorkspaceService;
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +48,56 @@ pub struct FlushResponse {
     pub deleted: u64,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisHealth {
+    pub latency_ms: Option<f64>,
+    pub error: Option<String>,
+    pub breaker: crate::infra::redis::breaker::BreakerState,
+    pub subscriber_connected: bool,
+    pub pool_connections: u32,
+    pub pool_idle: u32,
+    pub pool_gets_waited: u64,
+    pub pool_gets_timed_out: u64,
+}
+
+/// Selected `INFO` fields.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisMetrics {
+    pub redis_version: String,
+    pub used_memory_bytes: u64,
+    pub used_memory_human: String,
+    pub connected_clients: u64,
+    pub ops_per_sec: u64,
+    pub keyspace_hits: u64,
+    pub keyspace_misses: u64,
+    pub keyspace_hit_rate: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowlogEntry {
+    pub id: u64,
+    pub timestamp: u64,
+    pub duration_micros: u64,
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmRequest {
+    pub workspace_id: uuid::Uuid,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmResponse {
+    /// Entries loaded or confirmed: the workspace, its members, project list, projects and the
+    /// first page of each project's tasks.
+    pub entries: u64,
+}
+
 #[async_trait]
 pub trait AdminService: Interface {
     /// 403 while `ADMIN_TOKEN` is unset, 401 for a wrong token (compared in constant time).
@@ -48,6 +105,14 @@ pub trait AdminService: Interface {
     fn cache_stats(&self) -> CacheStatsResponse;
     fn set_cache_mode(&self, request: CacheModeRequest) -> CacheStatus;
     async fn flush(&self, query: FlushQuery) -> AppResult<FlushResponse>;
+    async fn redis_health(&self) -> AppResult<RedisHealth>;
+    async fn redis_metrics(&self) -> AppResult<RedisMetrics>;
+    async fn redis_slowlog(&self) -> AppResult<Vec<SlowlogEntry>>;
+    async fn warm(&self, request: WarmRequest) -> AppResult<WarmResponse>;
+}
+
+fn redis_unavailable(err: crate::infra::redis::RedisFailure) -> AppError {
+    AppError::conflict("redis_unavailable", format!("Redis did not answer: {err}"))
 }
 
 #[derive(Component)]
@@ -55,7 +120,29 @@ pub trait AdminService: Interface {
 pub struct Admin {
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    #[shaku(inject)]
+    workspaces: Arc<dyn WorkspaceService>,
+    #[shaku(inject)]
+    workspace_repository: Arc<dyn WorkspaceRepository>,
+    #[shaku(inject)]
+    projects: Arc<dyn ProjectService>,
+    #[shaku(inject)]
+    tasks: Arc<dyn TaskService>,
     admin_token: Option<String>,
+}
+
+impl Admin {
+    fn redis(&self) -> AppResult<Arc<crate::infra::redis::Redis>> {
+        self.cache
+            .redis()
+            .ok_or_else(|| AppError::conflict("redis_disabled", "Redis is disabled (memory mode)"))
+    }
+}
+
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 #[async_trait]
@@ -121,5 +208,104 @@ impl AdminService for Admin {
             .await
             .map_err(|err| AppError::internal(format!("cache flush failed: {err}")))?;
         Ok(FlushResponse { pattern, deleted })
+    }
+
+    async fn redis_health(&self) -> AppResult<RedisHealth> {
+        let redis = self.redis()?;
+        let ping = redis.ping().await;
+        let (connections, idle, stats) = redis.pool_statistics();
+        Ok(RedisHealth {
+            latency_ms: ping.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
+            error: ping.err().map(|e| e.to_string()),
+            breaker: redis.breaker_state(),
+            subscriber_connected: self.cache.status().subscriber_connected,
+            pool_connections: connections,
+            pool_idle: idle,
+            pool_gets_waited: stats.get_waited,
+            pool_gets_timed_out: stats.get_timed_out,
+        })
+    }
+
+    async fn redis_metrics(&self) -> AppResult<RedisMetrics> {
+        let redis = self.redis()?;
+        let info: String = redis
+            .call(|mut c| async move { bb8_redis::redis::cmd("INFO").query_async(&mut c).await })
+            .await
+            .map_err(redis_unavailable)?;
+        let number = |name: &str| info_field(&info, name).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+        let (hits, misses) = (number("keyspace_hits"), number("keyspace_misses"));
+        Ok(RedisMetrics {
+            redis_version: info_field(&info, "redis_version").unwrap_or_default().to_owned(),
+            used_memory_bytes: number("used_memory"),
+            used_memory_human: info_field(&info, "used_memory_human").unwrap_or_default().to_owned(),
+            connected_clients: number("connected_clients"),
+            ops_per_sec: number("instantaneous_ops_per_sec"),
+            keyspace_hits: hits,
+            keyspace_misses: misses,
+            keyspace_hit_rate: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+        })
+    }
+
+    async fn redis_slowlog(&self) -> AppResult<Vec<SlowlogEntry>> {
+        let redis = self.redis()?;
+        type Raw = Vec<(u64, u64, u64, Vec<String>)>;
+        let raw: Vec<bb8_redis::redis::Value> = redis
+            .call(|mut c| async move {
+                bb8_redis::redis::cmd("SLOWLOG")
+                    .arg("GET")
+                    .arg(25)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(redis_unavailable)?;
+        // Entries have 4 fields (6 since Redis 4: client address and name follow); keep the first 4.
+        let entries: Raw = raw
+            .into_iter()
+            .filter_map(|entry| match entry {
+                bb8_redis::redis::Value::Array(fields) if fields.len() >= 4 => {
+                    let fields: Vec<_> = fields.into_iter().take(4).collect();
+                    bb8_redis::redis::FromRedisValue::from_redis_value(bb8_redis::redis::Value::Array(fields)).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(entries
+            .into_iter()
+            .map(|(id, timestamp, duration_micros, command)| SlowlogEntry {
+                id,
+                timestamp,
+                duration_micros,
+                command,
+            })
+            .collect())
+    }
+
+    async fn warm(&self, request: WarmRequest) -> AppResult<WarmResponse> {
+        let workspace_id = request.workspace_id;
+        // Load through the services, as the workspace's first owner would: the same keys, the same bytes.
+        let owner = self
+            .workspace_repository
+            .members(workspace_id)
+            .await?
+            .into_iter()
+            .find(|m| m.role == Role::Owner)
+            .ok_or(AppError::not_found("workspace"))?;
+        let user = owner.user_id;
+        self.workspaces.get(user, workspace_id).await?;
+        self.workspaces.members(user, workspace_id).await?;
+        let list = self.projects.list(user, workspace_id).await?;
+        let projects: Vec<Project> = crate::modules::from_json_bytes(&list.bytes)?;
+        let mut entries = 3;
+        for project in &projects {
+            self.projects.get(user, project.id).await?;
+            self.tasks.list(user, project.id, TaskQuery::default()).await?;
+            entries += 2;
+        }
+        Ok(WarmResponse { entries })
     }
 }

@@ -2,9 +2,10 @@ use actix_web::{get, web, HttpResponse};
 
 use super::service::{HealthReport, HealthService};
 use crate::container::Inject;
+use crate::infra::telemetry::MetricsRegistry;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(live).service(ready).service(health);
+    cfg.service(live).service(ready).service(health).service(metrics);
 }
 
 fn respond(report: HealthReport) -> HttpResponse {
@@ -40,4 +41,16 @@ pub async fn ready(checks: Inject<dyn HealthService>) -> HttpResponse {
 #[get("/health")]
 pub async fn health(checks: Inject<dyn HealthService>) -> HttpResponse {
     respond(checks.report().await)
+}
+
+/// Prometheus metrics of this instance (text exposition format).
+#[utoipa::path(
+    tag = "health", operation_id = "get_metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+#[get("/metrics")]
+pub async fn metrics(registry: Inject<dyn MetricsRegistry>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(registry.render())
 }

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Rerunnable benchmark of nestling (not part of `cargo test`): release build, seeded demo data,
+# wrk on loopback against an authenticated GET /api/projects/{id}/tasks?limit=20 (20 tasks, ~9 KB).
+# Scenarios: bare actix ceiling, L1 hit (Redis mode), memory mode, L2 hit (L1 off), uncached,
+# 90 % read / 10 % write, Redis frozen (SIGSTOP). Postgres: $DATABASE_URL, or the dev service.
+#
+# Usage: bench/run.sh [seconds per scenario, default 10] [connections, default 64]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNECTIONS=${2:-64}
+
+need() { command -v "$1" >/dev/null 2>&1 || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq "$2" >/dev/null; } || { echo "bench needs $1: apt-get install $2" >&2; exit 1; }; }
+need wrk wrk
+need redis-server redis-server
+need curl curl
+
+cargo build --release --quiet --bin nestling --example ceiling
+BIN=target/release/nestling
+WORK=$(mktemp -d)
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+REDIS_PORT=$(free_port)
+APP_PORT=$(free_port)
+CEILING_PORT=$(free_port)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --logfile "$WORK/redis.log" &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+"$BIN" seed >/dev/null 2>&1 || RUST_LOG=info "$BIN" seed
+
+BASE="http://127.0.0.1:$APP_PORT"
+APP_PID=""
+start_app() {
+  env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" "$@" "$BIN" >"$WORK/app.log" 2>&1 &
+  APP_PID=$!
+  PIDS+=("$APP_PID")
+  for _ in $(seq 200); do curl -sf "$BASE/health/live" >/dev/null && return; sleep 0.05; done
+  echo "the app did not start:" >&2; cat "$WORK/app.log" >&2; exit 1
+}
+stop_app() { kill "$APP_PID"; wait "$APP_PID" 2>/dev/null || true; }
+
+start_app REDIS_ENABLED=false
+TOKEN=$(curl -sf -X POST "$BASE/api/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"demo@nestling.dev","password":"demo-password"}' | sed -E 's/.*"token":"([^"]+)".*/\1/')
+WORKSPACE=$(curl -sf "$BASE/api/workspaces" -H "authorization: Bearer $TOKEN" | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4)
+PROJECT=$(curl -sf "$BASE/api/workspaces/$WORKSPACE/projects" -H "authorization: Bearer $TOKEN" | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4)
+LIST="/api/projects/$PROJECT/tasks?limit=20"
+curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >"$WORK/body.json"
+TASK=$(grep -o '"id":"[^"]*"' "$WORK/body.json" | head -1 | cut -d'"' -f4)
+stop_app
+BODY_BYTES=$(wc -c <"$WORK/body.json")
+
+cat >"$WORK/mix.lua" <<LUA
+local n = 0
+request = function()
+  n = n + 1
+  if n % 10 == 0 then
+    local body = string.format('{"priority":"%s"}', (n % 20 == 0) and "high" or "low")
+    return wrk.format("PATCH", "/api/tasks/$TASK", {["Authorization"] = "Bearer $TOKEN", ["Content-Type"] = "application/json"}, body)
+  end
+  return wrk.format("GET", "$LIST", {["Authorization"] = "Bearer $TOKEN"})
+end
+LUA
+
+RESULTS="$WORK/results.tsv"
+measure() { # name url [wrk args...]
+  local name=$1 url=$2; shift 2
+  local out
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "authorization: Bearer $TOKEN" "$@" "$url")
+  local rps p50 p99 errors
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" "$errors" | tee -a "$RESULTS"
+}
+warm() { for _ in 1 2 3; do curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
+
+printf 'scenario\treq/s\tp50\tp99\tnon-2xx\n' | tee "$RESULTS"
+
+target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
+PIDS+=("$!")
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null && break; sleep 0.05; done
+measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
+
+start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
+start_app REDIS_ENABLED=false; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
+start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
+start_app REDIS_ENABLED=false CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
+start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
+
+start_app REDIS_ENABLED=true; warm
+kill -STOP "$REDIS_PID"
+# Let the breaker see the outage (health pings time out), then measure.
+for _ in $(seq 50); do curl -s "$BASE/health" | grep -q '"breaker":"open"' && break; sleep 0.1; done
+measure "Redis frozen (SIGSTOP)" "$BASE$LIST"
+kill -CONT "$REDIS_PID"; stop_app
+
+echo
+echo "body: $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per scenario, wrk -t2; $(nproc) cores"
+awk -F'\t' '
+  NR == 1 { next }
+  { rps[$1] = $2 }
+  END {
+    printf "L1 hit / ceiling: %.0f %%\n", 100 * rps["L1 hit (redis mode)"] / rps["ceiling (bare actix, same bytes)"]
+    printf "Redis frozen / memory mode: %.0f %%\n", 100 * rps["Redis frozen (SIGSTOP)"] / rps["L1 hit (memory mode)"]
+  }' "$RESULTS"

@@ -1,0 +1,210 @@
+//! Prometheus metrics of one app instance (its own registry, so several instances in one process,
+//! as in the tests, do not mix): HTTP, cache tiers per namespace, loaders, Redis commands, the
+//! breaker, the pool, pub/sub and invalidations. Served as text at `GET /metrics`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::web;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+pub struct Telemetry {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    /// `result` = `hit_l1` | `hit_l2` | `miss`.
+    pub cache_requests: IntCounterVec,
+    pub loader_duration: HistogramVec,
+    pub redis_duration: HistogramVec,
+    /// `kind` = `timeout` | `error` | `pool` | `circuit_open`.
+    pub redis_errors: IntCounterVec,
+    pub breaker_state: IntGauge,
+    pub pool: IntGaugeVec,
+    pub pubsub_messages: IntCounter,
+    pub invalidations_queued: IntCounter,
+    pub invalidations_replayed: IntCounter,
+    pub invalidations_pending: IntGauge,
+    pub l1_entries: IntGauge,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+        .expect("valid histogram")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+}
+
+impl Telemetry {
+    pub fn new() -> Arc<Self> {
+        let telemetry = Telemetry {
+            registry: Registry::new_custom(Some("nestling".into()), None).expect("valid registry"),
+            http_requests: counter(
+                "http_requests_total",
+                "HTTP requests by route and status",
+                &["method", "route", "status"],
+            ),
+            http_duration: histogram(
+                "http_request_duration_seconds",
+                "HTTP request latency",
+                &["method", "route"],
+            ),
+            cache_requests: counter(
+                "cache_requests_total",
+                "Cache lookups by namespace and result",
+                &["namespace", "result"],
+            ),
+            loader_duration: histogram(
+                "cache_loader_duration_seconds",
+                "Time to load a missed entry",
+                &["namespace"],
+            ),
+            redis_duration: histogram("redis_command_duration_seconds", "Redis command latency", &["outcome"]),
+            redis_errors: counter("redis_errors_total", "Redis calls that failed, by kind", &["kind"]),
+            breaker_state: IntGauge::new("redis_breaker_state", "0 closed, 1 half-open, 2 open").expect("gauge"),
+            pool: IntGaugeVec::new(
+                Opts::new("redis_pool", "Redis pool: connections, idle, waits, timeouts"),
+                &["stat"],
+            )
+            .expect("gauge"),
+            pubsub_messages: IntCounter::new("pubsub_messages_total", "Invalidation messages received")
+                .expect("counter"),
+            invalidations_queued: IntCounter::new(
+                "cache_invalidations_queued_total",
+                "Invalidations queued while Redis failed",
+            )
+            .expect("counter"),
+            invalidations_replayed: IntCounter::new(
+                "cache_invalidations_replayed_total",
+                "Queued invalidations replayed",
+            )
+            .expect("counter"),
+            invalidations_pending: IntGauge::new("cache_invalidations_pending", "Invalidations waiting for Redis")
+                .expect("gauge"),
+            l1_entries: IntGauge::new("cache_l1_entries", "Entries in the in-process cache").expect("gauge"),
+        };
+        let registry = &telemetry.registry;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(telemetry.http_requests.clone()),
+            Box::new(telemetry.http_duration.clone()),
+            Box::new(telemetry.cache_requests.clone()),
+            Box::new(telemetry.loader_duration.clone()),
+            Box::new(telemetry.redis_duration.clone()),
+            Box::new(telemetry.redis_errors.clone()),
+            Box::new(telemetry.breaker_state.clone()),
+            Box::new(telemetry.pool.clone()),
+            Box::new(telemetry.pubsub_messages.clone()),
+            Box::new(telemetry.invalidations_queued.clone()),
+            Box::new(telemetry.invalidations_replayed.clone()),
+            Box::new(telemetry.invalidations_pending.clone()),
+            Box::new(telemetry.l1_entries.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector).expect("each metric registered once");
+        }
+        Arc::new(telemetry)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+
+    pub fn observe_redis(&self, started: Instant, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.redis_duration
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn observe_loader(&self, namespace: &str, took: Duration) {
+        self.loader_duration
+            .with_label_values(&[namespace])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Middleware: counts and times every request by its route pattern (`/api/tasks/{id}`), so the
+/// label set stays small whatever ids clients send.
+pub async fn record_http(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let telemetry = req.app_data::<web::Data<Arc<Telemetry>>>().map(|t| t.get_ref().clone());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.call(req).await?;
+    if let Some(telemetry) = telemetry {
+        let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        let status = response.status().as_u16().to_string();
+        telemetry
+            .http_requests
+            .with_label_values(&[&method, &route, &status])
+            .inc();
+        telemetry
+            .http_duration
+            .with_label_values(&[&method, &route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(response)
+}
+
+/// The `/metrics` source in the container: refreshes the gauges that are read at scrape time.
+pub trait MetricsRegistry: shaku::Interface {
+    fn telemetry(&self) -> Arc<Telemetry>;
+    fn render(&self) -> String;
+}
+
+#[derive(shaku::Component)]
+#[shaku(interface = MetricsRegistry)]
+pub struct PrometheusMetrics {
+    #[shaku(inject)]
+    cache: Arc<dyn crate::infra::cache::CacheService>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl MetricsRegistry for PrometheusMetrics {
+    fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
+    }
+
+    fn render(&self) -> String {
+        use crate::infra::redis::breaker::BreakerState;
+        let status = self.cache.status();
+        let t = &self.telemetry;
+        t.breaker_state.set(match status.breaker {
+            None | Some(BreakerState::Closed) => 0,
+            Some(BreakerState::HalfOpen) => 1,
+            Some(BreakerState::Open) => 2,
+        });
+        t.invalidations_pending.set(status.pending_invalidations as i64);
+        t.l1_entries.set(status.l1_entries as i64);
+        if let Some(redis) = self.cache.redis() {
+            let (connections, idle, stats) = redis.pool_statistics();
+            for (stat, value) in [
+                ("connections", connections as i64),
+                ("idle", idle as i64),
+                ("gets_waited", stats.get_waited as i64),
+                ("gets_timed_out", stats.get_timed_out as i64),
+                ("connections_closed_broken", stats.connections_closed_broken as i64),
+            ] {
+                t.pool.with_label_values(&[stat]).set(value);
+            }
+        }
+        t.render()
+    }
+}

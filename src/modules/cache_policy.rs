@@ -1,0 +1,54 @@
+//! `GET /api/cache/policy`: the TTL table in force, as clients and operators see it.
+
+use actix_web::{get, web, HttpResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::container::Inject;
+use crate::error::ErrorBody;
+use crate::infra::cache::CacheService;
+use crate::infra::redis::keys::Namespace;
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(get_cache_policy);
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicyEntry {
+    pub namespace: Namespace,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePolicy {
+    /// `memory`, `redis` or `degraded`.
+    pub mode: crate::infra::cache::CacheMode,
+    pub key_prefix: String,
+    pub ttl_jitter_percent: u8,
+    pub namespaces: Vec<CachePolicyEntry>,
+}
+
+/// The TTL of every cache namespace (from the TTL table) and the cache mode in force.
+#[utoipa::path(
+    tag = "cache", operation_id = "get_cache_policy", security(("bearer" = [])),
+    responses((status = 200, body = CachePolicy), (status = 401, body = ErrorBody))
+)]
+#[get("/api/cache/policy")]
+pub async fn get_cache_policy(_me: AuthUser, cache: Inject<dyn CacheService>) -> HttpResponse {
+    let keys = cache.keys();
+    HttpResponse::Ok().json(CachePolicy {
+        mode: cache.status().mode,
+        key_prefix: keys.prefix().to_owned(),
+        ttl_jitter_percent: cache.ttl_jitter_percent(),
+        namespaces: Namespace::ALL
+            .into_iter()
+            .map(|namespace| CachePolicyEntry {
+                namespace,
+                ttl_seconds: keys.ttl(namespace).as_secs(),
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,171 @@
+//! What operators look at: Prometheus metrics, Redis admin endpoints, cache warm-up, the TTL policy.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{shared_redis, TestApp};
+
+const ADMIN: &str = "observability-admin";
+
+async fn admin_app(redis: bool) -> TestApp {
+    let mut builder = TestApp::builder().settings(|s| s.app.admin_token = Some(ADMIN.into()));
+    if redis {
+        builder = builder.redis(tokio::task::spawn_blocking(shared_redis).await.unwrap());
+    }
+    builder.spawn().await
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_cache_results_by_tier_and_namespace() {
+    let app = admin_app(true).await;
+    let (user, _, project) = app.user_with_project().await;
+    let path = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    for _ in 0..3 {
+        app.get(&path, &user.token).await.assert_status(200);
+    }
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    let route = r#"method="GET",route="/api/projects/{id}/tasks",status="200""#;
+    assert_eq!(metric(&text, &format!("nestling_http_requests_total{{{route}}}")), 3.0);
+    assert!(
+        text.contains(r#"nestling_http_request_duration_seconds_bucket{method="GET",route="/api/projects/{id}/tasks""#)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"nestling_cache_requests_total{namespace="task-lists",result="miss"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"nestling_cache_requests_total{namespace="task-lists",result="hit_l1"}"#
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &text,
+            r#"nestling_cache_loader_duration_seconds_count{namespace="task-lists"}"#
+        ) >= 1.0
+    );
+    assert!(metric(&text, r#"nestling_redis_command_duration_seconds_count{outcome="ok"}"#) >= 1.0);
+    assert_eq!(metric(&text, "nestling_redis_breaker_state"), 0.0);
+    assert!(metric(&text, r#"nestling_redis_pool{stat="connections"}"#) >= 1.0);
+    for series in [
+        "nestling_pubsub_messages_total",
+        "nestling_cache_invalidations_queued_total",
+        "nestling_cache_invalidations_replayed_total",
+    ] {
+        metric(&text, series);
+    }
+}
+
+#[tokio::test]
+async fn redis_admin_endpoints_report_health_info_and_slowlog() {
+    let app = admin_app(true).await;
+    let health = app.request(Method::GET, "/admin/redis/health", Some(ADMIN), None).await;
+    health.assert_status(200);
+    assert!(health.body["latencyMs"].as_f64().unwrap() >= 0.0);
+    assert_eq!(health.body["breaker"], "closed");
+    assert_eq!(health.body["subscriberConnected"], true);
+
+    let metrics = app
+        .request(Method::GET, "/admin/redis/metrics", Some(ADMIN), None)
+        .await;
+    metrics.assert_status(200);
+    assert!(metrics.body["usedMemoryBytes"].as_u64().unwrap() > 0);
+    assert!(metrics.body["connectedClients"].as_u64().unwrap() >= 1);
+    assert!(metrics.body["redisVersion"].as_str().unwrap().contains('.'));
+    let rate = metrics.body["keyspaceHitRate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+
+    let slowlog = app
+        .request(Method::GET, "/admin/redis/slowlog", Some(ADMIN), None)
+        .await;
+    slowlog.assert_status(200);
+    assert!(slowlog.body.is_array());
+}
+
+#[tokio::test]
+async fn redis_admin_endpoints_say_when_redis_is_disabled() {
+    let app = admin_app(false).await;
+    for path in ["/admin/redis/health", "/admin/redis/metrics", "/admin/redis/slowlog"] {
+        app.request(Method::GET, path, Some(ADMIN), None)
+            .await
+            .assert_error(409, "redis_disabled");
+    }
+}
+
+#[tokio::test]
+async fn warming_a_workspace_makes_its_hot_reads_hits() {
+    let app = admin_app(false).await;
+    let (user, workspace, project) = app.user_with_project().await;
+    let workspace_id = workspace["id"].as_str().unwrap();
+    let project_id = project["id"].as_str().unwrap();
+    // Writes invalidate; start from a cold cache for these entries.
+    app.create_task(&user, project_id, json!({ "title": "hot" })).await;
+    let warmed = app
+        .request(
+            Method::POST,
+            "/admin/cache/warm",
+            Some(ADMIN),
+            Some(json!({ "workspaceId": workspace_id })),
+        )
+        .await;
+    warmed.assert_status(200);
+    assert_eq!(warmed.body["entries"], 5);
+    for path in [
+        format!("/api/workspaces/{workspace_id}"),
+        format!("/api/workspaces/{workspace_id}/members"),
+        format!("/api/workspaces/{workspace_id}/projects"),
+        format!("/api/projects/{project_id}"),
+        format!("/api/projects/{project_id}/tasks"),
+    ] {
+        let read = app.get(&path, &user.token).await;
+        assert_eq!(read.header("x-cache"), Some("HIT-L1"), "{path} after warm-up");
+    }
+    let unknown = json!({ "workspaceId": uuid::Uuid::new_v4() });
+    app.request(Method::POST, "/admin/cache/warm", Some(ADMIN), Some(unknown))
+        .await
+        .assert_error(404, "workspace_not_found");
+}
+
+#[tokio::test]
+async fn the_cache_policy_shows_the_ttl_table_in_force() {
+    let app = TestApp::builder()
+        .settings(|s| s.ttl.tasks = std::time::Duration::from_secs(42))
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    let policy = app.get("/api/cache/policy", &user.token).await;
+    policy.assert_status(200);
+    assert_eq!(policy.body["mode"], "memory");
+    let ttl = |namespace: &str| -> Value {
+        policy.body["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["namespace"] == namespace)
+            .unwrap()["ttlSeconds"]
+            .clone()
+    };
+    #[rustfmt::skip]
+    let expected = [("tasks", 42), ("task-lists", 42), ("projects", 600), ("workspaces", 1800),
+                    ("daily-metrics", 900), ("users", 3600), ("auth-tokens", 7200)];
+    for (namespace, seconds) in expected {
+        assert_eq!(ttl(namespace), seconds, "{namespace}");
+    }
+}
