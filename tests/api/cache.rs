@@ -10,45 +10,12 @@ use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{private_redis, shared_redis, TestApp, TestUser};
+use crate::helpers::{private_redis, shared_redis, TestApp, World};
 
 const ADMIN: &str = "test-admin-token";
 
 fn with_admin(s: &mut Settings) {
     s.app.admin_token = Some(ADMIN.into());
-}
-
-/// A user with a workspace, a project and a task assigned to them.
-struct World {
-    user: TestUser,
-    workspace: String,
-    project: String,
-    task: String,
-}
-
-impl World {
-    async fn create(app: &TestApp) -> World {
-        let (user, workspace, project) = app.user_with_project().await;
-        let project = project["id"].as_str().unwrap().to_owned();
-        let task = app
-            .create_task(&user, &project, json!({ "title": "original", "assigneeId": user.id }))
-            .await;
-        World {
-            workspace: workspace["id"].as_str().unwrap().to_owned(),
-            task: task["id"].as_str().unwrap().to_owned(),
-            project,
-            user,
-        }
-    }
-
-    fn fill(&self, template: &str) -> String {
-        let today = chrono::Utc::now().date_naive();
-        template
-            .replace("{workspace}", &self.workspace)
-            .replace("{project}", &self.project)
-            .replace("{task}", &self.task)
-            .replace("{today}", &today.to_string())
-    }
 }
 
 /// (method, path, JSON body) of a write.
@@ -440,4 +407,68 @@ async fn the_runtime_switch_flips_a_live_instance_both_ways_without_failed_reque
     let (failures, ()) = tokio::join!(reads, switches);
     assert_eq!(failures, 0);
     assert_eq!(mode(&app).await["details"]["cache"]["mode"], "redis");
+}
+
+#[tokio::test]
+async fn across_two_instances_every_entity_read_on_b_is_fresh_after_a_write_on_a() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let a = TestApp::builder().redis(redis).spawn().await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    for (entity, read, _, (method, write_path, write_body), pointer, expected) in ENTITIES {
+        let world = World::create(&a).await;
+        let token = &world.user.token;
+        let path = world.fill(read);
+        b.get(&path, token).await.assert_status(200);
+        assert_eq!(
+            b.get(&path, token).await.header("x-cache"),
+            Some("HIT-L1"),
+            "{entity}: B holds it in L1"
+        );
+
+        let method: Method = method.parse().unwrap();
+        let body: Value = serde_json::from_str(write_body).unwrap();
+        a.request(method, &world.fill(write_path), Some(token), Some(body))
+            .await
+            .assert_status(200);
+        // Propagation is asynchronous (pub/sub): wait for B to drop its copy, at most 2 s.
+        let started = Instant::now();
+        loop {
+            let seen = b.get(&path, token).await;
+            if pointer_text(&seen.body, pointer) == expected {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{entity}: B still serves {}",
+                seen.text
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn logout_on_one_instance_revokes_the_token_on_every_instance() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let a = TestApp::builder().redis(redis).spawn().await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let user = a.register_user().await;
+    b.get("/api/users/me", &user.token).await.assert_status(200);
+    b.get("/api/users/me", &user.token).await.assert_status(200);
+    a.request(Method::POST, "/api/auth/logout", Some(&user.token), None)
+        .await
+        .assert_status(204);
+    let started = Instant::now();
+    loop {
+        let me = b.get("/api/users/me", &user.token).await;
+        if me.status == 401 {
+            me.assert_error(401, "invalid_token");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B still accepts the revoked token"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

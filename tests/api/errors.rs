@@ -10,40 +10,21 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{into_test_response, TestApp, TestResponse, TestUser};
+use crate::helpers::{into_test_response, TestApp, TestResponse, World};
 
-/// A user with a workspace, a project and a task: real targets, so a request that got past the
-/// failing check would succeed instead of failing some other way.
-struct World {
-    user: TestUser,
-    workspace: String,
-    project: String,
-    task: String,
+/// Raw requests, which `TestApp::request` cannot send.
+trait SendRaw {
+    async fn send_raw(
+        &self,
+        app: &TestApp,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> TestResponse;
 }
 
-impl World {
-    async fn create(app: &TestApp) -> World {
-        let (user, workspace, project) = app.user_with_project().await;
-        let workspace = workspace["id"].as_str().unwrap().to_owned();
-        let project = project["id"].as_str().unwrap().to_owned();
-        let task = app.create_task(&user, &project, json!({ "title": "Task" })).await;
-        let task = task["id"].as_str().unwrap().to_owned();
-        World {
-            user,
-            workspace,
-            project,
-            task,
-        }
-    }
-
-    /// `template` with `{ws}`, `{project}` and `{task}` filled in.
-    fn fill(&self, template: &str) -> String {
-        template
-            .replace("{ws}", &self.workspace)
-            .replace("{project}", &self.project)
-            .replace("{task}", &self.task)
-    }
-
+impl SendRaw for World {
     /// A request with raw bytes and any content type (or none), which `TestApp::request` cannot send.
     async fn send_raw(
         &self,
@@ -88,21 +69,6 @@ fn assert_envelope(name: &str, response: &TestResponse, status: u16, code: &str)
     assert!(!request_id.is_empty(), "{name}: no x-request-id");
 }
 
-/// Row count and an md5 over the rows of every domain table (`auth_tokens` is left out: logging
-/// in writes to it).
-async fn fingerprint(app: &TestApp) -> Vec<(&'static str, i64, Option<String>)> {
-    let mut tables = Vec::new();
-    for table in ["users", "workspaces", "workspace_members", "projects", "tasks"] {
-        let sql = format!("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
-        let (count, digest): (i64, Option<String>) = sqlx::query_as(&sql)
-            .fetch_one(&app.db)
-            .await
-            .expect("fingerprint query");
-        tables.push((table, count, digest));
-    }
-    tables
-}
-
 const JSON: Option<&str> = Some("application/json");
 
 /// name, method, path, content type, body, expected status, expected code.
@@ -132,12 +98,12 @@ async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
         ("not a date",                 &patch, task,  JSON,               br#"{"dueDate":"tomorrow"}"#,      400, "invalid_body"),
         ("not a uuid in the body",     &patch, task,  JSON,               br#"{"assigneeId":"nobody"}"#,     400, "invalid_body"),
     ];
-    let before = fingerprint(&app).await;
+    let before = app.fingerprint().await;
     for (name, method, path, content_type, body, status, code) in cases {
         let response = world.send_raw(&app, method.clone(), path, content_type, body).await;
         assert_envelope(name, &response, status, code);
     }
-    assert_eq!(before, fingerprint(&app).await, "a refused body changed the database");
+    assert_eq!(before, app.fingerprint().await, "a refused body changed the database");
 }
 
 /// Without `Content-Length` the limit can only be enforced while reading: still 413, still the envelope.
@@ -238,7 +204,7 @@ async fn a_nul_character_in_any_text_field_is_a_400_and_nothing_is_stored() {
         ("register password", "/api/auth/register", json!({ "email": "nul@example.com", "password": "long\u{0}enough", "name": "N" }), "password"),
         ("login email",       "/api/auth/login",    json!({ "email": nul, "password": "whatever" }),                          "email"),
     ];
-    let before = fingerprint(&app).await;
+    let before = app.fingerprint().await;
     let token = Some(world.user.token.as_str());
     let requests = signed_in
         .into_iter()
@@ -259,7 +225,7 @@ async fn a_nul_character_in_any_text_field_is_a_400_and_nothing_is_stored() {
     }
     assert_eq!(
         before,
-        fingerprint(&app).await,
+        app.fingerprint().await,
         "a refused request changed the database"
     );
 }
@@ -276,7 +242,7 @@ async fn a_date_postgres_cannot_store_is_a_400_not_a_500() {
         ("a task moved to 4800 BC",   Method::PATCH, "/api/tasks/{task}",             Some(json!({ "dueDate": "-4800-01-01" }))),
         ("metrics for 4800 BC",       Method::GET,   "/api/workspaces/{ws}/metrics/daily?from=-4800-01-01&to=-4800-01-31", None),
     ];
-    let before = fingerprint(&app).await;
+    let before = app.fingerprint().await;
     for (name, method, path, body) in cases {
         let response = app
             .request(method, &world.fill(path), Some(&world.user.token), body)
@@ -290,7 +256,7 @@ async fn a_date_postgres_cannot_store_is_a_400_not_a_500() {
     }
     assert_eq!(
         before,
-        fingerprint(&app).await,
+        app.fingerprint().await,
         "a refused request changed the database"
     );
 }

@@ -164,6 +164,13 @@ pub struct TieredCache {
     inner: Arc<Inner>,
 }
 
+impl TieredCache {
+    /// A cache outside the container (the container builds it from `TieredCacheParameters`).
+    pub fn new(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+}
+
 impl Inner {
     pub fn new(
         keys: KeyRegistry,

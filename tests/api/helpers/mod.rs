@@ -389,3 +389,54 @@ pub struct TestUser {
     pub password: String,
     pub token: String,
 }
+
+/// A user with a workspace, a project and a task assigned to them: real targets for requests.
+pub struct World {
+    pub user: TestUser,
+    pub workspace: String,
+    pub project: String,
+    pub task: String,
+}
+
+impl World {
+    pub async fn create(app: &TestApp) -> World {
+        let (user, workspace, project) = app.user_with_project().await;
+        let project = project["id"].as_str().unwrap().to_owned();
+        let task = app
+            .create_task(&user, &project, json!({ "title": "original", "assigneeId": user.id }))
+            .await;
+        World {
+            workspace: workspace["id"].as_str().unwrap().to_owned(),
+            task: task["id"].as_str().unwrap().to_owned(),
+            project,
+            user,
+        }
+    }
+
+    /// `template` with `{ws}` / `{workspace}`, `{project}`, `{task}` and `{today}` (UTC) filled in.
+    pub fn fill(&self, template: &str) -> String {
+        template
+            .replace("{ws}", &self.workspace)
+            .replace("{workspace}", &self.workspace)
+            .replace("{project}", &self.project)
+            .replace("{task}", &self.task)
+            .replace("{today}", &chrono::Utc::now().date_naive().to_string())
+    }
+}
+
+impl TestApp {
+    /// Row count and an md5 over the rows of every domain table, to assert a request changed
+    /// nothing (`auth_tokens` is left out: logging in writes to it).
+    pub async fn fingerprint(&self) -> Vec<(&'static str, i64, Option<String>)> {
+        let mut tables = Vec::new();
+        for table in ["users", "workspaces", "workspace_members", "projects", "tasks"] {
+            let sql = format!("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
+            let (count, digest): (i64, Option<String>) = sqlx::query_as(&sql)
+                .fetch_one(&self.db)
+                .await
+                .expect("fingerprint query");
+            tables.push((table, count, digest));
+        }
+        tables
+    }
+}
