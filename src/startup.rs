@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::Server;
-use actix_web::middleware::{from_fn, Logger};
+use actix_web::middleware::{from_fn, Condition, Logger};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -57,6 +57,7 @@ impl Application {
         let listener = TcpListener::bind(&address).map_err(bind_error)?;
         let port = listener.local_addr().map_err(bind_error)?.port();
         let openapi = ApiDoc::openapi();
+        let request_log = log::log_enabled!(target: "actix_web::middleware::logger", log::Level::Info);
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(module.clone())
@@ -66,7 +67,11 @@ impl Application {
                 .app_data(telemetry.clone())
                 .wrap(from_fn(record_http))
                 .wrap(from_fn(request_id))
-                .wrap(Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#))
+                // The logger renders its fields for every request; mount it only when it will print.
+                .wrap(Condition::new(
+                    request_log,
+                    Logger::new(r#"%a "%r" %s %b %Dms rid=%{x-request-id}o"#),
+                ))
                 .configure(modules::configure)
                 .service(SwaggerUi::new("/docs/{_:.*}").url("/api-docs/openapi.json", openapi.clone()))
                 .route("/docs", web::get().to(|| async { redirect("/docs/") }))

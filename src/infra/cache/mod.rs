@@ -156,6 +156,18 @@ pub struct Inner {
     /// Identifies this instance in invalidation messages, so it skips its own.
     instance: String,
     pub(crate) telemetry: Arc<Telemetry>,
+    /// `cache_requests_total` children, resolved once: a label lookup per cache access costs more
+    /// than the L1 hit itself.
+    counters: Vec<[prometheus::IntCounter; 3]>,
+}
+
+/// Index into a namespace's counters: hit_l1, hit_l2, miss.
+fn tier_index(tier: CacheTier) -> usize {
+    match tier {
+        CacheTier::HitL1 => 0,
+        CacheTier::HitL2 => 1,
+        CacheTier::Miss | CacheTier::Bypass => 2,
+    }
 }
 
 #[derive(Component)]
@@ -199,6 +211,13 @@ impl Inner {
             jitter_percent: cache.ttl_jitter_percent.min(100),
             l1_enabled: cache.l1_enabled,
             instance: uuid::Uuid::new_v4().simple().to_string(),
+            counters: Namespace::ALL
+                .into_iter()
+                .map(|ns| {
+                    ["hit_l1", "hit_l2", "miss"]
+                        .map(|result| telemetry.cache_requests.with_label_values(&[ns.as_str(), result]))
+                })
+                .collect(),
             telemetry,
         })
     }
@@ -221,22 +240,11 @@ impl Inner {
     }
 
     fn count(&self, namespace: Namespace, tier: CacheTier) {
-        let result = match tier {
-            CacheTier::HitL1 => "hit_l1",
-            CacheTier::HitL2 => "hit_l2",
-            CacheTier::Miss | CacheTier::Bypass => "miss",
-        };
-        self.telemetry
-            .cache_requests
-            .with_label_values(&[namespace.as_str(), result])
-            .inc();
+        self.counters[namespace as usize][tier_index(tier)].inc();
     }
 
-    fn counted(&self, namespace: Namespace, result: &str) -> u64 {
-        self.telemetry
-            .cache_requests
-            .with_label_values(&[namespace.as_str(), result])
-            .get()
+    fn counted(&self, namespace: Namespace, tier: CacheTier) -> u64 {
+        self.counters[namespace as usize][tier_index(tier)].get()
     }
 
     fn ttl_with_jitter(&self, key: &CacheKey) -> Duration {
@@ -597,9 +605,9 @@ impl CacheService for TieredCache {
             .into_iter()
             .map(|namespace| {
                 let (hits_l1, hits_l2, misses) = (
-                    inner.counted(namespace, "hit_l1"),
-                    inner.counted(namespace, "hit_l2"),
-                    inner.counted(namespace, "miss"),
+                    inner.counted(namespace, CacheTier::HitL1),
+                    inner.counted(namespace, CacheTier::HitL2),
+                    inner.counted(namespace, CacheTier::Miss),
                 );
                 let total = hits_l1 + hits_l2 + misses;
                 let prefix = prefix_of(namespace);

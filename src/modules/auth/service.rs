@@ -46,11 +46,12 @@ pub struct Auth {
     token_ttl: Duration,
 }
 
-/// What the cache keeps for a token: whose it is and until when.
+/// What the cache keeps for a token: whose it is and until when (Unix ms: read on every request,
+/// an integer parses much faster than an RFC 3339 date).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Session {
     user_id: Uuid,
-    expires_at: chrono::DateTime<Utc>,
+    expires_at_ms: i64,
 }
 
 /// Tokens are 32 random bytes, hex-encoded; only their SHA-256 is stored.
@@ -119,13 +120,13 @@ impl AuthService for Auth {
             let (user, expires_at) = self.tokens.find_user(&hash).await?.ok_or(INVALID_TOKEN)?;
             to_json_bytes(&Session {
                 user_id: user.id,
-                expires_at,
+                expires_at_ms: expires_at.timestamp_millis(),
             })
         };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
         let session: Session = from_json_bytes(&cached.bytes)?;
         // The cache entry may outlive the token: its own expiry decides.
-        if session.expires_at <= Utc::now() {
+        if session.expires_at_ms <= Utc::now().timestamp_millis() {
             return Err(INVALID_TOKEN);
         }
         Ok(session.user_id)
