@@ -4,11 +4,15 @@
 # Scenarios: bare actix ceiling, L1 hit (Redis mode), memory mode, L2 hit (L1 off), uncached,
 # 90 % read / 10 % write, Redis frozen (SIGSTOP). Postgres: $DATABASE_URL, or the dev service.
 #
-# Usage: bench/run.sh [seconds per scenario, default 10] [connections, default 64]
+# Every scenario runs ROUNDS times, interleaved, and the medians are reported: on a small machine
+# shared with the load generator, single runs vary by 20 % or more.
+#
+# Usage: bench/run.sh [seconds per run, default 10] [connections, default 64] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNECTIONS=${2:-64}
+ROUNDS=${3:-3}
 
 need() { command -v "$1" >/dev/null 2>&1 || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq "$2" >/dev/null; } || { echo "bench needs $1: apt-get install $2" >&2; exit 1; }; }
 need wrk wrk
@@ -78,36 +82,49 @@ measure() { # name url [wrk args...]
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" "$errors" | tee -a "$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" | tee -a "$RESULTS"
 }
 warm() { for _ in 1 2 3; do curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
 
-printf 'scenario\treq/s\tp50\tp99\tnon-2xx\n' | tee "$RESULTS"
+printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\n' | tee "$RESULTS"
 
 target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
 PIDS+=("$!")
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null && break; sleep 0.05; done
-measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
 
-start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
-start_app REDIS_ENABLED=false; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
-start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
-start_app REDIS_ENABLED=false CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
-start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
-
-start_app REDIS_ENABLED=true; warm
-kill -STOP "$REDIS_PID"
-# Let the breaker see the outage (health pings time out), then measure.
-for _ in $(seq 50); do curl -s "$BASE/health" | grep -q '"breaker":"open"' && break; sleep 0.1; done
-measure "Redis frozen (SIGSTOP)" "$BASE$LIST"
-kill -CONT "$REDIS_PID"; stop_app
+for ROUND in $(seq "$ROUNDS"); do
+  measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
+  start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=true; warm
+  kill -STOP "$REDIS_PID"
+  # Let the breaker see the outage (health pings time out), then measure.
+  for _ in $(seq 50); do curl -s "$BASE/health" | grep -q '"breaker":"open"' && break; sleep 0.1; done
+  measure "Redis frozen (SIGSTOP)" "$BASE$LIST"
+  kill -CONT "$REDIS_PID"; stop_app
+  start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
+done
 
 echo
-echo "body: $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per scenario, wrk -t2; $(nproc) cores"
+echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per run, wrk -t2; $(nproc) cores"
 awk -F'\t' '
+  function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+  function median(list,   n, arr, i, j, t) {
+    n = split(list, arr, " ")
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] + 0 < arr[i] + 0) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
+    return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
+  }
   NR == 1 { next }
-  { rps[$1] = $2 }
+  !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
+  { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6 }
   END {
-    printf "L1 hit / ceiling: %.0f %%\n", 100 * rps["L1 hit (redis mode)"] / rps["ceiling (bare actix, same bytes)"]
-    printf "Redis frozen / memory mode: %.0f %%\n", 100 * rps["Redis frozen (SIGSTOP)"] / rps["L1 hit (memory mode)"]
+    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx |\n| --- | ---: | ---: | ---: | ---: |\n"
+    for (i = 1; i <= count; i++) {
+      s = order[i]; r[s] = median(rps[s])
+      printf "| %s | %.0f | %.2f | %.2f | %d |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s]
+    }
+    printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
+    printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
   }' "$RESULTS"

@@ -98,3 +98,63 @@ async fn sigterm_stops_the_server_gracefully() {
 async fn shared_postgres_port() -> u16 {
     tokio::task::spawn_blocking(shared_postgres).await.unwrap().port
 }
+
+/// The dev service: with the default DATABASE_URL refusing connections in development, `migrate`
+/// starts a private Postgres in `.nestling/pg` of the working directory and says so in one line.
+/// A second run reuses it. Skipped when something listens on the default port: that server is
+/// not ours to touch.
+#[tokio::test]
+async fn the_dev_service_starts_a_private_postgres_when_the_default_database_refuses() {
+    if std::net::TcpStream::connect(("127.0.0.1", 5432)).is_ok() || std::net::TcpStream::connect(("::1", 5432)).is_ok()
+    {
+        eprintln!("skipped: a server listens on port 5432, so the default database does not refuse connections");
+        return;
+    }
+    let project = tempfile::Builder::new().prefix("nestling-devsvc-").tempdir().unwrap();
+    let dir = project.path().to_path_buf();
+    // As root the cluster runs as `postgres`, which must reach the folder (temp dirs are 0700).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = || {
+        let mut command = nestling();
+        command
+            .current_dir(&dir)
+            .arg("migrate")
+            .env("APP_ENV", "development")
+            .env("RUST_LOG", "info");
+        command
+    };
+    let first = run().output().await.unwrap();
+    let log = String::from_utf8_lossy(&first.stderr).to_string();
+    let data = dir.join(".nestling/pg");
+    let stop = || {
+        let pg_ctl = nestling::infra::database::local_server::PgBinaries::locate().unwrap();
+        let _ = pg_ctl
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate"])
+            .output();
+    };
+    if !first.status.success() {
+        stop();
+        panic!("migrate with the dev service failed:\n{log}");
+    }
+    let lines: Vec<&str> = log.lines().filter(|line| line.contains("dev service:")).collect();
+    assert_eq!(lines.len(), 1, "one log line about the dev service:\n{log}");
+    assert!(
+        lines[0].contains("started a private Postgres") && lines[0].contains("pg_ctl"),
+        "{}",
+        lines[0]
+    );
+    assert!(data.join("PG_VERSION").exists(), "the cluster lives in .nestling/pg");
+
+    let second = run().output().await.unwrap();
+    let log = String::from_utf8_lossy(&second.stderr).to_string();
+    stop();
+    assert!(second.status.success(), "{log}");
+    assert!(
+        log.contains("dev service: using the private Postgres"),
+        "the second run reuses it:\n{log}"
+    );
+}
