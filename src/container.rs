@@ -1,7 +1,6 @@
 //! THE composition root: every component, listed once, in dependency order. Pools are created
 //! before the module (async set-up) and passed in as component parameters.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use shaku::module;
@@ -75,8 +74,4 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),
         })
-}
-
-pub fn build(settings: &Settings, pool: PgPool) -> Arc<AppModule> {
-    Arc::new(builder(settings, pool).build())
 }

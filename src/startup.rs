@@ -19,7 +19,7 @@ use crate::infra::request_id::request_id;
 use crate::infra::telemetry::{record_http, MetricsRegistry};
 use crate::modules;
 use crate::openapi::ApiDoc;
-use shaku::HasComponent;
+use shaku::{HasComponent, ModuleBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -36,10 +36,19 @@ pub struct Application {
 
 impl Application {
     /// Prepares the database (dev service, create, migrate), builds the container and binds.
-    pub async fn build(mut settings: Settings) -> Result<Self, StartupError> {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        Self::build_with(settings, |module| module).await
+    }
+
+    /// `build`, with a hook on the container before it is built: tests swap components with
+    /// `with_component_override` (the NestJS `overrideProvider`).
+    pub async fn build_with(
+        mut settings: Settings,
+        customize: impl FnOnce(ModuleBuilder<AppModule>) -> ModuleBuilder<AppModule>,
+    ) -> Result<Self, StartupError> {
         let migrate = settings.database.migrate_on_start;
         let pool = database::prepare(&mut settings, migrate).await?;
-        let module = container::build(&settings, pool);
+        let module = Arc::new(customize(container::builder(&settings, pool)).build());
         Self::serve(&settings, module)
     }
 

@@ -372,3 +372,44 @@ async fn a_missing_token_wins_over_every_other_fault_of_the_request() {
         assert_envelope(name, &response, 401, "missing_token");
     }
 }
+
+/// A driver error with internal detail in it, which a real Postgres cannot be made to produce on
+/// demand: the one place a component is swapped (`with_component_override`, the NestJS
+/// `overrideProvider`). The body is the generic envelope; the detail only reaches the log.
+#[tokio::test]
+async fn a_server_error_answers_with_a_generic_body_that_leaks_nothing() {
+    use nestling::modules::metrics::dto::DailyMetric;
+    use nestling::modules::metrics::repository::MetricsRepository;
+
+    struct BrokenMetrics;
+    #[async_trait::async_trait]
+    impl MetricsRepository for BrokenMetrics {
+        async fn daily(
+            &self,
+            _: Uuid,
+            _: chrono::NaiveDate,
+            _: chrono::NaiveDate,
+        ) -> Result<Vec<DailyMetric>, sqlx::Error> {
+            Err(sqlx::Error::ColumnNotFound("secret_internal_column".into()))
+        }
+    }
+
+    let app = TestApp::builder()
+        .module(|module| module.with_component_override::<dyn MetricsRepository>(Box::new(BrokenMetrics)))
+        .spawn()
+        .await;
+    let world = World::create(&app).await;
+    let response = app
+        .get(
+            &world.fill("/api/workspaces/{ws}/metrics/daily?from=2026-01-01&to=2026-01-02"),
+            &world.user.token,
+        )
+        .await;
+    response.assert_error(500, "internal_error");
+    assert_eq!(response.body["message"], "internal error");
+    assert!(
+        !response.text.contains("secret_internal_column"),
+        "leaked: {}",
+        response.text
+    );
+}

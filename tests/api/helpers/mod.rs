@@ -10,9 +10,11 @@ use std::sync::Once;
 use std::time::Duration;
 
 use nestling::config::{AppEnv, Settings};
+use nestling::container::AppModule;
 use nestling::startup::Application;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use shaku::ModuleBuilder;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
@@ -35,12 +37,14 @@ pub struct TestApp {
 }
 
 type SettingsTweak = Box<dyn FnOnce(&mut Settings)>;
+type ModuleTweak = Box<dyn FnOnce(ModuleBuilder<AppModule>) -> ModuleBuilder<AppModule>>;
 
 pub struct TestAppBuilder<'a> {
     tweaks: Vec<SettingsTweak>,
     postgres: Option<&'a TestPostgres>,
     redis: Option<&'a TestRedis>,
     sibling_of: Option<&'a TestApp>,
+    module: Option<ModuleTweak>,
 }
 
 fn init_logging() {
@@ -85,6 +89,15 @@ impl<'a> TestAppBuilder<'a> {
         self
     }
 
+    /// Swap components before the container is built (`with_component_override`).
+    pub fn module(
+        mut self,
+        tweak: impl FnOnce(ModuleBuilder<AppModule>) -> ModuleBuilder<AppModule> + 'static,
+    ) -> Self {
+        self.module = Some(Box::new(tweak));
+        self
+    }
+
     /// A second instance of `app`: same database, same Redis and key prefix (a deployment of two).
     pub fn sibling_of(mut self, app: &'a TestApp) -> Self {
         self.sibling_of = Some(app);
@@ -101,6 +114,7 @@ impl<'a> TestAppBuilder<'a> {
             let wait_for_redis = settings.redis.enabled;
             return start(
                 settings,
+                self.module,
                 first.db_name.clone(),
                 first.admin_url.clone(),
                 false,
@@ -133,20 +147,24 @@ impl<'a> TestAppBuilder<'a> {
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
-        start(settings, db_name, admin_url, true, self.redis.is_some()).await
+        start(settings, self.module, db_name, admin_url, true, self.redis.is_some()).await
     }
 }
 
 /// Starts the app; with `wait_for_redis`, returns once its invalidation subscriber is connected.
 async fn start(
     settings: Settings,
+    module: Option<ModuleTweak>,
     db_name: String,
     admin_url: String,
     owns_database: bool,
     wait_for_redis: bool,
 ) -> TestApp {
     let db = PgPool::connect(&settings.database.url).await.expect("test pool");
-    let app = Application::build(settings.clone()).await.expect("app builds");
+    let customize = module.unwrap_or_else(|| Box::new(|module| module));
+    let app = Application::build_with(settings.clone(), customize)
+        .await
+        .expect("app builds");
     let port = app.port();
     let server = app.server_handle();
     tokio::spawn(app.run_until_stopped());
@@ -258,6 +276,7 @@ impl TestApp {
             postgres: None,
             redis: None,
             sibling_of: None,
+            module: None,
         }
     }
 
