@@ -472,3 +472,38 @@ async fn logout_on_one_instance_revokes_the_token_on_every_instance() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test]
+async fn a_no_cache_request_reads_fresh_from_postgres_and_says_bypass() {
+    let app = TestApp::spawn().await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/tasks/{task}");
+    app.get(&path, &world.user.token).await;
+    assert_eq!(
+        app.get(&path, &world.user.token).await.header("x-cache"),
+        Some("HIT-L1")
+    );
+    // A change behind the cache's back (no API call can make one): only a bypass can see it.
+    sqlx::query("UPDATE tasks SET title = 'changed behind the cache' WHERE id = $1::uuid")
+        .bind(&world.task)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let bypass = app
+        .client
+        .get(app.url(&path))
+        .bearer_auth(&world.user.token)
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    let bypass = crate::helpers::into_test_response(bypass).await;
+    assert_eq!(bypass.header("x-cache"), Some("BYPASS"));
+    assert_eq!(bypass.header("cache-control"), Some("private, max-age=0"));
+    assert_eq!(bypass.body["title"], "changed behind the cache");
+    let cached = app.get(&path, &world.user.token).await;
+    assert_eq!(
+        (cached.header("x-cache"), cached.body["title"].as_str()),
+        (Some("HIT-L1"), Some("original"))
+    );
+}

@@ -12,6 +12,33 @@
 
 mod subscriber;
 
+tokio::task_local! {
+    /// Set for requests that asked not to be served from the cache (`Cache-Control: no-cache`).
+    static BYPASS: bool;
+}
+
+/// Middleware: a request with `Cache-Control: no-cache` reads everything fresh from Postgres
+/// (`X-Cache: BYPASS`) and leaves the cache as it is.
+pub async fn honor_no_cache(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let no_cache = req
+        .headers()
+        .get(actix_web::http::header::CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
+        });
+    if no_cache {
+        BYPASS.scope(true, next.call(req)).await
+    } else {
+        next.call(req).await
+    }
+}
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -464,6 +491,15 @@ async fn write_l2(
 impl CacheService for TieredCache {
     async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
         let inner = &self.inner;
+        if BYPASS.try_with(|bypass| *bypass).unwrap_or(false) {
+            inner.count(key.namespace, CacheTier::Bypass);
+            let bytes = loader.await?;
+            return Ok(Cached {
+                bytes,
+                tier: CacheTier::Bypass,
+                max_age: Duration::ZERO,
+            });
+        }
         if !inner.l1_enabled {
             let entry = inner.fill(&key, loader).await?;
             let max_age = entry.expires_at.saturating_duration_since(Instant::now());
