@@ -1,5 +1,4 @@
 use actix_web::dev::Payload;
-use actix_web::http::header::AUTHORIZATION;
 use actix_web::{delete, get, post, web, FromRequest, HttpRequest, HttpResponse};
 use shaku::HasComponent;
 use std::future::{ready, Ready};
@@ -12,6 +11,7 @@ use super::service::{
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::infra::cache::CacheStatus;
+use crate::modules::auth::extractor::bearer_token;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(get_cache_stats)
@@ -31,12 +31,7 @@ impl FromRequest for AdminAuth {
     type Future = Ready<Result<Self, AppError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let token = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let token = bearer_token(req);
         let admin: Option<Arc<dyn AdminService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
         ready(match admin {
             Some(admin) => admin.authorize(token).map(|()| AdminAuth),

@@ -24,20 +24,25 @@ const MISSING_TOKEN: AppError = AppError::Unauthorized {
     message: "an Authorization: Bearer token is required",
 };
 
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), if any.
+pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
+    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
 impl FromRequest for AuthUser {
     type Error = AppError;
     type Future = LocalBoxFuture<'static, Result<Self, AppError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let token = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-            .map(|token| token.trim().to_owned());
+        let token = bearer_token(req).map(str::to_owned);
         let auth: Option<Arc<dyn AuthService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
         Box::pin(async move {
-            let token = token.filter(|t| !t.is_empty()).ok_or(MISSING_TOKEN)?;
+            let token = token.ok_or(MISSING_TOKEN)?;
             let auth = auth.ok_or_else(|| AppError::internal("AppModule missing from app data"))?;
             let id = auth.authenticate(&token).await?;
             Ok(AuthUser { id, token })
