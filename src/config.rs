@@ -57,6 +57,8 @@ pub struct DatabaseSettings {
     /// Client-side deadline for every statement (or transaction); sqlx has none of its own.
     pub statement_timeout: Duration,
     pub health_timeout: Duration,
+    /// Deadline for applying migrations at start (or `nestling migrate`).
+    pub migration_timeout: Duration,
     pub migrate_on_start: bool,
 }
 
@@ -151,6 +153,7 @@ impl Settings {
                 acquire_timeout: vars.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 1000)?,
                 statement_timeout: vars.millis("DATABASE_STATEMENT_TIMEOUT_MS", 3000)?,
                 health_timeout: vars.millis("DATABASE_HEALTH_TIMEOUT_MS", 1000)?,
+                migration_timeout: vars.millis("DATABASE_MIGRATION_TIMEOUT_MS", 60_000)?,
                 migrate_on_start: vars.parse("APP_MIGRATE_ON_START", true, "true or false")?,
             },
             redis: RedisSettings {

@@ -507,3 +507,31 @@ async fn a_no_cache_request_reads_fresh_from_postgres_and_says_bypass() {
         (Some("HIT-L1"), Some("original"))
     );
 }
+
+#[tokio::test]
+async fn deleting_a_workspace_drops_its_tasks_from_my_tasks_at_once() {
+    let app = TestApp::spawn().await;
+    let world = World::create(&app).await;
+    let token = &world.user.token;
+    assert_eq!(
+        app.get("/api/users/me/tasks", token).await.body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        app.get("/api/users/me/tasks", token).await.header("x-cache"),
+        Some("HIT-L1")
+    );
+    app.delete(&world.fill("/api/workspaces/{workspace}"), token)
+        .await
+        .assert_status(204);
+    let after = app.get("/api/users/me/tasks", token).await;
+    assert_eq!(
+        after.body["items"],
+        json!([]),
+        "deleted tasks still listed: {}",
+        after.text
+    );
+}

@@ -149,6 +149,8 @@ struct L1Entry {
     bytes: Bytes,
     expires_at: Instant,
     origin: CacheTier,
+    /// The key's epoch when the fill started: a hit is served only while it is still current.
+    epoch: (u64, u64),
 }
 
 struct PerEntryExpiry {
@@ -185,15 +187,16 @@ pub struct Inner {
     pub(crate) telemetry: Arc<Telemetry>,
     /// `cache_requests_total` children, resolved once: a label lookup per cache access costs more
     /// than the L1 hit itself.
-    counters: Vec<[prometheus::IntCounter; 3]>,
+    counters: Vec<[prometheus::IntCounter; 4]>,
 }
 
-/// Index into a namespace's counters: hit_l1, hit_l2, miss.
+/// Index into a namespace's counters: hit_l1, hit_l2, miss, bypass.
 fn tier_index(tier: CacheTier) -> usize {
     match tier {
         CacheTier::HitL1 => 0,
         CacheTier::HitL2 => 1,
-        CacheTier::Miss | CacheTier::Bypass => 2,
+        CacheTier::Miss => 2,
+        CacheTier::Bypass => 3,
     }
 }
 
@@ -241,7 +244,7 @@ impl Inner {
             counters: Namespace::ALL
                 .into_iter()
                 .map(|ns| {
-                    ["hit_l1", "hit_l2", "miss"]
+                    ["hit_l1", "hit_l2", "miss", "bypass"]
                         .map(|result| telemetry.cache_requests.with_label_values(&[ns.as_str(), result]))
                 })
                 .collect(),
@@ -282,29 +285,38 @@ impl Inner {
 
     /// Loads through L2 and the loader; returns the entry to keep in L1.
     async fn fill(&self, key: &CacheKey, loader: BoxFuture<'_, AppResult<Bytes>>) -> AppResult<L1Entry> {
-        let redis = self.active_redis();
+        let epoch = self.epoch_of(key);
+        let mut redis = self.active_redis();
         let mut version = None;
-        if let Some(redis) = redis {
-            // Our own invalidations that did not reach Redis go first: L2 may still hold what they drop.
+        if let Some(active) = redis {
+            // Our own invalidations that did not reach Redis go first: L2 may still hold what they
+            // drop. While any remain queued, L2 is neither read nor written.
             if !self.pending.lock().unwrap().is_empty() {
                 self.replay_pending().await;
             }
-            let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
-            match read_l2(redis, &self.keys, key, trusted_since).await {
-                Ok(L2Read {
-                    value: Some(bytes),
-                    pttl_ms,
-                    ..
-                }) => {
-                    let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
-                    return Ok(L1Entry {
-                        bytes,
-                        expires_at: Instant::now() + remaining,
-                        origin: CacheTier::HitL2,
-                    });
+            if !self.pending.lock().unwrap().is_empty() {
+                redis = None;
+            } else {
+                let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
+                match read_l2(active, &self.keys, key, trusted_since).await {
+                    Ok(L2Read {
+                        value: Some(bytes),
+                        pttl_ms,
+                        ..
+                    }) => {
+                        self.count(key.namespace, CacheTier::HitL2);
+                        let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
+                        let expires_at = Instant::now() + remaining;
+                        return Ok(L1Entry {
+                            bytes,
+                            expires_at,
+                            origin: CacheTier::HitL2,
+                            epoch,
+                        });
+                    }
+                    Ok(read) => version = Some(read.version),
+                    Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key),
                 }
-                Ok(read) => version = Some(read.version),
-                Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key),
             }
         }
         self.count(key.namespace, CacheTier::Miss);
@@ -321,6 +333,7 @@ impl Inner {
             bytes,
             expires_at: Instant::now() + ttl,
             origin: CacheTier::Miss,
+            epoch,
         })
     }
 
@@ -339,20 +352,16 @@ impl Inner {
         )
     }
 
-    fn drop_from_l1(&self, key: &CacheKey) {
+    /// Drops the key (a whole group for a grouped key without a field) from L1 and bumps its
+    /// epoch, so fills that started before are not kept.
+    async fn drop_from_l1(&self, key: &CacheKey) {
         self.epoch_shard(&key.redis_key).fetch_add(1, Ordering::AcqRel);
-        match &key.field {
-            Some(_) => {
-                let l1_key = key.l1_key();
-                let _ = self.l1.invalidate_entries_if(move |k, _| *k == l1_key);
-            }
-            None => {
-                let plain = key.redis_key.clone();
-                let group = format!("{}#", key.redis_key);
-                let _ = self
-                    .l1
-                    .invalidate_entries_if(move |k, _| *k == plain || k.starts_with(&group));
-            }
+        if key.field.is_some() || !key.namespace.is_grouped() {
+            self.l1.invalidate(&key.l1_key()).await;
+        } else {
+            // Groups need a predicate; moka applies it lazily to entries older than it.
+            let group = format!("{}#", key.redis_key);
+            let _ = self.l1.invalidate_entries_if(move |k, _| k.starts_with(&group));
         }
     }
 
@@ -363,18 +372,22 @@ impl Inner {
     }
 
     /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is queued.
-    async fn invalidate_l2(&self, redis_keys: Vec<String>) {
+    /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is
+    /// queued. Returns whether Redis took them.
+    async fn invalidate_l2(&self, redis_keys: Vec<String>) -> bool {
         let Some(redis) = self.active_redis() else {
-            return;
+            return false;
         };
         let channel = self.keys.invalidation_channel();
+        // One transaction, version first: no fill script can run between the bump and the delete.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for redis_key in &redis_keys {
             let version_key = self.keys.version_of(redis_key);
-            pipe.cmd("UNLINK").arg(redis_key).ignore();
             pipe.cmd("INCR").arg(&version_key).ignore();
             // Versions outlive any entry they guard (the longest TTL is the auth token's).
             pipe.cmd("PEXPIRE").arg(&version_key).arg(VERSION_TTL_MS).ignore();
+            pipe.cmd("UNLINK").arg(redis_key).ignore();
             pipe.cmd("PUBLISH")
                 .arg(&channel)
                 .arg(format!("{}|{redis_key}", self.instance))
@@ -383,6 +396,9 @@ impl Inner {
         let outcome = redis
             .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await;
+        if outcome.is_ok() {
+            return true;
+        }
         if let Err(err) = outcome {
             log::warn!(
                 "cache: {} invalidation(s) queued until Redis answers: {err}",
@@ -391,6 +407,7 @@ impl Inner {
             self.telemetry.invalidations_queued.inc_by(redis_keys.len() as u64);
             self.pending.lock().unwrap().extend(redis_keys);
         }
+        false
     }
 
     /// Replays queued invalidations; called when Redis answers again.
@@ -398,13 +415,21 @@ impl Inner {
         let queued: Vec<String> = self.pending.lock().unwrap().drain().collect();
         if !queued.is_empty() {
             log::info!("cache: replaying {} queued invalidation(s)", queued.len());
-            self.telemetry.invalidations_replayed.inc_by(queued.len() as u64);
-            self.invalidate_l2(queued).await;
+            if self.invalidate_l2(queued.clone()).await {
+                self.telemetry.invalidations_replayed.inc_by(queued.len() as u64);
+                // What L1 filled meanwhile may have come from the entries just deleted.
+                for key in queued.iter().filter_map(|k| self.keys.parse(k)) {
+                    self.drop_from_l1(&key).await;
+                }
+            }
         }
     }
 }
 
 const EPOCH_SHARDS: usize = 1024;
+
+/// Longest an admin flush may run (a namespace of millions of keys).
+const FLUSH_DEADLINE: Duration = Duration::from_secs(60);
 
 const VERSION_TTL_MS: u64 = 4 * 3600 * 1000;
 
@@ -512,7 +537,7 @@ impl CacheService for TieredCache {
         let l1_key = key.l1_key();
         if let Some(entry) = inner.l1.get(&l1_key).await {
             let now = Instant::now();
-            if entry.expires_at > now {
+            if entry.expires_at > now && entry.epoch == inner.epoch_of(&key) {
                 inner.count(key.namespace, CacheTier::HitL1);
                 return Ok(Cached {
                     bytes: entry.bytes,
@@ -541,10 +566,15 @@ impl CacheService for TieredCache {
 
     async fn invalidate(&self, keys: Vec<CacheKey>) {
         for key in &keys {
-            self.inner.drop_from_l1(key);
+            self.inner.drop_from_l1(key).await;
         }
-        let redis_keys: Vec<String> = keys.into_iter().map(|k| k.redis_key).collect();
+        let redis_keys: Vec<String> = keys.iter().map(|k| k.redis_key.clone()).collect();
         self.inner.invalidate_l2(redis_keys).await;
+        // Again after the Redis round trip: a read in between may have refilled L1 from the L2
+        // entry that was just deleted (its epoch was already the bumped one).
+        for key in &keys {
+            self.inner.drop_from_l1(key).await;
+        }
     }
 
     fn keys(&self) -> &KeyRegistry {
@@ -594,32 +624,38 @@ impl CacheService for TieredCache {
         let Some(redis) = inner.active_redis() else {
             return Ok(l1_count);
         };
-        let mut deleted = 0u64;
-        let mut cursor = 0u64;
-        loop {
-            let pattern = pattern.to_owned();
-            let (next, keys): (u64, Vec<String>) = redis
-                .call(|mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
-            if !keys.is_empty() {
-                deleted += redis
-                    .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
+        // Each SCAN and UNLINK is bounded by the command timeout, the whole flush by FLUSH_DEADLINE.
+        let scan_and_unlink = async {
+            let mut deleted = 0u64;
+            let mut cursor = 0u64;
+            loop {
+                let pattern = pattern.to_owned();
+                let (next, keys): (u64, Vec<String>) = redis
+                    .call(|mut c| async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut c)
+                            .await
+                    })
                     .await?;
+                if !keys.is_empty() {
+                    deleted += redis
+                        .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
+                        .await?;
+                }
+                cursor = next;
+                if cursor == 0 {
+                    return Ok(deleted);
+                }
             }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        };
+        let outcome = tokio::time::timeout(FLUSH_DEADLINE, scan_and_unlink)
+            .await
+            .unwrap_or(Err(crate::infra::redis::RedisFailure::Timeout(FLUSH_DEADLINE)));
         let channel = inner.keys.invalidation_channel();
         let message = format!("{}|{}", inner.instance, subscriber::FLUSH_ALL);
         let _ = redis
@@ -631,7 +667,8 @@ impl CacheService for TieredCache {
                     .await
             })
             .await;
-        Ok(deleted)
+        // Even a partial flush deleted keys other instances may hold in L1.
+        outcome
     }
 
     fn stats(&self) -> Vec<NamespaceStats> {
@@ -665,6 +702,11 @@ impl CacheService for TieredCache {
 
     fn set_redis_enabled(&self, enabled: bool) {
         let was = self.inner.redis_enabled.swap(enabled, Ordering::AcqRel);
+        if !enabled {
+            // Writes made in memory mode do not reach Redis: until the subscriber is back (and sets
+            // a new trust point), nothing in L2 may be believed.
+            self.inner.l2_trusted_since_ms.store(u64::MAX, Ordering::Release);
+        }
         if was != enabled {
             // What L1 holds may have missed invalidations published while we were not listening.
             self.inner.flush_l1();

@@ -53,7 +53,7 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
         .await
         .map_err(|_| "subscribe timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    if *lost {
+    if *lost || inner.l2_trusted_since_ms.load(Ordering::Acquire) == u64::MAX {
         let (seconds, micros): (u64, u64) = redis
             .call(|mut c| async move { bb8_redis::redis::cmd("TIME").query_async(&mut c).await })
             .await
@@ -74,7 +74,7 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
                 let Some(message) = message else { return Err("subscription closed".into()) };
                 let payload: String = message.get_payload().map_err(|e| e.to_string())?;
                 inner.telemetry.pubsub_messages.inc();
-                apply(inner, &payload);
+                apply(inner, &payload).await;
             }
             _ = ping.tick() => {
                 if !inner.redis_enabled.load(Ordering::Acquire) {
@@ -92,7 +92,7 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
 }
 
 /// `<instance>|<redis key>`: drop the key from L1 unless we published it ourselves.
-fn apply(inner: &Inner, payload: &str) {
+async fn apply(inner: &Inner, payload: &str) {
     let Some((instance, redis_key)) = payload.split_once('|') else {
         return;
     };
@@ -104,6 +104,6 @@ fn apply(inner: &Inner, payload: &str) {
         return;
     }
     if let Some(key) = inner.keys.parse(redis_key) {
-        inner.drop_from_l1(&key);
+        inner.drop_from_l1(&key).await;
     }
 }

@@ -79,6 +79,8 @@ pub enum DatabaseSetupError {
     CreateDatabase { name: String, source: sqlx::Error },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("migrations did not finish within {0:?} (DATABASE_MIGRATION_TIMEOUT_MS)")]
+    MigrationTimeout(Duration),
     #[error("dev service: {0}")]
     DevService(String),
 }
@@ -102,7 +104,11 @@ pub async fn prepare(settings: &mut Settings, migrate: bool) -> Result<PgPool, D
     create_database_if_missing(&options, db.connect_timeout).await?;
     let pool = pool(settings)?;
     if migrate {
-        MIGRATOR.run(&pool).await?;
+        let deadline = settings.database.migration_timeout;
+        match tokio::time::timeout(deadline, MIGRATOR.run(&pool)).await {
+            Ok(applied) => applied?,
+            Err(_) => return Err(DatabaseSetupError::MigrationTimeout(deadline)),
+        }
     }
     Ok(pool)
 }
@@ -126,7 +132,7 @@ pub fn pool(settings: &Settings) -> Result<PgPool, DatabaseSetupError> {
 
 async fn probe(options: &PgConnectOptions, timeout: Duration) -> Result<(), sqlx::Error> {
     let conn = within(timeout, sqlx::PgConnection::connect_with(options)).await?;
-    conn.close().await
+    within(timeout, conn.close()).await
 }
 
 fn refused(err: &sqlx::Error) -> bool {
@@ -152,13 +158,13 @@ async fn create_database_if_missing(options: &PgConnectOptions, timeout: Duratio
         .await
         .map_err(unreachable)?;
     let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-    match sqlx::query(&statement).execute(&mut conn).await {
+    match within(timeout, sqlx::query(&statement).execute(&mut conn)).await {
         Ok(_) => log::info!("created database {name}"),
         // Another process created it meanwhile.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
         Err(source) => return Err(DatabaseSetupError::CreateDatabase { name, source }),
     }
-    conn.close().await.ok();
+    within(timeout, conn.close()).await.ok();
     Ok(())
 }
 

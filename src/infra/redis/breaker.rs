@@ -79,6 +79,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// A call that `allow`ed was dropped before it finished (its request went away): it proves
+    /// nothing either way, but if it was the probe, the next caller may probe instead.
+    pub fn record_abandoned(&self) {
+        self.state.lock().unwrap().probing = false;
+    }
+
     pub fn state(&self) -> BreakerState {
         let inner = self.state.lock().unwrap();
         match (inner.opened_at, inner.probing) {
@@ -111,6 +117,16 @@ mod tests {
         breaker.record_success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(breaker.allow() && breaker.allow());
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_caller_probe() {
+        let breaker = CircuitBreaker::new(1, Duration::ZERO);
+        breaker.record_failure();
+        assert!(breaker.allow(), "the probe");
+        assert!(!breaker.allow(), "one probe at a time");
+        breaker.record_abandoned();
+        assert!(breaker.allow(), "without this the breaker would stay open for good");
     }
 
     #[test]

@@ -52,6 +52,12 @@ impl Namespace {
         }
     }
 
+    /// Whether entries live in a per-owner Redis hash (lists, members, metrics), so that one key
+    /// drops every variant.
+    pub fn is_grouped(self) -> bool {
+        matches!(self, Self::TaskLists | Self::Members | Self::DailyMetrics)
+    }
+
     pub fn parse(name: &str) -> Option<Namespace> {
         Self::ALL.into_iter().find(|ns| ns.as_str() == name)
     }

@@ -68,6 +68,23 @@ impl bb8::ManageConnection for RedisManager {
     }
 }
 
+/// Tells the breaker when a call it allowed is dropped unfinished (the request future went away).
+struct AbandonGuard<'a>(Option<&'a CircuitBreaker>);
+
+impl AbandonGuard<'_> {
+    fn settle(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.record_abandoned();
+        }
+    }
+}
+
 pub struct Redis {
     telemetry: Arc<Telemetry>,
     pool: bb8::Pool<RedisManager>,
@@ -113,7 +130,9 @@ impl Redis {
             return Err(RedisFailure::CircuitOpen);
         }
         let started = Instant::now();
+        let pending = AbandonGuard(Some(&self.breaker));
         let outcome = self.call_unguarded(command).await;
+        pending.settle();
         self.telemetry.observe_redis(started, outcome.is_ok());
         match &outcome {
             Ok(_) => self.breaker.record_success(),

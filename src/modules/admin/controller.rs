@@ -75,6 +75,7 @@ pub async fn set_cache_mode(
     responses(
         (status = 200, body = FlushResponse),
         (status = 400, description = "Unknown namespace, or a pattern outside the prefix", body = ErrorBody),
+        (status = 409, description = "Redis did not answer (nothing or part deleted)", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     )
 )]

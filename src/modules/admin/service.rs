@@ -202,11 +202,7 @@ impl AdminService for Admin {
                 ))
             }
         };
-        let deleted = self
-            .cache
-            .flush(&pattern)
-            .await
-            .map_err(|err| AppError::internal(format!("cache flush failed: {err}")))?;
+        let deleted = self.cache.flush(&pattern).await.map_err(redis_unavailable)?;
         Ok(FlushResponse { pattern, deleted })
     }
 

@@ -88,17 +88,17 @@ impl ProjectService for Projects {
         if let Some(description) = request.description {
             project.description = description;
         }
-        let saved = self.projects.save(&project).await?.ok_or(NOT_FOUND)?;
+        let saved = self.projects.save(&project).await;
         let keys = self.cache.keys();
         self.cache
-            .invalidate(vec![keys.project(id), keys.project_list(saved.workspace_id)])
+            .invalidate(vec![keys.project(id), keys.project_list(project.workspace_id)])
             .await;
-        Ok(saved)
+        saved?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         let project = self.find(user_id, id).await?;
-        let deleted_tasks = self.projects.delete(id).await?;
+        let deleted = self.projects.delete(id).await;
         let keys = self.cache.keys();
         let mut stale = vec![
             keys.project(id),
@@ -106,11 +106,13 @@ impl ProjectService for Projects {
             keys.task_lists(id),
             keys.all_daily_metrics(project.workspace_id),
         ];
-        for (task_id, assignee) in deleted_tasks {
-            stale.push(keys.task(task_id));
+        // On an error the deleted tasks are unknown; the project's own keys still go.
+        for (task_id, assignee) in deleted.as_deref().unwrap_or_default() {
+            stale.push(keys.task(*task_id));
             stale.extend(assignee.map(|user| keys.assigned_task_lists(user)));
         }
         self.cache.invalidate(stale).await;
+        deleted?;
         Ok(())
     }
 }

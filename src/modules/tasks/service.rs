@@ -139,9 +139,10 @@ impl TaskService for Tasks {
             updated_at: now,
         };
         apply_status(&mut task, request.status.unwrap_or(TaskStatus::Todo));
-        let created = self.tasks.create(&task).await?;
-        self.invalidate(&[&created]).await;
-        Ok(created)
+        // On every outcome: an error may come after the commit (a deadline hit while waiting).
+        let created = self.tasks.create(&task).await;
+        self.invalidate(&[created.as_ref().unwrap_or(&task)]).await;
+        Ok(created?)
     }
 
     async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
@@ -204,15 +205,16 @@ impl TaskService for Tasks {
         if let Some(status) = request.status {
             apply_status(&mut task, status);
         }
-        let saved = self.tasks.save(&task).await?.ok_or(NOT_FOUND)?;
-        self.invalidate(&[&before, &saved]).await;
-        Ok(saved)
+        let saved = self.tasks.save(&task).await;
+        self.invalidate(&[&before, &task]).await;
+        saved?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         let task = self.find_for_write(user_id, id).await?;
-        self.tasks.delete(id).await?;
+        let deleted = self.tasks.delete(id).await;
         self.invalidate(&[&task]).await;
+        deleted?;
         Ok(())
     }
 }

@@ -39,18 +39,15 @@ impl UserService for Users {
     }
 
     async fn update(&self, id: Uuid, request: UpdateMeRequest) -> AppResult<User> {
-        let user = self
-            .users
-            .update_name(id, request.name.trim())
-            .await?
-            .ok_or(NOT_FOUND)?;
-        // Member lists show names too.
+        // Member lists show names too. Known before the write, so nothing stands between the
+        // commit and the invalidation.
         let keys = self.cache.keys();
         let mut stale = vec![keys.user(id)];
         for workspace in self.workspaces.list_for_user(id).await? {
             stale.push(keys.member_list(workspace.id));
         }
+        let updated = self.users.update_name(id, request.name.trim()).await;
         self.cache.invalidate(stale).await;
-        Ok(user)
+        updated?.ok_or(NOT_FOUND)
     }
 }

@@ -92,24 +92,28 @@ impl WorkspaceService for Workspaces {
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
         self.require_owner(user_id, id).await?;
-        let workspace = self
-            .workspaces
-            .rename(id, request.name.trim())
-            .await?
-            .ok_or(NOT_FOUND)?;
-        self.cache.invalidate(self.workspace_keys(id).await?).await;
-        Ok(workspace)
+        // Everything that may need invalidating is known before the write: once it commits,
+        // nothing may stand between it and the invalidation.
+        let stale = self.workspace_keys(id).await?;
+        let renamed = self.workspaces.rename(id, request.name.trim()).await;
+        self.cache.invalidate(stale).await;
+        renamed?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         self.require_owner(user_id, id).await?;
-        let mut stale = self.workspace_keys(id).await?;
-        self.workspaces.delete(id).await?;
-        // Projects and tasks of the workspace stay cached until their TTL, but nobody can reach
-        // them: every read checks membership, and the memberships are gone.
         let keys = self.cache.keys();
+        let mut stale = self.workspace_keys(id).await?;
+        // Members' "my tasks" lists hold this workspace's tasks (assignees are always members).
+        for member in self.workspaces.members(id).await? {
+            stale.push(keys.assigned_task_lists(member.user_id));
+        }
         stale.extend([keys.project_list(id), keys.all_daily_metrics(id)]);
+        let deleted = self.workspaces.delete(id).await;
+        // Projects and tasks of the workspace stay cached until their TTL, but nobody can reach
+        // them: every read of them checks membership, and the memberships are gone.
         self.cache.invalidate(stale).await;
+        deleted?;
         Ok(())
     }
 
