@@ -255,8 +255,16 @@ async fn a_thousand_concurrent_cold_reads_run_the_loader_once() {
     let before = misses(&cache_stats(&app).await, "tasks");
     let responses = join_all((0..1000).map(|_| app.get(&path, &world.user.token))).await;
     assert!(responses.iter().all(|r| r.status == 200), "every read succeeds");
-    let after = misses(&cache_stats(&app).await, "tasks");
+    let stats = cache_stats(&app).await;
+    let after = misses(&stats, "tasks");
     assert_eq!(after - before, 1, "the task loader ran {} times", after - before);
+    let tasks = stats["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ns| ns["namespace"] == "tasks")
+        .unwrap();
+    assert_eq!(tasks["l1Entries"], 1, "one task held in L1: {tasks}");
 }
 
 #[tokio::test]

@@ -673,28 +673,32 @@ impl CacheService for TieredCache {
 
     fn stats(&self) -> Vec<NamespaceStats> {
         let inner = &self.inner;
-        let prefix_of = |ns: Namespace| format!("{}{}:", inner.keys.prefix(), ns.as_str());
+        // One pass over L1, counting entries by the namespace their key names.
+        let mut l1_entries = [0u64; Namespace::ALL.len()];
+        for (key, _) in inner.l1.iter() {
+            if let Some(parsed) = inner.keys.parse(&key) {
+                l1_entries[parsed.namespace as usize] += 1;
+            }
+        }
         Namespace::ALL
             .into_iter()
             .map(|namespace| {
-                let (hits_l1, hits_l2, misses) = (
-                    inner.counted(namespace, CacheTier::HitL1),
-                    inner.counted(namespace, CacheTier::HitL2),
-                    inner.counted(namespace, CacheTier::Miss),
-                );
+                let hits_l1 = inner.counted(namespace, CacheTier::HitL1);
+                let hits_l2 = inner.counted(namespace, CacheTier::HitL2);
+                let misses = inner.counted(namespace, CacheTier::Miss);
                 let total = hits_l1 + hits_l2 + misses;
-                let prefix = prefix_of(namespace);
+                let hit_rate = if total == 0 {
+                    0.0
+                } else {
+                    (hits_l1 + hits_l2) as f64 / total as f64
+                };
                 NamespaceStats {
                     namespace,
                     hits_l1,
                     hits_l2,
                     misses,
-                    hit_rate: if total == 0 {
-                        0.0
-                    } else {
-                        (hits_l1 + hits_l2) as f64 / total as f64
-                    },
-                    l1_entries: inner.l1.iter().filter(|(k, _)| k.starts_with(&prefix)).count() as u64,
+                    hit_rate,
+                    l1_entries: l1_entries[namespace as usize],
                 }
             })
             .collect()

@@ -94,15 +94,6 @@ impl CacheKey {
             None => self.redis_key.clone(),
         }
     }
-
-    /// The same key without its field: invalidating it drops the whole group.
-    pub fn group(&self) -> CacheKey {
-        CacheKey {
-            namespace: self.namespace,
-            redis_key: self.redis_key.clone(),
-            field: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -136,7 +136,7 @@ impl HealthChecks {
                 health
             }
         };
-        let mode = self.cache.status().mode;
+        let mode = status.mode;
         let cache = ComponentHealth {
             mode: Some(format!("{mode:?}").to_lowercase()),
             l1_entries: Some(status.l1_entries),

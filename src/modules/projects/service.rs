@@ -42,11 +42,19 @@ impl Projects {
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
         let project: Project = from_json_bytes(&cached.bytes)?;
-        match self.workspaces.require_member(user_id, project.workspace_id).await {
-            Ok(_) => Ok((cached, project)),
-            Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
-            Err(other) => Err(other),
-        }
+        self.workspaces
+            .require_member_or(user_id, project.workspace_id, NOT_FOUND)
+            .await?;
+        Ok((cached, project))
+    }
+
+    /// The project fresh from Postgres (the base of every write), if the user may see it.
+    async fn find_for_write(&self, user_id: Uuid, id: Uuid) -> AppResult<Project> {
+        let project = self.projects.find(id).await?.ok_or(NOT_FOUND)?;
+        self.workspaces
+            .require_member_or(user_id, project.workspace_id, NOT_FOUND)
+            .await?;
+        Ok(project)
     }
 }
 
@@ -80,8 +88,7 @@ impl ProjectService for Projects {
     }
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project> {
-        self.find(user_id, id).await?;
-        let mut project = self.projects.find(id).await?.ok_or(NOT_FOUND)?;
+        let mut project = self.find_for_write(user_id, id).await?;
         if let Some(name) = request.name {
             project.name = name.trim().to_owned();
         }

@@ -71,32 +71,22 @@ fn apply_status(task: &mut Task, status: TaskStatus) {
 }
 
 impl Tasks {
-    /// 404 `task_not_found` (not `workspace_not_found`) for a task the user may not see.
-    async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<()> {
-        match self.workspaces.require_member(user_id, workspace_id).await {
-            Ok(_) => Ok(()),
-            Err(AppError::NotFound { .. }) => Err(NOT_FOUND),
-            Err(other) => Err(other),
-        }
-    }
-
     /// The task fresh from Postgres (the base of every write), if the user may see it.
     async fn find_for_write(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
         let task = self.tasks.find(id).await?.ok_or(NOT_FOUND)?;
-        self.require_member(user_id, task.workspace_id).await?;
+        self.workspaces
+            .require_member_or(user_id, task.workspace_id, NOT_FOUND)
+            .await?;
         Ok(task)
     }
 
     async fn check_assignee(&self, assignee: Option<Uuid>, workspace_id: Uuid) -> AppResult<()> {
         let Some(assignee) = assignee else { return Ok(()) };
-        match self.workspaces.require_member(assignee, workspace_id).await {
-            Ok(_) => Ok(()),
-            Err(AppError::NotFound { .. }) => Err(AppError::invalid_field(
-                "assigneeId",
-                "must be a member of the workspace",
-            )),
-            Err(other) => Err(other),
-        }
+        let not_member = AppError::invalid_field("assigneeId", "must be a member of the workspace");
+        self.workspaces
+            .require_member_or(assignee, workspace_id, not_member)
+            .await?;
+        Ok(())
     }
 
     /// What a change to these task states makes stale: the tasks, their projects' lists, their
@@ -179,7 +169,9 @@ impl TaskService for Tasks {
         let load = async { to_json_bytes(&self.tasks.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
         let owner: TaskOwner = from_json_bytes(&cached.bytes)?;
-        self.require_member(user_id, owner.workspace_id).await?;
+        self.workspaces
+            .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
+            .await?;
         Ok(cached)
     }
 

@@ -17,6 +17,9 @@ pub trait WorkspaceService: Interface {
     /// The caller's role in the workspace; 404 `workspace_not_found` when they are not a member,
     /// exactly as when the workspace does not exist. Cached, so every feature can afford it.
     async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Role>;
+    /// `require_member`, answering `not_member` instead of `workspace_not_found`: a project or task
+    /// the user may not see gets its own 404 (or an assignee check its own 400).
+    async fn require_member_or(&self, user_id: Uuid, workspace_id: Uuid, not_member: AppError) -> AppResult<Role>;
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace>;
     async fn list(&self, user_id: Uuid) -> AppResult<Cached>;
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
@@ -67,6 +70,13 @@ impl WorkspaceService for Workspaces {
         let load = async { to_json_bytes(&self.workspaces.role_of(workspace_id, user_id).await?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
         from_json_bytes::<Option<Role>>(&cached.bytes)?.ok_or(NOT_FOUND)
+    }
+
+    async fn require_member_or(&self, user_id: Uuid, workspace_id: Uuid, not_member: AppError) -> AppResult<Role> {
+        match self.require_member(user_id, workspace_id).await {
+            Err(AppError::NotFound { .. }) => Err(not_member),
+            other => other,
+        }
     }
 
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace> {
