@@ -29,6 +29,8 @@ pub enum AppError {
     NotFound { entity: &'static str },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    #[error("this path does not accept the {0} method")]
+    MethodNotAllowed(actix_web::http::Method),
     #[error("request body is larger than {BODY_LIMIT_BYTES} bytes")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -92,6 +94,7 @@ impl AppError {
             }
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
+            Self::MethodNotAllowed(_) => "method_not_allowed".into(),
             Self::PayloadTooLarge => "payload_too_large".into(),
             Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
             Self::DatabaseUnavailable(_) => "database_unavailable".into(),
@@ -124,6 +127,7 @@ impl ResponseError for AppError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -279,6 +283,11 @@ pub fn query_config() -> web::QueryConfig {
 /// Fallback for unknown routes.
 pub async fn route_not_found() -> AppError {
     AppError::not_found("route")
+}
+
+/// Fallback of every resource for methods it has no route for.
+pub async fn method_not_allowed(req: HttpRequest) -> AppError {
+    AppError::MethodNotAllowed(req.method().clone())
 }
 
 impl actix_web::Responder for AppError {

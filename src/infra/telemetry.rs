@@ -145,19 +145,19 @@ pub async fn record_http(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let telemetry = req.app_data::<web::Data<Arc<Telemetry>>>().map(|t| t.get_ref().clone());
-    let method = req.method().to_string();
+    let method = req.method().clone();
     let started = Instant::now();
     let response = next.call(req).await?;
     if let Some(telemetry) = telemetry {
         let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-        let status = response.status().as_u16().to_string();
+        let status = response.status();
         telemetry
             .http_requests
-            .with_label_values(&[&method, &route, &status])
+            .with_label_values(&[method.as_str(), &route, status.as_str()])
             .inc();
         telemetry
             .http_duration
-            .with_label_values(&[&method, &route])
+            .with_label_values(&[method.as_str(), &route])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(response)

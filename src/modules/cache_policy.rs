@@ -1,6 +1,6 @@
 //! `GET /api/cache/policy`: the TTL table in force, as clients and operators see it.
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -9,9 +9,11 @@ use crate::error::ErrorBody;
 use crate::infra::cache::CacheService;
 use crate::infra::redis::keys::Namespace;
 use crate::modules::auth::AuthUser;
+use crate::modules::resource;
 
+/// Mounted at the root.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(get_cache_policy);
+    cfg.service(resource("/api/cache/policy").route(web::get().to(get_cache_policy)));
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -33,10 +35,9 @@ pub struct CachePolicy {
 
 /// The TTL of every cache namespace (from the TTL table) and the cache mode in force.
 #[utoipa::path(
-    tag = "cache", operation_id = "get_cache_policy", security(("bearer" = [])),
+    get, path = "/api/cache/policy", tag = "cache", operation_id = "get_cache_policy", security(("bearer" = [])),
     responses((status = 200, body = CachePolicy), (status = 401, body = ErrorBody))
 )]
-#[get("/api/cache/policy")]
 pub async fn get_cache_policy(_me: AuthUser, cache: Inject<dyn CacheService>) -> HttpResponse {
     let keys = cache.keys();
     HttpResponse::Ok().json(CachePolicy {

@@ -10,19 +10,36 @@ pub mod tasks;
 pub mod users;
 pub mod workspaces;
 
-use actix_web::web::ServiceConfig;
+use actix_web::web::{self, ServiceConfig};
 
-/// Mounts every feature's routes.
+/// The routing table. Routes are grouped in scopes by their static prefix: actix tries a request
+/// against each pattern in turn (a regex per dynamic path), and a scope skips its whole group
+/// with one prefix comparison. On the benchmark's task list this alone took throughput from
+/// about 32k to about 50k req/s (BENCHMARKS.md). A scope answers unknown paths below it with the
+/// app's `route_not_found`; each feature mounts its resources relative to its scope.
 pub fn configure(cfg: &mut ServiceConfig) {
-    health::configure(cfg);
-    auth::configure(cfg);
-    users::configure(cfg);
-    workspaces::configure(cfg);
-    projects::configure(cfg);
-    tasks::configure(cfg);
-    metrics::configure(cfg);
-    admin::configure(cfg);
-    cache_policy::configure(cfg);
+    cfg.configure(health::configure)
+        .service(web::scope("/api/auth").configure(auth::configure))
+        .service(web::scope("/api/users/me").configure(users::configure))
+        .service(
+            web::scope("/api/workspaces")
+                .configure(workspaces::configure)
+                .configure(projects::configure_in_workspace)
+                .configure(metrics::configure),
+        )
+        .service(
+            web::scope("/api/projects")
+                .configure(tasks::configure_in_project)
+                .configure(projects::configure),
+        )
+        .service(web::scope("/api/tasks").configure(tasks::configure))
+        .service(web::scope("/admin").configure(admin::configure))
+        .configure(cache_policy::configure);
+}
+
+/// One path with all its methods; a method it has no route for answers 405 with the envelope.
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(crate::error::method_not_allowed))
 }
 
 /// `limit` / `offset` paging shared by list endpoints.
@@ -76,12 +93,14 @@ pub mod nullable {
 /// A cacheable read as an HTTP response: the cached JSON bytes as they are, with `X-Cache`
 /// (`HIT-L1`, `HIT-L2`, `MISS`, `BYPASS`) and `Cache-Control: private, max-age=<remaining TTL>`.
 pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
+    use actix_web::http::header::{HeaderValue, CACHE_CONTROL};
+    let cache_control = format!("private, max-age={}", cached.max_age.as_secs());
     actix_web::HttpResponse::Ok()
         .content_type("application/json")
-        .insert_header(("X-Cache", cached.tier.header_value()))
+        .insert_header(("X-Cache", HeaderValue::from_static(cached.tier.header_value())))
         .insert_header((
-            "Cache-Control",
-            format!("private, max-age={}", cached.max_age.as_secs()),
+            CACHE_CONTROL,
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(cache_control)).expect("ASCII header value"),
         ))
         .body(cached.bytes)
 }

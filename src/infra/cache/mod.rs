@@ -166,11 +166,14 @@ impl moka::Expiry<String, L1Entry> for PerEntryExpiry {
 /// The cache's state; `TieredCache` is its DI face.
 pub struct Inner {
     keys: KeyRegistry,
-    l1: Cache<String, L1Entry>,
+    /// foldhash, not SipHash: keys are ours (prefix + UUIDs), not attacker-chosen, and every
+    /// request hashes several of them.
+    l1: Cache<String, L1Entry, FastHash>,
     /// Invalidation epochs: a fill that saw another epoch of its key at its start is not kept in
     /// L1. One counter per shard of Redis keys (collisions only drop a fill, never keep a stale
     /// one), plus a generation that every full flush bumps.
     epochs: Box<[AtomicU64]>,
+    epoch_hasher: FastHash,
     generation: AtomicU64,
     /// L2 entries written before this moment (Redis clock, ms) are ignored: set when this
     /// instance reconnects after losing Redis, since invalidations may have been lost meanwhile.
@@ -226,11 +229,12 @@ impl Inner {
                 max_ttl: cache.l1_max_ttl,
             })
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(FastHash::default());
         Arc::new(Inner {
             keys,
             l1,
             epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            epoch_hasher: FastHash::default(),
             generation: AtomicU64::new(0),
             l2_trusted_since_ms: AtomicU64::new(0),
             redis_settings: redis.clone(),
@@ -315,7 +319,7 @@ impl Inner {
                         });
                     }
                     Ok(read) => version = Some(read.version),
-                    Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key),
+                    Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key()),
                 }
             }
         }
@@ -326,7 +330,7 @@ impl Inner {
         let ttl = self.ttl_with_jitter(key);
         if let (Some(redis), Some(version)) = (redis, version) {
             if let Err(err) = write_l2(redis, &self.keys, key, &bytes, ttl, version).await {
-                log::debug!("cache: L2 write of {} failed: {err}", key.redis_key);
+                log::debug!("cache: L2 write of {} failed: {err}", key.redis_key());
             }
         }
         Ok(L1Entry {
@@ -339,8 +343,7 @@ impl Inner {
 
     fn epoch_shard(&self, redis_key: &str) -> &AtomicU64 {
         use std::hash::BuildHasher;
-        static HASHER: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-        let hash = HASHER.get_or_init(Default::default).hash_one(redis_key);
+        let hash = self.epoch_hasher.hash_one(redis_key);
         &self.epochs[hash as usize % self.epochs.len()]
     }
 
@@ -348,19 +351,19 @@ impl Inner {
     fn epoch_of(&self, key: &CacheKey) -> (u64, u64) {
         (
             self.generation.load(Ordering::Acquire),
-            self.epoch_shard(&key.redis_key).load(Ordering::Acquire),
+            self.epoch_shard(key.redis_key()).load(Ordering::Acquire),
         )
     }
 
     /// Drops the key (a whole group for a grouped key without a field) from L1 and bumps its
     /// epoch, so fills that started before are not kept.
     async fn drop_from_l1(&self, key: &CacheKey) {
-        self.epoch_shard(&key.redis_key).fetch_add(1, Ordering::AcqRel);
-        if key.field.is_some() || !key.namespace.is_grouped() {
-            self.l1.invalidate(&key.l1_key()).await;
+        self.epoch_shard(key.redis_key()).fetch_add(1, Ordering::AcqRel);
+        if key.field().is_some() || !key.namespace.is_grouped() {
+            self.l1.invalidate(key.l1_key()).await;
         } else {
             // Groups need a predicate; moka applies it lazily to entries older than it.
-            let group = format!("{}#", key.redis_key);
+            let group = format!("{}#", key.redis_key());
             let _ = self.l1.invalidate_entries_if(move |k, _| k.starts_with(&group));
         }
     }
@@ -428,6 +431,8 @@ impl Inner {
 
 const EPOCH_SHARDS: usize = 1024;
 
+type FastHash = foldhash::fast::RandomState;
+
 /// Longest an admin flush may run (a namespace of millions of keys).
 const FLUSH_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -448,14 +453,14 @@ async fn read_l2(
     trusted_since_ms: u64,
 ) -> Result<L2Read, crate::infra::redis::RedisFailure> {
     let mut pipe = redis::pipe();
-    match &key.field {
-        Some(field) => pipe.cmd("HGET").arg(&key.redis_key).arg(field),
-        None => pipe.cmd("GET").arg(&key.redis_key),
+    match key.field() {
+        Some(field) => pipe.cmd("HGET").arg(key.redis_key()).arg(field),
+        None => pipe.cmd("GET").arg(key.redis_key()),
     };
     pipe.cmd("PTTL")
-        .arg(&key.redis_key)
+        .arg(key.redis_key())
         .cmd("GET")
-        .arg(keys.version_of(&key.redis_key));
+        .arg(keys.version_of(key.redis_key()));
     let (value, pttl_ms, version): (Option<Vec<u8>>, i64, Option<String>) = redis
         .call(|mut c| async move { pipe.query_async(&mut c).await })
         .await?;
@@ -500,13 +505,13 @@ async fn write_l2(
     ttl: Duration,
     version: String,
 ) -> Result<(), crate::infra::redis::RedisFailure> {
-    let mut invocation = fill_script().key(&key.redis_key);
+    let mut invocation = fill_script().key(key.redis_key());
     invocation
-        .key(keys.version_of(&key.redis_key))
+        .key(keys.version_of(key.redis_key()))
         .arg(version)
         .arg(bytes.as_ref())
         .arg(ttl.as_millis() as u64)
-        .arg(key.field.as_deref().unwrap_or(""));
+        .arg(key.field().unwrap_or(""));
     redis
         .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await.map(|_| ()) })
         .await
@@ -534,8 +539,7 @@ impl CacheService for TieredCache {
                 max_age,
             });
         }
-        let l1_key = key.l1_key();
-        if let Some(entry) = inner.l1.get(&l1_key).await {
+        if let Some(entry) = inner.l1.get(key.l1_key()).await {
             let now = Instant::now();
             if entry.expires_at > now && entry.epoch == inner.epoch_of(&key) {
                 inner.count(key.namespace, CacheTier::HitL1);
@@ -549,12 +553,12 @@ impl CacheService for TieredCache {
         let epoch = inner.epoch_of(&key);
         let entry = inner
             .l1
-            .try_get_with(l1_key.clone(), inner.fill(&key, loader))
+            .try_get_with(key.l1_key().to_owned(), inner.fill(&key, loader))
             .await
             .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
         if inner.epoch_of(&key) != epoch {
             // An invalidation ran while we loaded: serve this answer, but do not keep it.
-            inner.l1.invalidate(&l1_key).await;
+            inner.l1.invalidate(key.l1_key()).await;
         }
         let max_age = entry.expires_at.saturating_duration_since(Instant::now());
         Ok(Cached {
@@ -568,7 +572,7 @@ impl CacheService for TieredCache {
         for key in &keys {
             self.inner.drop_from_l1(key).await;
         }
-        let redis_keys: Vec<String> = keys.iter().map(|k| k.redis_key.clone()).collect();
+        let redis_keys: Vec<String> = keys.iter().map(|k| k.redis_key().to_owned()).collect();
         self.inner.invalidate_l2(redis_keys).await;
         // Again after the Redis round trip: a read in between may have refilled L1 from the L2
         // entry that was just deleted (its epoch was already the bumped one).

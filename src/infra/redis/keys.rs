@@ -1,6 +1,7 @@
 //! The key registry: every Redis key nestling writes is built here, under `REDIS_KEY_PREFIX`,
 //! as `<prefix><namespace>:<id>[:<qualifier>]`, and every namespace takes its TTL from the TTL table.
 
+use std::fmt::{Display, Write};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -80,19 +81,26 @@ impl Namespace {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub namespace: Namespace,
-    /// The full Redis key, prefix included.
-    pub redis_key: String,
-    /// The hash field for grouped entries; `None` for plain string keys.
-    pub field: Option<String>,
+    /// `<redis key>` or `<redis key>#<field>`, built once: every L1 lookup uses it as it is.
+    l1_key: String,
+    /// Where the Redis key ends inside `l1_key`.
+    redis_key_len: usize,
 }
 
 impl CacheKey {
+    /// The full Redis key, prefix included.
+    pub fn redis_key(&self) -> &str {
+        &self.l1_key[..self.redis_key_len]
+    }
+
+    /// The hash field for grouped entries; `None` for plain string keys.
+    pub fn field(&self) -> Option<&str> {
+        self.l1_key.get(self.redis_key_len + 1..)
+    }
+
     /// The in-process (L1) key: the Redis key and the field.
-    pub fn l1_key(&self) -> String {
-        match &self.field {
-            Some(field) => format!("{}#{}", self.redis_key, field),
-            None => self.redis_key.clone(),
-        }
+    pub fn l1_key(&self) -> &str {
+        &self.l1_key
     }
 }
 
@@ -118,19 +126,20 @@ impl KeyRegistry {
         namespace.ttl(&self.ttl)
     }
 
-    fn plain(&self, namespace: Namespace, id: impl std::fmt::Display) -> CacheKey {
+    fn plain(&self, namespace: Namespace, id: impl Display) -> CacheKey {
+        let mut l1_key = String::with_capacity(self.prefix.len() + 64);
+        let _ = write!(l1_key, "{}{}:{id}", self.prefix, namespace.as_str());
         CacheKey {
             namespace,
-            redis_key: format!("{}{}:{id}", self.prefix, namespace.as_str()),
-            field: None,
+            redis_key_len: l1_key.len(),
+            l1_key,
         }
     }
 
-    fn grouped(&self, namespace: Namespace, owner: impl std::fmt::Display, field: String) -> CacheKey {
-        CacheKey {
-            field: Some(field),
-            ..self.plain(namespace, owner)
-        }
+    fn grouped(&self, namespace: Namespace, owner: impl Display, field: impl Display) -> CacheKey {
+        let mut key = self.plain(namespace, owner);
+        let _ = write!(key.l1_key, "#{field}");
+        key
     }
 
     pub fn task(&self, id: Uuid) -> CacheKey {
@@ -173,7 +182,7 @@ impl KeyRegistry {
 
     /// A user's role in a workspace (or their absence from it).
     pub fn member(&self, workspace_id: Uuid, user_id: Uuid) -> CacheKey {
-        self.grouped(Namespace::Members, workspace_id, user_id.to_string())
+        self.grouped(Namespace::Members, workspace_id, user_id)
     }
 
     /// Every cached role of one workspace, and its member list.
@@ -182,7 +191,7 @@ impl KeyRegistry {
     }
 
     pub fn member_list(&self, workspace_id: Uuid) -> CacheKey {
-        self.grouped(Namespace::Members, workspace_id, "list".into())
+        self.grouped(Namespace::Members, workspace_id, "list")
     }
 
     pub fn user(&self, id: Uuid) -> CacheKey {
@@ -224,8 +233,8 @@ impl KeyRegistry {
         let (namespace, _) = rest.split_once(':')?;
         Some(CacheKey {
             namespace: Namespace::parse(namespace)?,
-            redis_key: redis_key.to_owned(),
-            field: None,
+            l1_key: redis_key.to_owned(),
+            redis_key_len: redis_key.len(),
         })
     }
 }
@@ -243,13 +252,13 @@ mod tests {
     fn keys_follow_prefix_namespace_id() {
         let id = Uuid::nil();
         let keys = registry();
-        assert_eq!(keys.task(id).redis_key, format!("app:tasks:{id}"));
+        assert_eq!(keys.task(id).redis_key(), format!("app:tasks:{id}"));
         assert_eq!(
             keys.task_list(id, "limit=5".into()).l1_key(),
             format!("app:task-lists:{id}#limit=5")
         );
         assert_eq!(
-            keys.version_of(&keys.task(id).redis_key),
+            keys.version_of(keys.task(id).redis_key()),
             format!("app:version:tasks:{id}")
         );
         assert_eq!(keys.parse(&format!("app:tasks:{id}")), Some(keys.task(id)));

@@ -1,5 +1,5 @@
 use actix_web::dev::Payload;
-use actix_web::{delete, get, post, web, FromRequest, HttpRequest, HttpResponse};
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use shaku::HasComponent;
 use std::future::{ready, Ready};
 use std::sync::Arc;
@@ -12,15 +12,17 @@ use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::infra::cache::CacheStatus;
 use crate::modules::auth::extractor::bearer_token;
+use crate::modules::resource;
 
+/// Mounted under `/admin`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(get_cache_stats)
-        .service(set_cache_mode)
-        .service(flush_cache)
-        .service(warm_cache)
-        .service(get_redis_health)
-        .service(get_redis_metrics)
-        .service(get_redis_slowlog);
+    cfg.service(resource("/cache").route(web::delete().to(flush_cache)))
+        .service(resource("/cache/stats").route(web::get().to(get_cache_stats)))
+        .service(resource("/cache/mode").route(web::post().to(set_cache_mode)))
+        .service(resource("/cache/warm").route(web::post().to(warm_cache)))
+        .service(resource("/redis/health").route(web::get().to(get_redis_health)))
+        .service(resource("/redis/metrics").route(web::get().to(get_redis_metrics)))
+        .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)));
 }
 
 /// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`.
@@ -42,24 +44,22 @@ impl FromRequest for AdminAuth {
 
 /// Cache mode, breaker, subscriber, and per namespace: hits, misses, hit rate, L1 entries.
 #[utoipa::path(
-    tag = "admin", operation_id = "get_cache_stats", security(("admin" = [])),
+    get, path = "/admin/cache/stats", tag = "admin", operation_id = "get_cache_stats", security(("admin" = [])),
     responses(
         (status = 200, body = CacheStatsResponse), (status = 401, body = ErrorBody),
         (status = 403, description = "ADMIN_TOKEN is not set", body = ErrorBody),
     )
 )]
-#[get("/admin/cache/stats")]
 pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> HttpResponse {
     HttpResponse::Ok().json(admin.cache_stats())
 }
 
 /// Switch Redis off (memory mode) or on, on this running instance, without a restart.
 #[utoipa::path(
-    tag = "admin", operation_id = "set_cache_mode", security(("admin" = [])),
+    post, path = "/admin/cache/mode", tag = "admin", operation_id = "set_cache_mode", security(("admin" = [])),
     request_body = CacheModeRequest,
     responses((status = 200, body = CacheStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
 )]
-#[post("/admin/cache/mode")]
 pub async fn set_cache_mode(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
@@ -70,7 +70,7 @@ pub async fn set_cache_mode(
 
 /// Delete a namespace (or a pattern under the key prefix) with SCAN + UNLINK; never KEYS or FLUSHDB.
 #[utoipa::path(
-    tag = "admin", operation_id = "flush_cache", security(("admin" = [])),
+    delete, path = "/admin/cache", tag = "admin", operation_id = "flush_cache", security(("admin" = [])),
     params(FlushQuery),
     responses(
         (status = 200, body = FlushResponse),
@@ -79,7 +79,6 @@ pub async fn set_cache_mode(
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
     )
 )]
-#[delete("/admin/cache")]
 pub async fn flush_cache(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
@@ -90,14 +89,13 @@ pub async fn flush_cache(
 
 /// Load the hot entries of a workspace: it, its members, its projects and their first task pages.
 #[utoipa::path(
-    tag = "admin", operation_id = "warm_cache", security(("admin" = [])),
+    post, path = "/admin/cache/warm", tag = "admin", operation_id = "warm_cache", security(("admin" = [])),
     request_body = WarmRequest,
     responses(
         (status = 200, body = WarmResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     )
 )]
-#[post("/admin/cache/warm")]
 pub async fn warm_cache(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
@@ -108,39 +106,36 @@ pub async fn warm_cache(
 
 /// PING latency, breaker, subscriber and pool of this instance's Redis connection.
 #[utoipa::path(
-    tag = "admin", operation_id = "get_redis_health", security(("admin" = [])),
+    get, path = "/admin/redis/health", tag = "admin", operation_id = "get_redis_health", security(("admin" = [])),
     responses(
         (status = 200, body = RedisHealth), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "Redis is disabled (memory mode)", body = ErrorBody),
     )
 )]
-#[get("/admin/redis/health")]
 pub async fn get_redis_health(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.redis_health().await?))
 }
 
 /// Selected INFO fields: memory, clients, ops/s, keyspace hit rate.
 #[utoipa::path(
-    tag = "admin", operation_id = "get_redis_metrics", security(("admin" = [])),
+    get, path = "/admin/redis/metrics", tag = "admin", operation_id = "get_redis_metrics", security(("admin" = [])),
     responses(
         (status = 200, body = RedisMetrics), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "Redis is disabled or did not answer", body = ErrorBody),
     )
 )]
-#[get("/admin/redis/metrics")]
 pub async fn get_redis_metrics(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.redis_metrics().await?))
 }
 
 /// The 25 most recent slow commands (SLOWLOG GET).
 #[utoipa::path(
-    tag = "admin", operation_id = "get_redis_slowlog", security(("admin" = [])),
+    get, path = "/admin/redis/slowlog", tag = "admin", operation_id = "get_redis_slowlog", security(("admin" = [])),
     responses(
         (status = 200, body = Vec<SlowlogEntry>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, description = "Redis is disabled or did not answer", body = ErrorBody),
     )
 )]
-#[get("/admin/redis/slowlog")]
 pub async fn get_redis_slowlog(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.redis_slowlog().await?))
 }

@@ -1,4 +1,4 @@
-use actix_web::{post, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use validator::Validate;
 
 use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
@@ -6,15 +6,19 @@ use super::service::AuthService;
 use super::AuthUser;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
+use crate::modules::resource;
 use crate::modules::users::model::User;
 
+/// Mounted under `/api/auth`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(register).service(login).service(logout);
+    cfg.service(resource("/register").route(web::post().to(register)))
+        .service(resource("/login").route(web::post().to(login)))
+        .service(resource("/logout").route(web::post().to(logout)));
 }
 
 /// Create an account.
 #[utoipa::path(
-    tag = "auth", operation_id = "register",
+    post, path = "/api/auth/register", tag = "auth", operation_id = "register",
     request_body = RegisterRequest,
     responses(
         (status = 201, body = User),
@@ -23,7 +27,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
     )
 )]
-#[post("/api/auth/register")]
 pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(auth.register(body.into_inner()).await?))
@@ -31,7 +34,7 @@ pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterReq
 
 /// Exchange email and password for a bearer token.
 #[utoipa::path(
-    tag = "auth", operation_id = "login",
+    post, path = "/api/auth/login", tag = "auth", operation_id = "login",
     request_body = LoginRequest,
     responses(
         (status = 200, body = LoginResponse),
@@ -39,7 +42,6 @@ pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterReq
         (status = 401, description = "Wrong email or password (same answer for both)", body = ErrorBody),
     )
 )]
-#[post("/api/auth/login")]
 pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(auth.login(body.into_inner()).await?))
@@ -47,10 +49,9 @@ pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>)
 
 /// Revoke the token this request is made with.
 #[utoipa::path(
-    tag = "auth", operation_id = "logout", security(("bearer" = [])),
+    post, path = "/api/auth/logout", tag = "auth", operation_id = "logout", security(("bearer" = [])),
     responses((status = 204, description = "Token revoked"), (status = 401, body = ErrorBody))
 )]
-#[post("/api/auth/logout")]
 pub async fn logout(me: AuthUser, auth: Inject<dyn AuthService>) -> AppResult<HttpResponse> {
     auth.logout(&me.token).await?;
     Ok(HttpResponse::NoContent().finish())

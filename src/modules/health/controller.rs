@@ -1,11 +1,16 @@
-use actix_web::{get, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 
 use super::service::{HealthReport, HealthService};
 use crate::container::Inject;
 use crate::infra::telemetry::MetricsRegistry;
+use crate::modules::resource;
 
+/// Mounted at the root.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(live).service(ready).service(health).service(metrics);
+    cfg.service(resource("/health").route(web::get().to(health)))
+        .service(resource("/health/live").route(web::get().to(live)))
+        .service(resource("/health/ready").route(web::get().to(ready)))
+        .service(resource("/metrics").route(web::get().to(metrics)));
 }
 
 fn respond(report: HealthReport) -> HttpResponse {
@@ -17,38 +22,34 @@ fn respond(report: HealthReport) -> HttpResponse {
 }
 
 /// 200 while the process runs.
-#[utoipa::path(tag = "health", operation_id = "get_liveness", responses((status = 200, description = "Alive")))]
-#[get("/health/live")]
+#[utoipa::path(get, path = "/health/live", tag = "health", operation_id = "get_liveness", responses((status = 200, description = "Alive")))]
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
 /// 200 when Postgres answers within `DATABASE_HEALTH_TIMEOUT_MS`, 503 otherwise.
 #[utoipa::path(
-    tag = "health", operation_id = "get_readiness",
+    get, path = "/health/ready", tag = "health", operation_id = "get_readiness",
     responses((status = 200, body = HealthReport), (status = 503, description = "Database down", body = HealthReport))
 )]
-#[get("/health/ready")]
 pub async fn ready(checks: Inject<dyn HealthService>) -> HttpResponse {
     respond(checks.readiness().await)
 }
 
 /// Every component with its status and latency, plus version and uptime.
 #[utoipa::path(
-    tag = "health", operation_id = "get_health",
+    get, path = "/health", tag = "health", operation_id = "get_health",
     responses((status = 200, body = HealthReport), (status = 503, description = "A component is down", body = HealthReport))
 )]
-#[get("/health")]
 pub async fn health(checks: Inject<dyn HealthService>) -> HttpResponse {
     respond(checks.report().await)
 }
 
 /// Prometheus metrics of this instance (text exposition format).
 #[utoipa::path(
-    tag = "health", operation_id = "get_metrics",
+    get, path = "/metrics", tag = "health", operation_id = "get_metrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
-#[get("/metrics")]
 pub async fn metrics(registry: Inject<dyn MetricsRegistry>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

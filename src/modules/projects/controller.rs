@@ -1,4 +1,4 @@
-use actix_web::{delete, get, patch, post, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use uuid::Uuid;
 use validator::Validate;
 
@@ -9,18 +9,30 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
+use crate::modules::resource;
 
+/// Mounted under `/api/projects`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(create_project)
-        .service(list_projects)
-        .service(get_project)
-        .service(update_project)
-        .service(delete_project);
+    cfg.service(
+        resource("/{id}")
+            .route(web::get().to(get_project))
+            .route(web::patch().to(update_project))
+            .route(web::delete().to(delete_project)),
+    );
+}
+
+/// Mounted under `/api/workspaces`: a workspace's projects.
+pub fn configure_in_workspace(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        resource("/{id}/projects")
+            .route(web::get().to(list_projects))
+            .route(web::post().to(create_project)),
+    );
 }
 
 /// Create a project in a workspace.
 #[utoipa::path(
-    tag = "projects", operation_id = "create_project", security(("bearer" = [])),
+    post, path = "/api/workspaces/{id}/projects", tag = "projects", operation_id = "create_project", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     request_body = CreateProjectRequest,
     responses(
@@ -28,7 +40,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 404, description = "Workspace missing or not a member", body = ErrorBody),
     )
 )]
-#[post("/api/workspaces/{id}/projects")]
 pub async fn create_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
@@ -41,11 +52,10 @@ pub async fn create_project(
 
 /// Projects of a workspace.
 #[utoipa::path(
-    tag = "projects", operation_id = "list_projects", security(("bearer" = [])),
+    get, path = "/api/workspaces/{id}/projects", tag = "projects", operation_id = "list_projects", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     responses((status = 200, body = Vec<Project>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[get("/api/workspaces/{id}/projects")]
 pub async fn list_projects(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
@@ -56,11 +66,10 @@ pub async fn list_projects(
 
 /// One project.
 #[utoipa::path(
-    tag = "projects", operation_id = "get_project", security(("bearer" = [])),
+    get, path = "/api/projects/{id}", tag = "projects", operation_id = "get_project", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Project id")),
     responses((status = 200, body = Project), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[get("/api/projects/{id}")]
 pub async fn get_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
@@ -71,7 +80,7 @@ pub async fn get_project(
 
 /// Change a project's name or description.
 #[utoipa::path(
-    tag = "projects", operation_id = "update_project", security(("bearer" = [])),
+    patch, path = "/api/projects/{id}", tag = "projects", operation_id = "update_project", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Project id")),
     request_body = UpdateProjectRequest,
     responses(
@@ -79,7 +88,6 @@ pub async fn get_project(
         (status = 404, body = ErrorBody),
     )
 )]
-#[patch("/api/projects/{id}")]
 pub async fn update_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
@@ -92,11 +100,10 @@ pub async fn update_project(
 
 /// Delete a project and its tasks.
 #[utoipa::path(
-    tag = "projects", operation_id = "delete_project", security(("bearer" = [])),
+    delete, path = "/api/projects/{id}", tag = "projects", operation_id = "delete_project", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Project id")),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[delete("/api/projects/{id}")]
 pub async fn delete_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,

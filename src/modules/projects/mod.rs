@@ -6,4 +6,4 @@ pub mod model;
 pub mod repository;
 pub mod service;
 
-pub use controller::configure;
+pub use controller::{configure, configure_in_workspace};

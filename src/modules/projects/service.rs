@@ -15,8 +15,9 @@ use crate::modules::{from_json_bytes, to_json_bytes};
 pub trait ProjectService: Interface {
     /// The project as cached JSON, if the user is a member of its workspace; 404 otherwise.
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
-    /// The same, as a value, for other services.
-    async fn find(&self, user_id: Uuid, id: Uuid) -> AppResult<Project>;
+    /// The project's workspace, if the user is a member of it; 404 otherwise (other services
+    /// authorize through this on every request, so it reads one field of the cached JSON).
+    async fn workspace_of(&self, user_id: Uuid, id: Uuid) -> AppResult<Uuid>;
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project>;
     async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Cached>;
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project>;
@@ -36,16 +37,23 @@ pub struct Projects {
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
+/// The one field of a cached project that authorization needs.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProjectOwner {
+    workspace_id: Uuid,
+}
+
 impl Projects {
-    async fn get_with_value(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Project)> {
+    async fn get_with_workspace(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Uuid)> {
         let key = self.cache.keys().project(id);
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
-        let project: Project = from_json_bytes(&cached.bytes)?;
+        let owner: ProjectOwner = from_json_bytes(&cached.bytes)?;
         self.workspaces
-            .require_member_or(user_id, project.workspace_id, NOT_FOUND)
+            .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
             .await?;
-        Ok((cached, project))
+        Ok((cached, owner.workspace_id))
     }
 
     /// The project fresh from Postgres (the base of every write), if the user may see it.
@@ -61,11 +69,11 @@ impl Projects {
 #[async_trait]
 impl ProjectService for Projects {
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
-        Ok(self.get_with_value(user_id, id).await?.0)
+        Ok(self.get_with_workspace(user_id, id).await?.0)
     }
 
-    async fn find(&self, user_id: Uuid, id: Uuid) -> AppResult<Project> {
-        Ok(self.get_with_value(user_id, id).await?.1)
+    async fn workspace_of(&self, user_id: Uuid, id: Uuid) -> AppResult<Uuid> {
+        Ok(self.get_with_workspace(user_id, id).await?.1)
     }
 
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {
@@ -104,14 +112,14 @@ impl ProjectService for Projects {
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
-        let project = self.find(user_id, id).await?;
+        let workspace_id = self.workspace_of(user_id, id).await?;
         let deleted = self.projects.delete(id).await;
         let keys = self.cache.keys();
         let mut stale = vec![
             keys.project(id),
-            keys.project_list(project.workspace_id),
+            keys.project_list(workspace_id),
             keys.task_lists(id),
-            keys.all_daily_metrics(project.workspace_id),
+            keys.all_daily_metrics(workspace_id),
         ];
         // On an error the deleted tasks are unknown; the project's own keys still go.
         for (task_id, assignee) in deleted.as_deref().unwrap_or_default() {

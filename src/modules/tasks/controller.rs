@@ -1,4 +1,4 @@
-use actix_web::{delete, get, patch, post, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use uuid::Uuid;
 use validator::Validate;
 
@@ -10,18 +10,30 @@ use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
+use crate::modules::resource;
 
+/// Mounted under `/api/tasks`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(create_task)
-        .service(list_tasks)
-        .service(get_task)
-        .service(update_task)
-        .service(delete_task);
+    cfg.service(
+        resource("/{id}")
+            .route(web::get().to(get_task))
+            .route(web::patch().to(update_task))
+            .route(web::delete().to(delete_task)),
+    );
+}
+
+/// Mounted under `/api/projects`: a project's tasks.
+pub fn configure_in_project(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        resource("/{id}/tasks")
+            .route(web::get().to(list_tasks))
+            .route(web::post().to(create_task)),
+    );
 }
 
 /// Create a task in a project.
 #[utoipa::path(
-    tag = "tasks", operation_id = "create_task", security(("bearer" = [])),
+    post, path = "/api/projects/{id}/tasks", tag = "tasks", operation_id = "create_task", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Project id")),
     request_body = CreateTaskRequest,
     responses(
@@ -29,7 +41,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 404, description = "Project missing or not a member", body = ErrorBody),
     )
 )]
-#[post("/api/projects/{id}/tasks")]
 pub async fn create_task(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
@@ -42,14 +53,13 @@ pub async fn create_task(
 
 /// Tasks of a project, oldest first, filtered by status and assignee.
 #[utoipa::path(
-    tag = "tasks", operation_id = "list_tasks", security(("bearer" = [])),
+    get, path = "/api/projects/{id}/tasks", tag = "tasks", operation_id = "list_tasks", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Project id"), TaskQuery),
     responses(
         (status = 200, body = Page<Task>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
     )
 )]
-#[get("/api/projects/{id}/tasks")]
 pub async fn list_tasks(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
@@ -62,18 +72,17 @@ pub async fn list_tasks(
 
 /// One task.
 #[utoipa::path(
-    tag = "tasks", operation_id = "get_task", security(("bearer" = [])),
+    get, path = "/api/tasks/{id}", tag = "tasks", operation_id = "get_task", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Task id")),
     responses((status = 200, body = Task), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[get("/api/tasks/{id}")]
 pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
     Ok(cached_response(tasks.get(me.id, *id).await?))
 }
 
 /// Change any field of a task; `null` clears description, assignee and due date.
 #[utoipa::path(
-    tag = "tasks", operation_id = "update_task", security(("bearer" = [])),
+    patch, path = "/api/tasks/{id}", tag = "tasks", operation_id = "update_task", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Task id")),
     request_body = UpdateTaskRequest,
     responses(
@@ -81,7 +90,6 @@ pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Pat
         (status = 404, body = ErrorBody),
     )
 )]
-#[patch("/api/tasks/{id}")]
 pub async fn update_task(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
@@ -94,11 +102,10 @@ pub async fn update_task(
 
 /// Delete a task.
 #[utoipa::path(
-    tag = "tasks", operation_id = "delete_task", security(("bearer" = [])),
+    delete, path = "/api/tasks/{id}", tag = "tasks", operation_id = "delete_task", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Task id")),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[delete("/api/tasks/{id}")]
 pub async fn delete_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
     tasks.delete(me.id, *id).await?;
     Ok(HttpResponse::NoContent().finish())

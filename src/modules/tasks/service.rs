@@ -51,13 +51,19 @@ struct TaskOwner {
 
 /// Canonical form of a list query: equal queries share one cache entry.
 fn list_variant(query: &TaskQuery) -> String {
-    let status = query.status.map(|s| format!("{s:?}")).unwrap_or_default();
-    let assignee = query.assignee_id.map(|a| a.to_string()).unwrap_or_default();
+    use std::fmt::Write;
     let paging = query.paging();
-    format!(
-        "status={status}&assignee={assignee}&limit={}&offset={}",
-        paging.limit, paging.offset
-    )
+    let mut variant = String::with_capacity(96);
+    variant.push_str("status=");
+    if let Some(status) = query.status {
+        let _ = write!(variant, "{status:?}");
+    }
+    variant.push_str("&assignee=");
+    if let Some(assignee) = query.assignee_id {
+        let _ = write!(variant, "{assignee}");
+    }
+    let _ = write!(variant, "&limit={}&offset={}", paging.limit, paging.offset);
+    variant
 }
 
 /// `completedAt` follows the status: stamped when a task becomes done, cleared when it leaves done.
@@ -102,7 +108,7 @@ impl Tasks {
             ]);
             stale.extend(task.assignee_id.map(|user| keys.assigned_task_lists(user)));
         }
-        stale.sort_by(|a, b| a.redis_key.cmp(&b.redis_key));
+        stale.sort_by(|a, b| a.redis_key().cmp(b.redis_key()));
         stale.dedup();
         self.cache.invalidate(stale).await;
     }
@@ -111,13 +117,13 @@ impl Tasks {
 #[async_trait]
 impl TaskService for Tasks {
     async fn create(&self, user_id: Uuid, project_id: Uuid, request: CreateTaskRequest) -> AppResult<Task> {
-        let project = self.projects.find(user_id, project_id).await?;
-        self.check_assignee(request.assignee_id, project.workspace_id).await?;
+        let workspace_id = self.projects.workspace_of(user_id, project_id).await?;
+        self.check_assignee(request.assignee_id, workspace_id).await?;
         let now = Utc::now();
         let mut task = Task {
             id: Uuid::nil(),
             project_id,
-            workspace_id: project.workspace_id,
+            workspace_id,
             title: request.title.trim().to_owned(),
             description: request.description,
             status: TaskStatus::Todo,
@@ -136,7 +142,7 @@ impl TaskService for Tasks {
     }
 
     async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
-        self.projects.find(user_id, project_id).await?;
+        self.projects.workspace_of(user_id, project_id).await?;
         let key = self.cache.keys().task_list(project_id, list_variant(&query));
         let load = async {
             let filter = TaskListFilter {

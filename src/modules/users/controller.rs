@@ -1,4 +1,4 @@
-use actix_web::{get, patch, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use validator::Validate;
 
 use super::dto::UpdateMeRequest;
@@ -9,30 +9,36 @@ use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
+use crate::modules::resource;
 use crate::modules::tasks::dto::TaskQuery;
 use crate::modules::tasks::model::Task;
 use crate::modules::tasks::service::TaskService;
 
+/// Mounted under `/api/users/me`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(get_me).service(update_me).service(list_my_tasks);
+    cfg.service(
+        resource("")
+            .route(web::get().to(get_me))
+            .route(web::patch().to(update_me)),
+    )
+    .service(resource("/tasks").route(web::get().to(list_my_tasks)));
 }
 
 /// The signed-in user.
 #[utoipa::path(
-    tag = "users", operation_id = "get_me", security(("bearer" = [])),
+    get, path = "/api/users/me", tag = "users", operation_id = "get_me", security(("bearer" = [])),
     responses(
         (status = 200, body = User),
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
     )
 )]
-#[get("/api/users/me")]
 pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<HttpResponse> {
     Ok(cached_response(users.get(me.id).await?))
 }
 
 /// Change my display name.
 #[utoipa::path(
-    tag = "users", operation_id = "update_me", security(("bearer" = [])),
+    patch, path = "/api/users/me", tag = "users", operation_id = "update_me", security(("bearer" = [])),
     request_body = UpdateMeRequest,
     responses(
         (status = 200, body = User),
@@ -40,7 +46,6 @@ pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<H
         (status = 401, body = ErrorBody),
     )
 )]
-#[patch("/api/users/me")]
 pub async fn update_me(
     me: AuthUser,
     users: Inject<dyn UserService>,
@@ -52,7 +57,7 @@ pub async fn update_me(
 
 /// Tasks assigned to me, across the workspaces I belong to.
 #[utoipa::path(
-    tag = "users", operation_id = "list_my_tasks", security(("bearer" = [])),
+    get, path = "/api/users/me/tasks", tag = "users", operation_id = "list_my_tasks", security(("bearer" = [])),
     params(TaskQuery),
     responses(
         (status = 200, body = Page<Task>),
@@ -60,7 +65,6 @@ pub async fn update_me(
         (status = 401, body = ErrorBody),
     )
 )]
-#[get("/api/users/me/tasks")]
 pub async fn list_my_tasks(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,

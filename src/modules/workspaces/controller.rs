@@ -1,4 +1,4 @@
-use actix_web::{delete, get, patch, post, web, HttpResponse};
+use actix_web::{web, HttpResponse};
 use uuid::Uuid;
 use validator::Validate;
 
@@ -9,25 +9,35 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
+use crate::modules::resource;
 
+/// Mounted under `/api/workspaces` (with the projects and metrics of a workspace).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(create_workspace)
-        .service(list_workspaces)
-        .service(get_workspace)
-        .service(update_workspace)
-        .service(delete_workspace)
-        .service(list_members)
-        .service(add_member)
-        .service(remove_member);
+    cfg.service(
+        resource("")
+            .route(web::get().to(list_workspaces))
+            .route(web::post().to(create_workspace)),
+    )
+    .service(
+        resource("/{id}")
+            .route(web::get().to(get_workspace))
+            .route(web::patch().to(update_workspace))
+            .route(web::delete().to(delete_workspace)),
+    )
+    .service(
+        resource("/{id}/members")
+            .route(web::get().to(list_members))
+            .route(web::post().to(add_member)),
+    )
+    .service(resource("/{id}/members/{userId}").route(web::delete().to(remove_member)));
 }
 
 /// Create a workspace; the caller becomes its owner.
 #[utoipa::path(
-    tag = "workspaces", operation_id = "create_workspace", security(("bearer" = [])),
+    post, path = "/api/workspaces", tag = "workspaces", operation_id = "create_workspace", security(("bearer" = [])),
     request_body = CreateWorkspaceRequest,
     responses((status = 201, body = Workspace), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody))
 )]
-#[post("/api/workspaces")]
 pub async fn create_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -39,24 +49,22 @@ pub async fn create_workspace(
 
 /// Workspaces I am a member of.
 #[utoipa::path(
-    tag = "workspaces", operation_id = "list_workspaces", security(("bearer" = [])),
+    get, path = "/api/workspaces", tag = "workspaces", operation_id = "list_workspaces", security(("bearer" = [])),
     responses((status = 200, body = Vec<Workspace>), (status = 401, body = ErrorBody))
 )]
-#[get("/api/workspaces")]
 pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<HttpResponse> {
     Ok(cached_response(workspaces.list(me.id).await?))
 }
 
 /// One workspace (members only).
 #[utoipa::path(
-    tag = "workspaces", operation_id = "get_workspace", security(("bearer" = [])),
+    get, path = "/api/workspaces/{id}", tag = "workspaces", operation_id = "get_workspace", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     responses(
         (status = 200, body = Workspace), (status = 400, description = "Bad id", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, description = "Missing or not a member", body = ErrorBody),
     )
 )]
-#[get("/api/workspaces/{id}")]
 pub async fn get_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -67,7 +75,7 @@ pub async fn get_workspace(
 
 /// Rename a workspace (owners only).
 #[utoipa::path(
-    tag = "workspaces", operation_id = "update_workspace", security(("bearer" = [])),
+    patch, path = "/api/workspaces/{id}", tag = "workspaces", operation_id = "update_workspace", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     request_body = UpdateWorkspaceRequest,
     responses(
@@ -75,7 +83,6 @@ pub async fn get_workspace(
         (status = 403, description = "Not an owner", body = ErrorBody), (status = 404, body = ErrorBody),
     )
 )]
-#[patch("/api/workspaces/{id}")]
 pub async fn update_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -88,14 +95,13 @@ pub async fn update_workspace(
 
 /// Delete a workspace with its projects and tasks (owners only).
 #[utoipa::path(
-    tag = "workspaces", operation_id = "delete_workspace", security(("bearer" = [])),
+    delete, path = "/api/workspaces/{id}", tag = "workspaces", operation_id = "delete_workspace", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     responses(
         (status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     )
 )]
-#[delete("/api/workspaces/{id}")]
 pub async fn delete_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -107,11 +113,10 @@ pub async fn delete_workspace(
 
 /// Members of a workspace.
 #[utoipa::path(
-    tag = "workspaces", operation_id = "list_members", security(("bearer" = [])),
+    get, path = "/api/workspaces/{id}/members", tag = "workspaces", operation_id = "list_members", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     responses((status = 200, body = Vec<Member>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-#[get("/api/workspaces/{id}/members")]
 pub async fn list_members(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -122,7 +127,7 @@ pub async fn list_members(
 
 /// Add a registered user by email (owners only).
 #[utoipa::path(
-    tag = "workspaces", operation_id = "add_member", security(("bearer" = [])),
+    post, path = "/api/workspaces/{id}/members", tag = "workspaces", operation_id = "add_member", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id")),
     request_body = AddMemberRequest,
     responses(
@@ -131,7 +136,6 @@ pub async fn list_members(
         (status = 409, description = "Already a member", body = ErrorBody),
     )
 )]
-#[post("/api/workspaces/{id}/members")]
 pub async fn add_member(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
@@ -144,14 +148,13 @@ pub async fn add_member(
 
 /// Remove a member (owners only); their tasks here become unassigned.
 #[utoipa::path(
-    tag = "workspaces", operation_id = "remove_member", security(("bearer" = [])),
+    delete, path = "/api/workspaces/{id}/members/{userId}", tag = "workspaces", operation_id = "remove_member", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "Workspace id"), ("userId" = Uuid, Path, description = "Member's user id")),
     responses(
         (status = 204, description = "Removed"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "Last owner", body = ErrorBody),
     )
 )]
-#[delete("/api/workspaces/{id}/members/{userId}")]
 pub async fn remove_member(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
