@@ -341,6 +341,32 @@ impl Inner {
         })
     }
 
+    /// An L1 miss: single-flight through `fill`, kept in L1 unless invalidated meanwhile.
+    fn load_into_l1<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+    ) -> BoxFuture<'a, AppResult<Cached>> {
+        Box::pin(async move {
+            let epoch = self.epoch_of(&key);
+            let entry = self
+                .l1
+                .try_get_with(key.l1_key().to_owned(), self.fill(&key, loader))
+                .await
+                .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
+            if self.epoch_of(&key) != epoch {
+                // An invalidation ran while we loaded: serve this answer, but do not keep it.
+                self.l1.invalidate(key.l1_key()).await;
+            }
+            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
+            Ok(Cached {
+                bytes: entry.bytes,
+                tier: entry.origin,
+                max_age,
+            })
+        })
+    }
+
     fn epoch_shard(&self, redis_key: &str) -> &AtomicU64 {
         use std::hash::BuildHasher;
         let hash = self.epoch_hasher.hash_one(redis_key);
@@ -531,7 +557,7 @@ impl CacheService for TieredCache {
             });
         }
         if !inner.l1_enabled {
-            let entry = inner.fill(&key, loader).await?;
+            let entry = Box::pin(inner.fill(&key, loader)).await?;
             let max_age = entry.expires_at.saturating_duration_since(Instant::now());
             return Ok(Cached {
                 bytes: entry.bytes,
@@ -550,22 +576,9 @@ impl CacheService for TieredCache {
                 });
             }
         }
-        let epoch = inner.epoch_of(&key);
-        let entry = inner
-            .l1
-            .try_get_with(key.l1_key().to_owned(), inner.fill(&key, loader))
-            .await
-            .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
-        if inner.epoch_of(&key) != epoch {
-            // An invalidation ran while we loaded: serve this answer, but do not keep it.
-            inner.l1.invalidate(key.l1_key()).await;
-        }
-        let max_age = entry.expires_at.saturating_duration_since(Instant::now());
-        Ok(Cached {
-            bytes: entry.bytes,
-            tier: entry.origin,
-            max_age,
-        })
+        // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
+        // copied with, every hit's future.
+        inner.load_into_l1(key, loader).await
     }
 
     async fn invalidate(&self, keys: Vec<CacheKey>) {

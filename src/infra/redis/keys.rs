@@ -199,8 +199,10 @@ impl KeyRegistry {
     }
 
     /// Keyed by the token's SHA-256 (hex), never by the token itself.
-    pub fn auth_token(&self, token_sha256_hex: &str) -> CacheKey {
-        self.plain(Namespace::AuthTokens, token_sha256_hex)
+    pub fn auth_token(&self, token_sha256: &[u8; 32]) -> CacheKey {
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(token_sha256, &mut hex).expect("64 bytes hold 32 in hex");
+        self.plain(Namespace::AuthTokens, std::str::from_utf8(&hex).expect("hex is ASCII"))
     }
 
     pub fn daily_metrics(&self, workspace_id: Uuid, range: String) -> CacheKey {

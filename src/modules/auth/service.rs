@@ -103,9 +103,7 @@ impl AuthService for Auth {
         let hash = token_hash(token);
         self.tokens.delete(&hash).await?;
         // Every instance drops it from L1 too: a revoked token stops working everywhere at once.
-        self.cache
-            .invalidate(vec![self.cache.keys().auth_token(&hex::encode(hash))])
-            .await;
+        self.cache.invalidate(vec![self.cache.keys().auth_token(&hash)]).await;
         Ok(())
     }
 
@@ -115,7 +113,7 @@ impl AuthService for Auth {
             return Err(INVALID_TOKEN);
         }
         let hash = token_hash(token);
-        let key = self.cache.keys().auth_token(&hex::encode(hash));
+        let key = self.cache.keys().auth_token(&hash);
         let load = async {
             let (user, expires_at) = self.tokens.find_user(&hash).await?.ok_or(INVALID_TOKEN)?;
             to_json_bytes(&Session {
