@@ -91,28 +91,37 @@ async fn swagger_ui_is_served_at_docs() {
     assert!(redirect.status.is_success(), "/docs redirects to the UI");
 }
 
+/// The document's paths, each with its operations keyed by lower-case method.
+async fn documented_paths(app: &TestApp) -> serde_json::Map<String, serde_json::Value> {
+    let document = app
+        .request(Method::GET, "/api-docs/openapi.json", None, None)
+        .await
+        .body;
+    document["paths"].as_object().unwrap().clone()
+}
+
+/// `/api/tasks/{id}` → `/api/tasks/<random uuid>`.
+fn with_random_ids(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                uuid::Uuid::new_v4().to_string()
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The other direction: every documented operation is mounted (a handler defined but never passed
 /// to `service(...)` would answer `route_not_found`).
 #[tokio::test]
 async fn every_documented_operation_is_mounted() {
     let app = TestApp::spawn().await;
-    let document = app
-        .request(Method::GET, "/api-docs/openapi.json", None, None)
-        .await
-        .body;
     let mut checked = 0;
-    for (path, operations) in document["paths"].as_object().unwrap() {
-        let concrete = path
-            .split('/')
-            .map(|segment| {
-                if segment.starts_with('{') {
-                    uuid::Uuid::new_v4().to_string()
-                } else {
-                    segment.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("/");
+    for (path, operations) in documented_paths(&app).await {
+        let concrete = with_random_ids(&path);
         for method in operations.as_object().unwrap().keys() {
             let method: Method = method.to_uppercase().parse().unwrap();
             let response = app.request(method.clone(), &concrete, None, None).await;
@@ -131,15 +140,9 @@ async fn every_documented_operation_is_mounted() {
 #[tokio::test]
 async fn methods_a_documented_path_does_not_list_answer_405() {
     let app = TestApp::spawn().await;
-    let document = app
-        .request(Method::GET, "/api-docs/openapi.json", None, None)
-        .await
-        .body;
     let mut checked = 0;
-    for (path, operations) in document["paths"].as_object().unwrap() {
-        let concrete = path
-            .replace("{id}", &uuid::Uuid::new_v4().to_string())
-            .replace("{userId}", &uuid::Uuid::new_v4().to_string());
+    for (path, operations) in documented_paths(&app).await {
+        let concrete = with_random_ids(&path);
         for method in [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
             if operations.get(method.as_str().to_lowercase()).is_some() {
                 continue;
