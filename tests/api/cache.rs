@@ -543,3 +543,36 @@ async fn deleting_a_workspace_drops_its_tasks_from_my_tasks_at_once() {
         after.text
     );
 }
+
+/// A deploy that changes an entry's format meets the old entries in a shared Redis. The session
+/// entry changed from JSON to 24 bytes: an old one is dropped and the token read again from
+/// Postgres, instead of a 500 on every request until it expires.
+#[tokio::test]
+async fn a_session_cached_in_an_older_format_is_read_again_instead_of_failing() {
+    use sha2::{Digest, Sha256};
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder().redis(redis).spawn().await;
+    app.wait_for_subscription().await;
+    let user = app.register_user().await;
+    let key = format!(
+        "{}auth-tokens:{}",
+        app.settings.redis.key_prefix,
+        hex::encode(Sha256::digest(user.token.as_bytes()))
+    );
+    let mut conn = redis.connection().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let old_format = json!({ "user_id": user.id, "expires_at_ms": i64::MAX }).to_string();
+    let stamped = format!("{}:{old_format}", secs * 1000 + micros / 1000);
+    let _: () = conn.set_ex(&key, stamped, 600).await.unwrap();
+
+    let me = app.get("/api/users/me", &user.token).await;
+    me.assert_status(200);
+    assert_eq!(me.body["id"], user.id.to_string());
+    let rewritten: Vec<u8> = conn.get(&key).await.unwrap();
+    let colon = rewritten.iter().position(|b| *b == b':').unwrap();
+    assert_eq!(
+        rewritten.len() - colon - 1,
+        24,
+        "the entry is rewritten in the current format"
+    );
+}

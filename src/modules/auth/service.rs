@@ -14,7 +14,6 @@ use crate::error::{is_unique_violation, AppError, AppResult};
 use crate::infra::cache::CacheService;
 use crate::modules::users::model::User;
 use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
-use crate::modules::{from_json_bytes, to_json_bytes};
 
 const INVALID_CREDENTIALS: AppError = AppError::Unauthorized {
     code: "invalid_credentials",
@@ -46,12 +45,28 @@ pub struct Auth {
     token_ttl: Duration,
 }
 
-/// What the cache keeps for a token: whose it is and until when (Unix ms: read on every request,
-/// an integer parses much faster than an RFC 3339 date).
-#[derive(serde::Serialize, serde::Deserialize)]
+/// What the cache keeps for a token: whose it is and until when (Unix ms). Read on every request,
+/// so it is 24 fixed-width bytes (user id, then big-endian expiry), not JSON.
 struct Session {
     user_id: Uuid,
     expires_at_ms: i64,
+}
+
+impl Session {
+    fn to_bytes(&self) -> bytes::Bytes {
+        let mut bytes = Vec::with_capacity(24);
+        bytes.extend_from_slice(self.user_id.as_bytes());
+        bytes.extend_from_slice(&self.expires_at_ms.to_be_bytes());
+        bytes.into()
+    }
+
+    fn from_bytes(bytes: &[u8]) -> AppResult<Self> {
+        let (user_id, expires_at_ms) = bytes
+            .split_first_chunk::<16>()
+            .and_then(|(id, rest)| Some((Uuid::from_bytes(*id), i64::from_be_bytes(rest.try_into().ok()?))))
+            .ok_or_else(|| AppError::internal(format!("cached session has {} bytes, not 24", bytes.len())))?;
+        Ok(Self { user_id, expires_at_ms })
+    }
 }
 
 /// Tokens are 32 random bytes, hex-encoded; only their SHA-256 is stored.
@@ -114,15 +129,25 @@ impl AuthService for Auth {
         }
         let hash = token_hash(token);
         let key = self.cache.keys().auth_token(&hash);
-        let load = async {
+        let load = || async {
             let (user, expires_at) = self.tokens.find_user(&hash).await?.ok_or(INVALID_TOKEN)?;
-            to_json_bytes(&Session {
+            Ok(Session {
                 user_id: user.id,
                 expires_at_ms: expires_at.timestamp_millis(),
-            })
+            }
+            .to_bytes())
         };
-        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
-        let session: Session = from_json_bytes(&cached.bytes)?;
+        let cached = self.cache.get_or_load(key.clone(), Box::pin(load())).await?;
+        let session = match Session::from_bytes(&cached.bytes) {
+            Ok(session) => session,
+            Err(err) => {
+                // An entry in another format (written by an older deploy into a shared Redis):
+                // drop it everywhere and read the token again, rather than answer 500 until it expires.
+                log::warn!("auth: dropping an unreadable session cache entry: {err}");
+                self.cache.invalidate(vec![key.clone()]).await;
+                Session::from_bytes(&self.cache.get_or_load(key, Box::pin(load())).await?.bytes)?
+            }
+        };
         // The cache entry may outlive the token: its own expiry decides.
         if session.expires_at_ms <= Utc::now().timestamp_millis() {
             return Err(INVALID_TOKEN);
