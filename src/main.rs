@@ -1,10 +1,11 @@
-//! `nestling` (serve), `nestling migrate`, `nestling seed`.
+//! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nestling::config::Settings;
 use nestling::infra::database;
+use nestling::modules::users::repository::set_admin;
 use nestling::seed;
 use nestling::startup::Application;
 
@@ -23,6 +24,19 @@ enum Command {
     Migrate,
     /// Migrate, then load the demo data (demo@nestling.dev / demo-password).
     Seed,
+    /// Give or take a user's admin role: their own bearer token then opens the /admin endpoints.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Grant the admin role to the user with this email.
+    Grant { email: String },
+    /// Revoke it.
+    Revoke { email: String },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +70,18 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
         Command::Seed => {
             let pool = database::prepare(&mut settings, true).await?;
             seed::run(&pool).await?;
+        }
+        Command::Admin { action } => {
+            let (email, grant) = match action {
+                AdminAction::Grant { email } => (email, true),
+                AdminAction::Revoke { email } => (email, false),
+            };
+            let pool = database::prepare(&mut settings, true).await?;
+            let deadline = settings.database.statement_timeout;
+            if !set_admin(&pool, &email, grant, deadline).await? {
+                return Err(format!("no user has the email {email}").into());
+            }
+            log::info!("{email}: admin role {}", if grant { "granted" } else { "revoked" });
         }
     }
     Ok(())

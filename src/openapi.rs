@@ -36,7 +36,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         (name = "workspaces", description = "Workspaces and members"),
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),
         (name = "health", description = "Liveness, readiness, components"),
-        (name = "admin", description = "Operator endpoints (ADMIN_TOKEN)"),
+        (name = "admin", description = "Operator endpoints (ADMIN_TOKEN or a user with the admin role)"),
         (name = "cache", description = "The TTL table in force"),
     )
 )]
@@ -55,8 +55,8 @@ impl Modify for BearerAuth {
                     .build(),
             )
         };
-        // Users' login tokens, and the operator's ADMIN_TOKEN for /admin routes.
+        // Users' login tokens; for /admin routes, the operator's ADMIN_TOKEN or an admin user's token.
         components.add_security_scheme("bearer", bearer("opaque"));
-        components.add_security_scheme("admin", bearer("ADMIN_TOKEN"));
+        components.add_security_scheme("admin", bearer("ADMIN_TOKEN or an admin user's token"));
     }
 }

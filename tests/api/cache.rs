@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use nestling::config::Settings;
+use nestling::modules::users::repository::set_admin;
 use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -268,23 +269,48 @@ async fn a_thousand_concurrent_cold_reads_run_the_loader_once() {
 }
 
 #[tokio::test]
-async fn admin_routes_need_the_admin_token() {
-    let disabled = TestApp::spawn().await;
-    disabled
-        .request(Method::GET, "/admin/cache/stats", Some(ADMIN), None)
-        .await
-        .assert_error(403, "forbidden");
+async fn admin_routes_need_the_admin_token_or_a_user_with_the_admin_role() {
     let app = TestApp::builder().settings(with_admin).spawn().await;
-    app.request(Method::GET, "/admin/cache/stats", None, None)
+    let stats = |token: Option<String>| {
+        let app = &app;
+        async move {
+            app.request(Method::GET, "/admin/cache/stats", token.as_deref(), None)
+                .await
+        }
+    };
+    stats(None).await.assert_error(401, "missing_token");
+    stats(Some("wrong".into()))
         .await
-        .assert_error(401, "missing_token");
-    app.request(Method::GET, "/admin/cache/stats", Some("wrong"), None)
+        .assert_error(401, "invalid_admin_token");
+    stats(Some(ADMIN.into())).await.assert_status(200);
+    let user = app.register_user().await;
+    stats(Some(user.token.clone())).await.assert_error(403, "forbidden");
+
+    let deadline = Duration::from_secs(1);
+    assert!(set_admin(&app.db, &user.email, true, deadline).await.unwrap());
+    stats(Some(user.token.clone())).await.assert_status(200);
+    // Read fresh on every admin request: a revoke applies to the very next one.
+    assert!(set_admin(&app.db, &user.email, false, deadline).await.unwrap());
+    stats(Some(user.token.clone())).await.assert_error(403, "forbidden");
+    assert!(!set_admin(&app.db, "nobody@example.com", true, deadline).await.unwrap());
+}
+
+#[tokio::test]
+async fn without_admin_token_only_users_with_the_admin_role_reach_admin_routes() {
+    let app = TestApp::spawn().await;
+    app.request(Method::GET, "/admin/cache/stats", Some(ADMIN), None)
         .await
         .assert_error(401, "invalid_admin_token");
     let user = app.register_user().await;
     app.request(Method::GET, "/admin/cache/stats", Some(&user.token), None)
         .await
-        .assert_error(401, "invalid_admin_token");
+        .assert_error(403, "forbidden");
+    set_admin(&app.db, &user.email, true, Duration::from_secs(1))
+        .await
+        .unwrap();
+    app.request(Method::GET, "/admin/cache/stats", Some(&user.token), None)
+        .await
+        .assert_status(200);
 }
 
 #[tokio::test]

@@ -158,3 +158,38 @@ async fn the_dev_service_starts_a_private_postgres_when_the_default_database_ref
         "the second run reuses it:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn admin_grant_and_revoke_change_a_users_role_and_name_an_unknown_email() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let admin = |action: &'static str, email: String| {
+        let url = app.settings.database.url.clone();
+        async move {
+            nestling()
+                .args(["admin", action, &email])
+                .env("DATABASE_URL", url)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let role = || async {
+        sqlx::query_scalar::<_, bool>("SELECT is_admin FROM users WHERE id = $1")
+            .bind(user.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+    };
+    assert!(admin("grant", user.email.clone()).await.status.success());
+    assert!(role().await, "granted");
+    assert!(admin("revoke", user.email.to_uppercase()).await.status.success());
+    assert!(!role().await, "revoked (emails compare case-insensitively)");
+    let unknown = admin("grant", "nobody@example.com".into()).await;
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.trim().lines().count() == 1 && stderr.contains("nobody@example.com"),
+        "{stderr}"
+    );
+}

@@ -1,7 +1,7 @@
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use futures_util::future::LocalBoxFuture;
 use shaku::HasComponent;
-use std::future::{ready, Ready};
 use std::sync::Arc;
 
 use super::service::{
@@ -25,19 +25,20 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)));
 }
 
-/// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`.
+/// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`, or
+/// the bearer token of a user with the admin role.
 pub struct AdminAuth;
 
 impl FromRequest for AdminAuth {
     type Error = AppError;
-    type Future = Ready<Result<Self, AppError>>;
+    type Future = LocalBoxFuture<'static, Result<Self, AppError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let token = bearer_token(req);
+        let token = bearer_token(req).map(str::to_owned);
         let admin: Option<Arc<dyn AdminService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
-        ready(match admin {
-            Some(admin) => admin.authorize(token).map(|()| AdminAuth),
-            None => Err(AppError::internal("AppModule missing from app data")),
+        Box::pin(async move {
+            let admin = admin.ok_or_else(|| AppError::internal("AppModule missing from app data"))?;
+            admin.authorize(token.as_deref()).await.map(|()| AdminAuth)
         })
     }
 }
@@ -47,7 +48,7 @@ impl FromRequest for AdminAuth {
     get, path = "/admin/cache/stats", tag = "admin", operation_id = "get_cache_stats", security(("admin" = [])),
     responses(
         (status = 200, body = CacheStatsResponse), (status = 401, body = ErrorBody),
-        (status = 403, description = "ADMIN_TOKEN is not set", body = ErrorBody),
+        (status = 403, description = "A user without the admin role", body = ErrorBody),
     )
 )]
 pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> HttpResponse {

@@ -8,10 +8,12 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
+use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
 use crate::modules::projects::service::ProjectService;
 use crate::modules::tasks::dto::TaskQuery;
 use crate::modules::tasks::service::TaskService;
+use crate::modules::users::repository::UserRepository;
 use crate::modules::workspaces::model::Role;
 use crate::modules::workspaces::repository::WorkspaceRepository;
 use crate::modules::workspaces::service::WorkspaceService;
@@ -100,8 +102,9 @@ pub struct WarmResponse {
 
 #[async_trait]
 pub trait AdminService: Interface {
-    /// 403 while `ADMIN_TOKEN` is unset, 401 for a wrong token (compared in constant time).
-    fn authorize(&self, token: Option<&str>) -> AppResult<()>;
+    /// Lets `ADMIN_TOKEN` (compared in constant time) or a signed-in user with the admin role in:
+    /// 401 without a token or with one that is neither, 403 for a user without the role.
+    async fn authorize(&self, token: Option<&str>) -> AppResult<()>;
     fn cache_stats(&self) -> CacheStatsResponse;
     fn set_cache_mode(&self, request: CacheModeRequest) -> CacheStatus;
     async fn flush(&self, query: FlushQuery) -> AppResult<FlushResponse>;
@@ -128,6 +131,10 @@ pub struct Admin {
     projects: Arc<dyn ProjectService>,
     #[shaku(inject)]
     tasks: Arc<dyn TaskService>,
+    #[shaku(inject)]
+    auth: Arc<dyn AuthService>,
+    #[shaku(inject)]
+    users: Arc<dyn UserRepository>,
     admin_token: Option<String>,
 }
 
@@ -147,20 +154,29 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 
 #[async_trait]
 impl AdminService for Admin {
-    fn authorize(&self, token: Option<&str>) -> AppResult<()> {
-        let Some(expected) = &self.admin_token else {
-            return Err(AppError::Forbidden("admin endpoints are disabled: set ADMIN_TOKEN"));
-        };
-        match token {
-            Some(token) if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) => Ok(()),
-            Some(_) => Err(AppError::Unauthorized {
-                code: "invalid_admin_token",
-                message: "admin token is wrong",
-            }),
-            None => Err(AppError::Unauthorized {
+    async fn authorize(&self, token: Option<&str>) -> AppResult<()> {
+        let Some(token) = token else {
+            return Err(AppError::Unauthorized {
                 code: "missing_token",
                 message: "an Authorization: Bearer token is required",
-            }),
+            });
+        };
+        if let Some(expected) = &self.admin_token {
+            if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
+                return Ok(());
+            }
+        }
+        let user_id = self.auth.authenticate(token).await.map_err(|err| match err {
+            AppError::Unauthorized { .. } => AppError::Unauthorized {
+                code: "invalid_admin_token",
+                message: "the token is neither ADMIN_TOKEN nor a signed-in user's",
+            },
+            other => other,
+        })?;
+        if self.users.is_admin(user_id).await? {
+            Ok(())
+        } else {
+            Err(AppError::Forbidden("the admin role is required"))
         }
     }
 

@@ -19,6 +19,26 @@ pub trait UserRepository: Interface {
     /// (user id, password hash) for a login attempt.
     async fn find_credentials(&self, email: &str) -> Result<Option<(Uuid, String)>, sqlx::Error>;
     async fn update_name(&self, id: Uuid, name: &str) -> Result<Option<User>, sqlx::Error>;
+    /// Whether the user holds the admin role (read fresh on every admin request: a revoke applies at once).
+    async fn is_admin(&self, id: Uuid) -> Result<bool, sqlx::Error>;
+}
+
+/// Grants or revokes the admin role (`nestling admin grant|revoke`); false when no user has the
+/// email. Not part of the user's JSON, so no cache entry changes.
+pub async fn set_admin(
+    pool: &sqlx::PgPool,
+    email: &str,
+    is_admin: bool,
+    deadline: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let update = sqlx::query("UPDATE users SET is_admin = $2 WHERE lower(email) = lower($1)")
+        .bind(email)
+        .bind(is_admin)
+        .execute(pool);
+    let updated = tokio::time::timeout(deadline, update)
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    Ok(updated.rows_affected() > 0)
 }
 
 #[derive(Component)]
@@ -60,5 +80,14 @@ impl UserRepository for PgUserRepository {
         self.db
             .run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool()))
             .await
+    }
+
+    async fn is_admin(&self, id: Uuid) -> Result<bool, sqlx::Error> {
+        let query = sqlx::query_scalar("SELECT is_admin FROM users WHERE id = $1").bind(id);
+        Ok(self
+            .db
+            .run(query.fetch_optional(self.db.pool()))
+            .await?
+            .unwrap_or(false))
     }
 }
