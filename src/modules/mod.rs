@@ -94,14 +94,10 @@ pub mod nullable {
 /// (`HIT-L1`, `HIT-L2`, `MISS`, `BYPASS`) and `Cache-Control: private, max-age=<remaining TTL>`.
 pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
     use actix_web::http::header::{HeaderValue, CACHE_CONTROL};
-    let cache_control = format!("private, max-age={}", cached.max_age.as_secs());
     actix_web::HttpResponse::Ok()
         .content_type("application/json")
         .insert_header(("X-Cache", HeaderValue::from_static(cached.tier.header_value())))
-        .insert_header((
-            CACHE_CONTROL,
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(cache_control)).expect("ASCII header value"),
-        ))
+        .insert_header((CACHE_CONTROL, format!("private, max-age={}", cached.max_age.as_secs())))
         .body(cached.bytes)
 }
 

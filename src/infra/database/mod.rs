@@ -59,7 +59,11 @@ impl dyn Database {
     }
 }
 
-async fn within<T>(deadline: Duration, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
+/// `work` under `deadline`: sqlx has no query timeout of its own.
+pub async fn within<T>(
+    deadline: Duration,
+    work: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
     match tokio::time::timeout(deadline, work).await {
         Ok(result) => result,
         Err(_) => Err(sqlx::Error::Io(io::Error::new(

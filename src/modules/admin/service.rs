@@ -8,6 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
+use crate::modules::auth::extractor::MISSING_TOKEN;
 use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
 use crate::modules::projects::service::ProjectService;
@@ -155,12 +156,7 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 #[async_trait]
 impl AdminService for Admin {
     async fn authorize(&self, token: Option<&str>) -> AppResult<()> {
-        let Some(token) = token else {
-            return Err(AppError::Unauthorized {
-                code: "missing_token",
-                message: "an Authorization: Bearer token is required",
-            });
-        };
+        let token = token.ok_or(MISSING_TOKEN)?;
         if let Some(expected) = &self.admin_token {
             if bool::from(token.as_bytes().ct_eq(expected.as_bytes())) {
                 return Ok(());

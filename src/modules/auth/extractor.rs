@@ -19,7 +19,7 @@ pub struct AuthUser {
     pub token: String,
 }
 
-const MISSING_TOKEN: AppError = AppError::Unauthorized {
+pub const MISSING_TOKEN: AppError = AppError::Unauthorized {
     code: "missing_token",
     message: "an Authorization: Bearer token is required",
 };

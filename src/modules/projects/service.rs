@@ -8,6 +8,7 @@ use super::model::Project;
 use super::repository::ProjectRepository;
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, Cached};
+use crate::modules::workspaces::model::InWorkspace;
 use crate::modules::workspaces::service::WorkspaceService;
 use crate::modules::{from_json_bytes, to_json_bytes};
 
@@ -37,19 +38,12 @@ pub struct Projects {
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
-/// The one field of a cached project that authorization needs.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ProjectOwner {
-    workspace_id: Uuid,
-}
-
 impl Projects {
     async fn get_with_workspace(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Uuid)> {
         let key = self.cache.keys().project(id);
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
-        let owner: ProjectOwner = from_json_bytes(&cached.bytes)?;
+        let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
             .await?;

@@ -12,6 +12,7 @@ use crate::infra::cache::{CacheService, Cached};
 use crate::infra::redis::keys::CacheKey;
 use crate::modules::paging::Page;
 use crate::modules::projects::service::ProjectService;
+use crate::modules::workspaces::model::InWorkspace;
 use crate::modules::workspaces::service::WorkspaceService;
 use crate::modules::{from_json_bytes, to_json_bytes};
 
@@ -41,13 +42,6 @@ pub struct Tasks {
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
-
-/// The one field of a cached task that authorization needs.
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TaskOwner {
-    workspace_id: Uuid,
-}
 
 /// Canonical form of a list query: equal queries share one cache entry.
 fn list_variant(query: &TaskQuery) -> String {
@@ -174,7 +168,7 @@ impl TaskService for Tasks {
         let key = self.cache.keys().task(id);
         let load = async { to_json_bytes(&self.tasks.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
-        let owner: TaskOwner = from_json_bytes(&cached.bytes)?;
+        let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
             .await?;

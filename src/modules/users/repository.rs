@@ -35,10 +35,7 @@ pub async fn set_admin(
         .bind(email)
         .bind(is_admin)
         .execute(pool);
-    let updated = tokio::time::timeout(deadline, update)
-        .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)??;
-    Ok(updated.rows_affected() > 0)
+    Ok(crate::infra::database::within(deadline, update).await?.rows_affected() > 0)
 }
 
 #[derive(Component)]

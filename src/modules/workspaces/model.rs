@@ -30,3 +30,11 @@ pub struct Member {
     pub role: Role,
     pub joined_at: DateTime<Utc>,
 }
+
+/// The `workspaceId` of a cached project or task: all that authorizing a read of it needs, so the
+/// rest of the JSON is skipped, not parsed.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InWorkspace {
+    pub workspace_id: Uuid,
+}
