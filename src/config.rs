@@ -2,6 +2,7 @@
 //! Every variable has a development default; a bad value stops start-up with a line naming the variable.
 
 use std::fmt::Display;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub cache: CacheSettings,
     pub ttl: TtlTable,
+    pub rate_limit: RateLimitSettings,
+    pub passwords: PasswordSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +69,9 @@ pub struct DatabaseSettings {
 pub struct RedisSettings {
     pub enabled: bool,
     pub url: String,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` with a private CA
+    /// (the system roots are used otherwise).
+    pub tls_ca_file: Option<PathBuf>,
     /// Every key the app writes starts with this (see `infra::redis::keys`).
     pub key_prefix: String,
     pub connect_timeout: Duration,
@@ -90,6 +96,42 @@ pub struct CacheSettings {
     pub l1_max_ttl: Duration,
     /// Random extra lifetime, in percent of the TTL, so entries written together expire apart.
     pub ttl_jitter_percent: u8,
+}
+
+/// One limit of a policy: `limit` requests per `period`, in a burst or spread out (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u64,
+    pub period: Duration,
+}
+
+/// Rate-limit policies (see `infra::rate_limit`). Each is a list of quotas, all enforced at once:
+/// `"5, 100/1d"` is 5 per `RATE_LIMIT_WINDOW` and 100 per day.
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Every `/api` route but login and register: per user when authenticated, else per client IP.
+    pub api: Vec<Quota>,
+    /// Login and register, per client IP.
+    pub auth_ip: Vec<Quota>,
+    /// Login and register, per email.
+    pub auth_email: Vec<Quota>,
+    /// Tokens of the `/api` policy an instance takes from Redis at a time (1 = exact).
+    pub lease: u64,
+    /// Proxy hops in front of the app whose `X-Forwarded-For` entries are trusted (0: none; the
+    /// peer address is the client).
+    pub trust_proxy: usize,
+    /// Instances of the app: without Redis, each enforces 1/`instances` of every quota.
+    pub instances: u64,
+}
+
+/// Password hashing (argon2id, about 19 MiB and tens of milliseconds each).
+#[derive(Debug, Clone)]
+pub struct PasswordSettings {
+    /// Hashes that may run at once: the memory they take is bounded by this.
+    pub concurrency: usize,
+    /// How long a login or register waits for a free slot before it answers 503.
+    pub wait: Duration,
 }
 
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
@@ -136,6 +178,7 @@ impl Settings {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let vars = Vars(&lookup);
         let database_url = lookup("DATABASE_URL");
+        let window = vars.secs("RATE_LIMIT_WINDOW", 60)?;
         Ok(Settings {
             app: AppSettings {
                 env: vars.parse("APP_ENV", AppEnv::Development, "development, production or test")?,
@@ -159,6 +202,9 @@ impl Settings {
             redis: RedisSettings {
                 enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
                 url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+                tls_ca_file: lookup("REDIS_TLS_CA_FILE")
+                    .filter(|path| !path.is_empty())
+                    .map(PathBuf::from),
                 key_prefix: vars.string("REDIS_KEY_PREFIX", "nestling:"),
                 connect_timeout: vars.millis("REDIS_CONNECT_TIMEOUT_MS", 500)?,
                 command_timeout: vars.millis("REDIS_COMMAND_TIMEOUT_MS", 250)?,
@@ -179,8 +225,24 @@ impl Settings {
                 workspaces: vars.secs("CACHE_TTL_WORKSPACES", 1800)?,
                 daily_metrics: vars.secs("CACHE_TTL_DAILY_METRICS", 900)?,
                 user: vars.secs("CACHE_TTL_USER", 3600)?,
-                rate_limit_window: vars.secs("RATE_LIMIT_WINDOW", 60)?,
+                rate_limit_window: window,
                 auth_token: vars.secs("AUTH_TOKEN_TTL", 7200)?,
+            },
+            rate_limit: RateLimitSettings {
+                enabled: vars.parse("RATE_LIMIT_ENABLED", true, "true or false")?,
+                api: vars.quotas("RATE_LIMIT_API", "600", window)?,
+                auth_ip: vars.quotas("RATE_LIMIT_AUTH_IP", "20, 1000/1d", window)?,
+                auth_email: vars.quotas("RATE_LIMIT_AUTH_EMAIL", "5, 100/1d", window)?,
+                lease: vars.positive("RATE_LIMIT_LEASE", 10, "a number of tokens > 0")?,
+                trust_proxy: vars.parse("TRUST_PROXY", 0, "a number of proxy hops (0 = trust none)")?,
+                instances: vars.positive("APP_INSTANCES", 1, "a number of instances > 0")?,
+            },
+            passwords: PasswordSettings {
+                concurrency: match vars.parse("PASSWORD_HASH_CONCURRENCY", 0usize, "a number (0 = one per core)")? {
+                    0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                    n => n,
+                },
+                wait: vars.millis("PASSWORD_HASH_WAIT_MS", 500)?,
             },
         })
     }
@@ -215,6 +277,18 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
             .map(Duration::from_secs)
     }
 
+    /// A quota list: `"5, 100/1d"`; a bare number is per `window`; units `s`, `m`, `h`, `d`.
+    fn quotas(&self, name: &'static str, default: &str, window: Duration) -> Result<Vec<Quota>, ConfigError> {
+        let value = self.string(name, default);
+        let error = || ConfigError {
+            name,
+            expected: "quotas like 5, 100/1d (per RATE_LIMIT_WINDOW, or per s/m/h/d)",
+            value: value.clone(),
+        };
+        let quotas: Option<Vec<Quota>> = value.split(',').map(|item| parse_quota(item.trim(), window)).collect();
+        quotas.filter(|q| !q.is_empty()).ok_or_else(error)
+    }
+
     fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
         let value: u64 = self.parse(name, default, expected)?;
         if value == 0 {
@@ -226,6 +300,29 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         }
         Ok(value)
     }
+}
+
+fn parse_quota(item: &str, window: Duration) -> Option<Quota> {
+    let (limit, period) = match item.split_once('/') {
+        None => (item, window),
+        Some((limit, period)) => {
+            let period = period.trim();
+            let split = period.find(|c: char| !c.is_ascii_digit()).unwrap_or(period.len());
+            let (count, unit) = period.split_at(split);
+            let count: u64 = if count.is_empty() { 1 } else { count.parse().ok()? };
+            let unit_secs = match unit {
+                "" | "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86_400,
+                _ => return None,
+            };
+            (limit, Duration::from_secs(count.checked_mul(unit_secs)?))
+        }
+    };
+    let limit: u64 = limit.trim().parse().ok()?;
+    // A million per period is plenty, and keeps the GCRA's microsecond arithmetic exact.
+    (limit > 0 && limit <= 1_000_000_000 && !period.is_zero()).then_some(Quota { limit, period })
 }
 
 impl Display for AppEnv {
@@ -268,6 +365,11 @@ mod tests {
             ("CACHE_TTL_TASKS", "0"),
             ("DATABASE_STATEMENT_TIMEOUT_MS", "-1"),
             ("APP_ENV", "staging"),
+            ("RATE_LIMIT_AUTH_EMAIL", "off"),
+            ("RATE_LIMIT_API", "10/1y"),
+            ("RATE_LIMIT_API", "0"),
+            ("RATE_LIMIT_AUTH_IP", ""),
+            ("RATE_LIMIT_LEASE", "0"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);
@@ -278,6 +380,24 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn quotas_read_bare_numbers_as_per_window_and_accept_units() {
+        let s = settings(&[
+            ("RATE_LIMIT_WINDOW", "30"),
+            ("RATE_LIMIT_AUTH_IP", "5, 100/1d,7/90s , 2/h"),
+        ])
+        .unwrap();
+        let per = |limit, secs| Quota {
+            limit,
+            period: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            s.rate_limit.auth_ip,
+            vec![per(5, 30), per(100, 86_400), per(7, 90), per(2, 3600)]
+        );
+        assert_eq!(s.rate_limit.api, vec![per(600, 30)]);
     }
 
     #[test]

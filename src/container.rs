@@ -7,11 +7,14 @@ use shaku::module;
 use sqlx::PgPool;
 
 use crate::config::Settings;
-use crate::infra::cache::{self, TieredCache, TieredCacheParameters};
+use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
 use crate::infra::redis::keys::KeyRegistry;
+use crate::infra::redis::{RedisModule, RedisModuleParameters};
 use crate::infra::telemetry::{PrometheusMetrics, PrometheusMetricsParameters, Telemetry};
 use crate::modules::admin::service::{Admin, AdminParameters};
+use crate::modules::auth::password::{Argon2Hasher, Argon2HasherParameters};
 use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
 use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
@@ -30,7 +33,7 @@ module! {
     pub AppModule {
         components = [
             // infrastructure
-            PgDatabase, TieredCache, PrometheusMetrics,
+            PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -57,13 +60,20 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             statement_timeout: settings.database.statement_timeout,
             health_timeout: settings.database.health_timeout,
         })
+        .with_component_parameters::<RedisModule>(RedisModuleParameters {
+            settings: settings.redis.clone(),
+            keys: KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
+            telemetry: telemetry.clone(),
+        })
         .with_component_parameters::<TieredCache>(TieredCacheParameters {
-            inner: cache::Inner::new(
-                KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
-                &settings.cache,
-                &settings.redis,
-                telemetry,
-            ),
+            settings: settings.cache.clone(),
+            telemetry,
+        })
+        .with_component_parameters::<RedisRateLimiter>(RedisRateLimiterParameters {
+            settings: settings.rate_limit.clone(),
+        })
+        .with_component_parameters::<Argon2Hasher>(Argon2HasherParameters {
+            settings: settings.passwords.clone(),
         })
         .with_component_parameters::<Admin>(AdminParameters {
             admin_token: settings.app.admin_token.clone(),

@@ -35,6 +35,10 @@ pub enum AppError {
     PayloadTooLarge,
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("too many requests: retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the server is busy: retry in {retry_after_secs} s")]
+    ServiceBusy { retry_after_secs: u64 },
     #[error("database unavailable")]
     DatabaseUnavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -97,6 +101,8 @@ impl AppError {
             Self::MethodNotAllowed(_) => "method_not_allowed".into(),
             Self::PayloadTooLarge => "payload_too_large".into(),
             Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
+            Self::RateLimited { .. } => "rate_limited".into(),
+            Self::ServiceBusy { .. } => "server_busy".into(),
             Self::DatabaseUnavailable(_) => "database_unavailable".into(),
             Self::Internal(_) => "internal_error".into(),
         }
@@ -130,7 +136,8 @@ impl ResponseError for AppError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ServiceBusy { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -143,8 +150,14 @@ impl ResponseError for AppError {
         if let Self::Unauthorized { .. } = self {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        if let Self::DatabaseUnavailable(_) = self {
-            response.insert_header(("Retry-After", "1"));
+        match self {
+            Self::RateLimited { retry_after_secs } | Self::ServiceBusy { retry_after_secs } => {
+                response.insert_header(("Retry-After", retry_after_secs.to_string()));
+            }
+            Self::DatabaseUnavailable(_) => {
+                response.insert_header(("Retry-After", "1"));
+            }
+            _ => {}
         }
         response.json(self.body())
     }

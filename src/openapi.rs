@@ -26,10 +26,10 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         metrics::controller::get_daily_metrics,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
-        admin::controller::get_redis_slowlog, cache_policy::get_cache_policy,
+        admin::controller::get_redis_slowlog, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimitResponses),
     tags(
         (name = "auth", description = "Register, log in, log out"),
         (name = "users", description = "The signed-in user"),
@@ -37,7 +37,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),
         (name = "health", description = "Liveness, readiness, components"),
         (name = "admin", description = "Operator endpoints (ADMIN_TOKEN or a user with the admin role)"),
-        (name = "cache", description = "The TTL table in force"),
+        (name = "cache", description = "The TTL table and the rate-limit policies in force"),
     )
 )]
 pub struct ApiDoc;
@@ -58,5 +58,74 @@ impl Modify for BearerAuth {
         // Users' login tokens; for /admin routes, the operator's ADMIN_TOKEN or an admin user's token.
         components.add_security_scheme("bearer", bearer("opaque"));
         components.add_security_scheme("admin", bearer("ADMIN_TOKEN or an admin user's token"));
+    }
+}
+
+/// Every `/api` operation is rate limited: each response carries the RateLimit headers, and each
+/// operation may answer 429 with `Retry-After` (`infra::rate_limit`).
+struct RateLimitResponses;
+
+impl Modify for RateLimitResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
+        let header = |description: &str, kind: Type| {
+            HeaderBuilder::new()
+                .schema(ObjectBuilder::new().schema_type(kind))
+                .description(Some(description))
+                .build()
+        };
+        let rate_limit_headers = [
+            (
+                "RateLimit-Policy",
+                "Every quota of the route: \"name\";q=<limit>;w=<window s>",
+                Type::String,
+            ),
+            (
+                "RateLimit",
+                "The tightest quota: \"name\";r=<remaining>;t=<s until full>",
+                Type::String,
+            ),
+            ("X-RateLimit-Limit", "Limit of the tightest quota", Type::Integer),
+            ("X-RateLimit-Remaining", "Requests left in it", Type::Integer),
+            ("X-RateLimit-Reset", "Seconds until it is full again", Type::Integer),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/") {
+                continue;
+            }
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let responses = &mut operation.responses.responses;
+                for response in responses.values_mut() {
+                    if let RefOr::T(response) = response {
+                        for (name, description, kind) in &rate_limit_headers {
+                            response
+                                .headers
+                                .insert((*name).to_owned(), header(description, kind.clone()));
+                        }
+                    }
+                }
+                let mut too_many = ResponseBuilder::new()
+                    .description("Rate limited: retry after `Retry-After` seconds")
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .header("Retry-After", header("Seconds to wait before retrying", Type::Integer));
+                for (name, description, kind) in &rate_limit_headers {
+                    too_many = too_many.header(*name, header(description, kind.clone()));
+                }
+                responses.insert("429".to_owned(), RefOr::T(too_many.build()));
+            }
+        }
     }
 }

@@ -174,6 +174,8 @@ pub trait MetricsRegistry: shaku::Interface {
 pub struct PrometheusMetrics {
     #[shaku(inject)]
     cache: Arc<dyn crate::infra::cache::CacheService>,
+    #[shaku(inject)]
+    redis: Arc<dyn crate::infra::redis::RedisService>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -193,7 +195,7 @@ impl MetricsRegistry for PrometheusMetrics {
         });
         t.invalidations_pending.set(status.pending_invalidations as i64);
         t.l1_entries.set(status.l1_entries as i64);
-        if let Some(redis) = self.cache.redis() {
+        if let Some(redis) = self.redis.active() {
             let (connections, idle, stats) = redis.pool_statistics();
             for (stat, value) in [
                 ("connections", connections as i64),

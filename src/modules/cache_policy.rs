@@ -1,4 +1,5 @@
-//! `GET /api/cache/policy`: the TTL table in force, as clients and operators see it.
+//! `GET /api/cache/policy` and `GET /api/rate-limit/policy`: the TTL table and the rate-limit
+//! policies in force, as clients and operators see them.
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
@@ -7,13 +8,24 @@ use utoipa::ToSchema;
 use crate::container::Inject;
 use crate::error::ErrorBody;
 use crate::infra::cache::CacheService;
+use crate::infra::rate_limit::middleware::RateLimit;
+use crate::infra::rate_limit::{RateLimitStatus, RateLimiter};
 use crate::infra::redis::keys::Namespace;
 use crate::modules::auth::AuthUser;
 use crate::modules::resource;
 
 /// Mounted at the root.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/cache/policy").route(web::get().to(get_cache_policy)));
+    cfg.service(
+        resource("/api/cache/policy")
+            .wrap(RateLimit::api())
+            .route(web::get().to(get_cache_policy)),
+    )
+    .service(
+        resource("/api/rate-limit/policy")
+            .wrap(RateLimit::api())
+            .route(web::get().to(get_rate_limit_policy)),
+    );
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -52,4 +64,14 @@ pub async fn get_cache_policy(_me: AuthUser, cache: Inject<dyn CacheService>) ->
             })
             .collect(),
     })
+}
+
+/// The rate-limit policies in force: per route group, each quota with its window, and what an
+/// instance enforces alone when Redis is not used.
+#[utoipa::path(
+    get, path = "/api/rate-limit/policy", tag = "cache", operation_id = "get_rate_limit_policy", security(("bearer" = [])),
+    responses((status = 200, body = RateLimitStatus), (status = 401, body = ErrorBody))
+)]
+pub async fn get_rate_limit_policy(_me: AuthUser, limiter: Inject<dyn RateLimiter>) -> HttpResponse {
+    HttpResponse::Ok().json(limiter.status())
 }

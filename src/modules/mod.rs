@@ -12,27 +12,43 @@ pub mod workspaces;
 
 use actix_web::web::{self, ServiceConfig};
 
+use crate::infra::rate_limit::middleware::RateLimit;
+
 /// The routing table. Routes are grouped in scopes by their static prefix: actix tries a request
 /// against each pattern in turn (a regex per dynamic path), and a scope skips its whole group
 /// with one prefix comparison. On the benchmark's task list this alone took throughput from
 /// about 32k to about 50k req/s (BENCHMARKS.md). A scope answers unknown paths below it with the
 /// app's `route_not_found`; each feature mounts its resources relative to its scope.
+///
+/// Every `/api` scope is wrapped in the `/api` rate-limit policy (`RateLimit::api()`); login and
+/// register carry the credentials policy instead (see `auth::configure`); `/health*`, `/metrics`,
+/// `/docs` and `/admin` are not limited.
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.configure(health::configure)
         .service(web::scope("/api/auth").configure(auth::configure))
-        .service(web::scope("/api/users/me").configure(users::configure))
+        .service(
+            web::scope("/api/users/me")
+                .wrap(RateLimit::api())
+                .configure(users::configure),
+        )
         .service(
             web::scope("/api/workspaces")
+                .wrap(RateLimit::api())
                 .configure(workspaces::configure)
                 .configure(projects::configure_in_workspace)
                 .configure(metrics::configure),
         )
         .service(
             web::scope("/api/projects")
+                .wrap(RateLimit::api())
                 .configure(tasks::configure_in_project)
                 .configure(projects::configure),
         )
-        .service(web::scope("/api/tasks").configure(tasks::configure))
+        .service(
+            web::scope("/api/tasks")
+                .wrap(RateLimit::api())
+                .configure(tasks::configure),
+        )
         .service(web::scope("/admin").configure(admin::configure))
         .configure(cache_policy::configure);
 }

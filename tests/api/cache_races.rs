@@ -9,6 +9,7 @@ use bytes::Bytes;
 use nestling::error::AppError;
 use nestling::infra::cache::{CacheService, CacheTier, Inner, TieredCache};
 use nestling::infra::redis::keys::KeyRegistry;
+use nestling::infra::redis::RedisModule;
 use nestling::infra::telemetry::Telemetry;
 use tokio::sync::oneshot;
 
@@ -22,7 +23,9 @@ fn cache(redis_url: Option<String>) -> TieredCache {
         settings.redis.url = url;
     }
     let keys = KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone());
-    TieredCache::new(Inner::new(keys, &settings.cache, &settings.redis, Telemetry::new()))
+    let telemetry = Telemetry::new();
+    let redis = Arc::new(RedisModule::new(settings.redis.clone(), keys, telemetry.clone()));
+    TieredCache::new(Inner::new(redis, &settings.cache, telemetry))
 }
 
 /// Starts a read whose loader returns `old` only when released, invalidates the key meanwhile,

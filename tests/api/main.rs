@@ -16,6 +16,7 @@ mod openapi;
 mod projects;
 mod readme;
 mod redis_faults;
+mod redis_module;
 mod tasks;
 mod users;
 mod workspaces;

@@ -258,8 +258,13 @@ async fn redis_absent_at_startup_does_not_delay_the_app_which_connects_when_it_a
             .assert_status(200);
     }
     let health = app.request(Method::GET, "/health", None, None).await;
-    health.assert_status(200);
-    assert_eq!(health.body["details"]["redis"]["status"], "degraded");
+    health.assert_status(503);
+    assert_eq!(health.body["error"]["redis"]["status"], "down", "{}", health.text);
+    assert_eq!(health.body["error"]["redis"]["reason"], "refused", "{}", health.text);
+    assert_eq!(health.body["details"]["cache"]["mode"], "degraded", "{}", health.text);
+    app.request(Method::GET, "/health/ready", None, None)
+        .await
+        .assert_status(200);
 
     tokio::task::block_in_place(|| redis.restart());
     let connected = time_until_redis_is_used_again(&app).await;

@@ -54,11 +54,11 @@ use serde::Serialize;
 use shaku::{Component, Interface};
 use utoipa::ToSchema;
 
-use crate::config::{CacheSettings, RedisSettings};
+use crate::config::CacheSettings;
 use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
-use crate::infra::redis::Redis;
+use crate::infra::redis::{Redis, RedisService};
 use crate::infra::telemetry::Telemetry;
 
 /// Where a response came from: the `X-Cache` header.
@@ -138,8 +138,6 @@ pub trait CacheService: Interface {
     async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure>;
     /// Hits, misses and L1 entries per namespace.
     fn stats(&self) -> Vec<NamespaceStats>;
-    /// Redis, when it is in use (health and admin endpoints).
-    fn redis(&self) -> Option<Arc<Redis>>;
     /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
     fn start(&self);
 }
@@ -178,9 +176,8 @@ pub struct Inner {
     /// L2 entries written before this moment (Redis clock, ms) are ignored: set when this
     /// instance reconnects after losing Redis, since invalidations may have been lost meanwhile.
     pub(crate) l2_trusted_since_ms: AtomicU64,
-    redis_settings: RedisSettings,
-    redis: OnceLock<Arc<Redis>>,
-    redis_enabled: AtomicBool,
+    /// The Redis module (injected): L2, pub/sub, and the runtime switch.
+    redis: Arc<dyn RedisService>,
     subscriber_connected: AtomicBool,
     pending: Mutex<HashSet<String>>,
     jitter_percent: u8,
@@ -203,8 +200,6 @@ fn tier_index(tier: CacheTier) -> usize {
     }
 }
 
-#[derive(Component)]
-#[shaku(interface = CacheService)]
 pub struct TieredCache {
     inner: Arc<Inner>,
 }
@@ -216,13 +211,30 @@ impl TieredCache {
     }
 }
 
+pub struct TieredCacheParameters {
+    pub settings: CacheSettings,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Default for TieredCacheParameters {
+    fn default() -> Self {
+        panic!("container::builder sets the TieredCache parameters")
+    }
+}
+
+/// Built by hand rather than derived: the cache's state needs the injected Redis module.
+impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for TieredCache {
+    type Interface = dyn CacheService;
+    type Parameters = TieredCacheParameters;
+
+    fn build(context: &mut shaku::ModuleBuildContext<M>, params: TieredCacheParameters) -> Box<dyn CacheService> {
+        let redis = M::build_component(context);
+        Box::new(TieredCache::new(Inner::new(redis, &params.settings, params.telemetry)))
+    }
+}
+
 impl Inner {
-    pub fn new(
-        keys: KeyRegistry,
-        cache: &CacheSettings,
-        redis: &RedisSettings,
-        telemetry: Arc<Telemetry>,
-    ) -> Arc<Self> {
+    pub fn new(redis: Arc<dyn RedisService>, cache: &CacheSettings, telemetry: Arc<Telemetry>) -> Arc<Self> {
         let l1 = Cache::builder()
             .max_capacity(cache.l1_max_entries)
             .expire_after(PerEntryExpiry {
@@ -231,15 +243,13 @@ impl Inner {
             .support_invalidation_closures()
             .build_with_hasher(FastHash::default());
         Arc::new(Inner {
-            keys,
+            keys: redis.keys().clone(),
             l1,
             epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             epoch_hasher: FastHash::default(),
             generation: AtomicU64::new(0),
             l2_trusted_since_ms: AtomicU64::new(0),
-            redis_settings: redis.clone(),
-            redis: OnceLock::new(),
-            redis_enabled: AtomicBool::new(redis.enabled),
+            redis,
             subscriber_connected: AtomicBool::new(false),
             pending: Mutex::new(HashSet::new()),
             jitter_percent: cache.ttl_jitter_percent.min(100),
@@ -257,20 +267,8 @@ impl Inner {
     }
 
     /// Redis if it is switched on (created on first use: no connection in memory mode).
-    fn active_redis(&self) -> Option<&Arc<Redis>> {
-        if !self.redis_enabled.load(Ordering::Acquire) {
-            return None;
-        }
-        if let Some(redis) = self.redis.get() {
-            return Some(redis);
-        }
-        match Redis::new(&self.redis_settings, self.telemetry.clone()) {
-            Ok(redis) => Some(self.redis.get_or_init(|| Arc::new(redis))),
-            Err(err) => {
-                log::error!("redis: invalid REDIS_URL, staying in memory mode: {err}");
-                None
-            }
-        }
+    fn active_redis(&self) -> Option<&Redis> {
+        self.redis.active()
     }
 
     fn count(&self, namespace: Namespace, tier: CacheTier) {
@@ -604,16 +602,13 @@ impl CacheService for TieredCache {
 
     fn status(&self) -> CacheStatus {
         let inner = &self.inner;
-        let redis = inner
-            .redis_enabled
-            .load(Ordering::Acquire)
-            .then(|| inner.redis.get())
-            .flatten();
-        let breaker = redis.map(|r| r.breaker_state());
-        let mode = match (inner.redis_enabled.load(Ordering::Acquire), breaker) {
-            (false, _) => CacheMode::Memory,
-            (true, Some(BreakerState::Closed)) | (true, None) => CacheMode::Redis,
-            (true, Some(_)) => CacheMode::Degraded,
+        let redis = inner.redis.status();
+        let breaker = redis.breaker;
+        let mode = match (redis.enabled, breaker, &redis.failure) {
+            (false, _, _) => CacheMode::Memory,
+            (true, Some(BreakerState::Closed), _) => CacheMode::Redis,
+            // Switched on but unusable (misconfigured, or the breaker is open): serving without it.
+            (true, _, _) => CacheMode::Degraded,
         };
         CacheStatus {
             mode,
@@ -722,7 +717,8 @@ impl CacheService for TieredCache {
     }
 
     fn set_redis_enabled(&self, enabled: bool) {
-        let was = self.inner.redis_enabled.swap(enabled, Ordering::AcqRel);
+        let was = self.inner.redis.is_enabled();
+        self.inner.redis.set_enabled(enabled);
         if !enabled {
             // Writes made in memory mode do not reach Redis: until the subscriber is back (and sets
             // a new trust point), nothing in L2 may be believed.
@@ -736,10 +732,6 @@ impl CacheService for TieredCache {
                 if enabled { "enabled" } else { "disabled (memory mode)" }
             );
         }
-    }
-
-    fn redis(&self) -> Option<Arc<Redis>> {
-        self.inner.active_redis().cloned()
     }
 
     fn start(&self) {

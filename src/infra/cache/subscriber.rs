@@ -39,14 +39,11 @@ pub(super) async fn run(inner: Arc<Inner>) {
 }
 
 async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
-    let Some(redis) = inner.active_redis().cloned() else {
+    let Some(redis) = inner.active_redis() else {
         return Ok(());
     };
-    let timeout = inner.redis_settings.connect_timeout;
-    let pubsub = tokio::time::timeout(timeout, redis.client().get_async_pubsub())
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let timeout = inner.redis.settings().connect_timeout;
+    let pubsub = redis.pubsub().await.map_err(|e| e.to_string())?;
     let (mut sink, mut stream) = pubsub.split();
     let channel = inner.keys.invalidation_channel();
     tokio::time::timeout(timeout, sink.subscribe(&channel))
@@ -77,10 +74,10 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
                 apply(inner, &payload).await;
             }
             _ = ping.tick() => {
-                if !inner.redis_enabled.load(Ordering::Acquire) {
+                if !inner.redis.is_enabled() {
                     return Ok(());
                 }
-                let pong = tokio::time::timeout(inner.redis_settings.command_timeout * 4, sink.ping::<bb8_redis::redis::Value>()).await;
+                let pong = tokio::time::timeout(inner.redis.settings().command_timeout * 4, sink.ping::<bb8_redis::redis::Value>()).await;
                 match pong {
                     Ok(Ok(_)) => inner.replay_pending().await,
                     Ok(Err(err)) => return Err(format!("ping failed: {err}")),

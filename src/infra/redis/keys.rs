@@ -1,5 +1,6 @@
 //! The key registry: every Redis key nestling writes is built here, under `REDIS_KEY_PREFIX`,
 //! as `<prefix><namespace>:<id>[:<qualifier>]`, and every namespace takes its TTL from the TTL table.
+//! Keys that carry user data (emails, IPs) hold its SHA-256, so they are bounded and cannot collide.
 
 use std::fmt::{Display, Write};
 use std::time::Duration;
@@ -73,6 +74,16 @@ impl Namespace {
             Self::AuthTokens => table.auth_token,
             Self::DailyMetrics => table.daily_metrics,
         }
+    }
+}
+
+/// A key for `RedisService`'s typed surface: only the registry makes them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RedisKey(String);
+
+impl RedisKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -213,6 +224,24 @@ impl KeyRegistry {
         self.plain(Namespace::DailyMetrics, workspace_id)
     }
 
+    /// The state of one rate-limit policy for one identity (a user id, a client IP, an email):
+    /// `<prefix>rl:<policy>:<sha256(identity) in hex>`, whatever the identity holds.
+    pub fn rate_limit(&self, policy: &str, identity: &[u8]) -> RedisKey {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(identity).into();
+        RedisKey(format!("{}rl:{policy}:{}", self.prefix, hex::encode(digest)))
+    }
+
+    /// A counter that application code keeps with `RedisService::incr` (`<prefix>counter:<name>:<id>`).
+    pub fn counter(&self, name: &str, id: impl Display) -> RedisKey {
+        RedisKey(format!("{}counter:{name}:{id}", self.prefix))
+    }
+
+    /// The channel invalidations travel on, for `RedisService::publish`.
+    pub fn invalidations(&self) -> RedisKey {
+        RedisKey(self.invalidation_channel())
+    }
+
     /// The fill-version companion of a key (see `infra::cache`): bumped by every invalidation.
     pub fn version_of(&self, redis_key: &str) -> String {
         let unprefixed = redis_key.strip_prefix(&self.prefix).unwrap_or(redis_key);
@@ -265,6 +294,22 @@ mod tests {
         );
         assert_eq!(keys.parse(&format!("app:tasks:{id}")), Some(keys.task(id)));
         assert_eq!(keys.parse("other:tasks:1"), None);
+    }
+
+    #[test]
+    fn rate_limit_keys_are_bounded_and_distinct_whatever_the_identity() {
+        let keys = registry();
+        let hostile = ["a:b", "*", "\0", "é", &"x".repeat(10_000), ""];
+        let built: Vec<RedisKey> = hostile
+            .iter()
+            .map(|id| keys.rate_limit("login", id.as_bytes()))
+            .collect();
+        for key in &built {
+            assert_eq!(key.as_str().len(), "app:rl:login:".len() + 64, "{key:?}");
+        }
+        let distinct: std::collections::HashSet<_> = built.iter().collect();
+        assert_eq!(distinct.len(), hostile.len());
+        assert_ne!(keys.rate_limit("login", b"x"), keys.rate_limit("api", b"x"));
     }
 
     #[test]

@@ -1,34 +1,170 @@
-//! The Redis module: a bb8 pool of multiplexed connections where every wait is explicit
-//! (connect, pool checkout, each command), a circuit breaker in front of it, and the key registry.
-//! Nothing here ever fails start-up: connections are made lazily and retried by later calls.
+//! The Redis module, a container component (`dyn RedisService`): a bb8 pool of multiplexed
+//! connections where every wait is explicit (connect, pool checkout, each command), a circuit
+//! breaker in front of it, TLS (`rediss://`, optionally with a private CA) and ACL users, the key
+//! registry, and a small typed surface for application code. The cache, the rate limiter and
+//! anything a user adds inject it. Nothing here ever fails start-up: connections are made lazily
+//! and retried by later calls; what went wrong last is kept for `/health`.
 
 pub mod breaker;
 pub mod keys;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bb8_redis::bb8;
-use bb8_redis::redis::aio::MultiplexedConnection;
-use bb8_redis::redis::{self, AsyncConnectionConfig, RedisError, RedisResult};
+use bb8_redis::redis::aio::{MultiplexedConnection, PubSub};
+use bb8_redis::redis::{self, AsyncConnectionConfig, RedisError, RedisResult, Script, Value};
+use serde::Serialize;
+use shaku::{Component, Interface};
+use utoipa::ToSchema;
 
 use crate::config::RedisSettings;
 use crate::infra::telemetry::Telemetry;
 use breaker::{BreakerState, CircuitBreaker};
+use keys::{KeyRegistry, RedisKey};
+
+/// Every command nestling sends (scripts' own calls included): a least-privilege ACL user needs
+/// these and no others, on keys and channels under `REDIS_KEY_PREFIX` (README, "Redis").
+/// `scan`, `info` and `slowlog` serve the admin endpoints only. (The client also sends `CLIENT
+/// SETINFO` when it connects; its answer is ignored, so it need not be allowed.)
+pub const ACL_COMMANDS: &[&str] = &[
+    "ping",
+    "get",
+    "set",
+    "unlink",
+    "hget",
+    "hset",
+    "pttl",
+    "pexpire",
+    "incr",
+    "incrby",
+    "time",
+    "multi",
+    "exec",
+    "evalsha",
+    "script|load",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "scan",
+    "info",
+    "slowlog",
+];
 
 /// Why a Redis call did not happen or did not succeed; callers degrade, they never fail a request.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisFailure {
+    #[error("Redis is disabled (memory mode)")]
+    Disabled,
+    #[error("Redis is misconfigured: {0}")]
+    Config(String),
     #[error("circuit breaker open")]
     CircuitOpen,
-    #[error("no pooled connection within the pool timeout: {0}")]
-    Pool(String),
+    #[error("no pooled connection within the pool timeout")]
+    PoolTimeout,
     #[error("command timed out after {0:?}")]
     Timeout(Duration),
     #[error("redis error: {0}")]
     Command(#[from] RedisError),
+}
+
+/// What kind of trouble Redis is in, as `/health` and the logs name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// `REDIS_URL` or `REDIS_TLS_CA_FILE` cannot be used.
+    Config,
+    /// The host name does not resolve.
+    Dns,
+    /// Nothing listens on the port.
+    Refused,
+    /// The TLS handshake failed (wrong CA, plain-text server, expired certificate, ...).
+    Tls,
+    /// The password or ACL user was refused.
+    Auth,
+    /// The ACL user may not run a command the app needs.
+    Permission,
+    /// No answer within the connect, pool or command timeout.
+    Timeout,
+    /// Not called: the breaker is open after repeated failures.
+    CircuitOpen,
+    Error,
+}
+
+impl RedisFailure {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Self::Disabled | Self::Config(_) => FailureClass::Config,
+            Self::CircuitOpen => FailureClass::CircuitOpen,
+            Self::PoolTimeout | Self::Timeout(_) => FailureClass::Timeout,
+            Self::Command(err) => classify(err),
+        }
+    }
+}
+
+fn classify(err: &RedisError) -> FailureClass {
+    use redis::ErrorKind;
+    match err.kind() {
+        ErrorKind::AuthenticationFailed => return FailureClass::Auth,
+        ErrorKind::InvalidClientConfig => return FailureClass::Config,
+        _ => {}
+    }
+    match err.code() {
+        Some("WRONGPASS" | "NOAUTH") => return FailureClass::Auth,
+        Some("NOPERM") => return FailureClass::Permission,
+        _ => {}
+    }
+    // Connection errors arrive as I/O errors; their text is the only stable mark of some causes.
+    let text = error_chain_text(err).to_lowercase();
+    if is_tls_error(err)
+        || ["certificate", "handshake", "tls"]
+            .iter()
+            .any(|mark| text.contains(mark))
+    {
+        FailureClass::Tls
+    } else if ["lookup", "resolve", "name or service"]
+        .iter()
+        .any(|mark| text.contains(mark))
+    {
+        FailureClass::Dns
+    } else if err.is_timeout() {
+        FailureClass::Timeout
+    } else if err.is_connection_refusal() {
+        FailureClass::Refused
+    } else {
+        FailureClass::Error
+    }
+}
+
+/// Whether a rustls error is somewhere in the cause chain.
+fn is_tls_error(err: &RedisError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn error_chain_text(err: &RedisError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A pooled connection that remembers whether it saw an I/O error, so the pool discards it.
@@ -68,6 +204,31 @@ impl bb8::ManageConnection for RedisManager {
     }
 }
 
+/// Keeps the last error of the pool's own connection attempts: bb8 makes them in the background
+/// and a waiting caller only sees its timeout, while `/health` needs the cause (TLS, auth, DNS).
+#[derive(Debug, Clone, Default)]
+struct ConnectErrors(Arc<Mutex<Option<(Instant, RedisError)>>>);
+
+impl bb8::ErrorSink<RedisError> for ConnectErrors {
+    fn sink(&self, error: RedisError) {
+        *self.0.lock().unwrap() = Some((Instant::now(), error));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
+        Box::new(self.clone())
+    }
+}
+
+impl ConnectErrors {
+    /// The last connection error, if it is more recent than `within`.
+    fn recent(&self, within: Duration) -> Option<RedisError> {
+        let last = self.0.lock().unwrap();
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() <= within)
+            .map(|(_, err)| err.clone())
+    }
+}
+
 /// Tells the breaker when a call it allowed is dropped unfinished (the request future went away).
 struct AbandonGuard<'a>(Option<&'a CircuitBreaker>);
 
@@ -85,23 +246,47 @@ impl Drop for AbandonGuard<'_> {
     }
 }
 
+/// One Redis server (or TLS endpoint): pool, breaker, timeouts.
 pub struct Redis {
     telemetry: Arc<Telemetry>,
     pool: bb8::Pool<RedisManager>,
+    connect_errors: ConnectErrors,
     client: redis::Client,
+    connect_timeout: Duration,
     command_timeout: Duration,
     breaker: CircuitBreaker,
+    last_failure: Mutex<Option<(FailureClass, String)>>,
+}
+
+/// The client for `REDIS_URL`: TLS for `rediss://` (with the private CA of `REDIS_TLS_CA_FILE`
+/// when set, the system roots otherwise); an ACL user comes from the URL (`user:password@`).
+fn client(settings: &RedisSettings) -> Result<redis::Client, RedisFailure> {
+    let config = |err: RedisError| RedisFailure::Config(format!("REDIS_URL: {err}"));
+    match &settings.tls_ca_file {
+        Some(path) if settings.url.starts_with("rediss://") => {
+            let root_cert = std::fs::read(path)
+                .map_err(|err| RedisFailure::Config(format!("REDIS_TLS_CA_FILE {}: {err}", path.display())))?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(config)
+        }
+        _ => redis::Client::open(settings.url.as_str()).map_err(config),
+    }
 }
 
 impl Redis {
     /// Builds the pool without connecting.
-    pub fn new(settings: &RedisSettings, telemetry: Arc<Telemetry>) -> Result<Self, RedisError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+    pub fn new(settings: &RedisSettings, telemetry: Arc<Telemetry>) -> Result<Self, RedisFailure> {
+        let client = client(settings)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.command_timeout));
+        let connect_errors = ConnectErrors::default();
         let pool = bb8::Pool::builder()
             .max_size(settings.pool_size.max(1))
+            .error_sink(Box::new(connect_errors.clone()))
             .connection_timeout(settings.pool_timeout)
             // No PING per checkout on the hot path: broken connections are flagged by `call`.
             .test_on_check_out(false)
@@ -113,9 +298,12 @@ impl Redis {
         Ok(Self {
             telemetry,
             pool,
+            connect_errors,
             client,
+            connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
             breaker: CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -139,12 +327,15 @@ impl Redis {
             Err(failure) => {
                 let kind = match failure {
                     RedisFailure::Timeout(_) => "timeout",
-                    RedisFailure::Pool(_) => "pool",
-                    RedisFailure::Command(_) => "error",
-                    RedisFailure::CircuitOpen => "circuit_open",
+                    RedisFailure::PoolTimeout => "pool",
+                    _ => "error",
                 };
                 self.telemetry.redis_errors.with_label_values(&[kind]).inc();
-                self.breaker.record_failure();
+                *self.last_failure.lock().unwrap() = Some((failure.class(), failure.to_string()));
+                // A command the ACL user may not run says nothing about Redis' health.
+                if failure.class() != FailureClass::Permission {
+                    self.breaker.record_failure();
+                }
             }
         }
         outcome
@@ -155,7 +346,14 @@ impl Redis {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let pooled = self.pool.get().await.map_err(|e| RedisFailure::Pool(e.to_string()))?;
+        let pooled = self.pool.get().await.map_err(|err| match err {
+            bb8::RunError::User(err) => RedisFailure::Command(err),
+            // No connection could be made meanwhile: say why, if the pool's attempts failed.
+            bb8::RunError::TimedOut => match self.connect_errors.recent(self.connect_timeout * 2) {
+                Some(err) => RedisFailure::Command(err),
+                None => RedisFailure::PoolTimeout,
+            },
+        })?;
         let connection = pooled.connection.clone();
         let result = tokio::time::timeout(self.command_timeout, command(connection)).await;
         match result {
@@ -170,16 +368,13 @@ impl Redis {
         }
     }
 
-    /// PING round-trip time.
-    pub async fn ping(&self) -> Result<Duration, RedisFailure> {
-        let started = Instant::now();
-        self.call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
-            .await?;
-        Ok(started.elapsed())
-    }
-
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// The class and text of the most recent failure (cleared by nothing: read it with the breaker).
+    pub fn last_failure(&self) -> Option<(FailureClass, String)> {
+        self.last_failure.lock().unwrap().clone()
     }
 
     /// Connections open and idle in the pool, and its counters.
@@ -188,8 +383,244 @@ impl Redis {
         (state.connections, state.idle_connections, state.statistics)
     }
 
-    /// The client, for the dedicated pub/sub connection.
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// A dedicated pub/sub connection (TLS and ACL as configured), within the connect timeout.
+    pub async fn pubsub(&self) -> Result<PubSub, RedisFailure> {
+        match tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(err)) => {
+                let failure = RedisFailure::Command(err);
+                *self.last_failure.lock().unwrap() = Some((failure.class(), failure.to_string()));
+                Err(failure)
+            }
+            Err(_) => Err(RedisFailure::Timeout(self.connect_timeout)),
+        }
+    }
+}
+
+/// What `/health` and the admin endpoints show of Redis.
+#[derive(Debug, Clone)]
+pub struct RedisStatus {
+    pub enabled: bool,
+    pub breaker: Option<BreakerState>,
+    /// Set while Redis cannot be used: the class and message of the last failure.
+    pub failure: Option<(FailureClass, String)>,
+}
+
+/// The Redis module. Everything that talks to Redis injects this.
+#[async_trait]
+pub trait RedisService: Interface {
+    /// The Redis handle for pipelines and scripts of the infrastructure (cache, limiter), when
+    /// Redis is switched on and configured. Created on first use: memory mode opens no connection.
+    fn active(&self) -> Option<&Redis>;
+    fn is_enabled(&self) -> bool;
+    /// The runtime switch (`false`: nothing talks to Redis any more, at once).
+    fn set_enabled(&self, enabled: bool);
+    fn keys(&self) -> &KeyRegistry;
+    fn status(&self) -> RedisStatus;
+    /// The connect timeout, for callers that open connections of their own (pub/sub).
+    fn settings(&self) -> &RedisSettings;
+    /// PING round-trip time.
+    async fn ping(&self) -> Result<Duration, RedisFailure>;
+
+    // The typed surface for application code: keys come from the registry; each call runs under
+    // the breaker and the command timeout, and fails fast (`Disabled`) in memory mode.
+    async fn get(&self, key: &RedisKey) -> Result<Option<Vec<u8>>, RedisFailure>;
+    async fn set(&self, key: &RedisKey, value: &[u8], ttl: Duration) -> Result<(), RedisFailure>;
+    /// Deletes (UNLINK) the keys; returns how many existed.
+    async fn delete(&self, keys: &[RedisKey]) -> Result<u64, RedisFailure>;
+    /// Adds `by` and returns the new value; a counter created by this call expires after `ttl`.
+    async fn incr(&self, key: &RedisKey, by: i64, ttl: Duration) -> Result<i64, RedisFailure>;
+    /// EVALSHA, loading the script when Redis answers NOSCRIPT. User data goes in `args` only.
+    async fn run_script(&self, script: &Script, keys: &[RedisKey], args: &[Vec<u8>]) -> Result<Value, RedisFailure>;
+    async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure>;
+}
+
+pub struct RedisModule {
+    settings: RedisSettings,
+    keys: KeyRegistry,
+    telemetry: Arc<Telemetry>,
+    enabled: AtomicBool,
+    /// Built on first use; a configuration error is kept (and reported) instead.
+    redis: OnceLock<Result<Redis, String>>,
+}
+
+pub struct RedisModuleParameters {
+    pub settings: RedisSettings,
+    pub keys: KeyRegistry,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Default for RedisModuleParameters {
+    fn default() -> Self {
+        panic!("container::builder sets the RedisModule parameters")
+    }
+}
+
+impl<M: shaku::Module> Component<M> for RedisModule {
+    type Interface = dyn RedisService;
+    type Parameters = RedisModuleParameters;
+
+    fn build(_: &mut shaku::ModuleBuildContext<M>, params: RedisModuleParameters) -> Box<dyn RedisService> {
+        Box::new(RedisModule::new(params.settings, params.keys, params.telemetry))
+    }
+}
+
+impl RedisModule {
+    /// The module outside the container (the container builds it from `RedisModuleParameters`).
+    pub fn new(settings: RedisSettings, keys: KeyRegistry, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            enabled: AtomicBool::new(settings.enabled),
+            settings,
+            keys,
+            telemetry,
+            redis: OnceLock::new(),
+        }
+    }
+
+    fn require(&self) -> Result<&Redis, RedisFailure> {
+        if !self.is_enabled() {
+            return Err(RedisFailure::Disabled);
+        }
+        match self.connect() {
+            Ok(redis) => Ok(redis),
+            Err(message) => Err(RedisFailure::Config(message.clone())),
+        }
+    }
+
+    fn connect(&self) -> &Result<Redis, String> {
+        self.redis.get_or_init(|| {
+            Redis::new(&self.settings, self.telemetry.clone()).map_err(|err| {
+                log::error!("redis: {err}; serving without Redis");
+                err.to_string()
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl RedisService for RedisModule {
+    fn active(&self) -> Option<&Redis> {
+        self.require().ok()
+    }
+
+    fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Release);
+    }
+
+    fn keys(&self) -> &KeyRegistry {
+        &self.keys
+    }
+
+    fn status(&self) -> RedisStatus {
+        if !self.is_enabled() {
+            return RedisStatus {
+                enabled: false,
+                breaker: None,
+                failure: None,
+            };
+        }
+        match self.connect() {
+            Err(message) => RedisStatus {
+                enabled: true,
+                breaker: None,
+                failure: Some((FailureClass::Config, message.clone())),
+            },
+            Ok(redis) => {
+                let breaker = redis.breaker_state();
+                RedisStatus {
+                    enabled: true,
+                    breaker: Some(breaker),
+                    failure: (breaker != BreakerState::Closed)
+                        .then(|| redis.last_failure())
+                        .flatten(),
+                }
+            }
+        }
+    }
+
+    fn settings(&self) -> &RedisSettings {
+        &self.settings
+    }
+
+    async fn ping(&self) -> Result<Duration, RedisFailure> {
+        let redis = self.require()?;
+        let started = Instant::now();
+        redis
+            .call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    async fn get(&self, key: &RedisKey) -> Result<Option<Vec<u8>>, RedisFailure> {
+        let command = redis::cmd("GET").arg(key.as_str()).to_owned();
+        self.require()?
+            .call(|mut c| async move { command.query_async(&mut c).await })
+            .await
+    }
+
+    async fn set(&self, key: &RedisKey, value: &[u8], ttl: Duration) -> Result<(), RedisFailure> {
+        let command = redis::cmd("SET")
+            .arg(key.as_str())
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .to_owned();
+        self.require()?
+            .call(|mut c| async move { command.query_async(&mut c).await })
+            .await
+    }
+
+    async fn delete(&self, keys: &[RedisKey]) -> Result<u64, RedisFailure> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let command = redis::cmd("UNLINK")
+            .arg(keys.iter().map(RedisKey::as_str).collect::<Vec<_>>())
+            .to_owned();
+        self.require()?
+            .call(|mut c| async move { command.query_async(&mut c).await })
+            .await
+    }
+
+    async fn incr(&self, key: &RedisKey, by: i64, ttl: Duration) -> Result<i64, RedisFailure> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("INCRBY")
+            .arg(key.as_str())
+            .arg(by)
+            .cmd("PEXPIRE")
+            .arg(key.as_str())
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg("NX")
+            .ignore();
+        let (value,): (i64,) = self
+            .require()?
+            .call(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(value)
+    }
+
+    async fn run_script(&self, script: &Script, keys: &[RedisKey], args: &[Vec<u8>]) -> Result<Value, RedisFailure> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key.as_str());
+        }
+        for arg in args {
+            invocation.arg(arg.as_slice());
+        }
+        self.require()?
+            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }
+
+    async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure> {
+        let command = redis::cmd("PUBLISH").arg(channel.as_str()).arg(message).to_owned();
+        self.require()?
+            .call(|mut c| async move { command.query_async(&mut c).await })
+            .await
     }
 }

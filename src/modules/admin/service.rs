@@ -8,6 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
+use crate::infra::redis::{Redis, RedisFailure, RedisService};
 use crate::modules::auth::extractor::MISSING_TOKEN;
 use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
@@ -115,7 +116,7 @@ pub trait AdminService: Interface {
     async fn warm(&self, request: WarmRequest) -> AppResult<WarmResponse>;
 }
 
-fn redis_unavailable(err: crate::infra::redis::RedisFailure) -> AppError {
+fn redis_unavailable(err: RedisFailure) -> AppError {
     AppError::conflict("redis_unavailable", format!("Redis did not answer: {err}"))
 }
 
@@ -124,6 +125,8 @@ fn redis_unavailable(err: crate::infra::redis::RedisFailure) -> AppError {
 pub struct Admin {
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    #[shaku(inject)]
+    redis: Arc<dyn RedisService>,
     #[shaku(inject)]
     workspaces: Arc<dyn WorkspaceService>,
     #[shaku(inject)]
@@ -140,10 +143,14 @@ pub struct Admin {
 }
 
 impl Admin {
-    fn redis(&self) -> AppResult<Arc<crate::infra::redis::Redis>> {
-        self.cache
-            .redis()
-            .ok_or_else(|| AppError::conflict("redis_disabled", "Redis is disabled (memory mode)"))
+    fn active_redis(&self) -> AppResult<&Redis> {
+        if !self.redis.is_enabled() {
+            return Err(AppError::conflict("redis_disabled", "Redis is disabled (memory mode)"));
+        }
+        self.redis.active().ok_or_else(|| {
+            let failure = self.redis.status().failure.map(|(_, message)| message);
+            redis_unavailable(RedisFailure::Config(failure.unwrap_or_default()))
+        })
     }
 }
 
@@ -219,8 +226,8 @@ impl AdminService for Admin {
     }
 
     async fn redis_health(&self) -> AppResult<RedisHealth> {
-        let redis = self.redis()?;
-        let ping = redis.ping().await;
+        let redis = self.active_redis()?;
+        let ping = self.redis.ping().await;
         let (connections, idle, stats) = redis.pool_statistics();
         Ok(RedisHealth {
             latency_ms: ping.as_ref().ok().map(|d| d.as_secs_f64() * 1000.0),
@@ -235,7 +242,7 @@ impl AdminService for Admin {
     }
 
     async fn redis_metrics(&self) -> AppResult<RedisMetrics> {
-        let redis = self.redis()?;
+        let redis = self.active_redis()?;
         let info: String = redis
             .call(|mut c| async move { bb8_redis::redis::cmd("INFO").query_async(&mut c).await })
             .await
@@ -259,7 +266,7 @@ impl AdminService for Admin {
     }
 
     async fn redis_slowlog(&self) -> AppResult<Vec<SlowlogEntry>> {
-        let redis = self.redis()?;
+        let redis = self.active_redis()?;
         type Raw = Vec<(u64, u64, u64, Vec<String>)>;
         let raw: Vec<bb8_redis::redis::Value> = redis
             .call(|mut c| async move {

@@ -6,14 +6,24 @@ use super::service::AuthService;
 use super::AuthUser;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
+use crate::infra::rate_limit::middleware::RateLimit;
 use crate::modules::resource;
 use crate::modules::users::model::User;
 
-/// Mounted under `/api/auth`.
+/// Mounted under `/api/auth`. Login and register are limited per client IP and per email,
+/// logout by the `/api` policy.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/register").route(web::post().to(register)))
-        .service(resource("/login").route(web::post().to(login)))
-        .service(resource("/logout").route(web::post().to(logout)));
+    cfg.service(
+        resource("/register")
+            .wrap(RateLimit::credentials())
+            .route(web::post().to(register)),
+    )
+    .service(
+        resource("/login")
+            .wrap(RateLimit::credentials())
+            .route(web::post().to(login)),
+    )
+    .service(resource("/logout").wrap(RateLimit::api()).route(web::post().to(logout)));
 }
 
 /// Create an account.
@@ -24,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 201, body = User),
         (status = 400, description = "Invalid body", body = ErrorBody),
         (status = 409, description = "Email already registered", body = ErrorBody),
+        (status = 503, description = "Every password-hashing slot is busy: retry after `Retry-After`", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
     )
 )]
@@ -40,6 +51,7 @@ pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterReq
         (status = 200, body = LoginResponse),
         (status = 400, description = "Invalid body", body = ErrorBody),
         (status = 401, description = "Wrong email or password (same answer for both)", body = ErrorBody),
+        (status = 503, description = "Every password-hashing slot is busy: retry after `Retry-After`", body = ErrorBody),
     )
 )]
 pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>) -> AppResult<HttpResponse> {

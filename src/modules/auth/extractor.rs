@@ -2,7 +2,7 @@
 
 use actix_web::dev::Payload;
 use actix_web::http::header::AUTHORIZATION;
-use actix_web::{FromRequest, HttpRequest};
+use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use shaku::HasComponent;
 use std::sync::Arc;
@@ -39,6 +39,11 @@ impl FromRequest for AuthUser {
     type Future = LocalBoxFuture<'static, Result<Self, AppError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        // The rate limiter has authenticated this request already.
+        if let Some(user) = req.extensions().get::<AuthUser>() {
+            let user = user.clone();
+            return Box::pin(async move { Ok(user) });
+        }
         let token = bearer_token(req).map(str::to_owned);
         let auth: Option<Arc<dyn AuthService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
         Box::pin(async move {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
-use super::password;
+use super::password::PasswordHasher;
 use super::repository::TokenRepository;
 use crate::error::{is_unique_violation, AppError, AppResult};
 use crate::infra::cache::CacheService;
@@ -42,6 +42,8 @@ pub struct Auth {
     tokens: Arc<dyn TokenRepository>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    #[shaku(inject)]
+    passwords: Arc<dyn PasswordHasher>,
     token_ttl: Duration,
 }
 
@@ -78,7 +80,7 @@ fn token_hash(token: &str) -> [u8; 32] {
 impl AuthService for Auth {
     async fn register(&self, request: RegisterRequest) -> AppResult<User> {
         let email = request.email.trim().to_lowercase();
-        let hash = password::hash(request.password).await?;
+        let hash = self.passwords.hash(request.password).await?;
         self.users
             .create(&email, request.name.trim(), &hash)
             .await
@@ -97,7 +99,7 @@ impl AuthService for Auth {
             Some((id, hash)) => (Some(id), Some(hash)),
             None => (None, None),
         };
-        let valid = password::verify(request.password, stored).await?;
+        let valid = self.passwords.verify(request.password, stored).await?;
         let user_id = match (valid, user_id) {
             (true, Some(id)) => id,
             _ => return Err(INVALID_CREDENTIALS),

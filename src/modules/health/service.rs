@@ -9,13 +9,14 @@ use utoipa::ToSchema;
 use crate::infra::cache::{CacheMode, CacheService};
 use crate::infra::database::Database;
 use crate::infra::redis::breaker::BreakerState;
+use crate::infra::redis::{FailureClass, RedisFailure, RedisService};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ComponentStatus {
     Up,
     Down,
-    /// Failing, but the app works around it (Redis down: served from memory and Postgres).
+    /// Working around a failing dependency (the cache while Redis is down: memory and Postgres).
     Degraded,
     Disabled,
 }
@@ -28,6 +29,9 @@ pub struct ComponentHealth {
     pub latency_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// For a component that is down: what kind of failure (`refused`, `timeout`, `tls`, `auth`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<FailureClass>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,6 +48,7 @@ impl ComponentHealth {
             status,
             latency_ms: None,
             mode: None,
+            reason: None,
             message: None,
             breaker: None,
             subscriber: None,
@@ -87,6 +92,8 @@ pub struct HealthChecks {
     db: Arc<dyn Database>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    #[shaku(inject)]
+    redis: Arc<dyn RedisService>,
     started: Instant,
 }
 
@@ -107,24 +114,36 @@ impl HealthChecks {
         }
     }
 
-    /// Redis never makes the app unhealthy: when it fails, the cache degrades to memory.
+    /// Redis switched on but unusable is `down`, with the class of the failure; the app goes on
+    /// without it (the cache is `degraded`) and stays ready.
     async fn redis_and_cache(&self) -> (ComponentHealth, ComponentHealth) {
         let status = self.cache.status();
-        let redis = match self.cache.redis() {
-            None => ComponentHealth::new(ComponentStatus::Disabled),
-            Some(redis) => {
-                let ping = redis.ping().await;
-                let mut health = match &ping {
+        let redis = match self.redis.is_enabled() {
+            false => ComponentHealth::new(ComponentStatus::Disabled),
+            true => {
+                let mut health = match self.redis.ping().await {
                     Ok(latency) => ComponentHealth {
                         latency_ms: Some(latency.as_secs_f64() * 1000.0),
                         ..ComponentHealth::new(ComponentStatus::Up)
                     },
-                    Err(err) => ComponentHealth {
-                        message: Some(format!("serving without Redis: {err}")),
-                        ..ComponentHealth::new(ComponentStatus::Degraded)
-                    },
+                    Err(err) => {
+                        // When the breaker refused the ping, the last real failure tells why.
+                        let (class, message) = match err {
+                            RedisFailure::CircuitOpen => self
+                                .redis
+                                .status()
+                                .failure
+                                .unwrap_or((FailureClass::CircuitOpen, err.to_string())),
+                            err => (err.class(), err.to_string()),
+                        };
+                        ComponentHealth {
+                            reason: Some(class),
+                            message: Some(format!("serving without Redis: {message}")),
+                            ..ComponentHealth::new(ComponentStatus::Down)
+                        }
+                    }
                 };
-                health.breaker = Some(redis.breaker_state());
+                health.breaker = self.redis.status().breaker;
                 health.subscriber = Some(
                     if status.subscriber_connected {
                         "connected"

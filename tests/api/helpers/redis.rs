@@ -1,6 +1,8 @@
 //! `redis-server` processes the harness owns: one shared per test binary (every test gets its own
 //! key prefix on it) and private ones for fault tests, which `freeze()`, `thaw()`, `kill()` and
 //! `restart()` them by PID on the same port. Installed with apt when missing and we are root.
+//! `RedisOptions` makes a server that speaks only TLS (with a test CA made by `openssl` at test
+//! time) and one that has ACL users.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +17,79 @@ pub struct TestRedis {
     pub port: u16,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
+    options: RedisOptions,
+}
+
+/// How a test server is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct RedisOptions {
+    /// Only a TLS port, with a certificate for `localhost` signed by a CA of this server's own.
+    pub tls: bool,
+    /// ACL rules, one `user` directive each (e.g. `app on >secret ~app:* +get`).
+    pub acl_users: Vec<String>,
+}
+
+/// A CA and a certificate it signed for `localhost` / 127.0.0.1, made with the openssl CLI.
+pub fn make_test_ca(dir: &std::path::Path, name: &str) -> PathBuf {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (apt-get install openssl)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ca_key = format!("{name}-ca.key");
+    let ca_cert = format!("{name}-ca.crt");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_cert,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extension file");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        &ca_cert,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    dir.join(ca_cert)
 }
 
 fn redis_server_installed() -> bool {
@@ -27,16 +102,24 @@ fn redis_server_installed() -> bool {
 impl TestRedis {
     /// Starts `redis-server` on a free port (blocking until it is ready).
     pub fn start() -> TestRedis {
+        Self::start_with(RedisOptions::default())
+    }
+
+    pub fn start_with(options: RedisOptions) -> TestRedis {
         ensure_installed(redis_server_installed, "redis-server", "redis-server");
         let dir = tempfile::Builder::new()
             .prefix("nestling-redis-")
             .tempdir()
             .expect("temp dir")
             .keep();
+        if options.tls {
+            make_test_ca(&dir, "server");
+        }
         let server = TestRedis {
             port: free_port().expect("free port"),
             dir,
             child: Mutex::new(None),
+            options,
         };
         server.launch();
         server
@@ -46,17 +129,32 @@ impl TestRedis {
         let log = self.dir.join("redis.log");
         let _ = std::fs::remove_file(&log);
         use std::os::unix::process::CommandExt;
-        let child = Command::new("redis-server")
-            .args([
+        let mut command = Command::new("redis-server");
+        if self.options.tls {
+            let file = |name: &str| self.dir.join(name).display().to_string();
+            command.args([
                 "--port",
+                "0",
+                "--tls-port",
                 &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
+                "--tls-auth-clients",
                 "no",
-            ])
+            ]);
+            command.args([
+                "--tls-cert-file",
+                &file("server.crt"),
+                "--tls-key-file",
+                &file("server.key"),
+            ]);
+            command.args(["--tls-ca-cert-file", &file("server-ca.crt")]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        for user in &self.options.acl_users {
+            command.arg("--user").args(user.split_whitespace());
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -81,7 +179,26 @@ impl TestRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.options.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The CA that signed a TLS server's certificate (for `REDIS_TLS_CA_FILE`).
+    pub fn ca_file(&self) -> PathBuf {
+        assert!(self.options.tls, "not a TLS server");
+        self.dir.join("server-ca.crt")
+    }
+
+    /// A pub/sub connection (plain TCP servers), to watch what the app publishes.
+    pub async fn pubsub(&self) -> redis::aio::PubSub {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .expect("pub/sub connection to test redis")
     }
 
     pub fn pid(&self) -> i32 {
@@ -118,10 +235,18 @@ impl TestRedis {
         self.launch();
     }
 
-    /// A plain connection for assertions (PTTL, INFO, ...).
+    /// A plain connection for assertions (PTTL, INFO, ...), as the default user.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
+        let client = if self.options.tls {
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(self.ca_file()).unwrap()),
+            };
+            redis::Client::build_with_tls(self.url(), certificates).unwrap()
+        } else {
+            redis::Client::open(self.url()).unwrap()
+        };
+        client
             .get_multiplexed_async_connection()
             .await
             .expect("connect to test redis")
@@ -153,7 +278,11 @@ pub fn shared_redis() -> &'static TestRedis {
 }
 
 pub async fn private_redis() -> TestRedis {
-    tokio::task::spawn_blocking(TestRedis::start)
+    private_redis_with(RedisOptions::default()).await
+}
+
+pub async fn private_redis_with(options: RedisOptions) -> TestRedis {
+    tokio::task::spawn_blocking(move || TestRedis::start_with(options))
         .await
         .expect("private redis starts")
 }

@@ -1,0 +1,590 @@
+//! Rate limiting: policies from config, decided by GCRA (`gcra`) in one atomic Redis script per
+//! decision (timed by Redis `TIME`), or in process when Redis is off or failing, and applied per
+//! route group by the `RateLimit` middleware (`middleware`).
+//!
+//! - `/api` (every route but login and register): per user when the bearer token is valid, else
+//!   per client IP. It sits on every request, so an instance takes tokens from Redis
+//!   `RATE_LIMIT_LEASE` at a time and spends them locally: across the fleet the policy may be off
+//!   by at most instances × lease (README, "Rate limiting").
+//! - login and register: per client IP and per email, exact across instances (one script call
+//!   decides both identities and every quota).
+//! - Without Redis (memory mode, breaker open, or a call that exceeds the command timeout) the
+//!   same policies are enforced per instance at 1/`APP_INSTANCES` of each quota; the state lives
+//!   in bounded moka caches, so a flood of new identities cannot grow memory without bound.
+
+pub mod gcra;
+pub mod middleware;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::HeaderValue;
+use async_trait::async_trait;
+use bb8_redis::redis::{self, Script};
+use moka::sync::Cache;
+use serde::Serialize;
+use shaku::{Component, Interface};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::config::{Quota, RateLimitSettings};
+use crate::infra::redis::RedisService;
+use gcra::Cell;
+
+/// Who a decision is about. Fixed-size, so local state per identity is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Identity {
+    User(Uuid),
+    Ip(IpAddr),
+    /// The SHA-256 of the trimmed, lower-cased email.
+    Email([u8; 32]),
+}
+
+impl Identity {
+    /// What the Redis key hashes (the registry turns it into `rl:<policy>:<sha256>`).
+    fn key_material(&self) -> Vec<u8> {
+        match self {
+            Self::User(id) => [b"user:".as_slice(), id.as_bytes()].concat(),
+            Self::Ip(ip) => format!("ip:{ip}").into_bytes(),
+            Self::Email(digest) => [b"email:".as_slice(), digest].concat(),
+        }
+    }
+
+    pub fn email(email: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self::Email(Sha256::digest(email.trim().to_lowercase().as_bytes()).into())
+    }
+}
+
+/// The route groups that carry policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteGroup {
+    /// Every `/api` route but login and register; identity: the user, else the client IP.
+    Api,
+    /// `POST /api/auth/login` and `/api/auth/register`; identities: client IP and email.
+    Credentials,
+}
+
+/// A named list of quotas for one kind of identity.
+#[derive(Debug, Clone)]
+struct Policy {
+    name: &'static str,
+    quotas: Vec<Quota>,
+    /// Per quota: its name in the headers (`api-1m`, `auth-email-1d`, ...).
+    quota_names: Vec<String>,
+    /// Per quota: `X-RateLimit-Limit`.
+    limit_headers: Vec<HeaderValue>,
+}
+
+impl Policy {
+    fn new(name: &'static str, quotas: Vec<Quota>) -> Self {
+        let quota_names = quotas
+            .iter()
+            .map(|q| format!("{name}-{}", period_name(q.period)))
+            .collect();
+        let limit_headers = quotas.iter().map(|q| HeaderValue::from(q.limit)).collect();
+        Self {
+            name,
+            quotas,
+            quota_names,
+            limit_headers,
+        }
+    }
+}
+
+fn period_name(period: Duration) -> String {
+    let secs = period.as_secs();
+    match secs {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The policies of one route group, with the `RateLimit-Policy` header they all share.
+#[derive(Debug, Clone)]
+struct Group {
+    policies: Vec<Policy>,
+    policy_header: HeaderValue,
+    /// Tokens taken from Redis per call (1: every request is decided in Redis, exactly).
+    lease: u64,
+}
+
+impl Group {
+    fn new(policies: Vec<Policy>, lease: u64) -> Self {
+        let items: Vec<String> = policies
+            .iter()
+            .flat_map(|p| {
+                p.quotas
+                    .iter()
+                    .zip(&p.quota_names)
+                    .map(|(q, name)| format!("\"{name}\";q={};w={}", q.limit, q.period.as_secs()))
+            })
+            .collect();
+        Self {
+            policy_header: HeaderValue::from_str(&items.join(", ")).expect("policy names are ASCII"),
+            policies,
+            lease,
+        }
+    }
+}
+
+/// A decision, with what the response headers say about the tightest quota.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The quota with the fewest tokens left: (policy index, quota index) in the group.
+    tightest: (usize, usize),
+    pub remaining: u64,
+    /// Until the tightest quota is full again.
+    pub reset: Duration,
+    /// When denied: how long to wait (never zero).
+    pub retry_after: Duration,
+    /// Where it was decided: `redis`, `lease` (tokens this instance took from Redis) or `local`.
+    pub decided_by: &'static str,
+}
+
+/// What `/api/rate-limit/policy` shows.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyView {
+    pub group: RouteGroup,
+    pub name: &'static str,
+    /// `user-or-ip`, `ip` or `email`.
+    pub identity: &'static str,
+    pub quotas: Vec<QuotaView>,
+    /// Tokens an instance takes from Redis at a time (1 = exact across instances).
+    pub lease: u64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaView {
+    pub name: String,
+    pub limit: u64,
+    pub window_seconds: u64,
+    /// What this instance enforces on its own when Redis is not used (limit / `APP_INSTANCES`).
+    pub local_limit: u64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitStatus {
+    pub enabled: bool,
+    /// `redis` (decided in Redis) or `local` (memory mode, or Redis failing).
+    pub mode: &'static str,
+    pub instances: u64,
+    pub trust_proxy_hops: usize,
+    pub policies: Vec<PolicyView>,
+}
+
+#[async_trait]
+pub trait RateLimiter: Interface {
+    fn enabled(&self) -> bool;
+    /// The client address: the peer, or an `X-Forwarded-For` entry when `TRUST_PROXY` hops are
+    /// trusted.
+    fn trust_proxy_hops(&self) -> usize;
+    /// Decides one request of `group` for these identities (one per policy, in policy order).
+    async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision;
+    /// Writes the RateLimit headers of a decision.
+    fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap);
+    fn status(&self) -> RateLimitStatus;
+}
+
+/// Tokens this instance took from Redis for one identity, spent locally until used up or stale.
+struct Lease {
+    tokens: AtomicU64,
+    taken: Instant,
+    /// What Redis said was left after the grant, and until when the quota refills.
+    remaining: u64,
+    reset: Duration,
+    tightest: (usize, usize),
+}
+
+type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
+
+/// Tokens may be spent this long after they were taken; older ones are dropped (never lent on).
+const LEASE_LIFETIME: Duration = Duration::from_secs(1);
+/// Identities whose state one policy keeps in process at most.
+const LOCAL_CAPACITY: u64 = 100_000;
+
+pub struct RedisRateLimiter {
+    redis: Arc<dyn RedisService>,
+    settings: RateLimitSettings,
+    api: Group,
+    credentials: Group,
+    /// In-process GCRA state per (group, policy index): identity → TATs of its quotas.
+    local: Vec<IdentityCache<Arc<Mutex<Vec<u64>>>>>,
+    leases: IdentityCache<Arc<Lease>>,
+    /// The local clock's zero, so TATs are microseconds since start.
+    epoch: Instant,
+    command_timeout: Duration,
+}
+
+pub struct RedisRateLimiterParameters {
+    pub settings: RateLimitSettings,
+}
+
+impl Default for RedisRateLimiterParameters {
+    fn default() -> Self {
+        panic!("container::builder sets the RedisRateLimiter parameters")
+    }
+}
+
+impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for RedisRateLimiter {
+    type Interface = dyn RateLimiter;
+    type Parameters = RedisRateLimiterParameters;
+
+    fn build(context: &mut shaku::ModuleBuildContext<M>, params: RedisRateLimiterParameters) -> Box<dyn RateLimiter> {
+        Box::new(RedisRateLimiter::new(M::build_component(context), params.settings))
+    }
+}
+
+/// GCRA over several quotas in one atomic step, timed by Redis. KEYS: one hash per (policy,
+/// identity); ARGV[1]: tokens wanted; then per quota: key index, field, interval and period (µs).
+/// Returns granted, retry-after (µs), then remaining and reset (µs) per quota. Same rule as
+/// `gcra::decide`.
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wanted = tonumber(ARGV[1])
+local n = (#ARGV - 1) / 4
+local granted, retry = wanted, 0
+local tats, available = {}, {}
+for i = 1, n do
+  local b = 1 + (i - 1) * 4
+  local interval, period = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local tat = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[b + 1])], ARGV[b + 2]) or 0)
+  if tat < now then tat = now end
+  tats[i] = tat
+  available[i] = math.floor((now + period - tat) / interval)
+  if available[i] < granted then granted = available[i] end
+  if available[i] < 1 then retry = math.max(retry, tat + interval - period - now) end
+end
+if granted > 0 then retry = 0 end
+local result, expiry = {granted, retry}, {}
+for i = 1, n do
+  local b = 1 + (i - 1) * 4
+  local key = KEYS[tonumber(ARGV[b + 1])]
+  local tat = tats[i] + granted * tonumber(ARGV[b + 3])
+  if granted > 0 then
+    redis.call('HSET', key, ARGV[b + 2], tat)
+    expiry[key] = math.max(expiry[key] or 0, tat - now)
+  end
+  result[#result + 1] = available[i] - granted
+  result[#result + 1] = tat - now
+end
+for key, us in pairs(expiry) do redis.call('PEXPIRE', key, math.floor(us / 1000) + 1) end
+return result
+";
+
+fn script() -> &'static Script {
+    static SCRIPT_ONCE: OnceLock<Script> = OnceLock::new();
+    SCRIPT_ONCE.get_or_init(|| Script::new(SCRIPT))
+}
+
+fn micros(duration: Duration) -> u64 {
+    duration.as_micros() as u64
+}
+
+impl RedisRateLimiter {
+    pub fn new(redis: Arc<dyn RedisService>, settings: RateLimitSettings) -> Self {
+        let api = Group::new(vec![Policy::new("api", settings.api.clone())], settings.lease);
+        let credentials = Group::new(
+            vec![
+                Policy::new("auth-ip", settings.auth_ip.clone()),
+                Policy::new("auth-email", settings.auth_email.clone()),
+            ],
+            1,
+        );
+        let local_cache = |policy: &Policy| {
+            let longest = policy
+                .quotas
+                .iter()
+                .map(|q| q.period)
+                .max()
+                .unwrap_or(Duration::from_secs(60));
+            Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                // An identity idle for its longest period is full again: nothing to remember.
+                .time_to_idle(longest)
+                .build_with_hasher(foldhash::fast::RandomState::default())
+        };
+        let local = api
+            .policies
+            .iter()
+            .chain(&credentials.policies)
+            .map(local_cache)
+            .collect();
+        Self {
+            command_timeout: redis.settings().command_timeout,
+            redis,
+            leases: Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(LEASE_LIFETIME)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
+            settings,
+            api,
+            credentials,
+            local,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn group(&self, group: RouteGroup) -> &Group {
+        match group {
+            RouteGroup::Api => &self.api,
+            RouteGroup::Credentials => &self.credentials,
+        }
+    }
+
+    /// Index of a policy's local state.
+    fn local_index(&self, group: RouteGroup, policy: usize) -> usize {
+        match group {
+            RouteGroup::Api => policy,
+            RouteGroup::Credentials => self.api.policies.len() + policy,
+        }
+    }
+
+    /// Spends a token of a live lease, if there is one.
+    fn spend_lease(&self, identity: &Identity) -> Option<Decision> {
+        let lease = self.leases.get(identity)?;
+        let elapsed = lease.taken.elapsed();
+        if elapsed >= LEASE_LIFETIME {
+            return None;
+        }
+        let left = lease
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1))
+            .ok()?
+            - 1;
+        Some(Decision {
+            allowed: true,
+            tightest: lease.tightest,
+            remaining: lease.remaining + left,
+            reset: lease.reset.saturating_sub(elapsed),
+            retry_after: Duration::ZERO,
+            decided_by: "lease",
+        })
+    }
+
+    /// One script call for every quota of every identity; `None` when Redis could not decide.
+    async fn in_redis(&self, group: RouteGroup, identities: &[Identity], wanted: u64) -> Option<gcra::Outcome> {
+        let spec = self.group(group);
+        let keys = self.redis.keys();
+        let mut redis_keys = Vec::with_capacity(identities.len());
+        let mut args: Vec<Vec<u8>> = vec![wanted.to_string().into_bytes()];
+        for (index, (policy, identity)) in spec.policies.iter().zip(identities).enumerate() {
+            redis_keys.push(keys.rate_limit(policy.name, &identity.key_material()));
+            for quota in &policy.quotas {
+                let period = micros(quota.period);
+                args.push((index + 1).to_string().into_bytes());
+                args.push(quota.period.as_secs().to_string().into_bytes());
+                args.push((period / quota.limit).to_string().into_bytes());
+                args.push(period.to_string().into_bytes());
+            }
+        }
+        // The pool wait and the command together never exceed the command timeout.
+        let call = self.redis.run_script(script(), &redis_keys, &args);
+        let value = match tokio::time::timeout(self.command_timeout, call).await {
+            Ok(Ok(value)) => value,
+            Ok(Err(err)) => {
+                log::debug!("rate limit: deciding locally, Redis failed: {err}");
+                return None;
+            }
+            Err(_) => {
+                log::debug!(
+                    "rate limit: deciding locally, Redis took over {:?}",
+                    self.command_timeout
+                );
+                return None;
+            }
+        };
+        let numbers: Vec<i64> = redis::from_redis_value(value).ok()?;
+        let (head, cells) = numbers.split_at_checked(2)?;
+        Some(gcra::Outcome {
+            granted: head[0].max(0) as u64,
+            retry_after: head[1].max(0) as u64,
+            cells: cells
+                .chunks_exact(2)
+                .map(|pair| gcra::CellState {
+                    remaining: pair[0].max(0) as u64,
+                    reset: pair[1].max(0) as u64,
+                })
+                .collect(),
+        })
+    }
+
+    /// The same rule in process, at 1/`APP_INSTANCES` of each quota.
+    fn in_process(&self, group: RouteGroup, identities: &[Identity]) -> gcra::Outcome {
+        let spec = self.group(group);
+        let now = micros(self.epoch.elapsed()) + 1;
+        let instances = self.settings.instances.max(1);
+        // Lock every identity's state (in policy order, so two requests cannot deadlock), decide
+        // for all quotas at once, write back.
+        let states: Vec<Arc<Mutex<Vec<u64>>>> = spec
+            .policies
+            .iter()
+            .zip(identities)
+            .enumerate()
+            .map(|(index, (policy, identity))| {
+                self.local[self.local_index(group, index)]
+                    .get_with(*identity, || Arc::new(Mutex::new(vec![0; policy.quotas.len()])))
+            })
+            .collect();
+        let mut guards: Vec<_> = states.iter().map(|s| s.lock().unwrap()).collect();
+        let mut cells: Vec<Cell> = Vec::new();
+        for (policy, guard) in spec.policies.iter().zip(&guards) {
+            for (quota, tat) in policy.quotas.iter().zip(guard.iter()) {
+                let limit = (quota.limit / instances).max(1);
+                let period = micros(quota.period);
+                cells.push(Cell {
+                    tat: *tat,
+                    interval: period / limit,
+                    period,
+                });
+            }
+        }
+        let outcome = gcra::decide(&mut cells, now, 1);
+        let mut updated = cells.iter();
+        for guard in guards.iter_mut() {
+            for tat in guard.iter_mut() {
+                *tat = updated.next().expect("one cell per quota").tat;
+            }
+        }
+        outcome
+    }
+
+    fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: &'static str) -> Decision {
+        let spec = self.group(group);
+        let positions = spec
+            .policies
+            .iter()
+            .enumerate()
+            .flat_map(|(p, policy)| (0..policy.quotas.len()).map(move |q| (p, q)));
+        // The tightest quota: fewest tokens left, then the longest wait until it is full.
+        let (tightest, state) = positions
+            .zip(&outcome.cells)
+            .min_by_key(|(_, cell)| (cell.remaining, std::cmp::Reverse(cell.reset)))
+            .map(|(position, cell)| (position, *cell))
+            .unwrap_or(((0, 0), gcra::CellState { remaining: 0, reset: 0 }));
+        Decision {
+            allowed: outcome.granted > 0,
+            tightest,
+            remaining: state.remaining,
+            reset: Duration::from_micros(state.reset),
+            // Whole seconds for `Retry-After`, rounded up: never "retry now" for a denial.
+            retry_after: Duration::from_micros(outcome.retry_after.max(1)),
+            decided_by,
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisRateLimiter {
+    fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    fn trust_proxy_hops(&self) -> usize {
+        self.settings.trust_proxy
+    }
+
+    async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
+        let identities = &identities[..identities.len().min(self.group(group).policies.len())];
+        if self.redis.active().is_some() {
+            let lease = self.group(group).lease;
+            if lease > 1 {
+                if let Some(decision) = self.spend_lease(&identities[0]) {
+                    return decision;
+                }
+            }
+            if let Some(outcome) = self.in_redis(group, identities, lease).await {
+                let mut decision = self.decision(group, &outcome, "redis");
+                if lease > 1 && outcome.granted > 1 {
+                    let lease = Lease {
+                        tokens: AtomicU64::new(outcome.granted - 1),
+                        taken: Instant::now(),
+                        remaining: decision.remaining,
+                        reset: decision.reset,
+                        tightest: decision.tightest,
+                    };
+                    self.leases.insert(identities[0], Arc::new(lease));
+                    decision.remaining += outcome.granted - 1;
+                }
+                return decision;
+            }
+        }
+        let outcome = self.in_process(group, identities);
+        self.decision(group, &outcome, "local")
+    }
+
+    fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap) {
+        use actix_web::http::header::HeaderName;
+        let spec = self.group(group);
+        let (p, q) = decision.tightest;
+        let policy = &spec.policies[p];
+        let reset = decision.reset.as_secs() + u64::from(decision.reset.subsec_nanos() > 0);
+        headers.insert(HeaderName::from_static("ratelimit-policy"), spec.policy_header.clone());
+        let current = format!("\"{}\";r={};t={reset}", policy.quota_names[q], decision.remaining);
+        if let Ok(value) = HeaderValue::from_str(&current) {
+            headers.insert(HeaderName::from_static("ratelimit"), value);
+        }
+        headers.insert(
+            HeaderName::from_static("x-ratelimit-limit"),
+            policy.limit_headers[q].clone(),
+        );
+        headers.insert(
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderValue::from(decision.remaining),
+        );
+        headers.insert(HeaderName::from_static("x-ratelimit-reset"), HeaderValue::from(reset));
+        if !decision.allowed {
+            let retry = decision.retry_after;
+            let seconds = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
+            headers.insert(actix_web::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+    }
+
+    fn status(&self) -> RateLimitStatus {
+        let instances = self.settings.instances.max(1);
+        let view = |group: RouteGroup, policy: &Policy, identity: &'static str, lease: u64| PolicyView {
+            group,
+            name: policy.name,
+            identity,
+            lease,
+            quotas: policy
+                .quotas
+                .iter()
+                .zip(&policy.quota_names)
+                .map(|(q, name)| QuotaView {
+                    name: name.clone(),
+                    limit: q.limit,
+                    window_seconds: q.period.as_secs(),
+                    local_limit: (q.limit / instances).max(1),
+                })
+                .collect(),
+        };
+        let redis_usable = self.redis.is_enabled()
+            && self
+                .redis
+                .status()
+                .breaker
+                .is_some_and(|b| b == crate::infra::redis::breaker::BreakerState::Closed);
+        RateLimitStatus {
+            enabled: self.settings.enabled,
+            mode: if redis_usable { "redis" } else { "local" },
+            instances,
+            trust_proxy_hops: self.settings.trust_proxy,
+            policies: vec![
+                view(RouteGroup::Api, &self.api.policies[0], "user-or-ip", self.api.lease),
+                view(RouteGroup::Credentials, &self.credentials.policies[0], "ip", 1),
+                view(RouteGroup::Credentials, &self.credentials.policies[1], "email", 1),
+            ],
+        }
+    }
+}
