@@ -109,6 +109,7 @@ pub struct Quota {
 /// `"5, 100/1d"` is 5 per `RATE_LIMIT_WINDOW` and 100 per day.
 #[derive(Debug, Clone)]
 pub struct RateLimitSettings {
+    /// `false` turns the `/api` policy off; login and register stay limited.
     pub enabled: bool,
     /// Every `/api` route but login and register: per user when authenticated, else per client IP.
     pub api: Vec<Quota>,

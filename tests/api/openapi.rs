@@ -155,3 +155,49 @@ async fn methods_a_documented_path_does_not_list_answer_405() {
     }
     assert!(checked >= 90, "checked only {checked} methods");
 }
+
+/// Every `/api` operation is behind a rate-limit policy: its responses carry the RateLimit headers
+/// (whatever the status) and the document lists its 429 with `Retry-After`; health, metrics and
+/// docs carry none.
+#[tokio::test]
+async fn every_api_operation_is_rate_limited_and_documents_429() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let mut checked = 0;
+    for (path, operations) in documented_paths(&app).await {
+        let concrete = with_random_ids(&path);
+        for (method, operation) in operations.as_object().unwrap() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let body = (method != Method::GET).then(|| serde_json::json!({}));
+            let response = app.request(method.clone(), &concrete, Some(&user.token), body).await;
+            let limited = path.starts_with("/api/");
+            for header in [
+                "ratelimit-policy",
+                "ratelimit",
+                "x-ratelimit-limit",
+                "x-ratelimit-remaining",
+                "x-ratelimit-reset",
+            ] {
+                assert_eq!(
+                    response.header(header).is_some(),
+                    limited,
+                    "{method} {path} ({}): {header}",
+                    response.status
+                );
+            }
+            let documented = &operation["responses"]["429"];
+            assert_eq!(documented.is_object(), limited, "{method} {path}: 429 documented");
+            if limited {
+                assert!(documented["headers"]["Retry-After"].is_object(), "{method} {path}");
+                assert!(
+                    operation["responses"]["200"]["headers"]["RateLimit"].is_object()
+                        || operation["responses"]["201"]["headers"]["RateLimit"].is_object()
+                        || operation["responses"]["204"]["headers"]["RateLimit"].is_object(),
+                    "{method} {path}: RateLimit on the success response"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 36, "checked only {checked} operations");
+}

@@ -87,7 +87,8 @@ where
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             };
             let limiter: Arc<dyn RateLimiter> = module.resolve();
-            if !limiter.enabled() {
+            // Login and register stay limited whatever the switch says.
+            if group == RouteGroup::Api && !limiter.enabled() {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             }
             let ip = Identity::Ip(client_ip(req.request(), limiter.trust_proxy_hops()));

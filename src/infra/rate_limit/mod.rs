@@ -195,14 +195,20 @@ pub trait RateLimiter: Interface {
     fn status(&self) -> RateLimitStatus;
 }
 
-/// Tokens this instance took from Redis for one identity, spent locally until used up or stale.
+/// Tokens this instance took from Redis for one identity, spent locally until used up or stale;
+/// and, after Redis said no, the time until which the answer stays no (no Redis call per denied
+/// request). Times are microseconds on the limiter's clock.
+#[derive(Default)]
 struct Lease {
     tokens: AtomicU64,
-    taken: Instant,
-    /// What Redis said was left after the grant, and until when the quota refills.
-    remaining: u64,
-    reset: Duration,
-    tightest: (usize, usize),
+    /// Tokens may be spent until then.
+    expires: AtomicU64,
+    denied_until: AtomicU64,
+    /// What Redis said was left after its grant, when the tightest quota is full again, and which
+    /// quota that is.
+    remaining: AtomicU64,
+    reset_at: AtomicU64,
+    tightest: AtomicU64,
 }
 
 type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
@@ -222,7 +228,6 @@ pub struct RedisRateLimiter {
     leases: IdentityCache<Arc<Lease>>,
     /// The local clock's zero, so TATs are microseconds since start.
     epoch: Instant,
-    command_timeout: Duration,
 }
 
 pub struct RedisRateLimiterParameters {
@@ -321,11 +326,10 @@ impl RedisRateLimiter {
             .map(local_cache)
             .collect();
         Self {
-            command_timeout: redis.settings().command_timeout,
             redis,
             leases: Cache::builder()
                 .max_capacity(LOCAL_CAPACITY)
-                .time_to_live(LEASE_LIFETIME)
+                .time_to_idle(Duration::from_secs(60))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             settings,
             api,
@@ -350,26 +354,67 @@ impl RedisRateLimiter {
         }
     }
 
-    /// Spends a token of a live lease, if there is one.
+    fn now(&self) -> u64 {
+        micros(self.epoch.elapsed()) + 1
+    }
+
+    /// Answers from this instance's lease: a token of it, or the denial Redis gave until it
+    /// expires. `None`: ask Redis.
     fn spend_lease(&self, identity: &Identity) -> Option<Decision> {
         let lease = self.leases.get(identity)?;
-        let elapsed = lease.taken.elapsed();
-        if elapsed >= LEASE_LIFETIME {
-            return None;
+        let now = self.now();
+        let reset = Duration::from_micros(lease.reset_at.load(Ordering::Relaxed).saturating_sub(now));
+        let tightest = (0, lease.tightest.load(Ordering::Relaxed) as usize);
+        let spent = (now < lease.expires.load(Ordering::Acquire))
+            .then(|| {
+                lease
+                    .tokens
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1))
+                    .ok()
+            })
+            .flatten();
+        if let Some(before) = spent {
+            return Some(Decision {
+                allowed: true,
+                tightest,
+                remaining: lease.remaining.load(Ordering::Relaxed) + before - 1,
+                reset,
+                retry_after: Duration::ZERO,
+                decided_by: "lease",
+            });
         }
-        let left = lease
-            .tokens
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| t.checked_sub(1))
-            .ok()?
-            - 1;
-        Some(Decision {
-            allowed: true,
-            tightest: lease.tightest,
-            remaining: lease.remaining + left,
-            reset: lease.reset.saturating_sub(elapsed),
-            retry_after: Duration::ZERO,
+        let denied_until = lease.denied_until.load(Ordering::Acquire);
+        (now < denied_until).then(|| Decision {
+            allowed: false,
+            tightest,
+            remaining: 0,
+            reset,
+            retry_after: Duration::from_micros(denied_until - now),
             decided_by: "lease",
         })
+    }
+
+    /// Keeps what Redis granted beyond this request (or its denial) for the next requests.
+    fn record_lease(&self, identity: &Identity, granted: u64, decision: &Decision) {
+        let lease = self.leases.get_with(*identity, || Arc::new(Lease::default()));
+        let now = self.now();
+        if granted == 0 {
+            lease
+                .denied_until
+                .store(now + micros(decision.retry_after), Ordering::Release);
+            return;
+        }
+        lease.denied_until.store(0, Ordering::Release);
+        lease.remaining.store(decision.remaining, Ordering::Relaxed);
+        lease.reset_at.store(now + micros(decision.reset), Ordering::Relaxed);
+        lease.tightest.store(decision.tightest.1 as u64, Ordering::Relaxed);
+        if now >= lease.expires.load(Ordering::Acquire) {
+            // Stale tokens are dropped, never lent on.
+            lease.tokens.store(granted - 1, Ordering::Release);
+        } else {
+            lease.tokens.fetch_add(granted - 1, Ordering::AcqRel);
+        }
+        lease.expires.store(now + micros(LEASE_LIFETIME), Ordering::Release);
     }
 
     /// One script call for every quota of every identity; `None` when Redis could not decide.
@@ -388,19 +433,11 @@ impl RedisRateLimiter {
                 args.push(period.to_string().into_bytes());
             }
         }
-        // The pool wait and the command together never exceed the command timeout.
-        let call = self.redis.run_script(script(), &redis_keys, &args);
-        let value = match tokio::time::timeout(self.command_timeout, call).await {
-            Ok(Ok(value)) => value,
-            Ok(Err(err)) => {
+        // `run_script` bounds the connection wait and the command together by the command timeout.
+        let value = match self.redis.run_script(script(), &redis_keys, &args).await {
+            Ok(value) => value,
+            Err(err) => {
                 log::debug!("rate limit: deciding locally, Redis failed: {err}");
-                return None;
-            }
-            Err(_) => {
-                log::debug!(
-                    "rate limit: deciding locally, Redis took over {:?}",
-                    self.command_timeout
-                );
                 return None;
             }
         };
@@ -422,7 +459,7 @@ impl RedisRateLimiter {
     /// The same rule in process, at 1/`APP_INSTANCES` of each quota.
     fn in_process(&self, group: RouteGroup, identities: &[Identity]) -> gcra::Outcome {
         let spec = self.group(group);
-        let now = micros(self.epoch.elapsed()) + 1;
+        let now = self.now();
         let instances = self.settings.instances.max(1);
         // Lock every identity's state (in policy order, so two requests cannot deadlock), decide
         // for all quotas at once, write back.
@@ -505,16 +542,15 @@ impl RateLimiter for RedisRateLimiter {
             }
             if let Some(outcome) = self.in_redis(group, identities, lease).await {
                 let mut decision = self.decision(group, &outcome, "redis");
-                if lease > 1 && outcome.granted > 1 {
-                    let lease = Lease {
-                        tokens: AtomicU64::new(outcome.granted - 1),
-                        taken: Instant::now(),
-                        remaining: decision.remaining,
-                        reset: decision.reset,
-                        tightest: decision.tightest,
-                    };
-                    self.leases.insert(identities[0], Arc::new(lease));
-                    decision.remaining += outcome.granted - 1;
+                if lease > 1 {
+                    if outcome.granted == 0 {
+                        // A request that refilled the lease meanwhile may have left a token.
+                        if let Some(decision) = self.spend_lease(&identities[0]) {
+                            return decision;
+                        }
+                    }
+                    self.record_lease(&identities[0], outcome.granted, &decision);
+                    decision.remaining += outcome.granted.saturating_sub(1);
                 }
                 return decision;
             }

@@ -307,8 +307,20 @@ impl Redis {
         })
     }
 
-    /// Runs one command (or pipeline) under the breaker and the command timeout.
+    /// Runs one command (or pipeline) under the breaker: at most the pool timeout for a
+    /// connection, then the command timeout.
     pub async fn call<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call_within(None, command).await
+    }
+
+    /// `call`, with the connection wait and the command together bounded by `total`: a caller
+    /// that must answer in time (the rate limiter) gets a timeout the breaker counts, rather than
+    /// dropping the call, which the breaker could not count.
+    pub async fn call_within<T, F, Fut>(&self, total: Option<Duration>, command: F) -> Result<T, RedisFailure>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -319,7 +331,13 @@ impl Redis {
         }
         let started = Instant::now();
         let pending = AbandonGuard(Some(&self.breaker));
-        let outcome = self.call_unguarded(command).await;
+        let outcome = match total {
+            None => self.call_unguarded(command).await,
+            Some(total) => match tokio::time::timeout(total, self.call_unguarded(command)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(self.no_connection_because().unwrap_or(RedisFailure::Timeout(total))),
+            },
+        };
         pending.settle();
         self.telemetry.observe_redis(started, outcome.is_ok());
         match &outcome {
@@ -349,10 +367,7 @@ impl Redis {
         let pooled = self.pool.get().await.map_err(|err| match err {
             bb8::RunError::User(err) => RedisFailure::Command(err),
             // No connection could be made meanwhile: say why, if the pool's attempts failed.
-            bb8::RunError::TimedOut => match self.connect_errors.recent(self.connect_timeout * 2) {
-                Some(err) => RedisFailure::Command(err),
-                None => RedisFailure::PoolTimeout,
-            },
+            bb8::RunError::TimedOut => self.no_connection_because().unwrap_or(RedisFailure::PoolTimeout),
         })?;
         let connection = pooled.connection.clone();
         let result = tokio::time::timeout(self.command_timeout, command(connection)).await;
@@ -366,6 +381,16 @@ impl Redis {
             }
             Err(_) => Err(RedisFailure::Timeout(self.command_timeout)),
         }
+    }
+
+    /// Why the pool has no connection, if its recent attempts to make one failed.
+    fn no_connection_because(&self) -> Option<RedisFailure> {
+        if self.pool.state().connections > 0 {
+            return None;
+        }
+        self.connect_errors
+            .recent(self.connect_timeout * 2)
+            .map(RedisFailure::Command)
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -423,7 +448,8 @@ pub trait RedisService: Interface {
     async fn ping(&self) -> Result<Duration, RedisFailure>;
 
     // The typed surface for application code: keys come from the registry; each call runs under
-    // the breaker and the command timeout, and fails fast (`Disabled`) in memory mode.
+    // the breaker and never takes longer than the command timeout (connection wait included),
+    // and fails fast (`Disabled`) in memory mode.
     async fn get(&self, key: &RedisKey) -> Result<Option<Vec<u8>>, RedisFailure>;
     async fn set(&self, key: &RedisKey, value: &[u8], ttl: Duration) -> Result<(), RedisFailure>;
     /// Deletes (UNLINK) the keys; returns how many existed.
@@ -550,7 +576,9 @@ impl RedisService for RedisModule {
         let redis = self.require()?;
         let started = Instant::now();
         redis
-            .call(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                redis::cmd("PING").query_async::<()>(&mut c).await
+            })
             .await?;
         Ok(started.elapsed())
     }
@@ -558,7 +586,9 @@ impl RedisService for RedisModule {
     async fn get(&self, key: &RedisKey) -> Result<Option<Vec<u8>>, RedisFailure> {
         let command = redis::cmd("GET").arg(key.as_str()).to_owned();
         self.require()?
-            .call(|mut c| async move { command.query_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                command.query_async(&mut c).await
+            })
             .await
     }
 
@@ -570,7 +600,9 @@ impl RedisService for RedisModule {
             .arg(ttl.as_millis().max(1) as u64)
             .to_owned();
         self.require()?
-            .call(|mut c| async move { command.query_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                command.query_async(&mut c).await
+            })
             .await
     }
 
@@ -582,7 +614,9 @@ impl RedisService for RedisModule {
             .arg(keys.iter().map(RedisKey::as_str).collect::<Vec<_>>())
             .to_owned();
         self.require()?
-            .call(|mut c| async move { command.query_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                command.query_async(&mut c).await
+            })
             .await
     }
 
@@ -599,7 +633,9 @@ impl RedisService for RedisModule {
             .ignore();
         let (value,): (i64,) = self
             .require()?
-            .call(|mut c| async move { pipe.query_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
             .await?;
         Ok(value)
     }
@@ -613,14 +649,18 @@ impl RedisService for RedisModule {
             invocation.arg(arg.as_slice());
         }
         self.require()?
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                invocation.invoke_async(&mut c).await
+            })
             .await
     }
 
     async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure> {
         let command = redis::cmd("PUBLISH").arg(channel.as_str()).arg(message).to_owned();
         self.require()?
-            .call(|mut c| async move { command.query_async(&mut c).await })
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                command.query_async(&mut c).await
+            })
             .await
     }
 }
