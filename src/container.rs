@@ -67,10 +67,11 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         })
         .with_component_parameters::<TieredCache>(TieredCacheParameters {
             settings: settings.cache.clone(),
-            telemetry,
+            telemetry: telemetry.clone(),
         })
         .with_component_parameters::<RedisRateLimiter>(RedisRateLimiterParameters {
             settings: settings.rate_limit.clone(),
+            telemetry,
         })
         .with_component_parameters::<Argon2Hasher>(Argon2HasherParameters {
             settings: settings.passwords.clone(),

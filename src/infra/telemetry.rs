@@ -1,6 +1,6 @@
 //! Prometheus metrics of one app instance (its own registry, so several instances in one process,
 //! as in the tests, do not mix): HTTP, cache tiers per namespace, loaders, Redis commands, the
-//! breaker, the pool, pub/sub and invalidations. Served as text at `GET /metrics`.
+//! breaker, the pool, pub/sub, invalidations and rate-limit decisions. Served as text at `GET /metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ pub struct Telemetry {
     pub invalidations_replayed: IntCounter,
     pub invalidations_pending: IntGauge,
     pub l1_entries: IntGauge,
+    /// `group` = `api` | `credentials`, `outcome` = `allowed` | `denied`, `by` = `redis` | `lease` | `local`.
+    pub rate_limit_decisions: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -92,6 +94,11 @@ impl Telemetry {
             invalidations_pending: IntGauge::new("cache_invalidations_pending", "Invalidations waiting for Redis")
                 .expect("gauge"),
             l1_entries: IntGauge::new("cache_l1_entries", "Entries in the in-process cache").expect("gauge"),
+            rate_limit_decisions: counter(
+                "rate_limit_decisions_total",
+                "Rate-limit decisions by route group, outcome and where they were made",
+                &["group", "outcome", "by"],
+            ),
         };
         let registry = &telemetry.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -108,6 +115,7 @@ impl Telemetry {
             Box::new(telemetry.invalidations_replayed.clone()),
             Box::new(telemetry.invalidations_pending.clone()),
             Box::new(telemetry.l1_entries.clone()),
+            Box::new(telemetry.rate_limit_decisions.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");

@@ -578,4 +578,28 @@ async fn switching_the_api_policy_off_keeps_login_limited() {
     login(&app, &email).await.assert_status(401);
     login(&app, &email).await.assert_status(401);
     login(&app, &email).await.assert_error(429, "rate_limited");
+    let metrics = app.request(Method::GET, "/metrics", None, None).await.text;
+    assert!(
+        metrics.contains(r#"nestling_rate_limit_decisions_total{by="local",group="credentials",outcome="denied"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_window_is_the_window_of_every_quota_given_as_a_bare_number() {
+    let configured = Settings::from_lookup(|name| match name {
+        "RATE_LIMIT_WINDOW" => Some("30".into()),
+        "RATE_LIMIT_API" => Some("40".into()),
+        _ => None,
+    })
+    .unwrap();
+    let app = TestApp::builder()
+        .settings(move |s| s.rate_limit.api = configured.rate_limit.api)
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    let me = app.get("/api/users/me", &user.token).await;
+    assert_eq!(me.header("ratelimit-policy"), Some("\"api-30s\";q=40;w=30"));
+    let policy = app.get("/api/rate-limit/policy", &user.token).await;
+    assert_eq!(policy.body["policies"][0]["quotas"][0]["windowSeconds"], 30);
 }

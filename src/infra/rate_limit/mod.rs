@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use crate::config::{Quota, RateLimitSettings};
 use crate::infra::redis::RedisService;
+use crate::infra::telemetry::Telemetry;
 use gcra::Cell;
 
 /// Who a decision is about. Fixed-size, so local state per identity is bounded.
@@ -66,6 +67,15 @@ pub enum RouteGroup {
     Api,
     /// `POST /api/auth/login` and `/api/auth/register`; identities: client IP and email.
     Credentials,
+}
+
+impl RouteGroup {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Credentials => "credentials",
+        }
+    }
 }
 
 /// A named list of quotas for one kind of identity.
@@ -228,10 +238,15 @@ pub struct RedisRateLimiter {
     leases: IdentityCache<Arc<Lease>>,
     /// The local clock's zero, so TATs are microseconds since start.
     epoch: Instant,
+    /// `rate_limit_decisions_total` children, resolved once: [group][allowed, denied][by].
+    decisions: [[[prometheus::IntCounter; 3]; 2]; 2],
 }
+
+const DECIDED_BY: [&str; 3] = ["redis", "lease", "local"];
 
 pub struct RedisRateLimiterParameters {
     pub settings: RateLimitSettings,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Default for RedisRateLimiterParameters {
@@ -245,7 +260,11 @@ impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for 
     type Parameters = RedisRateLimiterParameters;
 
     fn build(context: &mut shaku::ModuleBuildContext<M>, params: RedisRateLimiterParameters) -> Box<dyn RateLimiter> {
-        Box::new(RedisRateLimiter::new(M::build_component(context), params.settings))
+        Box::new(RedisRateLimiter::new(
+            M::build_component(context),
+            params.settings,
+            &params.telemetry,
+        ))
     }
 }
 
@@ -297,7 +316,7 @@ fn micros(duration: Duration) -> u64 {
 }
 
 impl RedisRateLimiter {
-    pub fn new(redis: Arc<dyn RedisService>, settings: RateLimitSettings) -> Self {
+    pub fn new(redis: Arc<dyn RedisService>, settings: RateLimitSettings, telemetry: &Telemetry) -> Self {
         let api = Group::new(vec![Policy::new("api", settings.api.clone())], settings.lease);
         let credentials = Group::new(
             vec![
@@ -336,6 +355,15 @@ impl RedisRateLimiter {
             credentials,
             local,
             epoch: Instant::now(),
+            decisions: [RouteGroup::Api, RouteGroup::Credentials].map(|group| {
+                ["allowed", "denied"].map(|outcome| {
+                    DECIDED_BY.map(|by| {
+                        telemetry
+                            .rate_limit_decisions
+                            .with_label_values(&[group.as_str(), outcome, by])
+                    })
+                })
+            }),
         }
     }
 
@@ -496,6 +524,35 @@ impl RedisRateLimiter {
         outcome
     }
 
+    /// Redis first (a lease, or one script call), else the in-process rule.
+    async fn decide(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
+        let identities = &identities[..identities.len().min(self.group(group).policies.len())];
+        if self.redis.active().is_some() {
+            let lease = self.group(group).lease;
+            if lease > 1 {
+                if let Some(decision) = self.spend_lease(&identities[0]) {
+                    return decision;
+                }
+            }
+            if let Some(outcome) = self.in_redis(group, identities, lease).await {
+                let mut decision = self.decision(group, &outcome, "redis");
+                if lease > 1 {
+                    if outcome.granted == 0 {
+                        // A request that refilled the lease meanwhile may have left a token.
+                        if let Some(decision) = self.spend_lease(&identities[0]) {
+                            return decision;
+                        }
+                    }
+                    self.record_lease(&identities[0], outcome.granted, &decision);
+                    decision.remaining += outcome.granted.saturating_sub(1);
+                }
+                return decision;
+            }
+        }
+        let outcome = self.in_process(group, identities);
+        self.decision(group, &outcome, "local")
+    }
+
     fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: &'static str) -> Decision {
         let spec = self.group(group);
         let positions = spec
@@ -532,31 +589,10 @@ impl RateLimiter for RedisRateLimiter {
     }
 
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
-        let identities = &identities[..identities.len().min(self.group(group).policies.len())];
-        if self.redis.active().is_some() {
-            let lease = self.group(group).lease;
-            if lease > 1 {
-                if let Some(decision) = self.spend_lease(&identities[0]) {
-                    return decision;
-                }
-            }
-            if let Some(outcome) = self.in_redis(group, identities, lease).await {
-                let mut decision = self.decision(group, &outcome, "redis");
-                if lease > 1 {
-                    if outcome.granted == 0 {
-                        // A request that refilled the lease meanwhile may have left a token.
-                        if let Some(decision) = self.spend_lease(&identities[0]) {
-                            return decision;
-                        }
-                    }
-                    self.record_lease(&identities[0], outcome.granted, &decision);
-                    decision.remaining += outcome.granted.saturating_sub(1);
-                }
-                return decision;
-            }
-        }
-        let outcome = self.in_process(group, identities);
-        self.decision(group, &outcome, "local")
+        let decision = self.decide(group, identities).await;
+        let by = DECIDED_BY.iter().position(|b| *b == decision.decided_by).unwrap_or(2);
+        self.decisions[group as usize][usize::from(!decision.allowed)][by].inc();
+        decision
     }
 
     fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap) {
