@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Rerunnable benchmark of nestling (not part of `cargo test`): release build, seeded demo data,
 # wrk on loopback against an authenticated GET /api/projects/{id}/tasks?limit=20 (20 tasks, ~9 KB).
-# Scenarios: bare actix ceiling, L1 hit (Redis mode), memory mode, L2 hit (L1 off), uncached,
-# 90 % read / 10 % write, Redis frozen (SIGSTOP). Postgres: $DATABASE_URL, or the dev service.
+# Scenarios: bare actix ceiling, L1 hit (Redis mode and memory mode, each with the /api rate-limit
+# policy on and off), L2 hit (L1 off), uncached, 90 % read / 10 % write, Redis frozen (SIGSTOP).
+# Postgres: $DATABASE_URL, or the dev service. The policy's quota is raised so that it decides
+# every request without denying any: its cost is what is measured.
 #
 # Every scenario runs ROUNDS times, interleaved, and the medians are reported: on a small machine
 # shared with the load generator, single runs vary by 20 % or more.
@@ -41,7 +43,8 @@ PIDS+=("$REDIS_PID")
 BASE="http://127.0.0.1:$APP_PORT"
 APP_PID=""
 start_app() {
-  env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" "$@" "$BIN" >"$WORK/app.log" 2>&1 &
+  env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
+    RATE_LIMIT_API=1000000000/1h "$@" "$BIN" >"$WORK/app.log" 2>&1 &
   APP_PID=$!
   PIDS+=("$APP_PID")
   for _ in $(seq 200); do curl -sf "$BASE/health/live" >/dev/null && return; sleep 0.05; done
@@ -95,7 +98,9 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null &&
 for ROUND in $(seq "$ROUNDS"); do
   measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
   start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=true RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (redis mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (memory mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm
   kill -STOP "$REDIS_PID"
   # Let the breaker see the outage (health pings time out), then measure.
@@ -127,4 +132,6 @@ awk -F'\t' '
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
+    printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
+    printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]
   }' "$RESULTS"

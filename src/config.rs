@@ -117,7 +117,8 @@ pub struct RateLimitSettings {
     pub auth_ip: Vec<Quota>,
     /// Login and register, per email.
     pub auth_email: Vec<Quota>,
-    /// Tokens of the `/api` policy an instance takes from Redis at a time (1 = exact).
+    /// Most tokens of the `/api` policy an instance takes from Redis at a time (and never more
+    /// than 1 % of its tightest quota; 1 = exact).
     pub lease: u64,
     /// Proxy hops in front of the app whose `X-Forwarded-For` entries are trusted (0: none; the
     /// peer address is the client).
@@ -234,7 +235,7 @@ impl Settings {
                 api: vars.quotas("RATE_LIMIT_API", "600", window)?,
                 auth_ip: vars.quotas("RATE_LIMIT_AUTH_IP", "20, 1000/1d", window)?,
                 auth_email: vars.quotas("RATE_LIMIT_AUTH_EMAIL", "5, 100/1d", window)?,
-                lease: vars.positive("RATE_LIMIT_LEASE", 10, "a number of tokens > 0")?,
+                lease: vars.positive("RATE_LIMIT_LEASE", 100, "a number of tokens > 0")?,
                 trust_proxy: vars.parse("TRUST_PROXY", 0, "a number of proxy hops (0 = trust none)")?,
                 instances: vars.positive("APP_INSTANCES", 1, "a number of instances > 0")?,
             },

@@ -23,13 +23,16 @@ pub struct CellState {
     pub reset: u64,
 }
 
+/// One entry per quota; the hot path decides one to four of them without allocating.
+pub type CellStates = smallvec::SmallVec<[CellState; 4]>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// Tokens granted: up to the number asked for, 0 when denied.
     pub granted: u64,
     /// When denied: how long until one token is available in every quota.
     pub retry_after: u64,
-    pub cells: Vec<CellState>,
+    pub cells: CellStates,
 }
 
 /// Grants up to `wanted` tokens from every cell at once (all or none move), at time `now`.

@@ -6,6 +6,7 @@
 //! extensions, so `AuthUser` does not authenticate twice), else the client IP. For login and
 //! register it is the client IP and the email of the JSON body (read here, then handed on).
 
+use std::cell::OnceCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,11 +18,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{ready, LocalBoxFuture, Ready};
 use futures_util::StreamExt;
 use shaku::HasComponent;
+use smallvec::SmallVec;
 
 use super::{Identity, RateLimiter, RouteGroup};
 use crate::container::AppModule;
 use crate::error::{AppError, BODY_LIMIT_BYTES};
-use crate::modules::auth::extractor::{bearer_token, AuthUser};
+use crate::modules::auth::extractor::{bearer_token, AuthUser, RefusedToken};
 use crate::modules::auth::service::AuthService;
 
 /// Wraps a scope or resource in the policies of a route group.
@@ -59,6 +61,7 @@ where
         ready(Ok(RateLimitMiddleware {
             service: Rc::new(service),
             group: self.group,
+            resolved: Rc::new(OnceCell::new()),
         }))
     }
 }
@@ -66,6 +69,14 @@ where
 pub struct RateLimitMiddleware<S> {
     service: Rc<S>,
     group: RouteGroup,
+    /// The container's limiter and auth service, resolved once per worker: no shared `Arc`
+    /// counts touched per request.
+    resolved: Rc<OnceCell<Resolved>>,
+}
+
+struct Resolved {
+    limiter: Arc<dyn RateLimiter>,
+    auth: Arc<dyn AuthService>,
 }
 
 impl<S, B> Service<ServiceRequest> for RateLimitMiddleware<S>
@@ -80,21 +91,29 @@ where
     forward_ready!(service);
 
     fn call(&self, mut req: ServiceRequest) -> Self::Future {
+        if self.resolved.get().is_none() {
+            if let Some(module) = req.app_data::<Arc<AppModule>>() {
+                let _ = self.resolved.set(Resolved {
+                    limiter: module.resolve(),
+                    auth: module.resolve(),
+                });
+            }
+        }
         let service = self.service.clone();
+        let resolved = self.resolved.clone();
         let group = self.group;
         Box::pin(async move {
-            let Some(module) = req.app_data::<Arc<AppModule>>().cloned() else {
+            let Some(Resolved { limiter, auth }) = resolved.get() else {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             };
-            let limiter: Arc<dyn RateLimiter> = module.resolve();
             // Login and register stay limited whatever the switch says.
             if group == RouteGroup::Api && !limiter.enabled() {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             }
             let ip = Identity::Ip(client_ip(req.request(), limiter.trust_proxy_hops()));
-            let mut identities = Vec::with_capacity(2);
+            let mut identities: SmallVec<[Identity; 2]> = SmallVec::new();
             match group {
-                RouteGroup::Api => identities.push(authenticated_user(&req, &module).await.unwrap_or(ip)),
+                RouteGroup::Api => identities.push(authenticated_user(&req, auth.as_ref()).await.unwrap_or(ip)),
                 RouteGroup::Credentials => {
                     identities.push(ip);
                     match body_email(&mut req).await {
@@ -119,13 +138,22 @@ where
     }
 }
 
-/// The user behind a valid bearer token, remembered for the `AuthUser` extractor.
-async fn authenticated_user(req: &ServiceRequest, module: &AppModule) -> Option<Identity> {
+/// The user behind a valid bearer token, remembered for the `AuthUser` extractor (as is a
+/// refused token, so it is not looked up twice).
+async fn authenticated_user(req: &ServiceRequest, auth: &dyn AuthService) -> Option<Identity> {
     let token = bearer_token(req.request())?.to_owned();
-    let auth: Arc<dyn AuthService> = module.resolve();
-    let id = auth.authenticate(&token).await.ok()?;
-    req.extensions_mut().insert(AuthUser { id, token });
-    Some(Identity::User(id))
+    match auth.authenticate(&token).await {
+        Ok(id) => {
+            req.extensions_mut().insert(AuthUser { id, token });
+            Some(Identity::User(id))
+        }
+        Err(AppError::Unauthorized { code, message }) => {
+            req.extensions_mut().insert(RefusedToken { code, message });
+            None
+        }
+        // Anything else (the database is down) the extractor meets again and answers.
+        Err(_) => None,
+    }
 }
 
 /// The `email` of a JSON body, if it has one; the body is handed on to the handler unchanged.

@@ -26,6 +26,7 @@ use bb8_redis::redis::{self, Script};
 use moka::sync::Cache;
 use serde::Serialize;
 use shaku::{Component, Interface};
+use smallvec::SmallVec;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -317,7 +318,21 @@ fn micros(duration: Duration) -> u64 {
 
 impl RedisRateLimiter {
     pub fn new(redis: Arc<dyn RedisService>, settings: RateLimitSettings, telemetry: &Telemetry) -> Self {
-        let api = Group::new(vec![Policy::new("api", settings.api.clone())], settings.lease);
+        Self::with_capacity(redis, settings, telemetry, LOCAL_CAPACITY)
+    }
+
+    /// `new`, keeping in-process state for at most `capacity` identities per policy.
+    fn with_capacity(
+        redis: Arc<dyn RedisService>,
+        settings: RateLimitSettings,
+        telemetry: &Telemetry,
+        capacity: u64,
+    ) -> Self {
+        // A lease is at most 1 % of the policy's tightest quota: the fleet's error stays within
+        // instances × 1 % of it, however large RATE_LIMIT_LEASE is.
+        let tightest = settings.api.iter().map(|q| q.limit).min().unwrap_or(1);
+        let lease = settings.lease.min(tightest / 100).max(1);
+        let api = Group::new(vec![Policy::new("api", settings.api.clone())], lease);
         let credentials = Group::new(
             vec![
                 Policy::new("auth-ip", settings.auth_ip.clone()),
@@ -325,17 +340,11 @@ impl RedisRateLimiter {
             ],
             1,
         );
-        let local_cache = |policy: &Policy| {
-            let longest = policy
-                .quotas
-                .iter()
-                .map(|q| q.period)
-                .max()
-                .unwrap_or(Duration::from_secs(60));
+        let local_cache = |_: &Policy| {
+            // Bounded by count only: per-entry expiry would cost every lookup its bookkeeping, and
+            // an evicted identity only starts again from a full quota.
             Cache::builder()
-                .max_capacity(LOCAL_CAPACITY)
-                // An identity idle for its longest period is full again: nothing to remember.
-                .time_to_idle(longest)
+                .max_capacity(capacity)
                 .build_with_hasher(foldhash::fast::RandomState::default())
         };
         let local = api
@@ -347,8 +356,7 @@ impl RedisRateLimiter {
         Self {
             redis,
             leases: Cache::builder()
-                .max_capacity(LOCAL_CAPACITY)
-                .time_to_idle(Duration::from_secs(60))
+                .max_capacity(capacity)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             settings,
             api,
@@ -491,7 +499,7 @@ impl RedisRateLimiter {
         let instances = self.settings.instances.max(1);
         // Lock every identity's state (in policy order, so two requests cannot deadlock), decide
         // for all quotas at once, write back.
-        let states: Vec<Arc<Mutex<Vec<u64>>>> = spec
+        let states: SmallVec<[Arc<Mutex<Vec<u64>>>; 2]> = spec
             .policies
             .iter()
             .zip(identities)
@@ -501,8 +509,8 @@ impl RedisRateLimiter {
                     .get_with(*identity, || Arc::new(Mutex::new(vec![0; policy.quotas.len()])))
             })
             .collect();
-        let mut guards: Vec<_> = states.iter().map(|s| s.lock().unwrap()).collect();
-        let mut cells: Vec<Cell> = Vec::new();
+        let mut guards: SmallVec<[_; 2]> = states.iter().map(|s| s.lock().unwrap()).collect();
+        let mut cells: SmallVec<[Cell; 4]> = SmallVec::new();
         for (policy, guard) in spec.policies.iter().zip(&guards) {
             for (quota, tat) in policy.quotas.iter().zip(guard.iter()) {
                 let limit = (quota.limit / instances).max(1);
@@ -658,5 +666,60 @@ impl RateLimiter for RedisRateLimiter {
                 view(RouteGroup::Credentials, &self.credentials.policies[1], "email", 1),
             ],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::infra::redis::keys::KeyRegistry;
+    use crate::infra::redis::RedisModule;
+
+    /// A limiter without Redis (memory mode: nothing is connected).
+    fn local_limiter(capacity: u64) -> RedisRateLimiter {
+        let settings = Settings::from_lookup(|_| None).unwrap();
+        let telemetry = Telemetry::new();
+        let keys = KeyRegistry::new("t:", settings.ttl.clone());
+        let redis = Arc::new(RedisModule::new(settings.redis.clone(), keys, telemetry.clone()));
+        RedisRateLimiter::with_capacity(redis, settings.rate_limit, &telemetry, capacity)
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_new_identities_keeps_the_in_process_state_bounded() {
+        let limiter = local_limiter(1_000);
+        for n in 0..20_000u32 {
+            let ip = Identity::Ip(IpAddr::from(n.to_be_bytes()));
+            let email = Identity::email(&format!("flood-{n}@example.com"));
+            assert!(limiter.check(RouteGroup::Credentials, &[ip, email]).await.allowed);
+        }
+        for cache in &limiter.local {
+            cache.run_pending_tasks();
+            assert!(cache.entry_count() <= 1_000, "{} identities kept", cache.entry_count());
+        }
+    }
+
+    #[tokio::test]
+    async fn without_redis_the_default_login_quotas_hold_per_email() {
+        let limiter = local_limiter(1_000);
+        let (ip, email) = (
+            Identity::Ip(IpAddr::from([192, 0, 2, 1])),
+            Identity::email("a@example.com"),
+        );
+        let allowed = {
+            let mut allowed = 0;
+            for _ in 0..10 {
+                allowed += u32::from(limiter.check(RouteGroup::Credentials, &[ip, email]).await.allowed);
+            }
+            allowed
+        };
+        assert_eq!(allowed, 5, "RATE_LIMIT_AUTH_EMAIL defaults to 5 per window");
+        let denied = limiter.check(RouteGroup::Credentials, &[ip, email]).await;
+        assert_eq!(denied.decided_by, "local");
+        let retry = denied.retry_after;
+        assert!(
+            retry > Duration::from_secs(11) && retry <= Duration::from_secs(12),
+            "{retry:?}: one attempt every 60 s / 5"
+        );
     }
 }

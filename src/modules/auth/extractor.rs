@@ -19,6 +19,13 @@ pub struct AuthUser {
     pub token: String,
 }
 
+/// A bearer token the rate limiter already found invalid, with the 401 it got.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusedToken {
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
 pub const MISSING_TOKEN: AppError = AppError::Unauthorized {
     code: "missing_token",
     message: "an Authorization: Bearer token is required",
@@ -43,6 +50,13 @@ impl FromRequest for AuthUser {
         if let Some(user) = req.extensions().get::<AuthUser>() {
             let user = user.clone();
             return Box::pin(async move { Ok(user) });
+        }
+        if let Some(refused) = req.extensions().get::<RefusedToken>() {
+            let err = AppError::Unauthorized {
+                code: refused.code,
+                message: refused.message,
+            };
+            return Box::pin(async move { Err(err) });
         }
         let token = bearer_token(req).map(str::to_owned);
         let auth: Option<Arc<dyn AuthService>> = req.app_data::<Arc<AppModule>>().map(|m| m.resolve());
