@@ -285,19 +285,7 @@ async fn in_memory_mode_the_same_policies_hold_and_redis_sees_no_connection() {
     }
     let policy = app.request(Method::GET, "/health", None, None).await;
     assert_eq!(policy.body["details"]["redis"]["status"], "disabled");
-    let mut connection = redis.connection().await;
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let received = info
-        .lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    assert_eq!(received, "1", "only this test's own connection");
+    assert_eq!(redis.connections_received().await, 1, "only this test's own connection");
 }
 
 #[tokio::test]
@@ -360,7 +348,14 @@ async fn wait_for_redis_up(app: &TestApp) {
     }
 }
 
-async fn redis_fault_keeps_decisions_fast_and_login_limited(fault: fn(&TestRedis), recover: fn(&TestRedis)) {
+/// Breaks Redis with `fault`: reads keep a fast p99 and login stays limited (locally); then
+/// `recover`s it, and the next login shows what Redis holds: `remaining_after` says whether the
+/// local attempts were replayed into it (they must not be).
+async fn redis_fault_keeps_decisions_fast_and_login_limited(
+    fault: fn(&TestRedis),
+    recover: fn(&TestRedis),
+    remaining_after: &str,
+) {
     let redis = private_redis().await;
     let app = with_redis(&redis, |s| {
         s.rate_limit.auth_email = per(3, 3600);
@@ -374,11 +369,8 @@ async fn redis_fault_keeps_decisions_fast_and_login_limited(fault: fn(&TestRedis
 
     tokio::task::block_in_place(|| fault(&redis));
     let (p99, statuses) = read_latencies(&app, &user.token, 1000).await;
-    assert!(
-        statuses.iter().all(|s| *s == 200),
-        "{:?}",
-        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
-    );
+    let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(failed.is_empty(), "{failed:?}");
     assert!(p99 <= Duration::from_millis(50), "decision p99 {p99:?} with Redis down");
     // Locally, with a fresh state: 3 more attempts pass, the fourth does not.
     for expected in [401, 401, 401, 429] {
@@ -387,51 +379,26 @@ async fn redis_fault_keeps_decisions_fast_and_login_limited(fault: fn(&TestRedis
 
     tokio::task::block_in_place(|| recover(&redis));
     wait_for_redis_up(&app).await;
-    // Redis still holds one attempt: the local ones were not replayed into it.
-    let after = login(&app, &email).await;
-    after.assert_status(401);
-    assert_eq!(after.header("x-ratelimit-remaining"), Some("1"), "{:?}", after.headers);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_redis_frozen_decisions_stay_fast_login_stays_limited_and_nothing_is_replayed() {
-    redis_fault_keeps_decisions_fast_and_login_limited(TestRedis::freeze, TestRedis::thaw).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_redis_killed_decisions_stay_fast_login_stays_limited_and_nothing_is_replayed() {
-    // A restarted Redis is empty: the attempt made before is gone, so only check the fault half.
-    fn restart(redis: &TestRedis) {
-        redis.restart();
-    }
-    let redis = private_redis().await;
-    let app = with_redis(&redis, |s| {
-        s.rate_limit.auth_email = per(3, 3600);
-        s.rate_limit.lease = 1;
-    })
-    .await;
-    let user = app.register_user().await;
-    let email = email();
-    login(&app, &email).await.assert_status(401);
-    tokio::task::block_in_place(|| redis.kill());
-    let (p99, statuses) = read_latencies(&app, &user.token, 1000).await;
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert!(
-        p99 <= Duration::from_millis(50),
-        "decision p99 {p99:?} with Redis killed"
-    );
-    for expected in [401, 401, 401, 429] {
-        assert_eq!(login(&app, &email).await.status, expected, "login stays limited");
-    }
-    tokio::task::block_in_place(|| restart(&redis));
-    wait_for_redis_up(&app).await;
     let after = login(&app, &email).await;
     after.assert_status(401);
     assert_eq!(
         after.header("x-ratelimit-remaining"),
-        Some("2"),
-        "a fresh count, not a replay"
+        Some(remaining_after),
+        "{:?}",
+        after.headers
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_frozen_decisions_stay_fast_login_stays_limited_and_nothing_is_replayed() {
+    // Redis still holds the one attempt made before the freeze, and only that one.
+    redis_fault_keeps_decisions_fast_and_login_limited(TestRedis::freeze, TestRedis::thaw, "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_killed_decisions_stay_fast_login_stays_limited_and_nothing_is_replayed() {
+    // The restarted Redis is empty (nothing persisted): a fresh count, not a replay.
+    redis_fault_keeps_decisions_fast_and_login_limited(TestRedis::kill, TestRedis::restart, "2").await;
 }
 
 /// The control: with a client-default command timeout and a breaker that never opens, a limiter
@@ -510,8 +477,10 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
         .await
         .unwrap();
     let calls = evalsha(&info) - calls_before;
+    // A lease is topped up when under a quarter of it is left, by what it lacks: at most one
+    // call per three quarters of a lease.
     assert!(
-        calls <= 100 / LEASE,
+        calls <= 100 * 4 / (3 * LEASE) + 1,
         "{calls} script calls for 100 requests with a lease of {LEASE}"
     );
 }

@@ -239,13 +239,7 @@ async fn redis_absent_at_startup_does_not_delay_the_app_which_connects_when_it_a
     redis.kill();
     let started = Instant::now();
     let url = redis.url();
-    let app = TestApp::builder()
-        .settings(move |s| {
-            s.redis.enabled = true;
-            s.redis.url = url;
-        })
-        .spawn()
-        .await;
+    let app = TestApp::builder().redis_url(url).spawn().await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "start-up took {:?}",
@@ -318,9 +312,8 @@ async fn without_timeouts_and_breaker_a_frozen_redis_hangs_requests() {
     let redis = private_redis().await;
     let url = redis.url();
     let app = TestApp::builder()
+        .redis_url(url)
         .settings(move |s| {
-            s.redis.enabled = true;
-            s.redis.url = url;
             s.redis.command_timeout = Duration::from_secs(30);
             s.redis.pool_timeout = Duration::from_secs(30);
             s.redis.breaker_threshold = u32::MAX;

@@ -67,9 +67,8 @@ async fn a_wrong_ca_is_refused_and_health_says_redis_down_because_of_tls() {
     let wrong_ca = make_test_ca(other.path(), "other");
     let url = redis.url();
     let app = TestApp::builder()
+        .redis_url(url)
         .settings(move |s| {
-            s.redis.enabled = true;
-            s.redis.url = url;
             s.redis.tls_ca_file = Some(wrong_ca);
         })
         .spawn()
@@ -97,13 +96,7 @@ async fn a_wrong_ca_is_refused_and_health_says_redis_down_because_of_tls() {
 #[tokio::test]
 async fn rediss_without_the_tls_feature_would_say_disabled_but_now_never_does() {
     // A URL the client cannot use at all: the mode must not say redis next to a disabled Redis.
-    let app = TestApp::builder()
-        .settings(|s| {
-            s.redis.enabled = true;
-            s.redis.url = "rediss://".into();
-        })
-        .spawn()
-        .await;
+    let app = TestApp::builder().redis_url("rediss://").spawn().await;
     let report = health(&app).await;
     assert_eq!(report["details"]["redis"]["status"], "down", "{report}");
     assert_eq!(report["details"]["redis"]["reason"], "config", "{report}");
@@ -196,13 +189,7 @@ async fn a_wrong_password_shows_redis_down_because_of_auth() {
     })
     .await;
     let url = format!("redis://nestling:not-the-password@127.0.0.1:{}", redis.port);
-    let app = TestApp::builder()
-        .settings(move |s| {
-            s.redis.enabled = true;
-            s.redis.url = url;
-        })
-        .spawn()
-        .await;
+    let app = TestApp::builder().redis_url(url).spawn().await;
     let report = health(&app).await;
     assert_eq!(report["details"]["redis"]["status"], "down", "{report}");
     assert_eq!(report["details"]["redis"]["reason"], "auth", "{report}");
@@ -286,16 +273,11 @@ async fn in_memory_mode_the_typed_surface_fails_fast_without_connecting() {
         module.incr(&key, 1, Duration::from_secs(1)).await,
         Err(RedisFailure::Disabled)
     ));
-    let mut raw = server.connection().await;
-    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut raw).await.unwrap();
-    let connections: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(connections, 1, "only this test's own connection: {info}");
+    assert_eq!(
+        server.connections_received().await,
+        1,
+        "only this test's own connection"
+    );
 }
 
 #[test]
@@ -316,11 +298,8 @@ fn the_readme_acl_user_lists_exactly_the_commands_the_app_uses() {
 #[tokio::test]
 async fn a_host_that_does_not_resolve_shows_redis_down_because_of_dns() {
     let app = TestApp::builder()
-        .settings(|s| {
-            s.redis.enabled = true;
-            // RFC 6761: `.invalid` never resolves.
-            s.redis.url = "redis://nestling-redis.invalid:6379".into();
-        })
+        // RFC 6761: `.invalid` never resolves.
+        .redis_url("redis://nestling-redis.invalid:6379")
         .spawn()
         .await;
     let report = health(&app).await;

@@ -16,7 +16,7 @@ pub mod gcra;
 pub mod middleware;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -220,7 +220,12 @@ struct Lease {
     remaining: AtomicU64,
     reset_at: AtomicU64,
     tightest: AtomicU64,
+    /// Set while one request tops the lease up: the others keep spending, none waits.
+    refilling: AtomicBool,
 }
+
+/// A lease this request is to top up, and how many tokens it lacks.
+type TopUp = (Arc<Lease>, u64);
 
 type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
 
@@ -395,8 +400,9 @@ impl RedisRateLimiter {
     }
 
     /// Answers from this instance's lease: a token of it, or the denial Redis gave until it
-    /// expires. `None`: ask Redis.
-    fn spend_lease(&self, identity: &Identity) -> Option<Decision> {
+    /// expires. `None`: ask Redis. With the decision come the lease and the tokens it lacks when
+    /// this request is the one to top it up (under a quarter of a lease left, nobody else at it).
+    fn spend_lease(&self, identity: &Identity, size: u64) -> Option<(Decision, Option<TopUp>)> {
         let lease = self.leases.get(identity)?;
         let now = self.now();
         let reset = Duration::from_micros(lease.reset_at.load(Ordering::Relaxed).saturating_sub(now));
@@ -410,28 +416,39 @@ impl RedisRateLimiter {
             })
             .flatten();
         if let Some(before) = spent {
-            return Some(Decision {
+            let decision = Decision {
                 allowed: true,
                 tightest,
                 remaining: lease.remaining.load(Ordering::Relaxed) + before - 1,
                 reset,
                 retry_after: Duration::ZERO,
                 decided_by: "lease",
-            });
+            };
+            let left = before - 1;
+            let top_up = left * 4 < size
+                && lease
+                    .refilling
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            return Some((decision, top_up.then(|| (lease, size - left))));
         }
         let denied_until = lease.denied_until.load(Ordering::Acquire);
-        (now < denied_until).then(|| Decision {
-            allowed: false,
-            tightest,
-            remaining: 0,
-            reset,
-            retry_after: Duration::from_micros(denied_until - now),
-            decided_by: "lease",
+        (now < denied_until).then(|| {
+            let decision = Decision {
+                allowed: false,
+                tightest,
+                remaining: 0,
+                reset,
+                retry_after: Duration::from_micros(denied_until - now),
+                decided_by: "lease",
+            };
+            (decision, None)
         })
     }
 
-    /// Keeps what Redis granted beyond this request (or its denial) for the next requests.
-    fn record_lease(&self, identity: &Identity, granted: u64, decision: &Decision) {
+    /// Keeps what Redis granted beyond the `used` tokens of this request (or its denial) for the
+    /// next requests.
+    fn record_lease(&self, identity: &Identity, granted: u64, used: u64, decision: &Decision) {
         let lease = self.leases.get_with(*identity, || Arc::new(Lease::default()));
         let now = self.now();
         if granted == 0 {
@@ -446,9 +463,9 @@ impl RedisRateLimiter {
         lease.tightest.store(decision.tightest.1 as u64, Ordering::Relaxed);
         if now >= lease.expires.load(Ordering::Acquire) {
             // Stale tokens are dropped, never lent on.
-            lease.tokens.store(granted - 1, Ordering::Release);
+            lease.tokens.store(granted - used, Ordering::Release);
         } else {
-            lease.tokens.fetch_add(granted - 1, Ordering::AcqRel);
+            lease.tokens.fetch_add(granted - used, Ordering::AcqRel);
         }
         lease.expires.store(now + micros(LEASE_LIFETIME), Ordering::Release);
     }
@@ -538,7 +555,16 @@ impl RedisRateLimiter {
         if self.redis.active().is_some() {
             let lease = self.group(group).lease;
             if lease > 1 {
-                if let Some(decision) = self.spend_lease(&identities[0]) {
+                if let Some((decision, top_up)) = self.spend_lease(&identities[0], lease) {
+                    if let Some((state, lacking)) = top_up {
+                        // One request per lease waits a round trip, to top it up; the others never
+                        // do, and the lease never holds more than its size.
+                        if let Some(outcome) = self.in_redis(group, identities, lacking).await {
+                            let topped = self.decision(group, &outcome, "redis");
+                            self.record_lease(&identities[0], outcome.granted, 0, &topped);
+                        }
+                        state.refilling.store(false, Ordering::Release);
+                    }
                     return decision;
                 }
             }
@@ -547,11 +573,11 @@ impl RedisRateLimiter {
                 if lease > 1 {
                     if outcome.granted == 0 {
                         // A request that refilled the lease meanwhile may have left a token.
-                        if let Some(decision) = self.spend_lease(&identities[0]) {
+                        if let Some((decision, _)) = self.spend_lease(&identities[0], lease) {
                             return decision;
                         }
                     }
-                    self.record_lease(&identities[0], outcome.granted, &decision);
+                    self.record_lease(&identities[0], outcome.granted, 1, &decision);
                     decision.remaining += outcome.granted.saturating_sub(1);
                 }
                 return decision;

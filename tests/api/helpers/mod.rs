@@ -98,6 +98,16 @@ impl<'a> TestAppBuilder<'a> {
         self
     }
 
+    /// Turn Redis on at this URL (a server the test does not own, a TLS endpoint, an ACL user),
+    /// keeping the test's key prefix.
+    pub fn redis_url(self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        self.settings(move |s| {
+            s.redis.enabled = true;
+            s.redis.url = url;
+        })
+    }
+
     /// Swap components before the container is built (`with_component_override`).
     pub fn module(
         mut self,

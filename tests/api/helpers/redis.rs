@@ -192,6 +192,21 @@ impl TestRedis {
         self.dir.join("server-ca.crt")
     }
 
+    /// `total_connections_received` of `INFO stats`: every connection ever made to this server,
+    /// the one this call makes included.
+    pub async fn connections_received(&self) -> u64 {
+        let mut connection = self.connection().await;
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats has total_connections_received")
+    }
+
     /// A pub/sub connection (plain TCP servers), to watch what the app publishes.
     pub async fn pubsub(&self) -> redis::aio::PubSub {
         redis::Client::open(self.url())
