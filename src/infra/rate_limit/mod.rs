@@ -96,7 +96,7 @@ impl Policy {
             .iter()
             .map(|q| format!("{name}-{}", period_name(q.period)))
             .collect();
-        let limit_headers = quotas.iter().map(|q| HeaderValue::from(q.limit)).collect();
+        let limit_headers = quotas.iter().map(|q| static_header(q.limit.to_string())).collect();
         Self {
             name,
             quotas,
@@ -104,6 +104,13 @@ impl Policy {
             limit_headers,
         }
     }
+}
+
+/// A header value built once and sent with every response: static, so cloning it per request
+/// touches no shared reference count (two workers would otherwise contend for its cache line).
+/// Made once per limiter, i.e. once per app instance.
+fn static_header(value: String) -> HeaderValue {
+    HeaderValue::from_static(Box::leak(value.into_boxed_str()))
 }
 
 fn period_name(period: Duration) -> String {
@@ -137,7 +144,7 @@ impl Group {
             })
             .collect();
         Self {
-            policy_header: HeaderValue::from_str(&items.join(", ")).expect("policy names are ASCII"),
+            policy_header: static_header(items.join(", ")),
             policies,
             lease,
         }

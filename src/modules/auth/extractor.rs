@@ -46,9 +46,9 @@ impl FromRequest for AuthUser {
     type Future = LocalBoxFuture<'static, Result<Self, AppError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        // The rate limiter has authenticated this request already.
-        if let Some(user) = req.extensions().get::<AuthUser>() {
-            let user = user.clone();
+        // The rate limiter has authenticated this request already (taken, not copied: a second
+        // `AuthUser` in one handler would simply authenticate again).
+        if let Some(user) = req.extensions_mut().remove::<AuthUser>() {
             return Box::pin(async move { Ok(user) });
         }
         if let Some(refused) = req.extensions().get::<RefusedToken>() {
