@@ -559,7 +559,7 @@ impl RedisRateLimiter {
     /// Redis first (a lease, or one script call), else the in-process rule.
     async fn decide(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
         let identities = &identities[..identities.len().min(self.group(group).policies.len())];
-        if self.redis.active().is_some() {
+        if self.redis.active().is_some_and(|redis| redis.accepting()) {
             let lease = self.group(group).lease;
             if lease > 1 {
                 if let Some((decision, top_up)) = self.spend_lease(&identities[0], lease) {

@@ -1,6 +1,7 @@
 //! A circuit breaker: after `threshold` consecutive failures Redis is not called at all for
 //! `cooldown`; then one probe may try, and its outcome closes or re-opens the breaker.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,10 @@ pub struct CircuitBreaker {
     threshold: u32,
     cooldown: Duration,
     state: Mutex<Inner>,
+    /// Until when (µs after `epoch`) the breaker is open for sure: while Redis is down every
+    /// request asks, and this answers without taking the lock.
+    closed_from: AtomicU64,
+    epoch: Instant,
 }
 
 #[derive(Debug)]
@@ -36,11 +41,25 @@ impl CircuitBreaker {
                 opened_at: None,
                 probing: false,
             }),
+            closed_from: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    fn micros_since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Whether a call may be tried at all (lock-free; `allow` still decides, and picks the probe).
+    pub fn accepting(&self) -> bool {
+        self.micros_since_epoch(Instant::now()) >= self.closed_from.load(Ordering::Acquire)
     }
 
     /// Whether a call may go to Redis now. While open, only one caller per cooldown gets `true`.
     pub fn allow(&self) -> bool {
+        if !self.accepting() {
+            return false;
+        }
         let mut inner = self.state.lock().unwrap();
         match inner.opened_at {
             None => true,
@@ -62,6 +81,7 @@ impl CircuitBreaker {
             opened_at: None,
             probing: false,
         };
+        self.closed_from.store(0, Ordering::Release);
     }
 
     pub fn record_failure(&self) {
@@ -74,8 +94,11 @@ impl CircuitBreaker {
                     inner.failures
                 );
             }
-            inner.opened_at = Some(Instant::now());
+            let now = Instant::now();
+            inner.opened_at = Some(now);
             inner.probing = false;
+            self.closed_from
+                .store(self.micros_since_epoch(now + self.cooldown), Ordering::Release);
         }
     }
 

@@ -249,6 +249,8 @@ impl Drop for AbandonGuard<'_> {
 /// One Redis server (or TLS endpoint): pool, breaker, timeouts.
 pub struct Redis {
     telemetry: Arc<Telemetry>,
+    /// `redis_errors_total{kind="circuit_open"}`, resolved once: counted on every refused call.
+    circuit_open_refusals: prometheus::IntCounter,
     pool: bb8::Pool<RedisManager>,
     connect_errors: ConnectErrors,
     client: redis::Client,
@@ -296,6 +298,7 @@ impl Redis {
                 config,
             });
         Ok(Self {
+            circuit_open_refusals: telemetry.redis_errors.with_label_values(&["circuit_open"]),
             telemetry,
             pool,
             connect_errors,
@@ -326,7 +329,7 @@ impl Redis {
         Fut: Future<Output = RedisResult<T>>,
     {
         if !self.breaker.allow() {
-            self.telemetry.redis_errors.with_label_values(&["circuit_open"]).inc();
+            self.circuit_open_refusals.inc();
             return Err(RedisFailure::CircuitOpen);
         }
         let started = Instant::now();
@@ -395,6 +398,12 @@ impl Redis {
 
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// False while the breaker is open (no call would be made): cheap, for callers on every
+    /// request that would otherwise prepare a call for nothing.
+    pub fn accepting(&self) -> bool {
+        self.breaker.accepting()
     }
 
     /// The class and text of the most recent failure (cleared by nothing: read it with the breaker).
