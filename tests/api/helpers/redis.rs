@@ -31,12 +31,19 @@ pub struct RedisOptions {
 
 /// A CA and a certificate it signed for `localhost` / 127.0.0.1, made with the openssl CLI.
 pub fn make_test_ca(dir: &std::path::Path, name: &str) -> PathBuf {
+    let openssl_installed = || {
+        Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    ensure_installed(openssl_installed, "openssl", "the openssl command");
     let run = |args: &[&str]| {
         let output = Command::new("openssl")
             .args(args)
             .current_dir(dir)
             .output()
-            .expect("openssl runs (apt-get install openssl)");
+            .expect("openssl runs");
         assert!(
             output.status.success(),
             "openssl {args:?}: {}",
