@@ -45,6 +45,19 @@ module! {
     }
 }
 
+/// shaku wants component parameters to have a `Default`; those of the hand-built components
+/// (which construct state, threads or pools) have none that makes sense: `builder` sets them all.
+macro_rules! set_by_the_container {
+    ($parameters:ty) => {
+        impl Default for $parameters {
+            fn default() -> Self {
+                panic!(concat!("container::builder sets ", stringify!($parameters)))
+            }
+        }
+    };
+}
+pub(crate) use set_by_the_container;
+
 /// What handlers take to get a service: `tasks: Inject<dyn TaskService>`.
 pub type Inject<I> = shaku_actix::Inject<AppModule, I>;
 

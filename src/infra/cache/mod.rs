@@ -216,11 +216,7 @@ pub struct TieredCacheParameters {
     pub telemetry: Arc<Telemetry>,
 }
 
-impl Default for TieredCacheParameters {
-    fn default() -> Self {
-        panic!("container::builder sets the TieredCache parameters")
-    }
-}
+crate::container::set_by_the_container!(TieredCacheParameters);
 
 /// Built by hand rather than derived: the cache's state needs the injected Redis module.
 impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for TieredCache {

@@ -262,11 +262,7 @@ pub struct RedisRateLimiterParameters {
     pub telemetry: Arc<Telemetry>,
 }
 
-impl Default for RedisRateLimiterParameters {
-    fn default() -> Self {
-        panic!("container::builder sets the RedisRateLimiter parameters")
-    }
-}
+crate::container::set_by_the_container!(RedisRateLimiterParameters);
 
 impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for RedisRateLimiter {
     type Interface = dyn RateLimiter;

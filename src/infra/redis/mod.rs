@@ -485,11 +485,7 @@ pub struct RedisModuleParameters {
     pub telemetry: Arc<Telemetry>,
 }
 
-impl Default for RedisModuleParameters {
-    fn default() -> Self {
-        panic!("container::builder sets the RedisModule parameters")
-    }
-}
+crate::container::set_by_the_container!(RedisModuleParameters);
 
 impl<M: shaku::Module> Component<M> for RedisModule {
     type Interface = dyn RedisService;

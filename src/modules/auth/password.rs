@@ -40,11 +40,7 @@ pub struct Argon2HasherParameters {
     pub settings: PasswordSettings,
 }
 
-impl Default for Argon2HasherParameters {
-    fn default() -> Self {
-        panic!("container::builder sets the Argon2Hasher parameters")
-    }
-}
+crate::container::set_by_the_container!(Argon2HasherParameters);
 
 impl<M: shaku::Module> Component<M> for Argon2Hasher {
     type Interface = dyn PasswordHasher;
