@@ -153,7 +153,7 @@ pub async fn record_http(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let telemetry = req.app_data::<web::Data<Arc<Telemetry>>>().map(|t| t.get_ref().clone());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.call(req).await?;
     if let Some(telemetry) = telemetry {
@@ -161,14 +161,30 @@ pub async fn record_http(
         let status = response.status();
         telemetry
             .http_requests
-            .with_label_values(&[method.as_str(), &route, status.as_str()])
+            .with_label_values(&[method, &route, status.as_str()])
             .inc();
         telemetry
             .http_duration
-            .with_label_values(&[method.as_str(), &route])
+            .with_label_values(&[method, &route])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(response)
+}
+
+/// The method as a label: the standard ones by name, anything a client invents as `other`, so
+/// that label values stay a fixed set.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// The `/metrics` source in the container: refreshes the gauges that are read at scrape time.

@@ -169,3 +169,40 @@ async fn the_cache_policy_shows_the_ttl_table_in_force() {
         assert_eq!(ttl(namespace), seconds, "{namespace}");
     }
 }
+
+/// Label values come from a fixed set: any method string a client invents, and any path that
+/// matches no route, must not become a new series each (issue [4/6], item 4).
+#[tokio::test]
+async fn invented_methods_and_unknown_paths_do_not_grow_the_metric_series() {
+    let app = TestApp::spawn().await;
+    for n in 0..50 {
+        let method = Method::from_bytes(format!("M{n}").as_bytes()).unwrap();
+        app.request(method, "/health", None, None).await;
+        app.request(Method::GET, &format!("/no/such/path/{n}"), None, None)
+            .await;
+        app.request(Method::GET, &format!("/api/tasks/{n}/nested/{n}"), None, None)
+            .await;
+    }
+    let metrics = app.request(Method::GET, "/metrics", None, None).await.text;
+    let label_values = |label: &str| -> std::collections::BTreeSet<String> {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("nestling_http_requests_total{"))
+            .filter_map(|line| {
+                line.split(&format!("{label}=\""))
+                    .nth(1)?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    let methods = label_values("method");
+    assert_eq!(
+        methods,
+        ["GET", "other"].map(String::from).into(),
+        "method labels: {methods:?}"
+    );
+    let routes = label_values("route");
+    assert!(routes.len() <= 3, "route labels: {routes:?}");
+}
