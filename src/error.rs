@@ -186,10 +186,18 @@ impl From<sqlx::Error> for AppError {
                 }
                 // A date the parser accepts but Postgres cannot store (e.g. year -4800).
                 Some("22008") => Self::bad_request("invalid_date", "date is outside the supported range"),
-                // Cannot connect / shutting down / too many connections.
-                Some(code) if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+                // Cannot connect / shutting down / too many connections / the server cancelled the
+                // statement (its statement_timeout, pg_cancel_backend).
+                Some(code)
+                    if code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "57014" =>
+                {
                     Self::DatabaseUnavailable(err)
                 }
+                // A row referenced by the write went away meanwhile (a project deleted while a task
+                // is created in it): what is missing is a 404, the same the write would get later.
+                Some("23503") => Self::NotFound {
+                    entity: referenced_entity(db.constraint()),
+                },
                 _ => Self::Internal(err.into()),
             },
             _ => Self::Internal(err.into()),
@@ -307,6 +315,23 @@ impl actix_web::Responder for AppError {
     type Body = actix_web::body::BoxBody;
     fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
         self.error_response()
+    }
+}
+
+/// The entity a foreign key points at, from its constraint name (`<table>_<column>_fkey`).
+fn referenced_entity(constraint: Option<&str>) -> &'static str {
+    let column = constraint.unwrap_or_default();
+    if column.ends_with("project_id_fkey") {
+        "project"
+    } else if column.ends_with("workspace_id_fkey") {
+        "workspace"
+    } else if ["user_id_fkey", "assignee_id_fkey", "created_by_fkey"]
+        .iter()
+        .any(|c| column.ends_with(c))
+    {
+        "user"
+    } else {
+        "resource"
     }
 }
 

@@ -127,3 +127,44 @@ async fn wait_for_status(app: &TestApp, path: &str, status: u16) -> bool {
     }
     false
 }
+
+/// A statement the server cancels (57014: `statement_timeout`, `pg_cancel_backend`, an
+/// administrator) is the database being unavailable for it: 503, not 500 ([4/6], item 6).
+#[tokio::test]
+async fn a_statement_cancelled_by_the_server_answers_503() {
+    let app = TestApp::spawn().await;
+    let world = crate::helpers::World::create(&app).await;
+    // Hold a lock the write needs, then cancel the app's waiting statement from the server side.
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let path = world.fill("/api/tasks/{task}");
+    let write = app.patch(&path, &world.user.token, json!({ "title": "x" }));
+    let cancel = async {
+        // Postgres announces no event for "a backend started waiting": poll pg_stat_activity.
+        loop {
+            let cancelled: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()
+                 LIMIT 1",
+            )
+            .fetch_optional(&app.db)
+            .await
+            .unwrap();
+            if cancelled == Some(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let (response, ()) = tokio::join!(write, cancel);
+    lock.rollback().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cancelled, not timed out by the app's own deadline"
+    );
+    response.assert_error(503, "database_unavailable");
+}

@@ -805,3 +805,43 @@ async fn tasks_need_a_token() {
         response.assert_error(401, "missing_token");
     }
 }
+
+/// Creating tasks while their project is deleted: each create either lands first (201) or finds
+/// the project gone (404), never a 500 from the foreign key ([4/6], item 6).
+#[tokio::test]
+async fn creating_tasks_while_the_project_is_deleted_never_answers_5xx() {
+    let app = TestApp::spawn().await;
+    let (user, workspace, _) = app.user_with_project().await;
+    let workspace = workspace["id"].as_str().unwrap().to_owned();
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for round in 0..50 {
+        let project = app.create_project(&user, &workspace).await;
+        let project = project["id"].as_str().unwrap().to_owned();
+        let creates = (0..6).map(|n| {
+            let (app, user, project) = (&app, &user, &project);
+            async move {
+                let path = format!("/api/projects/{project}/tasks");
+                app.post(
+                    &path,
+                    &user.token,
+                    json!({ "title": format!("round {round} task {n}") }),
+                )
+                .await
+            }
+        });
+        let project_path = format!("/api/projects/{project}");
+        let delete = app.delete(&project_path, &user.token);
+        let (deleted, created) = tokio::join!(delete, futures_util::future::join_all(creates));
+        deleted.assert_status(204);
+        for response in created {
+            assert!(
+                response.status == 201 || response.status == 404,
+                "round {round}: {} {}",
+                response.status,
+                response.text
+            );
+            *statuses.entry(response.status.as_u16()).or_default() += 1;
+        }
+    }
+    assert!(statuses.contains_key(&201), "no create ever won the race: {statuses:?}");
+}
