@@ -593,3 +593,47 @@ async fn a_session_cached_in_an_older_format_is_read_again_instead_of_failing() 
         "the entry is rewritten in the current format"
     );
 }
+
+/// Off and on again quickly, before the subscriber noticed: L2 must be trusted again once the
+/// instance listens, not distrusted for good ([4/6], item 8).
+#[tokio::test]
+async fn switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s() {
+    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    let app = TestApp::builder()
+        .redis(redis)
+        .settings(|s| {
+            with_admin(s);
+            // Every read goes to L2: what this test watches.
+            s.cache.l1_enabled = false;
+        })
+        .spawn()
+        .await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/tasks/{task}");
+    app.get(&path, &world.user.token).await.assert_status(200);
+    assert_eq!(
+        app.get(&path, &world.user.token).await.header("x-cache"),
+        Some("HIT-L2")
+    );
+    for redis_on in [false, true] {
+        let body = json!({ "redis": redis_on });
+        let switched = app
+            .request(Method::POST, "/admin/cache/mode", Some(ADMIN), Some(body))
+            .await;
+        switched.assert_status(200);
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let read = app.get(&path, &world.user.token).await;
+        read.assert_status(200);
+        if read.header("x-cache") == Some("HIT-L2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "still {:?} after 2 s",
+            read.header("x-cache")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -77,6 +77,11 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
                 if !inner.redis.is_enabled() {
                     return Ok(());
                 }
+                // Switched off and on again between two ticks: L2 is distrusted until a new
+                // trust point is taken, which subscribing afresh does.
+                if inner.l2_trusted_since_ms.load(Ordering::Acquire) == u64::MAX {
+                    return Err("Redis was switched off meanwhile: subscribing afresh".into());
+                }
                 let pong = tokio::time::timeout(inner.redis.settings().command_timeout * 4, sink.ping::<bb8_redis::redis::Value>()).await;
                 match pong {
                     Ok(Ok(_)) => inner.replay_pending().await,
