@@ -207,7 +207,7 @@ impl Settings {
                 tls_ca_file: lookup("REDIS_TLS_CA_FILE")
                     .filter(|path| !path.is_empty())
                     .map(PathBuf::from),
-                key_prefix: vars.string("REDIS_KEY_PREFIX", "nestling:"),
+                key_prefix: vars.non_empty("REDIS_KEY_PREFIX", "nestling:")?,
                 connect_timeout: vars.millis("REDIS_CONNECT_TIMEOUT_MS", 500)?,
                 command_timeout: vars.millis("REDIS_COMMAND_TIMEOUT_MS", 250)?,
                 pool_timeout: vars.millis("REDIS_POOL_TIMEOUT_MS", 300)?,
@@ -255,6 +255,20 @@ struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
 impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
     fn string(&self, name: &str, default: &str) -> String {
         (self.0)(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    /// A string that must not be empty (an empty key prefix would put the app's keys, and its
+    /// admin flush, across a whole shared Redis).
+    fn non_empty(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let value = self.string(name, default);
+        if value.is_empty() {
+            return Err(ConfigError {
+                name,
+                expected: "a non-empty prefix, e.g. nestling:",
+                value,
+            });
+        }
+        Ok(value)
     }
 
     fn parse<T: FromStr + Display>(
@@ -372,6 +386,7 @@ mod tests {
             ("RATE_LIMIT_API", "0"),
             ("RATE_LIMIT_AUTH_IP", ""),
             ("RATE_LIMIT_LEASE", "0"),
+            ("REDIS_KEY_PREFIX", ""),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);

@@ -371,6 +371,10 @@ async fn flush_refuses_patterns_outside_the_prefix_and_unknown_namespaces() {
     let cases = [
         ("a bare star", "pattern=*".to_owned()),
         ("the prefix and a star", format!("pattern={prefix}*")),
+        ("the fill-version keys", format!("pattern={prefix}version:*")),
+        ("the rate-limit keys", format!("pattern={prefix}rl:*")),
+        ("a namespace without its colon", format!("pattern={prefix}task*")),
+        ("a character class", format!("pattern={prefix}tasks:[ab]*")),
         ("another prefix", "pattern=other:tasks:*".to_owned()),
         ("an unknown namespace", "namespace=everything".to_owned()),
         ("both namespace and pattern", format!("namespace=tasks&pattern={prefix}tasks:*")),
@@ -636,4 +640,31 @@ async fn switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A pattern with a glob inside (not only at the end) drops the matching entries from this
+/// instance's L1 too, as it does in Redis ([4/6], item 9).
+#[tokio::test]
+async fn flushing_with_an_interior_glob_drops_the_matching_l1_entries() {
+    let app = TestApp::builder().settings(with_admin).spawn().await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/tasks/{task}");
+    app.get(&path, &world.user.token).await.assert_status(200);
+    assert_eq!(
+        app.get(&path, &world.user.token).await.header("x-cache"),
+        Some("HIT-L1")
+    );
+    let tail = &world.task[world.task.len() - 6..];
+    let pattern = format!("{}tasks:*{tail}", app.settings.redis.key_prefix);
+    let flushed = app
+        .request(
+            Method::DELETE,
+            &format!("/admin/cache?pattern={pattern}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    flushed.assert_status(200);
+    assert_eq!(flushed.body["deleted"], 1, "{}", flushed.text);
+    assert_eq!(app.get(&path, &world.user.token).await.header("x-cache"), Some("MISS"));
 }

@@ -617,14 +617,11 @@ impl CacheService for TieredCache {
 
     async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure> {
         let inner = &self.inner;
-        let l1_prefix = pattern.trim_end_matches('*').to_owned();
-        let glob = pattern.ends_with('*');
+        // L1 follows the same pattern as Redis, applied to the Redis key an entry belongs to.
+        let glob = pattern.as_bytes().to_vec();
         let matches = move |k: &String| {
-            if glob {
-                k.starts_with(&l1_prefix)
-            } else {
-                *k == l1_prefix || k.starts_with(&format!("{l1_prefix}#"))
-            }
+            let redis_key = k.split_once('#').map_or(k.as_str(), |(key, _)| key);
+            glob_matches(&glob, redis_key.as_bytes())
         };
         let l1_count = inner.l1.iter().filter(|(k, _)| matches(k)).count() as u64;
         inner.generation.fetch_add(1, Ordering::AcqRel);
@@ -735,6 +732,43 @@ impl CacheService for TieredCache {
     }
 }
 
+/// Redis' glob rule for keys (`*`, `?` and `\` escapes; character classes are refused before a
+/// flush gets here), so that L1 drops exactly what SCAN MATCH finds.
+fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(b'?') => {
+                p += 1;
+                t += 1;
+            }
+            Some(b'\\') if pattern.get(p + 1) == Some(&text[t]) => {
+                p += 2;
+                t += 1;
+            }
+            Some(&c) if c != b'\\' && c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more character and try again from there.
+                Some((star_at, taken)) => {
+                    star = Some((star_at, taken + 1));
+                    p = star_at + 1;
+                    t = taken + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|c| *c == b'*')
+}
+
 /// Single-flight shares one error between all waiters; they each get an equivalent one.
 fn shared_error(err: &AppError) -> AppError {
     match err {
@@ -752,5 +786,35 @@ fn shared_error(err: &AppError) -> AppError {
         },
         AppError::Validation(fields) => AppError::Validation(fields.clone()),
         other => AppError::internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_matches;
+
+    #[test]
+    fn glob_matches_as_redis_does() {
+        let cases = [
+            ("p:tasks:*", "p:tasks:123", true),
+            ("p:tasks:*", "p:task-lists:1", false),
+            ("p:tasks:*23", "p:tasks:123", true),
+            ("p:tasks:*23", "p:tasks:1234", false),
+            ("p:tasks:*2*", "p:tasks:123", true),
+            ("p:tasks:1?3", "p:tasks:123", true),
+            ("p:tasks:1?3", "p:tasks:13", false),
+            ("p:tasks:\\*", "p:tasks:*", true),
+            ("p:tasks:\\*", "p:tasks:1", false),
+            ("p:tasks:123", "p:tasks:123", true),
+            ("p:tasks:12", "p:tasks:123", false),
+            ("**", "", true),
+        ];
+        for (pattern, key, expected) in cases {
+            assert_eq!(
+                glob_matches(pattern.as_bytes(), key.as_bytes()),
+                expected,
+                "{pattern} ~ {key}"
+            );
+        }
     }
 }

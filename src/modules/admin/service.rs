@@ -204,12 +204,17 @@ impl AdminService for Admin {
                 self.cache.keys().namespace_pattern(namespace)
             }
             (None, Some(pattern)) => {
-                // Confined to our prefix, and naming at least a namespace: never "everything".
-                let rest = pattern.strip_prefix(&prefix).unwrap_or("");
-                if !pattern.starts_with(&prefix) || rest.is_empty() || rest.starts_with(['*', '?', '[']) {
+                // Confined to our prefix and one cache namespace, named literally: never
+                // "everything", never the fill versions (deleting them would let a stale fill in)
+                // nor the rate limits. Character classes are refused: L1 follows `*` and `?` only.
+                let names_a_namespace = pattern
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.split_once(':'))
+                    .is_some_and(|(namespace, _)| Namespace::parse(namespace).is_some());
+                if !names_a_namespace || pattern.contains('[') {
                     return Err(AppError::invalid_field(
                         "pattern",
-                        "must start with the key prefix and a namespace",
+                        "must start with the key prefix and a cache namespace, e.g. nestling:tasks:*",
                     ));
                 }
                 pattern
