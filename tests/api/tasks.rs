@@ -845,3 +845,38 @@ async fn creating_tasks_while_the_project_is_deleted_never_answers_5xx() {
     }
     assert!(statuses.contains_key(&201), "no create ever won the race: {statuses:?}");
 }
+
+/// Two PATCHes of one task at once, each changing another field: both changes stay, none is
+/// reverted by the other's stale copy of the row ([4/6], item 5).
+#[tokio::test]
+async fn concurrent_patches_of_different_fields_both_stay() {
+    let app = TestApp::spawn().await;
+    let world = crate::helpers::World::create(&app).await;
+    let path = world.fill("/api/tasks/{task}");
+    for round in 0..30 {
+        let title = format!("title {round}");
+        let priority = if round % 2 == 0 { "high" } else { "low" };
+        let (a, b) = tokio::join!(
+            app.patch(&path, &world.user.token, json!({ "title": title })),
+            app.patch(&path, &world.user.token, json!({ "priority": priority })),
+        );
+        a.assert_status(200);
+        b.assert_status(200);
+        let fresh = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&world.user.token)
+            .header("cache-control", "no-cache")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        assert_eq!(
+            (fresh["title"].as_str(), fresh["priority"].as_str()),
+            (Some(title.as_str()), Some(priority)),
+            "round {round}"
+        );
+    }
+}

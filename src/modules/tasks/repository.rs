@@ -36,10 +36,14 @@ pub trait TaskRepository: Interface {
         status: Option<TaskStatus>,
         paging: Paging,
     ) -> Result<Vec<Task>, sqlx::Error>;
-    /// Writes every editable field of `task`.
-    async fn save(&self, task: &Task) -> Result<Option<Task>, sqlx::Error>;
+    /// Applies `change` to the task under a row lock (`SELECT … FOR UPDATE`) and writes it, so two
+    /// concurrent updates never revert each other. Returns the row as locked and as written.
+    async fn update(&self, id: Uuid, change: TaskChange) -> Result<Option<(Task, Task)>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
 }
+
+/// What an update does to the locked row (the service's rules, run inside the transaction).
+pub type TaskChange = Box<dyn FnOnce(&mut Task) + Send>;
 
 #[derive(Component)]
 #[shaku(interface = TaskRepository)]
@@ -119,22 +123,35 @@ impl TaskRepository for PgTaskRepository {
         self.db.run(query.fetch_all(self.db.pool())).await
     }
 
-    async fn save(&self, task: &Task) -> Result<Option<Task>, sqlx::Error> {
-        let sql = format!(
-            "UPDATE tasks SET title = $2, description = $3, status = $4, priority = $5, assignee_id = $6,
-                    due_date = $7, completed_at = $8, updated_at = now()
-             WHERE id = $1 RETURNING {COLUMNS}"
-        );
-        let query = sqlx::query_as(&sql)
-            .bind(task.id)
-            .bind(&task.title)
-            .bind(&task.description)
-            .bind(task.status)
-            .bind(task.priority)
-            .bind(task.assignee_id)
-            .bind(task.due_date)
-            .bind(task.completed_at);
-        self.db.run(query.fetch_optional(self.db.pool())).await
+    async fn update(&self, id: Uuid, change: TaskChange) -> Result<Option<(Task, Task)>, sqlx::Error> {
+        let work = async {
+            let mut tx = self.db.pool().begin().await?;
+            let locked = format!("SELECT {COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE");
+            let Some(before): Option<Task> = sqlx::query_as(&locked).bind(id).fetch_optional(&mut *tx).await? else {
+                return Ok(None);
+            };
+            let mut task = before.clone();
+            change(&mut task);
+            let sql = format!(
+                "UPDATE tasks SET title = $2, description = $3, status = $4, priority = $5, assignee_id = $6,
+                        due_date = $7, completed_at = $8, updated_at = now()
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            );
+            let after: Task = sqlx::query_as(&sql)
+                .bind(task.id)
+                .bind(&task.title)
+                .bind(&task.description)
+                .bind(task.status)
+                .bind(task.priority)
+                .bind(task.assignee_id)
+                .bind(task.due_date)
+                .bind(task.completed_at)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Some((before, after)))
+        };
+        self.db.run(work).await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
 use super::model::{Task, TaskPriority, TaskStatus};
-use super::repository::{TaskListFilter, TaskRepository};
+use super::repository::{TaskChange, TaskListFilter, TaskRepository};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, Cached};
 use crate::infra::redis::keys::CacheKey;
@@ -176,30 +176,49 @@ impl TaskService for Tasks {
     }
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateTaskRequest) -> AppResult<Task> {
-        let before = self.find_for_write(user_id, id).await?;
-        let mut task = before.clone();
+        let seen = self.find_for_write(user_id, id).await?;
         if let Some(assignee) = request.assignee_id {
-            self.check_assignee(assignee, task.workspace_id).await?;
-            task.assignee_id = assignee;
+            self.check_assignee(assignee, seen.workspace_id).await?;
         }
-        if let Some(title) = request.title {
-            task.title = title.trim().to_owned();
+        // What may go stale whatever happens: the task as seen, and its new assignee's lists.
+        let mut planned = seen.clone();
+        planned.assignee_id = request.assignee_id.unwrap_or(seen.assignee_id);
+        // The change is applied to the row as locked, not to `seen`: a concurrent update of
+        // another field stays.
+        let change: TaskChange = Box::new(move |task: &mut Task| {
+            if let Some(assignee) = request.assignee_id {
+                task.assignee_id = assignee;
+            }
+            if let Some(title) = request.title {
+                task.title = title.trim().to_owned();
+            }
+            if let Some(description) = request.description {
+                task.description = description;
+            }
+            if let Some(priority) = request.priority {
+                task.priority = priority;
+            }
+            if let Some(due_date) = request.due_date {
+                task.due_date = due_date;
+            }
+            if let Some(status) = request.status {
+                apply_status(task, status);
+            }
+        });
+        match self.tasks.update(id, change).await {
+            Ok(Some((locked, saved))) => {
+                self.invalidate(&[&seen, &planned, &locked, &saved]).await;
+                Ok(saved)
+            }
+            Ok(None) => {
+                self.invalidate(&[&seen, &planned]).await;
+                Err(NOT_FOUND)
+            }
+            Err(err) => {
+                self.invalidate(&[&seen, &planned]).await;
+                Err(err.into())
+            }
         }
-        if let Some(description) = request.description {
-            task.description = description;
-        }
-        if let Some(priority) = request.priority {
-            task.priority = priority;
-        }
-        if let Some(due_date) = request.due_date {
-            task.due_date = due_date;
-        }
-        if let Some(status) = request.status {
-            apply_status(&mut task, status);
-        }
-        let saved = self.tasks.save(&task).await;
-        self.invalidate(&[&before, &task]).await;
-        saved?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
