@@ -518,15 +518,7 @@ async fn a_no_cache_request_reads_fresh_from_postgres_and_says_bypass() {
         .execute(&app.db)
         .await
         .unwrap();
-    let bypass = app
-        .client
-        .get(app.url(&path))
-        .bearer_auth(&world.user.token)
-        .header("cache-control", "no-cache")
-        .send()
-        .await
-        .unwrap();
-    let bypass = crate::helpers::into_test_response(bypass).await;
+    let bypass = app.get_fresh(&path, &world.user.token).await;
     assert_eq!(bypass.header("x-cache"), Some("BYPASS"));
     assert_eq!(bypass.header("cache-control"), Some("private, max-age=0"));
     assert_eq!(bypass.body["title"], "changed behind the cache");

@@ -862,17 +862,7 @@ async fn concurrent_patches_of_different_fields_both_stay() {
         );
         a.assert_status(200);
         b.assert_status(200);
-        let fresh = app
-            .client
-            .get(app.url(&path))
-            .bearer_auth(&world.user.token)
-            .header("cache-control", "no-cache")
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap();
+        let fresh = app.get_fresh(&path, &world.user.token).await.body;
         assert_eq!(
             (fresh["title"].as_str(), fresh["priority"].as_str()),
             (Some(title.as_str()), Some(priority)),

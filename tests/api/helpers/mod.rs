@@ -319,6 +319,16 @@ impl TestApp {
         self.request(Method::GET, path, Some(token), None).await
     }
 
+    /// A GET with `Cache-Control: no-cache`: what Postgres holds now, past every cache tier.
+    pub async fn get_fresh(&self, path: &str, token: &str) -> TestResponse {
+        let request = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .header("cache-control", "no-cache");
+        into_test_response(request.send().await.expect("request sent")).await
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: Value) -> TestResponse {
         self.request(Method::POST, path, Some(token), Some(body)).await
     }
