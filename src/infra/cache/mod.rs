@@ -569,6 +569,10 @@ impl CacheService for TieredCache {
                     max_age: entry.expires_at - now,
                 });
             }
+            // Out of date but still there (its epoch shard was bumped by another key, or it
+            // expired): `try_get_with` would hand this same entry back instead of loading, every
+            // time. Drop it so the load below replaces it.
+            inner.l1.invalidate(key.l1_key()).await;
         }
         // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
         // copied with, every hit's future.
@@ -791,7 +795,36 @@ fn shared_error(err: &AppError) -> AppError {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_matches;
+    use super::*;
+    use crate::config::Settings;
+    use crate::infra::redis::RedisModule;
+
+    /// An invalidation of another key in the same epoch shard makes an L1 entry out of date: the
+    /// next read must load it again and keep it, not get the old entry back from the
+    /// single-flight every time (seen as a flaky "second read: MISS" in the suite).
+    #[tokio::test]
+    async fn an_entry_outdated_by_another_keys_invalidation_is_loaded_again_and_kept() {
+        let settings = Settings::from_lookup(|_| None).unwrap();
+        let telemetry = Telemetry::new();
+        let keys = KeyRegistry::new("t:", settings.ttl.clone());
+        let redis = Arc::new(RedisModule::new(settings.redis.clone(), keys, telemetry.clone()));
+        let cache = TieredCache::new(Inner::new(redis, &settings.cache, telemetry));
+        let read = |key: CacheKey| cache.get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"{}")) }));
+        let key = cache.keys().task(uuid::Uuid::new_v4());
+        read(key.clone()).await.unwrap();
+        assert_eq!(read(key.clone()).await.unwrap().tier, CacheTier::HitL1);
+        let shard = cache.inner.epoch_shard(key.redis_key()) as *const AtomicU64;
+        let neighbour = std::iter::repeat_with(|| cache.keys().task(uuid::Uuid::new_v4()))
+            .find(|other| std::ptr::eq(cache.inner.epoch_shard(other.redis_key()), shard))
+            .expect("1,024 shards: a neighbour turns up");
+        cache.invalidate(vec![neighbour]).await;
+        assert_eq!(
+            read(key.clone()).await.unwrap().tier,
+            CacheTier::Miss,
+            "out of date: loaded again"
+        );
+        assert_eq!(read(key).await.unwrap().tier, CacheTier::HitL1, "and kept");
+    }
 
     #[test]
     fn glob_matches_as_redis_does() {
