@@ -603,16 +603,17 @@ impl CacheService for TieredCache {
     fn status(&self) -> CacheStatus {
         let inner = &self.inner;
         let redis = inner.redis.status();
-        let breaker = redis.breaker;
-        let mode = match (redis.enabled, breaker, &redis.failure) {
-            (false, _, _) => CacheMode::Memory,
-            (true, Some(BreakerState::Closed), _) => CacheMode::Redis,
+        let mode = if !redis.enabled {
+            CacheMode::Memory
+        } else if redis.usable() {
+            CacheMode::Redis
+        } else {
             // Switched on but unusable (misconfigured, or the breaker is open): serving without it.
-            (true, _, _) => CacheMode::Degraded,
+            CacheMode::Degraded
         };
         CacheStatus {
             mode,
-            breaker,
+            breaker: redis.breaker,
             subscriber_connected: inner.subscriber_connected.load(Ordering::Acquire),
             l1_entries: inner.l1.entry_count(),
             pending_invalidations: inner.pending.lock().unwrap().len(),

@@ -110,12 +110,15 @@ where
             if group == RouteGroup::Api && !limiter.enabled() {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             }
-            let ip = Identity::Ip(client_ip(req.request(), limiter.trust_proxy_hops()));
+            let ip = |req: &ServiceRequest| Identity::Ip(client_ip(req.request(), limiter.trust_proxy_hops()));
             let mut identities: SmallVec<[Identity; 2]> = SmallVec::new();
             match group {
-                RouteGroup::Api => identities.push(authenticated_user(&req, auth.as_ref()).await.unwrap_or(ip)),
+                RouteGroup::Api => {
+                    let user = authenticated_user(&req, auth.as_ref()).await;
+                    identities.push(user.unwrap_or_else(|| ip(&req)));
+                }
                 RouteGroup::Credentials => {
-                    identities.push(ip);
+                    identities.push(ip(&req));
                     match body_email(&mut req).await {
                         Ok(Some(email)) => identities.push(email),
                         Ok(None) => {}
@@ -125,8 +128,7 @@ where
             }
             let decision = limiter.check(group, &identities).await;
             if !decision.allowed {
-                let retry_after_secs =
-                    decision.retry_after.as_secs() + u64::from(decision.retry_after.subsec_nanos() > 0);
+                let retry_after_secs = decision.retry_after_secs();
                 let mut response = AppError::RateLimited { retry_after_secs }.error_response();
                 limiter.headers(group, &decision, response.headers_mut());
                 return Ok(req.into_response(response).map_into_right_body());

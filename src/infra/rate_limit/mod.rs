@@ -162,8 +162,42 @@ pub struct Decision {
     pub reset: Duration,
     /// When denied: how long to wait (never zero).
     pub retry_after: Duration,
-    /// Where it was decided: `redis`, `lease` (tokens this instance took from Redis) or `local`.
-    pub decided_by: &'static str,
+    pub decided_by: DecidedBy,
+}
+
+impl Decision {
+    /// `Retry-After`: whole seconds, rounded up, so a client never retries too early.
+    pub fn retry_after_secs(&self) -> u64 {
+        whole_seconds(self.retry_after)
+    }
+}
+
+/// Where a decision was made (a label of `rate_limit_decisions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// One script call.
+    Redis,
+    /// Tokens this instance took from Redis before, or the denial Redis gave.
+    Lease,
+    /// The in-process rule (no Redis).
+    Local,
+}
+
+impl DecidedBy {
+    const ALL: [DecidedBy; 3] = [Self::Redis, Self::Lease, Self::Local];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Lease => "lease",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// A duration in whole seconds, rounded up.
+fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
 /// What `/api/rate-limit/policy` shows.
@@ -203,12 +237,11 @@ pub struct RateLimitStatus {
 #[async_trait]
 pub trait RateLimiter: Interface {
     fn enabled(&self) -> bool;
-    /// The client address: the peer, or an `X-Forwarded-For` entry when `TRUST_PROXY` hops are
-    /// trusted.
+    /// `TRUST_PROXY`: how many proxy hops' `X-Forwarded-For` entries to trust for the client IP.
     fn trust_proxy_hops(&self) -> usize;
     /// Decides one request of `group` for these identities (one per policy, in policy order).
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision;
-    /// Writes the RateLimit headers of a decision.
+    /// Writes the RateLimit headers of a decision (`Retry-After` comes with the 429 itself).
     fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap);
     fn status(&self) -> RateLimitStatus;
 }
@@ -236,6 +269,14 @@ type TopUp = (Arc<Lease>, u64);
 
 type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
 
+/// Bounded by count only: per-entry expiry would cost every lookup its bookkeeping, and an
+/// evicted identity only starts again from a full quota (or takes a new lease).
+fn identity_cache<V: Clone + Send + Sync + 'static>(capacity: u64) -> IdentityCache<V> {
+    Cache::builder()
+        .max_capacity(capacity)
+        .build_with_hasher(foldhash::fast::RandomState::default())
+}
+
 /// Tokens may be spent this long after they were taken; older ones are dropped (never lent on).
 const LEASE_LIFETIME: Duration = Duration::from_secs(1);
 /// Identities whose state one policy keeps in process at most.
@@ -254,8 +295,6 @@ pub struct RedisRateLimiter {
     /// `rate_limit_decisions_total` children, resolved once: [group][allowed, denied][by].
     decisions: [[[prometheus::IntCounter; 3]; 2]; 2],
 }
-
-const DECIDED_BY: [&str; 3] = ["redis", "lease", "local"];
 
 pub struct RedisRateLimiterParameters {
     pub settings: RateLimitSettings,
@@ -348,24 +387,15 @@ impl RedisRateLimiter {
             ],
             1,
         );
-        let local_cache = |_: &Policy| {
-            // Bounded by count only: per-entry expiry would cost every lookup its bookkeeping, and
-            // an evicted identity only starts again from a full quota.
-            Cache::builder()
-                .max_capacity(capacity)
-                .build_with_hasher(foldhash::fast::RandomState::default())
-        };
         let local = api
             .policies
             .iter()
             .chain(&credentials.policies)
-            .map(local_cache)
+            .map(|_| identity_cache(capacity))
             .collect();
         Self {
             redis,
-            leases: Cache::builder()
-                .max_capacity(capacity)
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+            leases: identity_cache(capacity),
             settings,
             api,
             credentials,
@@ -373,10 +403,10 @@ impl RedisRateLimiter {
             epoch: Instant::now(),
             decisions: [RouteGroup::Api, RouteGroup::Credentials].map(|group| {
                 ["allowed", "denied"].map(|outcome| {
-                    DECIDED_BY.map(|by| {
+                    DecidedBy::ALL.map(|by| {
                         telemetry
                             .rate_limit_decisions
-                            .with_label_values(&[group.as_str(), outcome, by])
+                            .with_label_values(&[group.as_str(), outcome, by.as_str()])
                     })
                 })
             }),
@@ -425,7 +455,7 @@ impl RedisRateLimiter {
                 remaining: lease.remaining.load(Ordering::Relaxed) + before - 1,
                 reset,
                 retry_after: Duration::ZERO,
-                decided_by: "lease",
+                decided_by: DecidedBy::Lease,
             };
             let left = before - 1;
             let top_up = left * 4 < size
@@ -443,7 +473,7 @@ impl RedisRateLimiter {
                 remaining: 0,
                 reset,
                 retry_after: Duration::from_micros(denied_until - now),
-                decided_by: "lease",
+                decided_by: DecidedBy::Lease,
             };
             (decision, None)
         })
@@ -563,7 +593,7 @@ impl RedisRateLimiter {
                         // One request per lease waits a round trip, to top it up; the others never
                         // do, and the lease never holds more than its size.
                         if let Some(outcome) = self.in_redis(group, identities, lacking).await {
-                            let topped = self.decision(group, &outcome, "redis");
+                            let topped = self.decision(group, &outcome, DecidedBy::Redis);
                             self.record_lease(&identities[0], outcome.granted, 0, &topped);
                         }
                         state.refilling.store(false, Ordering::Release);
@@ -572,7 +602,7 @@ impl RedisRateLimiter {
                 }
             }
             if let Some(outcome) = self.in_redis(group, identities, lease).await {
-                let mut decision = self.decision(group, &outcome, "redis");
+                let mut decision = self.decision(group, &outcome, DecidedBy::Redis);
                 if lease > 1 {
                     if outcome.granted == 0 {
                         // A request that refilled the lease meanwhile may have left a token.
@@ -587,10 +617,10 @@ impl RedisRateLimiter {
             }
         }
         let outcome = self.in_process(group, identities);
-        self.decision(group, &outcome, "local")
+        self.decision(group, &outcome, DecidedBy::Local)
     }
 
-    fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: &'static str) -> Decision {
+    fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: DecidedBy) -> Decision {
         let spec = self.group(group);
         let positions = spec
             .policies
@@ -608,7 +638,7 @@ impl RedisRateLimiter {
             tightest,
             remaining: state.remaining,
             reset: Duration::from_micros(state.reset),
-            // Whole seconds for `Retry-After`, rounded up: never "retry now" for a denial.
+            // Never zero for a denial: `Retry-After` rounds it up to at least a second.
             retry_after: Duration::from_micros(outcome.retry_after.max(1)),
             decided_by,
         }
@@ -627,8 +657,7 @@ impl RateLimiter for RedisRateLimiter {
 
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
         let decision = self.decide(group, identities).await;
-        let by = DECIDED_BY.iter().position(|b| *b == decision.decided_by).unwrap_or(2);
-        self.decisions[group as usize][usize::from(!decision.allowed)][by].inc();
+        self.decisions[group as usize][usize::from(!decision.allowed)][decision.decided_by as usize].inc();
         decision
     }
 
@@ -637,7 +666,7 @@ impl RateLimiter for RedisRateLimiter {
         let spec = self.group(group);
         let (p, q) = decision.tightest;
         let policy = &spec.policies[p];
-        let reset = decision.reset.as_secs() + u64::from(decision.reset.subsec_nanos() > 0);
+        let reset = whole_seconds(decision.reset);
         headers.insert(HeaderName::from_static("ratelimit-policy"), spec.policy_header.clone());
         let current = format!("\"{}\";r={};t={reset}", policy.quota_names[q], decision.remaining);
         if let Ok(value) = HeaderValue::from_str(&current) {
@@ -652,11 +681,6 @@ impl RateLimiter for RedisRateLimiter {
             HeaderValue::from(decision.remaining),
         );
         headers.insert(HeaderName::from_static("x-ratelimit-reset"), HeaderValue::from(reset));
-        if !decision.allowed {
-            let retry = decision.retry_after;
-            let seconds = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
-            headers.insert(actix_web::http::header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
     }
 
     fn status(&self) -> RateLimitStatus {
@@ -678,15 +702,9 @@ impl RateLimiter for RedisRateLimiter {
                 })
                 .collect(),
         };
-        let redis_usable = self.redis.is_enabled()
-            && self
-                .redis
-                .status()
-                .breaker
-                .is_some_and(|b| b == crate::infra::redis::breaker::BreakerState::Closed);
         RateLimitStatus {
             enabled: self.settings.enabled,
-            mode: if redis_usable { "redis" } else { "local" },
+            mode: if self.redis.status().usable() { "redis" } else { "local" },
             instances,
             trust_proxy_hops: self.settings.trust_proxy,
             policies: vec![
@@ -744,7 +762,7 @@ mod tests {
         };
         assert_eq!(allowed, 5, "RATE_LIMIT_AUTH_EMAIL defaults to 5 per window");
         let denied = limiter.check(RouteGroup::Credentials, &[ip, email]).await;
-        assert_eq!(denied.decided_by, "local");
+        assert_eq!(denied.decided_by, DecidedBy::Local);
         let retry = denied.retry_after;
         assert!(
             retry > Duration::from_secs(11) && retry <= Duration::from_secs(12),

@@ -352,7 +352,7 @@ impl Redis {
                     _ => "error",
                 };
                 self.telemetry.redis_errors.with_label_values(&[kind]).inc();
-                *self.last_failure.lock().unwrap() = Some((failure.class(), failure.to_string()));
+                self.remember(failure);
                 // A command the ACL user may not run says nothing about Redis' health.
                 if failure.class() != FailureClass::Permission {
                     self.breaker.record_failure();
@@ -406,6 +406,10 @@ impl Redis {
         self.breaker.accepting()
     }
 
+    fn remember(&self, failure: &RedisFailure) {
+        *self.last_failure.lock().unwrap() = Some((failure.class(), failure.to_string()));
+    }
+
     /// The class and text of the most recent failure (cleared by nothing: read it with the breaker).
     pub fn last_failure(&self) -> Option<(FailureClass, String)> {
         self.last_failure.lock().unwrap().clone()
@@ -423,7 +427,7 @@ impl Redis {
             Ok(Ok(pubsub)) => Ok(pubsub),
             Ok(Err(err)) => {
                 let failure = RedisFailure::Command(err);
-                *self.last_failure.lock().unwrap() = Some((failure.class(), failure.to_string()));
+                self.remember(&failure);
                 Err(failure)
             }
             Err(_) => Err(RedisFailure::Timeout(self.connect_timeout)),
@@ -438,6 +442,14 @@ pub struct RedisStatus {
     pub breaker: Option<BreakerState>,
     /// Set while Redis cannot be used: the class and message of the last failure.
     pub failure: Option<(FailureClass, String)>,
+}
+
+impl RedisStatus {
+    /// Switched on and answering (the breaker closed): what "redis mode" means for the cache and
+    /// the rate limiter alike.
+    pub fn usable(&self) -> bool {
+        self.enabled && self.breaker == Some(BreakerState::Closed)
+    }
 }
 
 /// The Redis module. Everything that talks to Redis injects this.

@@ -121,7 +121,9 @@ impl HealthChecks {
         let redis = match self.redis.is_enabled() {
             false => ComponentHealth::new(ComponentStatus::Disabled),
             true => {
-                let mut health = match self.redis.ping().await {
+                let ping = self.redis.ping().await;
+                let after = self.redis.status();
+                let mut health = match ping {
                     Ok(latency) => ComponentHealth {
                         latency_ms: Some(latency.as_secs_f64() * 1000.0),
                         ..ComponentHealth::new(ComponentStatus::Up)
@@ -129,10 +131,9 @@ impl HealthChecks {
                     Err(err) => {
                         // When the breaker refused the ping, the last real failure tells why.
                         let (class, message) = match err {
-                            RedisFailure::CircuitOpen => self
-                                .redis
-                                .status()
+                            RedisFailure::CircuitOpen => after
                                 .failure
+                                .clone()
                                 .unwrap_or((FailureClass::CircuitOpen, err.to_string())),
                             err => (err.class(), err.to_string()),
                         };
@@ -143,7 +144,7 @@ impl HealthChecks {
                         }
                     }
                 };
-                health.breaker = self.redis.status().breaker;
+                health.breaker = after.breaker;
                 health.subscriber = Some(
                     if status.subscriber_connected {
                         "connected"
