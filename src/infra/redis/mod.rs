@@ -530,6 +530,15 @@ impl RedisModule {
         }
     }
 
+    /// One command of the typed surface: under the breaker, bounded by the command timeout.
+    async fn query<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, RedisFailure> {
+        self.require()?
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                command.query_async(&mut c).await
+            })
+            .await
+    }
+
     fn connect(&self) -> &Result<Redis, String> {
         self.redis.get_or_init(|| {
             Redis::new(&self.settings, self.telemetry.clone()).map_err(|err| {
@@ -590,23 +599,14 @@ impl RedisService for RedisModule {
     }
 
     async fn ping(&self) -> Result<Duration, RedisFailure> {
-        let redis = self.require()?;
         let started = Instant::now();
-        redis
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                redis::cmd("PING").query_async::<()>(&mut c).await
-            })
-            .await?;
+        self.query::<()>(redis::cmd("PING")).await?;
         Ok(started.elapsed())
     }
 
     async fn get(&self, key: &RedisKey) -> Result<Option<Vec<u8>>, RedisFailure> {
         let command = redis::cmd("GET").arg(key.as_str()).to_owned();
-        self.require()?
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                command.query_async(&mut c).await
-            })
-            .await
+        self.query(command).await
     }
 
     async fn set(&self, key: &RedisKey, value: &[u8], ttl: Duration) -> Result<(), RedisFailure> {
@@ -616,11 +616,7 @@ impl RedisService for RedisModule {
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
             .to_owned();
-        self.require()?
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                command.query_async(&mut c).await
-            })
-            .await
+        self.query(command).await
     }
 
     async fn delete(&self, keys: &[RedisKey]) -> Result<u64, RedisFailure> {
@@ -630,11 +626,7 @@ impl RedisService for RedisModule {
         let command = redis::cmd("UNLINK")
             .arg(keys.iter().map(RedisKey::as_str).collect::<Vec<_>>())
             .to_owned();
-        self.require()?
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                command.query_async(&mut c).await
-            })
-            .await
+        self.query(command).await
     }
 
     async fn incr(&self, key: &RedisKey, by: i64, ttl: Duration) -> Result<i64, RedisFailure> {
@@ -674,10 +666,6 @@ impl RedisService for RedisModule {
 
     async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure> {
         let command = redis::cmd("PUBLISH").arg(channel.as_str()).arg(message).to_owned();
-        self.require()?
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                command.query_async(&mut c).await
-            })
-            .await
+        self.query(command).await
     }
 }
