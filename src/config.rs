@@ -337,8 +337,10 @@ fn parse_quota(item: &str, window: Duration) -> Option<Quota> {
         }
     };
     let limit: u64 = limit.trim().parse().ok()?;
-    // A million per period is plenty, and keeps the GCRA's microsecond arithmetic exact.
-    (limit > 0 && limit <= 1_000_000_000 && !period.is_zero()).then_some(Quota { limit, period })
+    // A billion per period is plenty; and at most one request per microsecond, since the GCRA works
+    // in whole microseconds and a smaller interval would be zero (a division by zero per decision).
+    let fits = limit > 0 && limit <= 1_000_000_000 && u128::from(limit) <= period.as_micros();
+    fits.then_some(Quota { limit, period })
 }
 
 impl Display for AppEnv {
@@ -386,6 +388,8 @@ mod tests {
             ("RATE_LIMIT_API", "0"),
             ("RATE_LIMIT_AUTH_IP", ""),
             ("RATE_LIMIT_LEASE", "0"),
+            // More than one per microsecond: the GCRA interval would be zero.
+            ("RATE_LIMIT_API", "2000000/1s"),
             ("REDIS_KEY_PREFIX", ""),
         ];
         for (name, value) in cases {
