@@ -8,6 +8,7 @@ mod cache_races;
 mod cli;
 mod database_faults;
 mod errors;
+mod failed_writes;
 mod health;
 mod isolation;
 mod metrics;

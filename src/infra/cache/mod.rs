@@ -142,6 +142,28 @@ pub trait CacheService: Interface {
     fn start(&self);
 }
 
+impl dyn CacheService {
+    /// Runs a write and then invalidates, whatever its outcome, `stale` (known before the write)
+    /// and what the write itself reports (`stale_after`, on success). An error proves nothing:
+    /// the deadline may pass while the COMMIT is on the wire, and a retry may find the work done.
+    /// Every write goes through here.
+    pub async fn write<T, E>(
+        &self,
+        mut stale: Vec<CacheKey>,
+        write: impl std::future::Future<Output = Result<T, E>>,
+        stale_after: impl FnOnce(&T) -> Vec<CacheKey>,
+    ) -> Result<T, E> {
+        let outcome = write.await;
+        if let Ok(done) = &outcome {
+            stale.extend(stale_after(done));
+        }
+        stale.sort_unstable_by(|a, b| a.l1_key().cmp(b.l1_key()));
+        stale.dedup();
+        self.invalidate(stale).await;
+        outcome
+    }
+}
+
 #[derive(Clone)]
 struct L1Entry {
     bytes: Bytes,

@@ -118,10 +118,12 @@ impl AuthService for Auth {
 
     async fn logout(&self, token: &str) -> AppResult<()> {
         let hash = token_hash(token);
-        self.tokens.delete(&hash).await?;
         // Every instance drops it from L1 too: a revoked token stops working everywhere at once.
-        self.cache.invalidate(vec![self.cache.keys().auth_token(&hash)]).await;
-        Ok(())
+        let stale = vec![self.cache.keys().auth_token(&hash)];
+        Ok(self
+            .cache
+            .write(stale, self.tokens.delete(&hash), |_| Vec::new())
+            .await?)
     }
 
     async fn authenticate(&self, token: &str) -> AppResult<Uuid> {

@@ -72,14 +72,11 @@ impl ProjectService for Projects {
 
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {
         self.workspaces.require_member(user_id, workspace_id).await?;
-        let project = self
+        let stale = vec![self.cache.keys().project_list(workspace_id)];
+        let create = self
             .projects
-            .create(workspace_id, request.name.trim(), request.description.as_deref())
-            .await?;
-        self.cache
-            .invalidate(vec![self.cache.keys().project_list(workspace_id)])
-            .await;
-        Ok(project)
+            .create(workspace_id, request.name.trim(), request.description.as_deref());
+        Ok(self.cache.write(stale, create, |_| Vec::new()).await?)
     }
 
     async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Cached> {
@@ -97,31 +94,32 @@ impl ProjectService for Projects {
         if let Some(description) = request.description {
             project.description = description;
         }
-        let saved = self.projects.save(&project).await;
         let keys = self.cache.keys();
-        self.cache
-            .invalidate(vec![keys.project(id), keys.project_list(project.workspace_id)])
-            .await;
-        saved?.ok_or(NOT_FOUND)
+        let stale = vec![keys.project(id), keys.project_list(project.workspace_id)];
+        let save = self.projects.save(&project);
+        self.cache.write(stale, save, |_| Vec::new()).await?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         let workspace_id = self.workspace_of(user_id, id).await?;
-        let deleted = self.projects.delete(id).await;
         let keys = self.cache.keys();
-        let mut stale = vec![
+        let stale = vec![
             keys.project(id),
             keys.project_list(workspace_id),
             keys.task_lists(id),
             keys.all_daily_metrics(workspace_id),
         ];
-        // On an error the deleted tasks are unknown; the project's own keys still go.
-        for (task_id, assignee) in deleted.as_deref().unwrap_or_default() {
-            stale.push(keys.task(*task_id));
-            stale.extend(assignee.map(|user| keys.assigned_task_lists(user)));
-        }
-        self.cache.invalidate(stale).await;
-        deleted?;
+        // The deleted tasks are known only from the write; on an error the project's keys still go
+        // (its tasks cannot be reached without it).
+        let deleted_tasks = |deleted: &Vec<(Uuid, Option<Uuid>)>| {
+            let mut stale = Vec::new();
+            for (task_id, assignee) in deleted {
+                stale.push(keys.task(*task_id));
+                stale.extend(assignee.map(|user| keys.assigned_task_lists(user)));
+            }
+            stale
+        };
+        self.cache.write(stale, self.projects.delete(id), deleted_tasks).await?;
         Ok(())
     }
 }

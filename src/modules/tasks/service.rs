@@ -91,7 +91,7 @@ impl Tasks {
 
     /// What a change to these task states makes stale: the tasks, their projects' lists, their
     /// assignees' lists and their workspaces' daily metrics.
-    async fn invalidate(&self, states: &[&Task]) {
+    fn stale_keys(&self, states: &[&Task]) -> Vec<CacheKey> {
         let keys = self.cache.keys();
         let mut stale: Vec<CacheKey> = Vec::new();
         for task in states {
@@ -102,9 +102,7 @@ impl Tasks {
             ]);
             stale.extend(task.assignee_id.map(|user| keys.assigned_task_lists(user)));
         }
-        stale.sort_by(|a, b| a.redis_key().cmp(b.redis_key()));
-        stale.dedup();
-        self.cache.invalidate(stale).await;
+        stale
     }
 }
 
@@ -129,10 +127,12 @@ impl TaskService for Tasks {
             updated_at: now,
         };
         apply_status(&mut task, request.status.unwrap_or(TaskStatus::Todo));
-        // On every outcome: an error may come after the commit (a deadline hit while waiting).
-        let created = self.tasks.create(&task).await;
-        self.invalidate(&[created.as_ref().unwrap_or(&task)]).await;
-        Ok(created?)
+        let stale = self.stale_keys(&[&task]);
+        let create = self.tasks.create(&task);
+        Ok(self
+            .cache
+            .write(stale, create, |created| self.stale_keys(&[created]))
+            .await?)
     }
 
     async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
@@ -205,27 +205,21 @@ impl TaskService for Tasks {
                 apply_status(task, status);
             }
         });
-        match self.tasks.update(id, change).await {
-            Ok(Some((locked, saved))) => {
-                self.invalidate(&[&seen, &planned, &locked, &saved]).await;
-                Ok(saved)
-            }
-            Ok(None) => {
-                self.invalidate(&[&seen, &planned]).await;
-                Err(NOT_FOUND)
-            }
-            Err(err) => {
-                self.invalidate(&[&seen, &planned]).await;
-                Err(err.into())
-            }
-        }
+        let stale = self.stale_keys(&[&seen, &planned]);
+        let as_locked_and_saved = |outcome: &Option<(Task, Task)>| match outcome {
+            Some((locked, saved)) => self.stale_keys(&[locked, saved]),
+            None => Vec::new(),
+        };
+        let updated = self
+            .cache
+            .write(stale, self.tasks.update(id, change), as_locked_and_saved);
+        Ok(updated.await?.ok_or(NOT_FOUND)?.1)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         let task = self.find_for_write(user_id, id).await?;
-        let deleted = self.tasks.delete(id).await;
-        self.invalidate(&[&task]).await;
-        deleted?;
+        let stale = self.stale_keys(&[&task]);
+        self.cache.write(stale, self.tasks.delete(id), |_| Vec::new()).await?;
         Ok(())
     }
 }

@@ -46,8 +46,7 @@ impl UserService for Users {
         for workspace in self.workspaces.list_for_user(id).await? {
             stale.push(keys.member_list(workspace.id));
         }
-        let updated = self.users.update_name(id, request.name.trim()).await;
-        self.cache.invalidate(stale).await;
-        updated?.ok_or(NOT_FOUND)
+        let update = self.users.update_name(id, request.name.trim());
+        self.cache.write(stale, update, |_| Vec::new()).await?.ok_or(NOT_FOUND)
     }
 }

@@ -20,6 +20,8 @@ pub trait WorkspaceRepository: Interface {
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
     async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error>;
     async fn members(&self, workspace_id: Uuid) -> Result<Vec<Member>, sqlx::Error>;
+    /// (task id, project id) of the user's tasks in the workspace: what removing them unassigns.
+    async fn assigned_tasks(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error>;
     async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error>;
     /// Removes the member and unassigns their tasks in this workspace, atomically.
     /// Refuses (returns `Ok(false)`) when that would leave the workspace without an owner.
@@ -110,6 +112,13 @@ impl WorkspaceRepository for PgWorkspaceRepository {
         self.db
             .run(sqlx::query_as(&sql).bind(workspace_id).fetch_all(self.db.pool()))
             .await
+    }
+
+    async fn assigned_tasks(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+        let query = sqlx::query_as("SELECT id, project_id FROM tasks WHERE workspace_id = $1 AND assignee_id = $2")
+            .bind(workspace_id)
+            .bind(user_id);
+        self.db.run(query.fetch_all(self.db.pool())).await
     }
 
     async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error> {

@@ -80,11 +80,9 @@ impl WorkspaceService for Workspaces {
     }
 
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace> {
-        let workspace = self.workspaces.create(request.name.trim(), user_id).await?;
-        self.cache
-            .invalidate(vec![self.cache.keys().workspace_list(user_id)])
-            .await;
-        Ok(workspace)
+        let stale = vec![self.cache.keys().workspace_list(user_id)];
+        let create = self.workspaces.create(request.name.trim(), user_id);
+        Ok(self.cache.write(stale, create, |_| Vec::new()).await?)
     }
 
     async fn list(&self, user_id: Uuid) -> AppResult<Cached> {
@@ -102,12 +100,9 @@ impl WorkspaceService for Workspaces {
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
         self.require_owner(user_id, id).await?;
-        // Everything that may need invalidating is known before the write: once it commits,
-        // nothing may stand between it and the invalidation.
         let stale = self.workspace_keys(id).await?;
-        let renamed = self.workspaces.rename(id, request.name.trim()).await;
-        self.cache.invalidate(stale).await;
-        renamed?.ok_or(NOT_FOUND)
+        let rename = self.workspaces.rename(id, request.name.trim());
+        self.cache.write(stale, rename, |_| Vec::new()).await?.ok_or(NOT_FOUND)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
@@ -119,11 +114,11 @@ impl WorkspaceService for Workspaces {
             stale.push(keys.assigned_task_lists(member.user_id));
         }
         stale.extend([keys.project_list(id), keys.all_daily_metrics(id)]);
-        let deleted = self.workspaces.delete(id).await;
         // Projects and tasks of the workspace stay cached until their TTL, but nobody can reach
         // them: every read of them checks membership, and the memberships are gone.
-        self.cache.invalidate(stale).await;
-        deleted?;
+        self.cache
+            .write(stale, self.workspaces.delete(id), |_| Vec::new())
+            .await?;
         Ok(())
     }
 
@@ -142,36 +137,44 @@ impl WorkspaceService for Workspaces {
             .await?
             .ok_or(AppError::not_found("user"))?;
         let role = request.role.unwrap_or(Role::Member);
-        let member = self.workspaces.add_member(id, user.id, role).await.map_err(|err| {
+        let keys = self.cache.keys();
+        let stale = vec![keys.members(id), keys.workspace_list(user.id)];
+        let add = self.workspaces.add_member(id, user.id, role);
+        self.cache.write(stale, add, |_| Vec::new()).await.map_err(|err| {
             if is_unique_violation(&err, MEMBER_UNIQUE) {
                 AppError::conflict("member_exists", "this user is already a member")
             } else {
                 AppError::from(err)
             }
-        })?;
-        let keys = self.cache.keys();
-        self.cache
-            .invalidate(vec![keys.members(id), keys.workspace_list(user.id)])
-            .await;
-        Ok(member)
+        })
     }
 
     async fn remove_member(&self, user_id: Uuid, id: Uuid, member_id: Uuid) -> AppResult<()> {
         self.require_owner(user_id, id).await?;
-        match self.workspaces.remove_member(id, member_id).await? {
-            RemoveOutcome::Removed { unassigned } => {
-                let keys = self.cache.keys();
-                let mut stale = vec![
-                    keys.members(id),
-                    keys.workspace_list(member_id),
-                    keys.assigned_task_lists(member_id),
-                ];
-                for (task_id, project_id) in unassigned {
-                    stale.extend([keys.task(task_id), keys.task_lists(project_id)]);
-                }
-                self.cache.invalidate(stale).await;
-                Ok(())
+        let keys = self.cache.keys();
+        let task_keys = |tasks: &[(Uuid, Uuid)]| {
+            let mut stale = Vec::new();
+            for (task_id, project_id) in tasks {
+                stale.extend([keys.task(*task_id), keys.task_lists(*project_id)]);
             }
+            stale
+        };
+        // The tasks as assigned now, and (on success) as the write unassigned them: one assigned
+        // in between is in the second set.
+        let mut stale = task_keys(&self.workspaces.assigned_tasks(id, member_id).await?);
+        stale.extend([
+            keys.members(id),
+            keys.workspace_list(member_id),
+            keys.assigned_task_lists(member_id),
+        ]);
+        let remove = self.workspaces.remove_member(id, member_id);
+        let unassigned = |outcome: &RemoveOutcome| match outcome {
+            RemoveOutcome::Removed { unassigned } => task_keys(unassigned),
+            _ => Vec::new(),
+        };
+        // A retry of a removal that committed finds no member: invalidated all the same.
+        match self.cache.write(stale, remove, unassigned).await? {
+            RemoveOutcome::Removed { .. } => Ok(()),
             RemoveOutcome::NotAMember => Err(AppError::not_found("member")),
             RemoveOutcome::LastOwner => Err(AppError::conflict("last_owner", "a workspace needs at least one owner")),
         }

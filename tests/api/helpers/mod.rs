@@ -299,6 +299,16 @@ impl TestApp {
         }
     }
 
+    /// A component as the app builds it (no overrides), on this test's database: the real part
+    /// a test override wraps.
+    pub fn real_component<I: shaku::Interface + ?Sized>(&self) -> std::sync::Arc<I>
+    where
+        AppModule: shaku::HasComponent<I>,
+    {
+        let module = nestling::container::builder(&self.settings, self.db.clone()).build();
+        shaku::HasComponent::resolve(&module)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
