@@ -94,6 +94,11 @@ pub struct CacheSettings {
     /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
     /// invalidation message from another instance be lost.
     pub l1_max_ttl: Duration,
+    /// While Redis is on but this instance cannot hear other instances' invalidations (its
+    /// subscriber is down, or has not confirmed it is up to date for this long), an L1 entry is
+    /// served only if it is younger than this: it bounds how long another instance's write,
+    /// a logout or a removed member included, can go unseen here.
+    pub l1_unsynced_ttl: Duration,
     /// Random extra lifetime, in percent of the TTL, so entries written together expire apart.
     pub ttl_jitter_percent: u8,
 }
@@ -219,6 +224,7 @@ impl Settings {
                 l1_enabled: vars.parse("CACHE_L1_ENABLED", true, "true or false")?,
                 l1_max_entries: vars.parse("CACHE_L1_MAX_ENTRIES", 100_000, "a positive number")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
+                l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 1000)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,
             },
             ttl: TtlTable {

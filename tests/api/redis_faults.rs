@@ -328,3 +328,59 @@ async fn without_timeouts_and_breaker_a_frozen_redis_hangs_requests() {
     assert!(hung.is_err(), "the request should still be waiting on the frozen Redis");
     redis.thaw();
 }
+
+/// Instances A and B share a Redis. Redis freezes, so B can hear no invalidation; B notices,
+/// flushes its L1, and refills it with the user's session from Postgres. Then the user logs out
+/// on A. Returns how long after the logout B first answered 401, or `None` if it still served
+/// the token after `give_up`.
+async fn logout_on_one_instance_while_redis_is_frozen(unsynced_ttl: Duration, give_up: Duration) -> Option<Duration> {
+    let redis = private_redis().await;
+    let a = TestApp::builder()
+        .redis(&redis)
+        .settings(move |s| s.cache.l1_unsynced_ttl = unsynced_ttl)
+        .spawn()
+        .await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let user = a.register_user().await;
+    b.get("/api/users/me", &user.token).await.assert_status(200);
+
+    redis.freeze();
+    b.wait_for_lost_subscription().await;
+    b.get("/api/users/me", &user.token).await.assert_status(200);
+    let logout = a
+        .request(Method::POST, "/api/auth/logout", Some(&user.token), None)
+        .await;
+    logout.assert_status(204);
+    let logged_out = Instant::now();
+    let answer = loop {
+        let response = b.get("/api/users/me", &user.token).await;
+        if response.status == 401 {
+            break Some(logged_out.elapsed());
+        }
+        response.assert_status(200);
+        if logged_out.elapsed() > give_up {
+            break None;
+        }
+        // Polling: nothing signals the moment B stops trusting its L1.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    redis.thaw();
+    answer
+}
+
+#[tokio::test]
+async fn a_token_logged_out_while_redis_is_frozen_stops_working_on_the_other_instance_within_the_bound() {
+    let bound = Duration::from_secs(1);
+    let took = logout_on_one_instance_while_redis_is_frozen(bound, Duration::from_secs(10))
+        .await
+        .expect("B stopped serving the logged-out token");
+    // The bound, plus one Redis command timeout for B's own (failing) L2 read, plus slack.
+    assert!(took <= bound + Duration::from_secs(1), "B answered 401 after {took:?}");
+}
+
+/// The control: with the bound as long as the L1 TTL, B keeps serving the logged-out token.
+#[tokio::test]
+async fn without_the_unsynced_bound_the_other_instance_serves_a_logged_out_token_on() {
+    let took = logout_on_one_instance_while_redis_is_frozen(Duration::from_secs(60), Duration::from_secs(3)).await;
+    assert_eq!(took, None, "B refused the token although nothing told it to");
+}

@@ -171,6 +171,7 @@ struct L1Entry {
     origin: CacheTier,
     /// The key's epoch when the fill started: a hit is served only while it is still current.
     epoch: (u64, u64),
+    filled_at: Instant,
 }
 
 struct PerEntryExpiry {
@@ -201,6 +202,11 @@ pub struct Inner {
     /// The Redis module (injected): L2, pub/sub, and the runtime switch.
     redis: Arc<dyn RedisService>,
     subscriber_connected: AtomicBool,
+    /// When (ms after `clock_base`) this instance last knew it had heard every invalidation
+    /// published until then: the send time of the last PING its subscriber got an answer to.
+    synced_at_ms: AtomicU64,
+    clock_base: Instant,
+    unsynced_ttl: Duration,
     pending: Mutex<HashSet<String>>,
     jitter_percent: u8,
     l1_enabled: bool,
@@ -269,6 +275,9 @@ impl Inner {
             l2_trusted_since_ms: AtomicU64::new(0),
             redis,
             subscriber_connected: AtomicBool::new(false),
+            synced_at_ms: AtomicU64::new(0),
+            clock_base: Instant::now(),
+            unsynced_ttl: cache.l1_unsynced_ttl,
             pending: Mutex::new(HashSet::new()),
             jitter_percent: cache.ttl_jitter_percent.min(100),
             l1_enabled: cache.l1_enabled,
@@ -326,12 +335,13 @@ impl Inner {
                     }) => {
                         self.count(key.namespace, CacheTier::HitL2);
                         let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
-                        let expires_at = Instant::now() + remaining;
+                        let now = Instant::now();
                         return Ok(L1Entry {
                             bytes,
-                            expires_at,
+                            expires_at: now + remaining,
                             origin: CacheTier::HitL2,
                             epoch,
+                            filled_at: now,
                         });
                     }
                     Ok(read) => version = Some(read.version),
@@ -349,11 +359,13 @@ impl Inner {
                 log::debug!("cache: L2 write of {} failed: {err}", key.redis_key());
             }
         }
+        let now = Instant::now();
         Ok(L1Entry {
             bytes,
-            expires_at: Instant::now() + ttl,
+            expires_at: now + ttl,
             origin: CacheTier::Miss,
             epoch,
+            filled_at: now,
         })
     }
 
@@ -408,6 +420,30 @@ impl Inner {
             let group = format!("{}#", key.redis_key());
             let _ = self.l1.invalidate_entries_if(move |k, _| k.starts_with(&group));
         }
+    }
+
+    /// Records that every invalidation published before `sent_at` has been applied.
+    pub(crate) fn mark_synced(&self, sent_at: Instant) {
+        let ms = sent_at.saturating_duration_since(self.clock_base).as_millis() as u64;
+        self.synced_at_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// How often the subscriber confirms it is up to date: often enough that a healthy instance
+    /// never comes near `unsynced_ttl`.
+    pub(crate) fn sync_every(&self) -> Duration {
+        (self.unsynced_ttl / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
+    }
+
+    /// Whether an L1 entry may be served. In memory mode always (one instance: nothing to hear).
+    /// With Redis, only if this instance heard every invalidation until less than `unsynced_ttl`
+    /// ago, or the entry is younger than that: another instance's write goes unseen here for at
+    /// most that long, even while the subscriber is down.
+    fn in_sync(&self, entry: &L1Entry, now: Instant) -> bool {
+        if !self.redis.is_enabled() {
+            return true;
+        }
+        let synced_at = self.clock_base + Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
+        now.saturating_duration_since(synced_at.max(entry.filled_at)) <= self.unsynced_ttl
     }
 
     /// Flushes L1: after a lost subscription we cannot know what we missed.
@@ -583,7 +619,7 @@ impl CacheService for TieredCache {
         }
         if let Some(entry) = inner.l1.get(key.l1_key()).await {
             let now = Instant::now();
-            if entry.expires_at > now && entry.epoch == inner.epoch_of(&key) {
+            if entry.expires_at > now && entry.epoch == inner.epoch_of(&key) && inner.in_sync(&entry, now) {
                 inner.count(key.namespace, CacheTier::HitL1);
                 return Ok(Cached {
                     bytes: entry.bytes,
@@ -591,9 +627,10 @@ impl CacheService for TieredCache {
                     max_age: entry.expires_at - now,
                 });
             }
-            // Out of date but still there (its epoch shard was bumped by another key, or it
-            // expired): `try_get_with` would hand this same entry back instead of loading, every
-            // time. Drop it so the load below replaces it.
+            // Out of date but still there (its epoch shard was bumped by another key, it expired,
+            // or it is too old to trust while invalidations go unheard): `try_get_with` would
+            // hand this same entry back instead of loading, every time. Drop it so the load below
+            // replaces it.
             inner.l1.invalidate(key.l1_key()).await;
         }
         // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and

@@ -1,19 +1,20 @@
 //! The invalidation subscriber: a dedicated pub/sub connection that PINGs itself, reconnects and
 //! resubscribes, drops invalidated keys from L1, and flushes L1 whenever it (re)connects, since
-//! messages published while it was away are lost. It also replays queued invalidations.
+//! messages published while it was away are lost. Each answered PING marks the instance as up to
+//! date until the PING's send time (L1 serves nothing older while that mark is stale). It also
+//! replays queued invalidations.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::Inner;
 
 /// The message body that makes every other instance flush its L1 (after an admin flush).
 pub(super) const FLUSH_ALL: &str = "*";
 
-const PING_EVERY: Duration = Duration::from_millis(500);
 const RETRY_EVERY: Duration = Duration::from_millis(250);
 
 pub(super) async fn run(inner: Arc<Inner>) {
@@ -62,16 +63,15 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
     }
     // Anything published before this point is lost to us: start from an empty L1.
     inner.flush_l1();
+    inner.mark_synced(std::time::Instant::now());
     inner.subscriber_connected.store(true, Ordering::Release);
     inner.replay_pending().await;
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut ping = tokio::time::interval(inner.sync_every());
     loop {
         tokio::select! {
             message = stream.next() => {
                 let Some(message) = message else { return Err("subscription closed".into()) };
-                let payload: String = message.get_payload().map_err(|e| e.to_string())?;
-                inner.telemetry.pubsub_messages.inc();
-                apply(inner, &payload).await;
+                apply(inner, &message).await?;
             }
             _ = ping.tick() => {
                 if !inner.redis.is_enabled() {
@@ -82,9 +82,18 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
                 if inner.l2_trusted_since_ms.load(Ordering::Acquire) == u64::MAX {
                     return Err("Redis was switched off meanwhile: subscribing afresh".into());
                 }
+                let sent_at = std::time::Instant::now();
                 let pong = tokio::time::timeout(inner.redis.settings().command_timeout * 4, sink.ping::<bb8_redis::redis::Value>()).await;
                 match pong {
-                    Ok(Ok(_)) => inner.replay_pending().await,
+                    Ok(Ok(_)) => {
+                        // Messages published before the PING arrived before its answer: apply
+                        // them, and then every invalidation until `sent_at` has been heard.
+                        while let Some(Some(message)) = stream.next().now_or_never() {
+                            apply(inner, &message).await?;
+                        }
+                        inner.mark_synced(sent_at);
+                        inner.replay_pending().await
+                    }
                     Ok(Err(err)) => return Err(format!("ping failed: {err}")),
                     Err(_) => return Err("ping timed out".into()),
                 }
@@ -94,18 +103,19 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
 }
 
 /// `<instance>|<redis key>`: drop the key from L1 unless we published it ourselves.
-async fn apply(inner: &Inner, payload: &str) {
+async fn apply(inner: &Inner, message: &bb8_redis::redis::Msg) -> Result<(), String> {
+    let payload: String = message.get_payload().map_err(|e| e.to_string())?;
+    inner.telemetry.pubsub_messages.inc();
     let Some((instance, redis_key)) = payload.split_once('|') else {
-        return;
+        return Ok(());
     };
     if instance == inner.instance {
-        return;
+        return Ok(());
     }
     if redis_key == FLUSH_ALL {
         inner.flush_l1();
-        return;
-    }
-    if let Some(key) = inner.keys.parse(redis_key) {
+    } else if let Some(key) = inner.keys.parse(redis_key) {
         inner.drop_from_l1(&key).await;
     }
+    Ok(())
 }

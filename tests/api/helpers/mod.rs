@@ -270,15 +270,25 @@ impl TestApp {
     /// Waits until the invalidation subscriber is connected (it flushes L1 when it connects, so a
     /// test that reads before that could see its L1 entries vanish).
     pub async fn wait_for_subscription(&self) {
+        self.wait_for_subscriber(true).await
+    }
+
+    /// Waits until the invalidation subscriber has noticed that it lost Redis.
+    pub async fn wait_for_lost_subscription(&self) {
+        self.wait_for_subscriber(false).await
+    }
+
+    async fn wait_for_subscriber(&self, connected: bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let health = self.request(Method::GET, "/health", None, None).await;
-            if health.body["details"]["redis"]["subscriber"] == "connected" {
+            if (health.body["details"]["redis"]["subscriber"] == "connected") == connected {
                 return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "subscriber did not connect: {}",
+                "subscriber still {}connected: {}",
+                if connected { "not " } else { "" },
                 health.text
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
