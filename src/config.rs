@@ -90,7 +90,11 @@ pub struct RedisSettings {
 pub struct CacheSettings {
     /// `false` skips the in-process tier (for measurements; production keeps it on).
     pub l1_enabled: bool,
-    pub l1_max_entries: u64,
+    /// Keys, values and per-entry bookkeeping together (one entry can be a page of long tasks).
+    pub l1_max_bytes: u64,
+    /// Most variants (filters, pages, date ranges) one owner's grouped Redis hash caches; more
+    /// are answered from Postgres, uncached, so a client cannot grow a hash without bound.
+    pub max_variants: u32,
     /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
     /// invalidation message from another instance be lost.
     pub l1_max_ttl: Duration,
@@ -222,7 +226,8 @@ impl Settings {
             },
             cache: CacheSettings {
                 l1_enabled: vars.parse("CACHE_L1_ENABLED", true, "true or false")?,
-                l1_max_entries: vars.parse("CACHE_L1_MAX_ENTRIES", 100_000, "a positive number")?,
+                l1_max_bytes: vars.bytes("CACHE_L1_MAX_BYTES", "128MiB")?,
+                max_variants: vars.parse("CACHE_MAX_VARIANTS", 64, "a number of variants")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
                 l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 1000)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,
@@ -311,6 +316,28 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         quotas.filter(|q| !q.is_empty()).ok_or_else(error)
     }
 
+    /// A size: `65536`, `512KiB`, `128MiB`, `2GiB`.
+    fn bytes(&self, name: &'static str, default: &str) -> Result<u64, ConfigError> {
+        let value = self.string(name, default);
+        let trimmed = value.trim();
+        let (number, unit) = trimmed.split_at(trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len()));
+        let shift = match unit.trim() {
+            "" | "B" => Some(0),
+            "KiB" => Some(10),
+            "MiB" => Some(20),
+            "GiB" => Some(30),
+            _ => None,
+        };
+        let size = shift
+            .zip(number.parse::<u64>().ok())
+            .and_then(|(shift, n)| n.checked_mul(1 << shift));
+        size.filter(|size| *size > 0).ok_or(ConfigError {
+            name,
+            expected: "a size > 0 like 65536, 512KiB, 128MiB or 2GiB",
+            value,
+        })
+    }
+
     fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
         let value: u64 = self.parse(name, default, expected)?;
         if value == 0 {
@@ -397,6 +424,9 @@ mod tests {
             // More than one per microsecond: the GCRA interval would be zero.
             ("RATE_LIMIT_API", "2000000/1s"),
             ("REDIS_KEY_PREFIX", ""),
+            ("CACHE_L1_MAX_BYTES", "0"),
+            ("CACHE_L1_MAX_BYTES", "12MB"),
+            ("CACHE_L1_MAX_BYTES", "MiB"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);
@@ -406,6 +436,19 @@ mod tests {
                     .starts_with(&format!("invalid value for {name}: expected ")),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn sizes_accept_plain_bytes_and_binary_units() {
+        for (value, bytes) in [
+            ("65536", 65536),
+            ("512KiB", 512 << 10),
+            ("128MiB", 128 << 20),
+            (" 2GiB ", 2 << 30),
+        ] {
+            let s = settings(&[("CACHE_L1_MAX_BYTES", value)]).expect(value);
+            assert_eq!(s.cache.l1_max_bytes, bytes, "{value}");
         }
     }
 

@@ -4,6 +4,7 @@ mod helpers;
 
 mod auth;
 mod cache;
+mod cache_memory;
 mod cache_races;
 mod cli;
 mod database_faults;

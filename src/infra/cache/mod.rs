@@ -109,6 +109,8 @@ pub struct NamespaceStats {
     pub misses: u64,
     pub hit_rate: f64,
     pub l1_entries: u64,
+    /// Bytes of keys and values this namespace holds in L1.
+    pub l1_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -136,8 +138,8 @@ pub trait CacheService: Interface {
     /// SCAN + UNLINK, drops matching L1 entries here and tells the other instances to flush L1.
     /// Returns how many keys were deleted (from Redis; from L1 in memory mode).
     async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure>;
-    /// Hits, misses and L1 entries per namespace.
-    fn stats(&self) -> Vec<NamespaceStats>;
+    /// Hits, misses and L1 entries and bytes per namespace.
+    async fn stats(&self) -> Vec<NamespaceStats>;
     /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
     fn start(&self);
 }
@@ -207,6 +209,7 @@ pub struct Inner {
     synced_at_ms: AtomicU64,
     clock_base: Instant,
     unsynced_ttl: Duration,
+    max_variants: u32,
     pending: Mutex<HashSet<String>>,
     jitter_percent: u8,
     l1_enabled: bool,
@@ -260,7 +263,10 @@ impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for 
 impl Inner {
     pub fn new(redis: Arc<dyn RedisService>, cache: &CacheSettings, telemetry: Arc<Telemetry>) -> Arc<Self> {
         let l1 = Cache::builder()
-            .max_capacity(cache.l1_max_entries)
+            .max_capacity(cache.l1_max_bytes)
+            .weigher(|key: &String, entry: &L1Entry| {
+                u32::try_from(key.len() + entry.bytes.len() + L1_ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+            })
             .expire_after(PerEntryExpiry {
                 max_ttl: cache.l1_max_ttl,
             })
@@ -278,6 +284,7 @@ impl Inner {
             synced_at_ms: AtomicU64::new(0),
             clock_base: Instant::now(),
             unsynced_ttl: cache.l1_unsynced_ttl,
+            max_variants: cache.max_variants,
             pending: Mutex::new(HashSet::new()),
             jitter_percent: cache.ttl_jitter_percent.min(100),
             l1_enabled: cache.l1_enabled,
@@ -355,7 +362,8 @@ impl Inner {
         self.telemetry.observe_loader(key.namespace.as_str(), started.elapsed());
         let ttl = self.ttl_with_jitter(key);
         if let (Some(redis), Some(version)) = (redis, version) {
-            if let Err(err) = write_l2(redis, &self.keys, key, &bytes, ttl, version).await {
+            let entry = (&bytes, ttl);
+            if let Err(err) = write_l2(redis, &self.keys, key, entry, version, self.max_variants).await {
                 log::debug!("cache: L2 write of {} failed: {err}", key.redis_key());
             }
         }
@@ -509,6 +517,10 @@ impl Inner {
 
 const EPOCH_SHARDS: usize = 1024;
 
+/// What an L1 entry costs beyond its key and value (the entry itself, moka's node and indexes),
+/// so that many small entries count too.
+const L1_ENTRY_OVERHEAD: usize = 160;
+
 type FastHash = foldhash::fast::RandomState;
 
 /// Longest an admin flush may run (a namespace of millions of keys).
@@ -554,7 +566,8 @@ async fn read_l2(
     })
 }
 
-/// Writes only if the key's version is still the one read before loading (no invalidation since).
+/// Writes only if the key's version is still the one read before loading (no invalidation since),
+/// and a grouped entry only while its hash holds fewer than `max_variants` other fields.
 fn fill_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
     SCRIPT.get_or_init(|| {
@@ -567,6 +580,8 @@ fn fill_script() -> &'static Script {
             if ARGV[4] == '' then
                 redis.call('SET', KEYS[1], stamped, 'PX', ARGV[3])
             else
+                if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 0
+                    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
                 redis.call('HSET', KEYS[1], ARGV[4], stamped)
                 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
             end
@@ -579,17 +594,19 @@ async fn write_l2(
     redis: &Redis,
     keys: &KeyRegistry,
     key: &CacheKey,
-    bytes: &Bytes,
-    ttl: Duration,
+    entry: (&Bytes, Duration),
     version: String,
+    max_variants: u32,
 ) -> Result<(), crate::infra::redis::RedisFailure> {
+    let (bytes, ttl) = entry;
     let mut invocation = fill_script().key(key.redis_key());
     invocation
         .key(keys.version_of(key.redis_key()))
         .arg(version)
         .arg(bytes.as_ref())
         .arg(ttl.as_millis() as u64)
-        .arg(key.field().unwrap_or(""));
+        .arg(key.field().unwrap_or(""))
+        .arg(max_variants);
     redis
         .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await.map(|_| ()) })
         .await
@@ -740,13 +757,17 @@ impl CacheService for TieredCache {
         outcome
     }
 
-    fn stats(&self) -> Vec<NamespaceStats> {
+    async fn stats(&self) -> Vec<NamespaceStats> {
         let inner = &self.inner;
-        // One pass over L1, counting entries by the namespace their key names.
+        // Evictions are applied lazily: apply them, so the figures are what L1 really keeps.
+        inner.l1.run_pending_tasks().await;
+        // One pass over L1, counting entries and bytes by the namespace their key names.
         let mut l1_entries = [0u64; Namespace::ALL.len()];
-        for (key, _) in inner.l1.iter() {
+        let mut l1_bytes = [0u64; Namespace::ALL.len()];
+        for (key, entry) in inner.l1.iter() {
             if let Some(parsed) = inner.keys.parse(&key) {
                 l1_entries[parsed.namespace as usize] += 1;
+                l1_bytes[parsed.namespace as usize] += (key.len() + entry.bytes.len()) as u64;
             }
         }
         Namespace::ALL
@@ -768,6 +789,7 @@ impl CacheService for TieredCache {
                     misses,
                     hit_rate,
                     l1_entries: l1_entries[namespace as usize],
+                    l1_bytes: l1_bytes[namespace as usize],
                 }
             })
             .collect()

@@ -37,6 +37,8 @@ pub const ACL_COMMANDS: &[&str] = &[
     "unlink",
     "hget",
     "hset",
+    "hexists",
+    "hlen",
     "pttl",
     "pexpire",
     "incr",

@@ -52,7 +52,7 @@ impl FromRequest for AdminAuth {
     )
 )]
 pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> HttpResponse {
-    HttpResponse::Ok().json(admin.cache_stats())
+    HttpResponse::Ok().json(admin.cache_stats().await)
 }
 
 /// Switch Redis off (memory mode) or on, on this running instance, without a restart.

@@ -107,7 +107,7 @@ pub trait AdminService: Interface {
     /// Lets `ADMIN_TOKEN` (compared in constant time) or a signed-in user with the admin role in:
     /// 401 without a token or with one that is neither, 403 for a user without the role.
     async fn authorize(&self, token: Option<&str>) -> AppResult<()>;
-    fn cache_stats(&self) -> CacheStatsResponse;
+    async fn cache_stats(&self) -> CacheStatsResponse;
     fn set_cache_mode(&self, request: CacheModeRequest) -> CacheStatus;
     async fn flush(&self, query: FlushQuery) -> AppResult<FlushResponse>;
     async fn redis_health(&self) -> AppResult<RedisHealth>;
@@ -183,10 +183,10 @@ impl AdminService for Admin {
         }
     }
 
-    fn cache_stats(&self) -> CacheStatsResponse {
+    async fn cache_stats(&self) -> CacheStatsResponse {
         CacheStatsResponse {
+            namespaces: self.cache.stats().await,
             status: self.cache.status(),
-            namespaces: self.cache.stats(),
         }
     }
 
