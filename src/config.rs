@@ -95,6 +95,10 @@ pub struct CacheSettings {
     /// Most variants (filters, pages, date ranges) one owner's grouped Redis hash caches; more
     /// are answered from Postgres, uncached, so a client cannot grow a hash without bound.
     pub max_variants: u32,
+    /// Lookups that found nothing (a random workspace id, an unknown token) are remembered in
+    /// process only, for at most `negative_ttl` and in at most this many entries.
+    pub negative_max_entries: u64,
+    pub negative_ttl: Duration,
     /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
     /// invalidation message from another instance be lost.
     pub l1_max_ttl: Duration,
@@ -228,6 +232,8 @@ impl Settings {
                 l1_enabled: vars.parse("CACHE_L1_ENABLED", true, "true or false")?,
                 l1_max_bytes: vars.bytes("CACHE_L1_MAX_BYTES", "128MiB")?,
                 max_variants: vars.parse("CACHE_MAX_VARIANTS", 64, "a number of variants")?,
+                negative_max_entries: vars.positive("CACHE_NEGATIVE_MAX_ENTRIES", 10_000, "a number of entries > 0")?,
+                negative_ttl: vars.millis("CACHE_NEGATIVE_TTL_MS", 5000)?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
                 l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 1000)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,

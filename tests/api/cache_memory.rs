@@ -2,6 +2,7 @@
 //! in variants, and misses (a random workspace id, a random token) are remembered only briefly
 //! and in a bounded number.
 
+use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -91,4 +92,99 @@ async fn a_grouped_redis_hash_caches_at_most_cache_max_variants_per_owner() {
     );
     let beyond = app.get(&path, &world.user.token).await;
     beyond.assert_status(200);
+}
+
+fn namespace<'a>(stats: &'a Value, name: &str) -> &'a Value {
+    stats["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ns| ns["namespace"] == name)
+        .unwrap()
+}
+
+/// Keys under the test's prefix in one namespace, by SCAN (the test's own prefix only).
+async fn redis_keys(app: &TestApp, namespace: &str) -> usize {
+    use redis::AsyncCommands;
+    let mut connection = shared_redis().connection().await;
+    let pattern = format!("{}{namespace}:*", app.settings.redis.key_prefix);
+    let keys: redis::AsyncIter<String> = connection.scan_match(pattern).await.unwrap();
+    let keys: Vec<_> = keys.collect().await;
+    keys.len()
+}
+
+fn with_small_negative_cache(s: &mut nestling::config::Settings) {
+    s.app.admin_token = Some(ADMIN.into());
+    s.cache.negative_max_entries = 50;
+}
+
+#[tokio::test]
+async fn random_workspace_ids_leave_a_bounded_trace_in_process_and_none_in_redis() {
+    let app = TestApp::builder()
+        .redis(shared_redis())
+        .settings(with_small_negative_cache)
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    for _ in 0..200 {
+        let path = format!("/api/workspaces/{}", uuid::Uuid::new_v4());
+        app.get(&path, &user.token)
+            .await
+            .assert_error(404, "workspace_not_found");
+    }
+    let stats = cache_stats(&app).await;
+    assert_eq!(namespace(&stats, "members")["l1Entries"], 0, "{stats}");
+    assert_eq!(redis_keys(&app, "members").await, 0, "member hashes in Redis");
+    let remembered = stats["negativeEntries"].as_u64().unwrap();
+    assert!(remembered <= 50, "{remembered} misses remembered with a cap of 50");
+}
+
+#[tokio::test]
+async fn a_random_token_costs_one_postgres_lookup_while_it_is_remembered() {
+    let app = TestApp::builder().settings(with_small_negative_cache).spawn().await;
+    let token = "ab".repeat(32);
+    for _ in 0..5 {
+        app.get("/api/users/me", &token)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    let stats = cache_stats(&app).await;
+    let tokens = namespace(&stats, "auth-tokens");
+    assert_eq!(
+        (tokens["misses"].as_u64(), tokens["hitsL1"].as_u64()),
+        (Some(1), Some(4)),
+        "{tokens}"
+    );
+
+    for _ in 0..200 {
+        let random = format!("{:064x}", rand::random::<u128>());
+        app.get("/api/users/me", &random)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    let remembered = cache_stats(&app).await["negativeEntries"].as_u64().unwrap();
+    assert!(remembered <= 50, "{remembered} misses remembered with a cap of 50");
+}
+
+#[tokio::test]
+async fn a_user_added_to_a_workspace_they_were_refused_sees_it_at_once_on_every_instance() {
+    let a = TestApp::builder().redis(shared_redis()).spawn().await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let owner = a.register_user().await;
+    let user = a.register_user().await;
+    let workspace = a.create_workspace(&owner).await;
+    let path = format!("/api/workspaces/{}", workspace["id"].as_str().unwrap());
+    for app in [&a, &b] {
+        app.get(&path, &user.token)
+            .await
+            .assert_error(404, "workspace_not_found");
+    }
+    a.add_member(&owner, workspace["id"].as_str().unwrap(), &user).await;
+    a.get(&path, &user.token).await.assert_status(200);
+    // B hears of it through pub/sub: within a second.
+    let started = std::time::Instant::now();
+    while b.get(&path, &user.token).await.status != 200 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "B still refuses");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

@@ -120,6 +120,8 @@ pub struct CacheStatus {
     pub breaker: Option<BreakerState>,
     pub subscriber_connected: bool,
     pub l1_entries: u64,
+    /// Lookups that found nothing, remembered briefly (see `get_or_load_found`).
+    pub negative_entries: u64,
     pub pending_invalidations: usize,
 }
 
@@ -127,6 +129,15 @@ pub struct CacheStatus {
 pub trait CacheService: Interface {
     /// The cached bytes for `key`, or the loader's (stored in both tiers).
     async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached>;
+    /// `get_or_load` for a lookup that may find nothing (a membership, a token). What is found is
+    /// cached as usual; "nothing" is remembered only in process, for `CACHE_NEGATIVE_TTL_MS`, in
+    /// at most `CACHE_NEGATIVE_MAX_ENTRIES` entries, and never in Redis: random ids cannot grow
+    /// the cache, and each costs Postgres one lookup while it is remembered.
+    async fn get_or_load_found<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
+    ) -> AppResult<Option<Cached>>;
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
     fn keys(&self) -> &KeyRegistry;
@@ -176,6 +187,20 @@ struct L1Entry {
     filled_at: Instant,
 }
 
+/// A lookup that found nothing; like an L1 entry, it counts only while its epoch is current.
+#[derive(Clone)]
+struct NegativeEntry {
+    epoch: (u64, u64),
+    filled_at: Instant,
+}
+
+/// The error a "found nothing" load travels as through the single-flight (never returned).
+const ABSENT: AppError = AppError::NotFound { entity: "cache-absent" };
+
+fn is_absent(err: &AppError) -> bool {
+    matches!(err, AppError::NotFound { entity: "cache-absent" })
+}
+
 struct PerEntryExpiry {
     max_ttl: Duration,
 }
@@ -198,6 +223,8 @@ pub struct Inner {
     epochs: Box<[AtomicU64]>,
     epoch_hasher: FastHash,
     generation: AtomicU64,
+    /// Lookups that found nothing, by L1 key (see `get_or_load_found`).
+    negative: Cache<String, NegativeEntry, FastHash>,
     /// L2 entries written before this moment (Redis clock, ms) are ignored: set when this
     /// instance reconnects after losing Redis, since invalidations may have been lost meanwhile.
     pub(crate) l2_trusted_since_ms: AtomicU64,
@@ -272,9 +299,14 @@ impl Inner {
             })
             .support_invalidation_closures()
             .build_with_hasher(FastHash::default());
+        let negative = Cache::builder()
+            .max_capacity(cache.negative_max_entries)
+            .time_to_live(cache.negative_ttl)
+            .build_with_hasher(FastHash::default());
         Arc::new(Inner {
             keys: redis.keys().clone(),
             l1,
+            negative,
             epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             epoch_hasher: FastHash::default(),
             generation: AtomicU64::new(0),
@@ -363,7 +395,12 @@ impl Inner {
         let ttl = self.ttl_with_jitter(key);
         if let (Some(redis), Some(version)) = (redis, version) {
             let entry = (&bytes, ttl);
-            if let Err(err) = write_l2(redis, &self.keys, key, entry, version, self.max_variants).await {
+            let max_fields = if key.namespace.has_variants() {
+                self.max_variants
+            } else {
+                u32::MAX
+            };
+            if let Err(err) = write_l2(redis, &self.keys, key, entry, version, max_fields).await {
                 log::debug!("cache: L2 write of {} failed: {err}", key.redis_key());
             }
         }
@@ -377,20 +414,61 @@ impl Inner {
         })
     }
 
+    /// `get_or_load`, borrowing the key.
+    async fn lookup<'a>(&'a self, key: &'a CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
+        if BYPASS.try_with(|bypass| *bypass).unwrap_or(false) {
+            self.count(key.namespace, CacheTier::Bypass);
+            let bytes = loader.await?;
+            return Ok(Cached {
+                bytes,
+                tier: CacheTier::Bypass,
+                max_age: Duration::ZERO,
+            });
+        }
+        if !self.l1_enabled {
+            let entry = Box::pin(self.fill(key, loader)).await?;
+            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
+            return Ok(Cached {
+                bytes: entry.bytes,
+                tier: entry.origin,
+                max_age,
+            });
+        }
+        if let Some(entry) = self.l1.get(key.l1_key()).await {
+            let now = Instant::now();
+            if entry.expires_at > now && entry.epoch == self.epoch_of(key) && self.in_sync(entry.filled_at, now) {
+                self.count(key.namespace, CacheTier::HitL1);
+                return Ok(Cached {
+                    bytes: entry.bytes,
+                    tier: CacheTier::HitL1,
+                    max_age: entry.expires_at - now,
+                });
+            }
+            // Out of date but still there (its epoch shard was bumped by another key, it expired,
+            // or it is too old to trust while invalidations go unheard): `try_get_with` would
+            // hand this same entry back instead of loading, every time. Drop it so the load below
+            // replaces it.
+            self.l1.invalidate(key.l1_key()).await;
+        }
+        // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
+        // copied with, every hit's future.
+        self.load_into_l1(key, loader).await
+    }
+
     /// An L1 miss: single-flight through `fill`, kept in L1 unless invalidated meanwhile.
     fn load_into_l1<'a>(
         &'a self,
-        key: CacheKey,
+        key: &'a CacheKey,
         loader: BoxFuture<'a, AppResult<Bytes>>,
     ) -> BoxFuture<'a, AppResult<Cached>> {
         Box::pin(async move {
-            let epoch = self.epoch_of(&key);
+            let epoch = self.epoch_of(key);
             let entry = self
                 .l1
-                .try_get_with(key.l1_key().to_owned(), self.fill(&key, loader))
+                .try_get_with(key.l1_key().to_owned(), self.fill(key, loader))
                 .await
                 .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
-            if self.epoch_of(&key) != epoch {
+            if self.epoch_of(key) != epoch {
                 // An invalidation ran while we loaded: serve this answer, but do not keep it.
                 self.l1.invalidate(key.l1_key()).await;
             }
@@ -446,12 +524,12 @@ impl Inner {
     /// With Redis, only if this instance heard every invalidation until less than `unsynced_ttl`
     /// ago, or the entry is younger than that: another instance's write goes unseen here for at
     /// most that long, even while the subscriber is down.
-    fn in_sync(&self, entry: &L1Entry, now: Instant) -> bool {
+    fn in_sync(&self, filled_at: Instant, now: Instant) -> bool {
         if !self.redis.is_enabled() {
             return true;
         }
         let synced_at = self.clock_base + Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
-        now.saturating_duration_since(synced_at.max(entry.filled_at)) <= self.unsynced_ttl
+        now.saturating_duration_since(synced_at.max(filled_at)) <= self.unsynced_ttl
     }
 
     /// Flushes L1: after a lost subscription we cannot know what we missed.
@@ -460,7 +538,6 @@ impl Inner {
         self.l1.invalidate_all();
     }
 
-    /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is queued.
     /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is
     /// queued. Returns whether Redis took them.
     async fn invalidate_l2(&self, redis_keys: Vec<String>) -> bool {
@@ -567,7 +644,7 @@ async fn read_l2(
 }
 
 /// Writes only if the key's version is still the one read before loading (no invalidation since),
-/// and a grouped entry only while its hash holds fewer than `max_variants` other fields.
+/// and a grouped entry only while its hash holds fewer than `max_fields` other fields.
 fn fill_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
     SCRIPT.get_or_init(|| {
@@ -596,7 +673,7 @@ async fn write_l2(
     key: &CacheKey,
     entry: (&Bytes, Duration),
     version: String,
-    max_variants: u32,
+    max_fields: u32,
 ) -> Result<(), crate::infra::redis::RedisFailure> {
     let (bytes, ttl) = entry;
     let mut invocation = fill_script().key(key.redis_key());
@@ -606,7 +683,7 @@ async fn write_l2(
         .arg(bytes.as_ref())
         .arg(ttl.as_millis() as u64)
         .arg(key.field().unwrap_or(""))
-        .arg(max_variants);
+        .arg(max_fields);
     redis
         .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await.map(|_| ()) })
         .await
@@ -615,44 +692,38 @@ async fn write_l2(
 #[async_trait]
 impl CacheService for TieredCache {
     async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
+        self.inner.lookup(&key, loader).await
+    }
+
+    async fn get_or_load_found<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
+    ) -> AppResult<Option<Cached>> {
         let inner = &self.inner;
-        if BYPASS.try_with(|bypass| *bypass).unwrap_or(false) {
-            inner.count(key.namespace, CacheTier::Bypass);
-            let bytes = loader.await?;
-            return Ok(Cached {
-                bytes,
-                tier: CacheTier::Bypass,
-                max_age: Duration::ZERO,
-            });
-        }
-        if !inner.l1_enabled {
-            let entry = Box::pin(inner.fill(&key, loader)).await?;
-            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
-            return Ok(Cached {
-                bytes: entry.bytes,
-                tier: entry.origin,
-                max_age,
-            });
-        }
-        if let Some(entry) = inner.l1.get(key.l1_key()).await {
+        let bypass = BYPASS.try_with(|bypass| *bypass).unwrap_or(false);
+        if let Some(absent) = inner.negative.get(key.l1_key()).await.filter(|_| !bypass) {
             let now = Instant::now();
-            if entry.expires_at > now && entry.epoch == inner.epoch_of(&key) && inner.in_sync(&entry, now) {
+            // Any invalidation of the key (or its group, or a flush) moved its epoch on.
+            if absent.epoch == inner.epoch_of(&key) && inner.in_sync(absent.filled_at, now) {
                 inner.count(key.namespace, CacheTier::HitL1);
-                return Ok(Cached {
-                    bytes: entry.bytes,
-                    tier: CacheTier::HitL1,
-                    max_age: entry.expires_at - now,
-                });
+                return Ok(None);
             }
-            // Out of date but still there (its epoch shard was bumped by another key, it expired,
-            // or it is too old to trust while invalidations go unheard): `try_get_with` would
-            // hand this same entry back instead of loading, every time. Drop it so the load below
-            // replaces it.
-            inner.l1.invalidate(key.l1_key()).await;
         }
-        // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
-        // copied with, every hit's future.
-        inner.load_into_l1(key, loader).await
+        let epoch = inner.epoch_of(&key);
+        let found = async move { loader.await?.ok_or(ABSENT) };
+        match inner.lookup(&key, Box::pin(found)).await {
+            Ok(cached) => Ok(Some(cached)),
+            Err(err) if is_absent(&err) => {
+                if !bypass && inner.epoch_of(&key) == epoch {
+                    let filled_at = Instant::now();
+                    let absent = NegativeEntry { epoch, filled_at };
+                    inner.negative.insert(key.l1_key().to_owned(), absent).await;
+                }
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
     }
 
     async fn invalidate(&self, keys: Vec<CacheKey>) {
@@ -692,6 +763,7 @@ impl CacheService for TieredCache {
             breaker: redis.breaker,
             subscriber_connected: inner.subscriber_connected.load(Ordering::Acquire),
             l1_entries: inner.l1.entry_count(),
+            negative_entries: inner.negative.entry_count(),
             pending_invalidations: inner.pending.lock().unwrap().len(),
         }
     }
@@ -761,6 +833,7 @@ impl CacheService for TieredCache {
         let inner = &self.inner;
         // Evictions are applied lazily: apply them, so the figures are what L1 really keeps.
         inner.l1.run_pending_tasks().await;
+        inner.negative.run_pending_tasks().await;
         // One pass over L1, counting entries and bytes by the namespace their key names.
         let mut l1_entries = [0u64; Namespace::ALL.len()];
         let mut l1_bytes = [0u64; Namespace::ALL.len()];

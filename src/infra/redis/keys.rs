@@ -60,6 +60,12 @@ impl Namespace {
         matches!(self, Self::TaskLists | Self::Members | Self::DailyMetrics)
     }
 
+    /// Whether a group's fields are variants a client chooses (filters, pages, date ranges), so
+    /// their number must be capped; members' roles are bounded by the membership itself.
+    pub fn has_variants(self) -> bool {
+        matches!(self, Self::TaskLists | Self::DailyMetrics)
+    }
+
     pub fn parse(name: &str) -> Option<Namespace> {
         Self::ALL.into_iter().find(|ns| ns.as_str() == name)
     }

@@ -134,14 +134,17 @@ impl AuthService for Auth {
         let hash = token_hash(token);
         let key = self.cache.keys().auth_token(&hash);
         let load = || async {
-            let (user, expires_at) = self.tokens.find_user(&hash).await?.ok_or(INVALID_TOKEN)?;
-            Ok(Session {
-                user_id: user.id,
-                expires_at_ms: expires_at.timestamp_millis(),
-            }
-            .to_bytes())
+            let found = self.tokens.find_user(&hash).await?;
+            Ok(found.map(|(user, expires_at)| {
+                Session {
+                    user_id: user.id,
+                    expires_at_ms: expires_at.timestamp_millis(),
+                }
+                .to_bytes()
+            }))
         };
-        let cached = self.cache.get_or_load(key.clone(), Box::pin(load())).await?;
+        let found = self.cache.get_or_load_found(key.clone(), Box::pin(load()));
+        let cached = found.await?.ok_or(INVALID_TOKEN)?;
         let session = match Session::from_bytes(&cached.bytes) {
             Ok(session) => session,
             Err(err) => {
@@ -149,7 +152,8 @@ impl AuthService for Auth {
                 // drop it everywhere and read the token again, rather than answer 500 until it expires.
                 log::warn!("auth: dropping an unreadable session cache entry: {err}");
                 self.cache.invalidate(vec![key.clone()]).await;
-                Session::from_bytes(&self.cache.get_or_load(key, Box::pin(load())).await?.bytes)?
+                let reloaded = self.cache.get_or_load_found(key, Box::pin(load())).await?;
+                Session::from_bytes(&reloaded.ok_or(INVALID_TOKEN)?.bytes)?
             }
         };
         // The cache entry may outlive the token: its own expiry decides.

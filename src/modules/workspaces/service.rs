@@ -67,8 +67,16 @@ impl Workspaces {
 impl WorkspaceService for Workspaces {
     async fn require_member(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Role> {
         let key = self.cache.keys().member(workspace_id, user_id);
-        let load = async { to_json_bytes(&self.workspaces.role_of(workspace_id, user_id).await?) };
-        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let load = async {
+            let role = self.workspaces.role_of(workspace_id, user_id).await?;
+            role.map(|role| to_json_bytes(&role)).transpose()
+        };
+        let cached = self
+            .cache
+            .get_or_load_found(key, Box::pin(load))
+            .await?
+            .ok_or(NOT_FOUND)?;
+        // `Option`: entries written before non-members were kept out of the shared cache say `null`.
         from_json_bytes::<Option<Role>>(&cached.bytes)?.ok_or(NOT_FOUND)
     }
 
