@@ -99,6 +99,9 @@ pub struct CacheSettings {
     /// process only, for at most `negative_ttl` and in at most this many entries.
     pub negative_max_entries: u64,
     pub negative_ttl: Duration,
+    /// Most invalidations kept for replay while Redis cannot be reached; past that, whole
+    /// namespaces are flushed when it answers again.
+    pub max_pending_invalidations: usize,
     /// L1 never keeps an entry longer than this, whatever its TTL: it bounds staleness should an
     /// invalidation message from another instance be lost.
     pub l1_max_ttl: Duration,
@@ -234,6 +237,7 @@ impl Settings {
                 max_variants: vars.parse("CACHE_MAX_VARIANTS", 64, "a number of variants")?,
                 negative_max_entries: vars.positive("CACHE_NEGATIVE_MAX_ENTRIES", 10_000, "a number of entries > 0")?,
                 negative_ttl: vars.millis("CACHE_NEGATIVE_TTL_MS", 5000)?,
+                max_pending_invalidations: vars.parse("CACHE_MAX_PENDING_INVALIDATIONS", 10_000, "a number of keys")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
                 l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 1000)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,

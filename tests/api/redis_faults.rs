@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 use reqwest::Method;
 use serde_json::json;
 
+use crate::helpers::partition::Partition;
 use crate::helpers::{private_redis, TestApp, TestRedis, TestUser};
 
 struct Sample {
@@ -383,4 +384,112 @@ async fn a_token_logged_out_while_redis_is_frozen_stops_working_on_the_other_ins
 async fn without_the_unsynced_bound_the_other_instance_serves_a_logged_out_token_on() {
     let took = logout_on_one_instance_while_redis_is_frozen(Duration::from_secs(60), Duration::from_secs(3)).await;
     assert_eq!(took, None, "B refused the token although nothing told it to");
+}
+
+const ADMIN: &str = "test-admin-token";
+
+/// Instance A reaches the shared Redis through a link the test can cut; instance B directly.
+/// Returns (A, B, the link, a user, their project).
+async fn a_behind_a_link_and_b_direct(
+    tweak: impl FnOnce(&mut nestling::config::Settings) + 'static,
+) -> (TestApp, TestApp, Partition, TestUser, String) {
+    let redis = crate::helpers::shared_redis();
+    let link = Partition::new(format!("127.0.0.1:{}", redis.port)).await;
+    let through_link = format!("redis://127.0.0.1:{}", link.port);
+    let a = TestApp::builder()
+        .redis(redis)
+        .settings(move |s| {
+            s.redis.url = through_link;
+            s.app.admin_token = Some(ADMIN.into());
+            tweak(s);
+        })
+        .spawn()
+        .await;
+    let direct = redis.url();
+    let b = TestApp::builder()
+        .sibling_of(&a)
+        .settings(move |s| s.redis.url = direct)
+        .spawn()
+        .await;
+    let (user, _, project) = a.user_with_project().await;
+    let project = project["id"].as_str().unwrap().to_owned();
+    (a, b, link, user, project)
+}
+
+async fn pending_invalidations(app: &TestApp) -> u64 {
+    let stats = app.request(Method::GET, "/admin/cache/stats", Some(ADMIN), None).await;
+    stats.body["pendingInvalidations"]
+        .as_u64()
+        .expect("pendingInvalidations")
+}
+
+/// Cuts A off, renames every task on A, heals, and checks that B (which cached every task in L1
+/// and L2 before) serves every new title within a second of A's queue emptying.
+async fn writes_made_while_cut_off_reach_the_other_instance(tasks: usize, max_pending: usize) {
+    let (a, b, link, user, project) = a_behind_a_link_and_b_direct(move |s| {
+        s.cache.max_pending_invalidations = max_pending;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..tasks {
+        let task = a
+            .create_task(&user, &project, json!({ "title": format!("task {n}") }))
+            .await;
+        ids.push(task["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        b.get(&format!("/api/tasks/{id}"), &user.token).await.assert_status(200);
+    }
+
+    link.cut();
+    for (n, id) in ids.iter().enumerate() {
+        let renamed = a
+            .patch(
+                &format!("/api/tasks/{id}"),
+                &user.token,
+                json!({ "title": format!("renamed {n}") }),
+            )
+            .await;
+        renamed.assert_status(200);
+    }
+    let queued = pending_invalidations(&a).await;
+    assert!(
+        queued <= max_pending as u64,
+        "{queued} invalidations queued with a cap of {max_pending}"
+    );
+
+    link.heal();
+    let started = Instant::now();
+    while pending_invalidations(&a).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "A's queue was never replayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let replayed = Instant::now();
+    for (n, id) in ids.iter().enumerate() {
+        loop {
+            let task = b.get(&format!("/api/tasks/{id}"), &user.token).await;
+            if task.body["title"] == format!("renamed {n}") {
+                break;
+            }
+            assert!(
+                replayed.elapsed() < Duration::from_secs(1),
+                "B still serves {}",
+                task.text
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn invalidations_queued_past_the_cap_flush_their_namespaces_when_redis_answers_again() {
+    writes_made_while_cut_off_reach_the_other_instance(10, 8).await;
+}
+
+#[tokio::test]
+async fn a_queue_of_several_batches_is_replayed_whole() {
+    writes_made_while_cut_off_reach_the_other_instance(150, 10_000).await;
 }

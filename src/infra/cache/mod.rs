@@ -39,7 +39,7 @@ pub async fn honor_no_cache(
     }
 }
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -58,7 +58,7 @@ use crate::config::CacheSettings;
 use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
-use crate::infra::redis::{Redis, RedisService};
+use crate::infra::redis::{Redis, RedisFailure, RedisService};
 use crate::infra::telemetry::Telemetry;
 
 /// Where a response came from: the `X-Cache` header.
@@ -148,7 +148,7 @@ pub trait CacheService: Interface {
     /// Deletes every key matching `pattern` (a full Redis pattern under the key prefix) with
     /// SCAN + UNLINK, drops matching L1 entries here and tells the other instances to flush L1.
     /// Returns how many keys were deleted (from Redis; from L1 in memory mode).
-    async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure>;
+    async fn flush(&self, pattern: &str) -> Result<u64, RedisFailure>;
     /// Hits, misses and L1 entries and bytes per namespace.
     async fn stats(&self) -> Vec<NamespaceStats>;
     /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
@@ -237,7 +237,10 @@ pub struct Inner {
     clock_base: Instant,
     unsynced_ttl: Duration,
     max_variants: u32,
-    pending: Mutex<HashSet<String>>,
+    pending: Mutex<Pending>,
+    /// One replay at a time (the subscriber's; a second caller finds it taken and goes on).
+    replaying: tokio::sync::Mutex<()>,
+    max_pending: usize,
     jitter_percent: u8,
     l1_enabled: bool,
     /// Identifies this instance in invalidation messages, so it skips its own.
@@ -317,7 +320,9 @@ impl Inner {
             clock_base: Instant::now(),
             unsynced_ttl: cache.l1_unsynced_ttl,
             max_variants: cache.max_variants,
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Pending::default()),
+            replaying: tokio::sync::Mutex::new(()),
+            max_pending: cache.max_pending_invalidations,
             jitter_percent: cache.ttl_jitter_percent.min(100),
             l1_enabled: cache.l1_enabled,
             instance: uuid::Uuid::new_v4().simple().to_string(),
@@ -357,11 +362,8 @@ impl Inner {
         let mut redis = self.active_redis();
         let mut version = None;
         if let Some(active) = redis {
-            // Our own invalidations that did not reach Redis go first: L2 may still hold what they
-            // drop. While any remain queued, L2 is neither read nor written.
-            if !self.pending.lock().unwrap().is_empty() {
-                self.replay_pending().await;
-            }
+            // While our own invalidations wait for Redis (the subscriber replays them), L2 may
+            // still hold what they drop: it is neither read nor written.
             if !self.pending.lock().unwrap().is_empty() {
                 redis = None;
             } else {
@@ -544,11 +546,29 @@ impl Inner {
         let Some(redis) = self.active_redis() else {
             return false;
         };
+        match self.send_invalidations(redis, &redis_keys).await {
+            Ok(()) => true,
+            Err(err) => {
+                log::warn!(
+                    "cache: {} invalidation(s) queued until Redis answers: {err}",
+                    redis_keys.len()
+                );
+                self.telemetry.invalidations_queued.inc_by(redis_keys.len() as u64);
+                self.pending
+                    .lock()
+                    .unwrap()
+                    .add(redis_keys, self.max_pending, &self.keys);
+                false
+            }
+        }
+    }
+
+    async fn send_invalidations(&self, redis: &Redis, redis_keys: &[String]) -> Result<(), RedisFailure> {
         let channel = self.keys.invalidation_channel();
         // One transaction, version first: no fill script can run between the bump and the delete.
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for redis_key in &redis_keys {
+        for redis_key in redis_keys {
             let version_key = self.keys.version_of(redis_key);
             pipe.cmd("INCR").arg(&version_key).ignore();
             // Versions outlive any entry they guard (the longest TTL is the auth token's).
@@ -559,38 +579,173 @@ impl Inner {
                 .arg(format!("{}|{redis_key}", self.instance))
                 .ignore();
         }
-        let outcome = redis
+        redis
             .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await;
-        if outcome.is_ok() {
-            return true;
-        }
-        if let Err(err) = outcome {
-            log::warn!(
-                "cache: {} invalidation(s) queued until Redis answers: {err}",
-                redis_keys.len()
-            );
-            self.telemetry.invalidations_queued.inc_by(redis_keys.len() as u64);
-            self.pending.lock().unwrap().extend(redis_keys);
-        }
-        false
+            .await
     }
 
-    /// Replays queued invalidations; called when Redis answers again.
-    pub(crate) async fn replay_pending(&self) {
-        let queued: Vec<String> = self.pending.lock().unwrap().drain().collect();
-        if !queued.is_empty() {
-            log::info!("cache: replaying {} queued invalidation(s)", queued.len());
-            if self.invalidate_l2(queued.clone()).await {
-                self.telemetry.invalidations_replayed.inc_by(queued.len() as u64);
-                // What L1 filled meanwhile may have come from the entries just deleted.
-                for key in queued.iter().filter_map(|k| self.keys.parse(k)) {
-                    self.drop_from_l1(&key).await;
+    /// See `CacheService::flush`.
+    async fn flush(&self, pattern: &str) -> Result<u64, RedisFailure> {
+        // L1 follows the same pattern as Redis, applied to the Redis key an entry belongs to.
+        let glob = pattern.as_bytes().to_vec();
+        let matches = move |k: &String| {
+            let redis_key = k.split_once('#').map_or(k.as_str(), |(key, _)| key);
+            glob_matches(&glob, redis_key.as_bytes())
+        };
+        let l1_count = self.l1.iter().filter(|(k, _)| matches(k)).count() as u64;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = self.l1.invalidate_entries_if(move |k, _| matches(k));
+        let Some(redis) = self.active_redis() else {
+            return Ok(l1_count);
+        };
+        // Each SCAN and UNLINK is bounded by the command timeout, the whole flush by FLUSH_DEADLINE.
+        let scan_and_unlink = async {
+            let mut deleted = 0u64;
+            let mut cursor = 0u64;
+            loop {
+                let pattern = pattern.to_owned();
+                let (next, keys): (u64, Vec<String>) = redis
+                    .call(|mut c| async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await?;
+                if !keys.is_empty() {
+                    deleted += redis
+                        .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
+                        .await?;
                 }
+                cursor = next;
+                if cursor == 0 {
+                    return Ok(deleted);
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(FLUSH_DEADLINE, scan_and_unlink)
+            .await
+            .unwrap_or(Err(RedisFailure::Timeout(FLUSH_DEADLINE)));
+        let channel = self.keys.invalidation_channel();
+        let message = format!("{}|{}", self.instance, subscriber::FLUSH_ALL);
+        let _ = redis
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        // Even a partial flush deleted keys other instances may hold in L1.
+        outcome
+    }
+
+    /// Replays queued invalidations, when Redis answers again: overflowed namespaces are flushed
+    /// whole, then keys go in batches of `REPLAY_BATCH`, each in one transaction under the
+    /// command timeout. A key leaves the queue only once Redis has taken it (and was not queued
+    /// again meanwhile), so until then fills keep off L2.
+    pub(crate) async fn replay_pending(&self) {
+        let Ok(_only_replay) = self.replaying.try_lock() else {
+            return;
+        };
+        let Some(redis) = self.active_redis() else {
+            return;
+        };
+        let overflowed: Vec<Namespace> = self.pending.lock().unwrap().namespaces.iter().copied().collect();
+        for namespace in overflowed {
+            let pattern = self.keys.namespace_pattern(namespace);
+            if let Err(err) = self.flush(&pattern).await {
+                log::debug!("cache: flushing {pattern} for the overflowed queue failed: {err}");
+                return;
+            }
+            log::info!("cache: flushed {pattern}: more invalidations were queued than kept");
+            self.pending.lock().unwrap().namespaces.remove(&namespace);
+        }
+        loop {
+            let batch = self.pending.lock().unwrap().batch(REPLAY_BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            let keys: Vec<String> = batch.iter().map(|(key, _)| key.clone()).collect();
+            if let Err(err) = self.send_invalidations(redis, &keys).await {
+                log::debug!("cache: replaying {} invalidation(s) failed: {err}", keys.len());
+                return;
+            }
+            self.pending.lock().unwrap().acknowledge(&batch);
+            log::info!("cache: replayed {} queued invalidation(s)", keys.len());
+            self.telemetry.invalidations_replayed.inc_by(keys.len() as u64);
+            // What L1 filled meanwhile may have come from the entries just deleted.
+            for key in keys.iter().filter_map(|k| self.keys.parse(k)) {
+                self.drop_from_l1(&key).await;
             }
         }
     }
 }
+
+/// Invalidations that could not reach Redis. Each key carries the sequence number of its latest
+/// queuing, so a replay acknowledges only what it sent. Past `max` keys, the namespace of each
+/// further key is flushed whole instead.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<String, u64>,
+    namespaces: HashSet<Namespace>,
+    sequence: u64,
+}
+
+impl Pending {
+    fn add(&mut self, redis_keys: Vec<String>, max: usize, registry: &KeyRegistry) {
+        let namespace_of = |redis_key: &str| registry.parse(redis_key).map(|key| key.namespace);
+        for redis_key in redis_keys {
+            self.sequence += 1;
+            let namespace = namespace_of(&redis_key);
+            if namespace.is_some_and(|namespace| self.namespaces.contains(&namespace)) {
+                continue; // the namespace's flush covers it
+            }
+            match namespace {
+                Some(namespace) if self.keys.len() >= max && !self.keys.contains_key(&redis_key) => {
+                    self.namespaces.insert(namespace);
+                    self.keys.retain(|queued, _| namespace_of(queued) != Some(namespace));
+                }
+                _ => {
+                    self.keys.insert(redis_key, self.sequence);
+                }
+            }
+        }
+    }
+
+    fn batch(&self, size: usize) -> Vec<(String, u64)> {
+        self.keys
+            .iter()
+            .take(size)
+            .map(|(key, sequence)| (key.clone(), *sequence))
+            .collect()
+    }
+
+    fn acknowledge(&mut self, batch: &[(String, u64)]) {
+        for (key, sent) in batch {
+            if self.keys.get(key) == Some(sent) {
+                self.keys.remove(key);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.namespaces.is_empty()
+    }
+
+    /// Queued keys, plus one per namespace to flush.
+    fn len(&self) -> usize {
+        self.keys.len() + self.namespaces.len()
+    }
+}
+
+/// Keys per replayed transaction: four commands each, well inside one command timeout.
+const REPLAY_BATCH: usize = 100;
 
 const EPOCH_SHARDS: usize = 1024;
 
@@ -618,7 +773,7 @@ async fn read_l2(
     keys: &KeyRegistry,
     key: &CacheKey,
     trusted_since_ms: u64,
-) -> Result<L2Read, crate::infra::redis::RedisFailure> {
+) -> Result<L2Read, RedisFailure> {
     let mut pipe = redis::pipe();
     match key.field() {
         Some(field) => pipe.cmd("HGET").arg(key.redis_key()).arg(field),
@@ -674,7 +829,7 @@ async fn write_l2(
     entry: (&Bytes, Duration),
     version: String,
     max_fields: u32,
-) -> Result<(), crate::infra::redis::RedisFailure> {
+) -> Result<(), RedisFailure> {
     let (bytes, ttl) = entry;
     let mut invocation = fill_script().key(key.redis_key());
     invocation
@@ -768,65 +923,8 @@ impl CacheService for TieredCache {
         }
     }
 
-    async fn flush(&self, pattern: &str) -> Result<u64, crate::infra::redis::RedisFailure> {
-        let inner = &self.inner;
-        // L1 follows the same pattern as Redis, applied to the Redis key an entry belongs to.
-        let glob = pattern.as_bytes().to_vec();
-        let matches = move |k: &String| {
-            let redis_key = k.split_once('#').map_or(k.as_str(), |(key, _)| key);
-            glob_matches(&glob, redis_key.as_bytes())
-        };
-        let l1_count = inner.l1.iter().filter(|(k, _)| matches(k)).count() as u64;
-        inner.generation.fetch_add(1, Ordering::AcqRel);
-        let _ = inner.l1.invalidate_entries_if(move |k, _| matches(k));
-        let Some(redis) = inner.active_redis() else {
-            return Ok(l1_count);
-        };
-        // Each SCAN and UNLINK is bounded by the command timeout, the whole flush by FLUSH_DEADLINE.
-        let scan_and_unlink = async {
-            let mut deleted = 0u64;
-            let mut cursor = 0u64;
-            loop {
-                let pattern = pattern.to_owned();
-                let (next, keys): (u64, Vec<String>) = redis
-                    .call(|mut c| async move {
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut c)
-                            .await
-                    })
-                    .await?;
-                if !keys.is_empty() {
-                    deleted += redis
-                        .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
-                        .await?;
-                }
-                cursor = next;
-                if cursor == 0 {
-                    return Ok(deleted);
-                }
-            }
-        };
-        let outcome = tokio::time::timeout(FLUSH_DEADLINE, scan_and_unlink)
-            .await
-            .unwrap_or(Err(crate::infra::redis::RedisFailure::Timeout(FLUSH_DEADLINE)));
-        let channel = inner.keys.invalidation_channel();
-        let message = format!("{}|{}", inner.instance, subscriber::FLUSH_ALL);
-        let _ = redis
-            .call(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(message)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
-            .await;
-        // Even a partial flush deleted keys other instances may hold in L1.
-        outcome
+    async fn flush(&self, pattern: &str) -> Result<u64, RedisFailure> {
+        self.inner.flush(pattern).await
     }
 
     async fn stats(&self) -> Vec<NamespaceStats> {

@@ -3,6 +3,7 @@
 //! `TestApp::builder().settings(|s| ...).postgres(&server).spawn().await` customises it.
 //! Set `TEST_LOG=1` to see the app's logs.
 
+pub mod partition;
 pub mod redis;
 pub mod servers;
 
