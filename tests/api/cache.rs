@@ -582,9 +582,8 @@ async fn a_session_cached_in_an_older_format_is_read_again_instead_of_failing() 
     me.assert_status(200);
     assert_eq!(me.body["id"], user.id.to_string());
     let rewritten: Vec<u8> = conn.get(&key).await.unwrap();
-    let colon = rewritten.iter().position(|b| *b == b':').unwrap();
     assert_eq!(
-        rewritten.len() - colon - 1,
+        rewritten.len() - header_len(&rewritten),
         24,
         "the entry is rewritten in the current format"
     );
@@ -659,4 +658,103 @@ async fn flushing_with_an_interior_glob_drops_the_matching_l1_entries() {
     flushed.assert_status(200);
     assert_eq!(flushed.body["deleted"], 1, "{}", flushed.text);
     assert_eq!(app.get(&path, &world.user.token).await.header("x-cache"), Some("MISS"));
+}
+
+/// Rewrites every cache entry under the app's prefix in Redis (strings and hash fields, TTLs
+/// kept), as another deploy sharing the Redis would have written them.
+async fn rewrite_every_entry(app: &TestApp, rewrite: impl Fn(&[u8]) -> Vec<u8>) {
+    let mut conn = shared_redis().connection().await;
+    let prefix = app.settings.redis.key_prefix.clone();
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}*")).await.unwrap();
+        let mut keys = Vec::new();
+        while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+            keys.push(key.unwrap());
+        }
+        keys
+    };
+    let mut rewritten = 0;
+    for key in keys {
+        let rest = key.strip_prefix(&prefix).unwrap();
+        if rest.starts_with("version:") || rest.starts_with("rl:") {
+            continue;
+        }
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
+        if kind == "hash" {
+            let fields: Vec<(String, Vec<u8>)> = conn.hgetall(&key).await.unwrap();
+            for (field, value) in fields {
+                let _: () = conn.hset(&key, field, rewrite(&value)).await.unwrap();
+                rewritten += 1;
+            }
+        } else if kind == "string" {
+            let value: Vec<u8> = conn.get(&key).await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(&key)
+                .arg(rewrite(&value))
+                .arg("KEEPTTL")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            rewritten += 1;
+        }
+    }
+    assert!(rewritten >= ENTITIES.len(), "only {rewritten} entries to rewrite");
+}
+
+/// Length of a stored entry's header: `<written at, ms>:`, then `<format version>:` where the
+/// layout has one.
+fn header_len(stored: &[u8]) -> usize {
+    let first = stored.iter().position(|b| *b == b':').expect("stamped entry") + 1;
+    let rest = &stored[first..];
+    match rest.iter().position(|b| *b == b':') {
+        Some(n) if n > 0 && rest[..n].iter().all(u8::is_ascii_digit) => first + n + 1,
+        _ => first,
+    }
+}
+
+/// Reads every entity on A (filling Redis), rewrites the entries, and reads them again on a new
+/// instance B (empty L1): B must answer what A answered. Returns B's `X-Cache` per entity.
+async fn reads_after_another_deploy_rewrote_the_entries(rewrite: impl Fn(&[u8]) -> Vec<u8>) -> Vec<String> {
+    let a = TestApp::builder().redis(shared_redis()).spawn().await;
+    let world = World::create(&a).await;
+    let mut bodies = Vec::new();
+    for (_, read, ..) in ENTITIES {
+        let response = a.get(&world.fill(read), &world.user.token).await;
+        response.assert_status(200);
+        bodies.push(response.body);
+    }
+    rewrite_every_entry(&a, rewrite).await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let mut tiers = Vec::new();
+    for ((entity, read, ..), expected) in ENTITIES.iter().zip(bodies) {
+        let response = b.get(&world.fill(read), &world.user.token).await;
+        assert_eq!(response.body, expected, "{entity} on B: {}", response.text);
+        tiers.push(response.header("x-cache").unwrap_or_default().to_owned());
+    }
+    tiers
+}
+
+#[tokio::test]
+async fn an_entry_that_does_not_decode_is_dropped_and_loaded_again_for_every_entity() {
+    reads_after_another_deploy_rewrote_the_entries(|stored| {
+        let mut changed = stored[..header_len(stored)].to_vec();
+        changed.extend_from_slice(br#"{"unexpected":true}"#);
+        changed
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_entry_of_another_format_version_is_not_served_even_if_it_decodes() {
+    let tiers = reads_after_another_deploy_rewrote_the_entries(|stored| {
+        let header = header_len(stored);
+        let written_at = &stored[..stored.iter().position(|b| *b == b':').unwrap()];
+        let mut changed = written_at.to_vec();
+        changed.extend_from_slice(b":999:");
+        changed.extend_from_slice(&stored[header..]);
+        changed
+    })
+    .await;
+    // Nothing comes from Redis (an entry B itself loaded a moment before may be an L1 hit).
+    assert!(tiers.iter().all(|tier| tier != "HIT-L2"), "{tiers:?}");
 }

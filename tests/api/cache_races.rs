@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use nestling::error::AppError;
-use nestling::infra::cache::{CacheService, CacheTier, Inner, TieredCache};
+use nestling::infra::cache::{json, CacheService, CacheTier, Decodes, Inner, TieredCache};
 use nestling::infra::redis::keys::KeyRegistry;
 use nestling::infra::redis::RedisModule;
 use nestling::infra::telemetry::Telemetry;
@@ -28,6 +28,9 @@ fn cache(redis_url: Option<String>) -> TieredCache {
     TieredCache::new(Inner::new(redis, &settings.cache, telemetry))
 }
 
+/// These loaders return any JSON.
+const JSON: Decodes = json::<serde_json::Value>;
+
 /// Starts a read whose loader returns `old` only when released, invalidates the key meanwhile,
 /// releases the loader, and returns what the next read sees.
 async fn fill_racing_an_invalidation(cache: &TieredCache) -> (String, CacheTier) {
@@ -41,6 +44,7 @@ async fn fill_racing_an_invalidation(cache: &TieredCache) -> (String, CacheTier)
             released.await.ok();
             Ok(Bytes::from_static(b"\"old\""))
         }),
+        JSON,
     );
     let write = async {
         loader_started.await.unwrap();
@@ -55,7 +59,7 @@ async fn fill_racing_an_invalidation(cache: &TieredCache) -> (String, CacheTier)
         "the racing read itself gets what it loaded"
     );
     let next = cache
-        .get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"\"new\"")) }))
+        .get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"\"new\"")) }), JSON)
         .await
         .unwrap();
     (String::from_utf8(next.bytes.to_vec()).unwrap(), next.tier)
@@ -85,16 +89,20 @@ async fn a_failing_loader_does_not_poison_the_key() {
     let cache = Arc::new(cache(None));
     let key = cache.keys().project(uuid::Uuid::new_v4());
     let failed = cache
-        .get_or_load(key.clone(), Box::pin(async { Err(AppError::not_found("project")) }))
+        .get_or_load(
+            key.clone(),
+            Box::pin(async { Err(AppError::not_found("project")) }),
+            JSON,
+        )
         .await;
     assert!(matches!(failed, Err(AppError::NotFound { entity: "project" })));
     let next = cache
-        .get_or_load(key.clone(), Box::pin(async { Ok(Bytes::from_static(b"{}")) }))
+        .get_or_load(key.clone(), Box::pin(async { Ok(Bytes::from_static(b"{}")) }), JSON)
         .await
         .unwrap();
     assert_eq!(next.tier, CacheTier::Miss, "the failure was not cached");
     let again = cache
-        .get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"[]")) }))
+        .get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"[]")) }), JSON)
         .await
         .unwrap();
     assert_eq!((again.tier, again.bytes.as_ref()), (CacheTier::HitL1, b"{}".as_ref()));

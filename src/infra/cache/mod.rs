@@ -127,8 +127,15 @@ pub struct CacheStatus {
 
 #[async_trait]
 pub trait CacheService: Interface {
-    /// The cached bytes for `key`, or the loader's (stored in both tiers).
-    async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached>;
+    /// The cached bytes for `key`, or the loader's (stored in both tiers). An entry from Redis
+    /// that `decodes` refuses (written by another deploy in another shape) is dropped and loaded
+    /// again: pass `json::<T>` with the type the loader serializes.
+    async fn get_or_load<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+        decodes: Decodes,
+    ) -> AppResult<Cached>;
     /// `get_or_load` for a lookup that may find nothing (a membership, a token). What is found is
     /// cached as usual; "nothing" is remembered only in process, for `CACHE_NEGATIVE_TTL_MS`, in
     /// at most `CACHE_NEGATIVE_MAX_ENTRIES` entries, and never in Redis: random ids cannot grow
@@ -137,6 +144,7 @@ pub trait CacheService: Interface {
         &'a self,
         key: CacheKey,
         loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
+        decodes: Decodes,
     ) -> AppResult<Option<Cached>>;
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
@@ -153,6 +161,14 @@ pub trait CacheService: Interface {
     async fn stats(&self) -> Vec<NamespaceStats>;
     /// Starts the invalidation subscriber: once, on a runtime that lives as long as the app.
     fn start(&self);
+}
+
+/// Whether cached bytes are in the shape this build reads (see `get_or_load`).
+pub type Decodes = fn(&[u8]) -> bool;
+
+/// `Decodes` for entries stored as the JSON of `T`.
+pub fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<T>(bytes).is_ok()
 }
 
 impl dyn CacheService {
@@ -357,7 +373,12 @@ impl Inner {
     }
 
     /// Loads through L2 and the loader; returns the entry to keep in L1.
-    async fn fill(&self, key: &CacheKey, loader: BoxFuture<'_, AppResult<Bytes>>) -> AppResult<L1Entry> {
+    async fn fill(
+        &self,
+        key: &CacheKey,
+        loader: BoxFuture<'_, AppResult<Bytes>>,
+        decodes: Decodes,
+    ) -> AppResult<L1Entry> {
         let epoch = self.epoch_of(key);
         let mut redis = self.active_redis();
         let mut version = None;
@@ -373,7 +394,7 @@ impl Inner {
                         value: Some(bytes),
                         pttl_ms,
                         ..
-                    }) => {
+                    }) if decodes(&bytes) => {
                         self.count(key.namespace, CacheTier::HitL2);
                         let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
                         let now = Instant::now();
@@ -385,7 +406,13 @@ impl Inner {
                             filled_at: now,
                         });
                     }
-                    Ok(read) => version = Some(read.version),
+                    Ok(read) => {
+                        if read.value.is_some() {
+                            // Loaded again below, and the load overwrites it.
+                            log::warn!("cache: {} does not decode (another deploy's shape?)", key.l1_key());
+                        }
+                        version = Some(read.version);
+                    }
                     Err(err) => log::debug!("cache: L2 read of {} failed: {err}", key.redis_key()),
                 }
             }
@@ -417,7 +444,12 @@ impl Inner {
     }
 
     /// `get_or_load`, borrowing the key.
-    async fn lookup<'a>(&'a self, key: &'a CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
+    async fn lookup<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+        decodes: Decodes,
+    ) -> AppResult<Cached> {
         if BYPASS.try_with(|bypass| *bypass).unwrap_or(false) {
             self.count(key.namespace, CacheTier::Bypass);
             let bytes = loader.await?;
@@ -428,7 +460,7 @@ impl Inner {
             });
         }
         if !self.l1_enabled {
-            let entry = Box::pin(self.fill(key, loader)).await?;
+            let entry = Box::pin(self.fill(key, loader, decodes)).await?;
             let max_age = entry.expires_at.saturating_duration_since(Instant::now());
             return Ok(Cached {
                 bytes: entry.bytes,
@@ -454,7 +486,7 @@ impl Inner {
         }
         // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
         // copied with, every hit's future.
-        self.load_into_l1(key, loader).await
+        self.load_into_l1(key, loader, decodes).await
     }
 
     /// An L1 miss: single-flight through `fill`, kept in L1 unless invalidated meanwhile.
@@ -462,12 +494,13 @@ impl Inner {
         &'a self,
         key: &'a CacheKey,
         loader: BoxFuture<'a, AppResult<Bytes>>,
+        decodes: Decodes,
     ) -> BoxFuture<'a, AppResult<Cached>> {
         Box::pin(async move {
             let epoch = self.epoch_of(key);
             let entry = self
                 .l1
-                .try_get_with(key.l1_key().to_owned(), self.fill(key, loader))
+                .try_get_with(key.l1_key().to_owned(), self.fill(key, loader, decodes))
                 .await
                 .map_err(|shared: Arc<AppError>| shared_error(&shared))?;
             if self.epoch_of(key) != epoch {
@@ -767,7 +800,8 @@ struct L2Read {
 }
 
 /// Reads an entry, its remaining TTL and its fill version. Entries are stored as
-/// `<written at, Redis ms>:<json>`; one written before `trusted_since_ms` reads as a miss.
+/// `<written at, Redis ms>:<format>:<bytes>`; one written before `trusted_since_ms`, or in
+/// another format than its namespace's, reads as a miss.
 async fn read_l2(
     redis: &Redis,
     keys: &KeyRegistry,
@@ -787,9 +821,15 @@ async fn read_l2(
         .call(|mut c| async move { pipe.query_async(&mut c).await })
         .await?;
     let value = value.and_then(|stored| {
-        let colon = stored.iter().position(|b| *b == b':')?;
-        let written_ms: u64 = std::str::from_utf8(&stored[..colon]).ok()?.parse().ok()?;
-        (written_ms >= trusted_since_ms).then(|| Bytes::from(stored).slice(colon + 1..))
+        let field = |from: usize| {
+            let colon = from + stored[from..].iter().position(|b| *b == b':')?;
+            let number: u64 = std::str::from_utf8(&stored[from..colon]).ok()?.parse().ok()?;
+            Some((number, colon + 1))
+        };
+        let (written_ms, format_at) = field(0)?;
+        let (format, payload_at) = field(format_at)?;
+        let current = written_ms >= trusted_since_ms && format == u64::from(key.namespace.format());
+        current.then(|| Bytes::from(stored).slice(payload_at..))
     });
     Ok(L2Read {
         value,
@@ -831,11 +871,13 @@ async fn write_l2(
     max_fields: u32,
 ) -> Result<(), RedisFailure> {
     let (bytes, ttl) = entry;
+    let mut formatted = format!("{}:", key.namespace.format()).into_bytes();
+    formatted.extend_from_slice(bytes);
     let mut invocation = fill_script().key(key.redis_key());
     invocation
         .key(keys.version_of(key.redis_key()))
         .arg(version)
-        .arg(bytes.as_ref())
+        .arg(formatted)
         .arg(ttl.as_millis() as u64)
         .arg(key.field().unwrap_or(""))
         .arg(max_fields);
@@ -846,14 +888,20 @@ async fn write_l2(
 
 #[async_trait]
 impl CacheService for TieredCache {
-    async fn get_or_load<'a>(&'a self, key: CacheKey, loader: BoxFuture<'a, AppResult<Bytes>>) -> AppResult<Cached> {
-        self.inner.lookup(&key, loader).await
+    async fn get_or_load<'a>(
+        &'a self,
+        key: CacheKey,
+        loader: BoxFuture<'a, AppResult<Bytes>>,
+        decodes: Decodes,
+    ) -> AppResult<Cached> {
+        self.inner.lookup(&key, loader, decodes).await
     }
 
     async fn get_or_load_found<'a>(
         &'a self,
         key: CacheKey,
         loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
+        decodes: Decodes,
     ) -> AppResult<Option<Cached>> {
         let inner = &self.inner;
         let bypass = BYPASS.try_with(|bypass| *bypass).unwrap_or(false);
@@ -867,7 +915,7 @@ impl CacheService for TieredCache {
         }
         let epoch = inner.epoch_of(&key);
         let found = async move { loader.await?.ok_or(ABSENT) };
-        match inner.lookup(&key, Box::pin(found)).await {
+        match inner.lookup(&key, Box::pin(found), decodes).await {
             Ok(cached) => Ok(Some(cached)),
             Err(err) if is_absent(&err) => {
                 if !bypass && inner.epoch_of(&key) == epoch {
@@ -1062,7 +1110,10 @@ mod tests {
         let keys = KeyRegistry::new("t:", settings.ttl.clone());
         let redis = Arc::new(RedisModule::new(settings.redis.clone(), keys, telemetry.clone()));
         let cache = TieredCache::new(Inner::new(redis, &settings.cache, telemetry));
-        let read = |key: CacheKey| cache.get_or_load(key, Box::pin(async { Ok(Bytes::from_static(b"{}")) }));
+        let read = |key: CacheKey| {
+            let load = Box::pin(async { Ok(Bytes::from_static(b"{}")) });
+            cache.get_or_load(key, load, json::<serde_json::Value>)
+        };
         let key = cache.keys().task(uuid::Uuid::new_v4());
         read(key.clone()).await.unwrap();
         assert_eq!(read(key.clone()).await.unwrap().tier, CacheTier::HitL1);

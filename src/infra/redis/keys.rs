@@ -60,6 +60,20 @@ impl Namespace {
         matches!(self, Self::TaskLists | Self::Members | Self::DailyMetrics)
     }
 
+    /// The shape of what this namespace caches, stored with every entry: an entry written with
+    /// another number (by an older or newer deploy sharing the Redis) is not served. Bump a
+    /// namespace's number in the commit that changes its entries' shape.
+    pub fn format(self) -> u32 {
+        match self {
+            Self::Tasks | Self::TaskLists => 1,
+            Self::Projects | Self::ProjectLists => 1,
+            Self::Workspaces | Self::WorkspaceLists | Self::Members => 1,
+            Self::Users => 1,
+            Self::AuthTokens => 1,
+            Self::DailyMetrics => 1,
+        }
+    }
+
     /// Whether a group's fields are variants a client chooses (filters, pages, date ranges), so
     /// their number must be capped; members' roles are bounded by the membership itself.
     pub fn has_variants(self) -> bool {

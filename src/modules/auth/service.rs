@@ -62,6 +62,10 @@ impl Session {
         bytes.into()
     }
 
+    fn decodes(bytes: &[u8]) -> bool {
+        bytes.len() == 24
+    }
+
     fn from_bytes(bytes: &[u8]) -> AppResult<Self> {
         let (user_id, expires_at_ms) = bytes
             .split_first_chunk::<16>()
@@ -133,7 +137,7 @@ impl AuthService for Auth {
         }
         let hash = token_hash(token);
         let key = self.cache.keys().auth_token(&hash);
-        let load = || async {
+        let load = async {
             let found = self.tokens.find_user(&hash).await?;
             Ok(found.map(|(user, expires_at)| {
                 Session {
@@ -143,19 +147,8 @@ impl AuthService for Auth {
                 .to_bytes()
             }))
         };
-        let found = self.cache.get_or_load_found(key.clone(), Box::pin(load()));
-        let cached = found.await?.ok_or(INVALID_TOKEN)?;
-        let session = match Session::from_bytes(&cached.bytes) {
-            Ok(session) => session,
-            Err(err) => {
-                // An entry in another format (written by an older deploy into a shared Redis):
-                // drop it everywhere and read the token again, rather than answer 500 until it expires.
-                log::warn!("auth: dropping an unreadable session cache entry: {err}");
-                self.cache.invalidate(vec![key.clone()]).await;
-                let reloaded = self.cache.get_or_load_found(key, Box::pin(load())).await?;
-                Session::from_bytes(&reloaded.ok_or(INVALID_TOKEN)?.bytes)?
-            }
-        };
+        let found = self.cache.get_or_load_found(key, Box::pin(load), Session::decodes);
+        let session = Session::from_bytes(&found.await?.ok_or(INVALID_TOKEN)?.bytes)?;
         // The cache entry may outlive the token: its own expiry decides.
         if session.expires_at_ms <= Utc::now().timestamp_millis() {
             return Err(INVALID_TOKEN);

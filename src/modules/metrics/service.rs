@@ -6,7 +6,7 @@ use uuid::Uuid;
 use super::dto::{DailyMetrics, DailyMetricsQuery};
 use super::repository::MetricsRepository;
 use crate::error::{AppError, AppResult};
-use crate::infra::cache::{CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached};
 use crate::modules::to_json_bytes;
 use crate::modules::workspaces::service::WorkspaceService;
 
@@ -50,6 +50,6 @@ impl MetricsService for Metrics {
                 days,
             })
         };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<DailyMetrics>).await
     }
 }

@@ -7,7 +7,7 @@ use super::dto::{CreateProjectRequest, UpdateProjectRequest};
 use super::model::Project;
 use super::repository::ProjectRepository;
 use crate::error::{AppError, AppResult};
-use crate::infra::cache::{CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached};
 use crate::modules::workspaces::model::InWorkspace;
 use crate::modules::workspaces::service::WorkspaceService;
 use crate::modules::{from_json_bytes, to_json_bytes};
@@ -42,7 +42,7 @@ impl Projects {
     async fn get_with_workspace(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Uuid)> {
         let key = self.cache.keys().project(id);
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
-        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let cached = self.cache.get_or_load(key, Box::pin(load), json::<Project>).await?;
         let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
@@ -83,7 +83,7 @@ impl ProjectService for Projects {
         self.workspaces.require_member(user_id, workspace_id).await?;
         let key = self.cache.keys().project_list(workspace_id);
         let load = async { to_json_bytes(&self.projects.list(workspace_id).await?) };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<Vec<Project>>).await
     }
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project> {

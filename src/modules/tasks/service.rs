@@ -8,7 +8,7 @@ use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
 use super::model::{Task, TaskPriority, TaskStatus};
 use super::repository::{TaskChange, TaskListFilter, TaskRepository};
 use crate::error::{AppError, AppResult};
-use crate::infra::cache::{CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached};
 use crate::infra::redis::keys::CacheKey;
 use crate::modules::paging::Page;
 use crate::modules::projects::service::ProjectService;
@@ -146,7 +146,7 @@ impl TaskService for Tasks {
             let rows = self.tasks.list_in_project(project_id, filter, query.paging()).await?;
             to_json_bytes(&Page::from_rows(rows, query.paging()))
         };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
     }
 
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
@@ -161,13 +161,13 @@ impl TaskService for Tasks {
             let rows = self.tasks.list_assigned(user_id, query.status, query.paging()).await?;
             to_json_bytes(&Page::from_rows(rows, query.paging()))
         };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
     }
 
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
         let key = self.cache.keys().task(id);
         let load = async { to_json_bytes(&self.tasks.find(id).await?.ok_or(NOT_FOUND)?) };
-        let cached = self.cache.get_or_load(key, Box::pin(load)).await?;
+        let cached = self.cache.get_or_load(key, Box::pin(load), json::<Task>).await?;
         let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)

@@ -7,7 +7,7 @@ use super::dto::UpdateMeRequest;
 use super::model::User;
 use super::repository::UserRepository;
 use crate::error::{AppError, AppResult};
-use crate::infra::cache::{CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached};
 use crate::modules::to_json_bytes;
 use crate::modules::workspaces::repository::WorkspaceRepository;
 
@@ -35,7 +35,7 @@ impl UserService for Users {
     async fn get(&self, id: Uuid) -> AppResult<Cached> {
         let key = self.cache.keys().user(id);
         let load = async { to_json_bytes(&self.users.find(id).await?.ok_or(NOT_FOUND)?) };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<User>).await
     }
 
     async fn update(&self, id: Uuid, request: UpdateMeRequest) -> AppResult<User> {

@@ -7,7 +7,7 @@ use super::dto::{AddMemberRequest, CreateWorkspaceRequest, UpdateWorkspaceReques
 use super::model::{Member, Role, Workspace};
 use super::repository::{RemoveOutcome, WorkspaceRepository, MEMBER_UNIQUE};
 use crate::error::{is_unique_violation, AppError, AppResult};
-use crate::infra::cache::{CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached};
 use crate::infra::redis::keys::CacheKey;
 use crate::modules::users::repository::UserRepository;
 use crate::modules::{from_json_bytes, to_json_bytes};
@@ -71,13 +71,8 @@ impl WorkspaceService for Workspaces {
             let role = self.workspaces.role_of(workspace_id, user_id).await?;
             role.map(|role| to_json_bytes(&role)).transpose()
         };
-        let cached = self
-            .cache
-            .get_or_load_found(key, Box::pin(load))
-            .await?
-            .ok_or(NOT_FOUND)?;
-        // `Option`: entries written before non-members were kept out of the shared cache say `null`.
-        from_json_bytes::<Option<Role>>(&cached.bytes)?.ok_or(NOT_FOUND)
+        let found = self.cache.get_or_load_found(key, Box::pin(load), json::<Role>);
+        from_json_bytes(&found.await?.ok_or(NOT_FOUND)?.bytes)
     }
 
     async fn require_member_or(&self, user_id: Uuid, workspace_id: Uuid, not_member: AppError) -> AppResult<Role> {
@@ -96,14 +91,16 @@ impl WorkspaceService for Workspaces {
     async fn list(&self, user_id: Uuid) -> AppResult<Cached> {
         let key = self.cache.keys().workspace_list(user_id);
         let load = async { to_json_bytes(&self.workspaces.list_for_user(user_id).await?) };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache
+            .get_or_load(key, Box::pin(load), json::<Vec<Workspace>>)
+            .await
     }
 
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
         self.require_member(user_id, id).await?;
         let key = self.cache.keys().workspace(id);
         let load = async { to_json_bytes(&self.workspaces.find(id).await?.ok_or(NOT_FOUND)?) };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<Workspace>).await
     }
 
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
@@ -134,7 +131,7 @@ impl WorkspaceService for Workspaces {
         self.require_member(user_id, id).await?;
         let key = self.cache.keys().member_list(id);
         let load = async { to_json_bytes(&self.workspaces.members(id).await?) };
-        self.cache.get_or_load(key, Box::pin(load)).await
+        self.cache.get_or_load(key, Box::pin(load), json::<Vec<Member>>).await
     }
 
     async fn add_member(&self, user_id: Uuid, id: Uuid, request: AddMemberRequest) -> AppResult<Member> {
