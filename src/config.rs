@@ -110,7 +110,8 @@ pub struct CacheSettings {
     /// served only if it is younger than this: it bounds how long another instance's write,
     /// a logout or a removed member included, can go unseen here.
     pub l1_unsynced_ttl: Duration,
-    /// Random extra lifetime, in percent of the TTL, so entries written together expire apart.
+    /// Random shortening of a lifetime, in percent of the TTL, so entries written together expire
+    /// apart; the TTL table stays an upper bound.
     pub ttl_jitter_percent: u8,
 }
 

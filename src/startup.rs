@@ -13,7 +13,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Settings;
 use crate::container::{self, AppModule};
 use crate::error;
-use crate::infra::cache::{honor_no_cache, CacheService};
+use crate::infra::cache::{http_cache, CacheService};
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::request_id::request_id;
 use crate::infra::telemetry::{record_http, MetricsRegistry};
@@ -74,7 +74,7 @@ impl Application {
                 .app_data(error::path_config())
                 .app_data(error::query_config())
                 .app_data(telemetry.clone())
-                .wrap(from_fn(honor_no_cache))
+                .wrap(from_fn(http_cache))
                 .wrap(from_fn(record_http))
                 .wrap(from_fn(request_id))
                 // The logger renders its fields for every request; mount it only when it will print.

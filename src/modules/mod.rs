@@ -106,14 +106,25 @@ pub mod nullable {
     }
 }
 
-/// A cacheable read as an HTTP response: the cached JSON bytes as they are, with `X-Cache`
-/// (`HIT-L1`, `HIT-L2`, `MISS`, `BYPASS`) and `Cache-Control: private, max-age=<remaining TTL>`.
+/// A cacheable read as an HTTP response: the cached JSON bytes as they are, with an `ETag`,
+/// `Cache-Control: private, no-cache` (clients keep it but revalidate: a 304 costs no body),
+/// the cache's view in `Cache-Status` (RFC 9211) and, for familiarity, `X-Cache` (`HIT-L1`,
+/// `HIT-L2`, `MISS`, `BYPASS`).
 pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
-    use actix_web::http::header::{HeaderValue, CACHE_CONTROL};
+    use crate::infra::cache::CacheTier;
+    use actix_web::http::header::{HeaderValue, CACHE_CONTROL, ETAG};
+    let status = match cached.tier {
+        CacheTier::HitL1 => format!("nestling; hit; ttl={}", cached.ttl.as_secs()),
+        CacheTier::HitL2 => format!("nestling; hit; ttl={}; detail=redis", cached.ttl.as_secs()),
+        CacheTier::Miss => "nestling; fwd=miss; stored".to_owned(),
+        CacheTier::Bypass => "nestling; fwd=request".to_owned(),
+    };
     actix_web::HttpResponse::Ok()
         .content_type("application/json")
+        .insert_header((ETAG, cached.etag))
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
+        .insert_header(("Cache-Status", status))
         .insert_header(("X-Cache", HeaderValue::from_static(cached.tier.header_value())))
-        .insert_header((CACHE_CONTROL, format!("private, max-age={}", cached.max_age.as_secs())))
         .body(cached.bytes)
 }
 

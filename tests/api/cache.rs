@@ -39,12 +39,14 @@ const ENTITIES: [EntityRow; 10] = [
     ("daily metrics",  "/api/workspaces/{workspace}/metrics/daily?from={today}&to={today}", 900, ("PATCH", "/api/tasks/{task}", r#"{"status":"done"}"#), "/days/0/completed", "1"),
 ];
 
-fn max_age(response: &crate::helpers::TestResponse) -> u64 {
-    let header = response.header("cache-control").unwrap_or_default();
+/// The remaining lifetime a hit reports in `Cache-Status: nestling; hit; ttl=<seconds>`.
+fn hit_ttl(response: &crate::helpers::TestResponse) -> u64 {
+    let header = response.header("cache-status").unwrap_or_default();
     header
-        .strip_prefix("private, max-age=")
+        .strip_prefix("nestling; hit; ttl=")
+        .and_then(|rest| rest.split(';').next())
         .and_then(|secs| secs.parse().ok())
-        .unwrap_or_else(|| panic!("Cache-Control is {header:?}"))
+        .unwrap_or_else(|| panic!("Cache-Status is {header:?}"))
 }
 
 fn pointer_text(body: &Value, pointer: &str) -> String {
@@ -55,8 +57,9 @@ fn pointer_text(body: &Value, pointer: &str) -> String {
     }
 }
 
-/// Every entity: a miss, then an L1 hit with the same body and a max-age from the TTL table; after
-/// a write, the next read is fresh.
+/// Every entity: a miss, then an L1 hit with the same body, a TTL from the TTL table (an upper
+/// bound: jitter only shortens it) and an ETag that revalidates to 304; after a write, the next
+/// read is fresh and the old ETag no longer matches.
 async fn every_entity_is_cached_and_fresh_after_writes(app: &TestApp) {
     for (entity, read, ttl, (method, write_path, write_body), pointer, expected) in ENTITIES {
         let world = World::create(app).await;
@@ -68,10 +71,27 @@ async fn every_entity_is_cached_and_fresh_after_writes(app: &TestApp) {
         let second = app.get(&path, token).await;
         assert_eq!(second.header("x-cache"), Some("HIT-L1"), "{entity}: second read");
         assert_eq!(second.body, first.body, "{entity}: a hit serves the same body");
-        let age = max_age(&second);
+        let age = hit_ttl(&second);
         assert!(
-            age <= ttl * 105 / 100 && age + 5 >= ttl,
-            "{entity}: max-age {age} for a TTL of {ttl}"
+            age <= ttl && age + 5 + ttl * 5 / 100 >= ttl,
+            "{entity}: ttl {age} for a TTL of {ttl}"
+        );
+        assert_eq!(second.header("cache-control"), Some("private, no-cache"), "{entity}");
+        let etag = second
+            .header("etag")
+            .unwrap_or_else(|| panic!("{entity}: no ETag"))
+            .to_owned();
+        assert_eq!(
+            first.header("etag"),
+            Some(etag.as_str()),
+            "{entity}: same body, same ETag"
+        );
+        let revalidated = app.conditional_get(&path, token, &etag).await;
+        revalidated.assert_status(304);
+        assert_eq!(
+            (revalidated.text.as_str(), revalidated.header("etag")),
+            ("", Some(etag.as_str())),
+            "{entity}: 304"
         );
 
         let method: Method = method.parse().unwrap();
@@ -90,6 +110,18 @@ async fn every_entity_is_cached_and_fresh_after_writes(app: &TestApp) {
             after.header("x-cache"),
             Some("MISS"),
             "{entity}: the write invalidated it"
+        );
+        assert_eq!(
+            after.header("cache-status"),
+            Some("nestling; fwd=miss; stored"),
+            "{entity}"
+        );
+        let changed = app.conditional_get(&path, token, &etag).await;
+        changed.assert_status(200);
+        assert_ne!(
+            changed.header("etag"),
+            Some(etag.as_str()),
+            "{entity}: new body, new ETag"
         );
     }
 }
@@ -188,8 +220,9 @@ async fn redis_pttl_of_every_key_kind_follows_the_ttl_table() {
         let pttl: i64 = conn.pttl(key).await.unwrap();
         let ttl_ms = ttl.as_millis() as i64;
         let jitter = ttl_ms * app.settings.cache.ttl_jitter_percent as i64 / 100;
+        // The table is an upper bound: jitter only shortens a lifetime.
         assert!(
-            pttl <= ttl_ms + jitter && pttl >= ttl_ms - 5_000,
+            pttl <= ttl_ms && pttl >= ttl_ms - jitter - 5_000,
             "{key}: PTTL {pttl} ms, TTL {ttl_ms} ms"
         );
     }
@@ -520,7 +553,9 @@ async fn a_no_cache_request_reads_fresh_from_postgres_and_says_bypass() {
         .unwrap();
     let bypass = app.get_fresh(&path, &world.user.token).await;
     assert_eq!(bypass.header("x-cache"), Some("BYPASS"));
-    assert_eq!(bypass.header("cache-control"), Some("private, max-age=0"));
+    assert_eq!(bypass.header("cache-control"), Some("private, no-cache"));
+    assert_eq!(bypass.header("cache-status"), Some("nestling; fwd=request"));
+    assert!(bypass.header("etag").is_some(), "a bypass answers with an ETag too");
     assert_eq!(bypass.body["title"], "changed behind the cache");
     let cached = app.get(&path, &world.user.token).await;
     assert_eq!(

@@ -17,26 +17,59 @@ tokio::task_local! {
     static BYPASS: bool;
 }
 
-/// Middleware: a request with `Cache-Control: no-cache` reads everything fresh from Postgres
-/// (`X-Cache: BYPASS`) and leaves the cache as it is.
-pub async fn honor_no_cache(
+/// Middleware for HTTP caching: a request with `Cache-Control: no-cache` reads everything fresh
+/// from Postgres (`X-Cache: BYPASS`) and leaves the cache as it is; a GET whose `If-None-Match`
+/// names the answer's `ETag` gets `304 Not Modified` without the body. The handler still runs,
+/// so authentication and authorization are checked as for any read.
+pub async fn http_cache(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    let no_cache = req
-        .headers()
-        .get(actix_web::http::header::CACHE_CONTROL)
+    use actix_web::http::{header, Method, StatusCode};
+    let headers = req.headers();
+    let no_cache = headers
+        .get(header::CACHE_CONTROL)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| {
             value
                 .split(',')
                 .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
         });
-    if no_cache {
-        BYPASS.scope(true, next.call(req)).await
+    let if_none_match = match *req.method() {
+        Method::GET | Method::HEAD => headers.get(header::IF_NONE_MATCH).cloned(),
+        _ => None,
+    };
+    let response = if no_cache {
+        BYPASS.scope(true, next.call(req)).await?
     } else {
-        next.call(req).await
+        next.call(req).await?
+    };
+    let unchanged = if_none_match.is_some_and(|wanted| {
+        response.status() == StatusCode::OK
+            && response
+                .headers()
+                .get(header::ETAG)
+                .is_some_and(|etag| etag_matches(wanted.as_bytes(), etag.as_bytes()))
+    });
+    if !unchanged {
+        return Ok(response.map_into_left_body());
     }
+    let (req, response) = response.into_parts();
+    let mut not_modified = response.set_body(());
+    *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+    not_modified.headers_mut().remove(header::CONTENT_TYPE);
+    Ok(actix_web::dev::ServiceResponse::new(req, not_modified).map_into_right_body())
+}
+
+/// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
+/// (RFC 9110 §13.1.2).
+fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
+    let opaque = |tag: &[u8]| -> Vec<u8> { tag.strip_prefix(b"W/").unwrap_or(tag).to_vec() };
+    let ours = opaque(etag);
+    if_none_match
+        .split(|b| *b == b',')
+        .map(|tag| tag.trim_ascii())
+        .any(|tag| tag == b"*" || opaque(tag) == ours)
 }
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +77,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::HeaderValue;
 use async_trait::async_trait;
 use bb8_redis::redis::{self, Script};
 use bytes::Bytes;
@@ -86,8 +120,20 @@ impl CacheTier {
 pub struct Cached {
     pub bytes: Bytes,
     pub tier: CacheTier,
-    /// Remaining lifetime: `Cache-Control: private, max-age=<secs>`.
-    pub max_age: Duration,
+    /// Remaining lifetime (`Cache-Status: ...; ttl=<secs>`).
+    pub ttl: Duration,
+    /// A strong validator of `bytes`, the same on every instance (`ETag`).
+    pub etag: HeaderValue,
+}
+
+/// `"<16 hex digits>"`: the first 64 bits of the body's SHA-256. Computed once per fill, so a hit
+/// (or a 304) costs nothing more.
+pub fn etag_of(bytes: &[u8]) -> HeaderValue {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let mut quoted = [b'"'; 18];
+    hex::encode_to_slice(&digest[..8], &mut quoted[1..17]).expect("8 bytes fill 16 hex digits");
+    HeaderValue::from_bytes(&quoted).expect("hex is a valid header value")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -201,6 +247,30 @@ struct L1Entry {
     /// The key's epoch when the fill started: a hit is served only while it is still current.
     epoch: (u64, u64),
     filled_at: Instant,
+    etag: HeaderValue,
+}
+
+impl L1Entry {
+    fn new(bytes: Bytes, origin: CacheTier, ttl: Duration, epoch: (u64, u64)) -> Self {
+        let now = Instant::now();
+        L1Entry {
+            etag: etag_of(&bytes),
+            bytes,
+            expires_at: now + ttl,
+            origin,
+            epoch,
+            filled_at: now,
+        }
+    }
+
+    fn served_as(self, tier: CacheTier, now: Instant) -> Cached {
+        Cached {
+            ttl: self.expires_at.saturating_duration_since(now),
+            bytes: self.bytes,
+            tier,
+            etag: self.etag,
+        }
+    }
 }
 
 /// A lookup that found nothing; like an L1 entry, it counts only while its epoch is current.
@@ -366,10 +436,11 @@ impl Inner {
         self.counters[namespace as usize][tier_index(tier)].get()
     }
 
+    /// The TTL table's lifetime, shortened by up to `jitter_percent`: the table is an upper bound.
     fn ttl_with_jitter(&self, key: &CacheKey) -> Duration {
         let ttl = self.keys.ttl(key.namespace);
         let jitter_ms = ttl.as_millis() as u64 * self.jitter_percent as u64 / 100;
-        ttl + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter_ms))
+        ttl - Duration::from_millis(rand::thread_rng().gen_range(0..=jitter_ms))
     }
 
     /// Loads through L2 and the loader; returns the entry to keep in L1.
@@ -397,14 +468,7 @@ impl Inner {
                     }) if decodes(&bytes) => {
                         self.count(key.namespace, CacheTier::HitL2);
                         let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
-                        let now = Instant::now();
-                        return Ok(L1Entry {
-                            bytes,
-                            expires_at: now + remaining,
-                            origin: CacheTier::HitL2,
-                            epoch,
-                            filled_at: now,
-                        });
+                        return Ok(L1Entry::new(bytes, CacheTier::HitL2, remaining, epoch));
                     }
                     Ok(read) => {
                         if read.value.is_some() {
@@ -433,14 +497,7 @@ impl Inner {
                 log::debug!("cache: L2 write of {} failed: {err}", key.redis_key());
             }
         }
-        let now = Instant::now();
-        Ok(L1Entry {
-            bytes,
-            expires_at: now + ttl,
-            origin: CacheTier::Miss,
-            epoch,
-            filled_at: now,
-        })
+        Ok(L1Entry::new(bytes, CacheTier::Miss, ttl, epoch))
     }
 
     /// `get_or_load`, borrowing the key.
@@ -454,29 +511,22 @@ impl Inner {
             self.count(key.namespace, CacheTier::Bypass);
             let bytes = loader.await?;
             return Ok(Cached {
+                etag: etag_of(&bytes),
                 bytes,
                 tier: CacheTier::Bypass,
-                max_age: Duration::ZERO,
+                ttl: Duration::ZERO,
             });
         }
         if !self.l1_enabled {
             let entry = Box::pin(self.fill(key, loader, decodes)).await?;
-            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
-            return Ok(Cached {
-                bytes: entry.bytes,
-                tier: entry.origin,
-                max_age,
-            });
+            let origin = entry.origin;
+            return Ok(entry.served_as(origin, Instant::now()));
         }
         if let Some(entry) = self.l1.get(key.l1_key()).await {
             let now = Instant::now();
             if entry.expires_at > now && entry.epoch == self.epoch_of(key) && self.in_sync(entry.filled_at, now) {
                 self.count(key.namespace, CacheTier::HitL1);
-                return Ok(Cached {
-                    bytes: entry.bytes,
-                    tier: CacheTier::HitL1,
-                    max_age: entry.expires_at - now,
-                });
+                return Ok(entry.served_as(CacheTier::HitL1, now));
             }
             // Out of date but still there (its epoch shard was bumped by another key, it expired,
             // or it is too old to trust while invalidations go unheard): `try_get_with` would
@@ -507,12 +557,8 @@ impl Inner {
                 // An invalidation ran while we loaded: serve this answer, but do not keep it.
                 self.l1.invalidate(key.l1_key()).await;
             }
-            let max_age = entry.expires_at.saturating_duration_since(Instant::now());
-            Ok(Cached {
-                bytes: entry.bytes,
-                tier: entry.origin,
-                max_age,
-            })
+            let origin = entry.origin;
+            Ok(entry.served_as(origin, Instant::now()))
         })
     }
 

@@ -350,6 +350,12 @@ impl TestApp {
         into_test_response(request.send().await.expect("request sent")).await
     }
 
+    /// A GET revalidating `etag` (`If-None-Match`).
+    pub async fn conditional_get(&self, path: &str, token: &str, etag: &str) -> TestResponse {
+        let request = self.client.get(self.url(path)).bearer_auth(token);
+        into_test_response(request.header("If-None-Match", etag).send().await.expect("request")).await
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: Value) -> TestResponse {
         self.request(Method::POST, path, Some(token), Some(body)).await
     }
