@@ -29,8 +29,12 @@ pub enum AppError {
     NotFound { entity: &'static str },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
-    #[error("this path does not accept the {0} method")]
-    MethodNotAllowed(actix_web::http::Method),
+    #[error("this path does not accept the {method} method")]
+    MethodNotAllowed {
+        method: actix_web::http::Method,
+        /// The `Allow` header: the path's methods, as the OpenAPI document lists them.
+        allow: &'static str,
+    },
     #[error("request body is larger than {BODY_LIMIT_BYTES} bytes")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -98,7 +102,7 @@ impl AppError {
             }
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
-            Self::MethodNotAllowed(_) => "method_not_allowed".into(),
+            Self::MethodNotAllowed { .. } => "method_not_allowed".into(),
             Self::PayloadTooLarge => "payload_too_large".into(),
             Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
             Self::RateLimited { .. } => "rate_limited".into(),
@@ -133,7 +137,7 @@ impl ResponseError for AppError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -156,6 +160,9 @@ impl ResponseError for AppError {
             }
             Self::DatabaseUnavailable(_) => {
                 response.insert_header(("Retry-After", "1"));
+            }
+            Self::MethodNotAllowed { allow, .. } => {
+                response.insert_header(("Allow", *allow));
             }
             _ => {}
         }
@@ -308,7 +315,12 @@ pub async fn route_not_found() -> AppError {
 
 /// Fallback of every resource for methods it has no route for.
 pub async fn method_not_allowed(req: HttpRequest) -> AppError {
-    AppError::MethodNotAllowed(req.method().clone())
+    AppError::MethodNotAllowed {
+        method: req.method().clone(),
+        allow: req
+            .match_pattern()
+            .map_or("", |path| crate::openapi::allowed_methods(&path)),
+    }
 }
 
 impl actix_web::Responder for AppError {

@@ -29,7 +29,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         admin::controller::get_redis_slowlog, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&BearerAuth, &RateLimitResponses),
+    modifiers(&BearerAuth, &RateLimitResponses, &ExtractorErrors),
     tags(
         (name = "auth", description = "Register, log in, log out"),
         (name = "users", description = "The signed-in user"),
@@ -41,6 +41,29 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
     )
 )]
 pub struct ApiDoc;
+
+/// The methods the document lists for a route pattern (`GET, PATCH, DELETE`), for the `Allow`
+/// header of a 405: the document is where every route is declared, so the two cannot differ.
+pub fn allowed_methods(pattern: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static ALLOWED: OnceLock<HashMap<String, String>> = OnceLock::new();
+    let allowed = ALLOWED.get_or_init(|| {
+        let document = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+        let paths = document["paths"].as_object().cloned().unwrap_or_default();
+        paths
+            .into_iter()
+            .map(|(path, operations)| {
+                let methods: Vec<String> = operations
+                    .as_object()
+                    .map(|ops| ops.keys().map(|method| method.to_uppercase()).collect())
+                    .unwrap_or_default();
+                (path, methods.join(", "))
+            })
+            .collect()
+    });
+    allowed.get(pattern).map_or("", String::as_str)
+}
 
 struct BearerAuth;
 
@@ -58,6 +81,60 @@ impl Modify for BearerAuth {
         // Users' login tokens; for /admin routes, the operator's ADMIN_TOKEN or an admin user's token.
         components.add_security_scheme("bearer", bearer("opaque"));
         components.add_security_scheme("admin", bearer("ADMIN_TOKEN or an admin user's token"));
+    }
+}
+
+/// The answers the extractors and the auth guard give before a handler runs, documented where
+/// they apply: 400 for a malformed path or query parameter or body, 413 and 415 for a body too
+/// large or not JSON, 401 for a protected operation without a valid token.
+struct ExtractorErrors;
+
+impl Modify for ExtractorErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content("application/json", body)
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let parameters = operation.parameters.as_deref().unwrap_or_default();
+                let in_path_or_query = parameters
+                    .iter()
+                    .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query));
+                let has_body = operation.request_body.is_some();
+                let protected = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+                let responses = &mut operation.responses.responses;
+                let mut document = |status: &str, description: &str| {
+                    responses.entry(status.to_owned()).or_insert_with(|| error(description));
+                };
+                if in_path_or_query || has_body {
+                    document("400", "A malformed parameter or body, or a value out of bounds");
+                }
+                if has_body {
+                    document("413", "The body is larger than the limit");
+                    document("415", "The body is not sent as application/json");
+                }
+                if protected {
+                    document("401", "No valid bearer token");
+                }
+            }
+        }
     }
 }
 

@@ -136,20 +136,45 @@ async fn every_documented_operation_is_mounted() {
 }
 
 /// The routing table mounts one resource per path with all its methods: a method the document
-/// does not list answers 405 with the envelope (an undocumented route would answer otherwise).
+/// does not list answers 405 with the envelope (an undocumented route would answer otherwise)
+/// and, as RFC 9110 requires, an `Allow` header naming exactly the documented methods.
 #[tokio::test]
-async fn methods_a_documented_path_does_not_list_answer_405() {
+async fn methods_a_documented_path_does_not_list_answer_405_with_allow() {
     let app = TestApp::spawn().await;
     let mut checked = 0;
     for (path, operations) in documented_paths(&app).await {
         let concrete = with_random_ids(&path);
-        for method in [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+        let mut documented: Vec<String> = operations
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        documented.sort();
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::HEAD,
+        ] {
             if operations.get(method.as_str().to_lowercase()).is_some() {
                 continue;
             }
             let response = app.request(method.clone(), &concrete, None, None).await;
             assert_eq!(response.status, 405, "{method} {path}: {}", response.text);
-            assert_eq!(response.body["code"], "method_not_allowed", "{method} {path}");
+            if method != Method::HEAD {
+                assert_eq!(response.body["code"], "method_not_allowed", "{method} {path}");
+            }
+            let mut allowed: Vec<String> = response
+                .header("allow")
+                .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"))
+                .split(',')
+                .map(|m| m.trim().to_owned())
+                .collect();
+            allowed.sort();
+            assert_eq!(allowed, documented, "{method} {path}");
             checked += 1;
         }
     }
@@ -200,4 +225,63 @@ async fn every_api_operation_is_rate_limited_and_documents_429() {
         }
     }
     assert!(checked >= 36, "checked only {checked} operations");
+}
+
+/// What the extractors and guards answer before any handler runs is in the document: a malformed
+/// path id (400), a body that is not JSON (415) or too large (413), no token (401). Each is
+/// provoked on every operation it applies to, and its status must be listed there.
+#[tokio::test]
+async fn every_status_the_extractors_give_is_documented() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let mut checked = 0;
+    for (path, operations) in documented_paths(&app).await {
+        for (method, operation) in operations.as_object().unwrap() {
+            let documented = |status: u16| operation["responses"].get(status.to_string()).is_some();
+            let method: Method = method.to_uppercase().parse().unwrap();
+            let mut provoked = Vec::new();
+            if path.contains('{') {
+                let malformed = path
+                    .split('/')
+                    .map(|s| if s.starts_with('{') { "not-an-id" } else { s })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let request = app
+                    .client
+                    .request(method.clone(), app.url(&malformed))
+                    .bearer_auth(&user.token);
+                provoked.push(("malformed id", request));
+            }
+            if operation.get("requestBody").is_some() {
+                let concrete = with_random_ids(&path);
+                let request = app
+                    .client
+                    .request(method.clone(), app.url(&concrete))
+                    .bearer_auth(&user.token);
+                provoked.push(("text body", request.header("Content-Type", "text/plain").body("{}")));
+                let request = app
+                    .client
+                    .request(method.clone(), app.url(&concrete))
+                    .bearer_auth(&user.token);
+                let huge = format!(r#"{{"name":"{}"}}"#, "x".repeat(80 * 1024));
+                provoked.push((
+                    "huge body",
+                    request.header("Content-Type", "application/json").body(huge),
+                ));
+            }
+            if operation.get("security").is_some() {
+                let concrete = with_random_ids(&path);
+                provoked.push(("no token", app.client.request(method.clone(), app.url(&concrete))));
+            }
+            for (what, request) in provoked {
+                let status = request.send().await.expect("sent").status().as_u16();
+                assert!(
+                    documented(status),
+                    "{method} {path} with a {what} answers {status}, not documented"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 60, "checked only {checked} cases");
 }
