@@ -285,3 +285,152 @@ async fn every_status_the_extractors_give_is_documented() {
     }
     assert!(checked >= 60, "checked only {checked} cases");
 }
+
+/// One validator rule on a DTO field, read from the source: (struct, field in camelCase, rule).
+#[derive(Debug)]
+enum Rule {
+    Length { min: Option<u64>, max: Option<u64> },
+    Range { min: Option<i64>, max: Option<i64> },
+    NotBlank,
+    NoNul,
+}
+
+/// `not_blank` as a pattern: no NUL, and one character that Rust's `trim` keeps (its whitespace
+/// spelled out, so that every regex dialect agrees).
+const NOT_BLANK: &str =
+    r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$";
+/// `no_nul` as a pattern.
+const NO_NUL: &str = r"^[^\u0000]*$";
+
+fn camel_case(snake: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `name = 12` inside `text`, e.g. `max` in `length(min = 1, max = 200)`.
+fn bound(text: &str, name: &str) -> Option<i64> {
+    let at = text.find(&format!("{name} = "))? + name.len() + 3;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    digits.parse().ok()
+}
+
+fn validator_rules() -> Vec<(String, String, Rule)> {
+    let mut rules = Vec::new();
+    for entry in glob_dto_files() {
+        let source = std::fs::read_to_string(&entry).unwrap();
+        let (mut strukt, mut pending) = (String::new(), Vec::<String>::new());
+        for line in source.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("pub struct ") {
+                strukt = rest
+                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+            } else if line.starts_with("#[validate(") {
+                pending.push(line.to_owned());
+            } else if let Some(rest) = line.strip_prefix("pub ").filter(|rest| rest.contains(':')) {
+                let field = camel_case(rest.split(':').next().unwrap());
+                for validate in pending.drain(..) {
+                    if let Some(at) = validate.find("length(") {
+                        let args = &validate[at..validate[at..].find(')').unwrap() + at];
+                        let (min, max) = (
+                            bound(args, "min").map(|n| n as u64),
+                            bound(args, "max").map(|n| n as u64),
+                        );
+                        rules.push((strukt.clone(), field.clone(), Rule::Length { min, max }));
+                    }
+                    if let Some(at) = validate.find("range(") {
+                        let args = &validate[at..validate[at..].find(')').unwrap() + at];
+                        let rule = Rule::Range {
+                            min: bound(args, "min"),
+                            max: bound(args, "max"),
+                        };
+                        rules.push((strukt.clone(), field.clone(), rule));
+                    }
+                    if validate.contains("\"not_blank\"") {
+                        rules.push((strukt.clone(), field.clone(), Rule::NotBlank));
+                    } else if validate.contains("\"no_nul\"") {
+                        rules.push((strukt.clone(), field.clone(), Rule::NoNul));
+                    }
+                }
+            }
+        }
+    }
+    rules
+}
+
+fn glob_dto_files() -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for module in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src/modules")).unwrap() {
+        let dto = module.unwrap().path().join("dto.rs");
+        if dto.exists() {
+            files.push(dto);
+        }
+    }
+    files
+}
+
+/// The schemas every field named `field` of `strukt` has in the document: the component's
+/// property, or each operation parameter of that name when the struct is a set of parameters.
+fn documented_schemas(document: &serde_json::Value, strukt: &str, field: &str) -> Vec<serde_json::Value> {
+    if let Some(property) = document.pointer(&format!("/components/schemas/{strukt}/properties/{field}")) {
+        return vec![property.clone()];
+    }
+    let mut found = Vec::new();
+    for operations in document["paths"].as_object().unwrap().values() {
+        for operation in operations.as_object().unwrap().values() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                if parameter["name"] == field {
+                    found.push(parameter["schema"].clone());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Every bound `validator` enforces on a request field is declared in the OpenAPI document
+/// (minLength/maxLength, minimum/maximum, patterns for "not blank" and "no NUL"), so a client or a
+/// fuzzer that follows the document is never refused for a rule it could not see. Utoipa takes
+/// only literals in these attributes, so the two are written side by side and this test keeps
+/// them equal.
+#[test]
+fn every_validator_bound_is_declared_in_the_schema() {
+    use utoipa::OpenApi;
+    let document = serde_json::to_value(nestling::openapi::ApiDoc::openapi()).unwrap();
+    let rules = validator_rules();
+    assert!(rules.len() >= 20, "found only {} rules", rules.len());
+    for (strukt, field, rule) in rules {
+        let schemas = documented_schemas(&document, &strukt, &field);
+        assert!(!schemas.is_empty(), "{strukt}.{field} is not in the document");
+        for schema in schemas {
+            let number = |key: &str| schema.get(key).and_then(|v| v.as_i64());
+            let what = format!("{strukt}.{field}: {rule:?} vs {schema}");
+            match rule {
+                Rule::Length { min, max } => {
+                    assert_eq!(number("minLength").map(|n| n as u64), min.filter(|m| *m > 0), "{what}");
+                    assert_eq!(number("maxLength").map(|n| n as u64), max, "{what}");
+                }
+                Rule::Range { min, max } => {
+                    assert_eq!((number("minimum"), number("maximum")), (min, max), "{what}");
+                }
+                Rule::NotBlank => assert_eq!(schema["pattern"], NOT_BLANK, "{what}"),
+                Rule::NoNul => assert_eq!(schema["pattern"], NO_NUL, "{what}"),
+            }
+        }
+    }
+}

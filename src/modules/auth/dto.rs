@@ -9,12 +9,19 @@ use crate::error::{no_nul, not_blank};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegisterRequest {
     #[validate(email, length(max = 254))]
+    #[schema(max_length = 254)]
     #[schema(example = "ada@example.com")]
     pub email: String,
     #[validate(length(min = 8, max = 128), custom(function = "no_nul"))]
+    #[schema(min_length = 8, max_length = 128, pattern = r"^[^\u0000]*$")]
     #[schema(example = "correct horse battery")]
     pub password: String,
     #[validate(length(min = 1, max = 100), custom(function = "not_blank"))]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     #[schema(example = "Ada Lovelace")]
     pub name: String,
 }
@@ -23,9 +30,11 @@ pub struct RegisterRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoginRequest {
     #[validate(length(min = 1, max = 254), custom(function = "no_nul"))]
+    #[schema(min_length = 1, max_length = 254, pattern = r"^[^\u0000]*$")]
     #[schema(example = "demo@nestling.dev")]
     pub email: String,
     #[validate(length(min = 1, max = 128), custom(function = "no_nul"))]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\u0000]*$")]
     #[schema(example = "demo-password")]
     pub password: String,
 }

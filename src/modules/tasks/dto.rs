@@ -13,9 +13,15 @@ use crate::modules::paging::{Paging, DEFAULT_LIMIT};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTaskRequest {
     #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     #[schema(example = "Write the README")]
     pub title: String,
     #[validate(length(max = 10000), custom(function = "no_nul"))]
+    #[schema(max_length = 10000, pattern = r"^[^\u0000]*$")]
     pub description: Option<String>,
     /// Defaults to `todo`.
     pub status: Option<TaskStatus>,
@@ -32,9 +38,15 @@ pub struct CreateTaskRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateTaskRequest {
     #[validate(length(min = 1, max = 200), custom(function = "not_blank"))]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000]*[^\u0000\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    )]
     pub title: Option<String>,
     #[serde(default, deserialize_with = "nullable::deserialize")]
     #[validate(length(max = 10000), custom(function = "no_nul"))]
+    #[schema(max_length = 10000, pattern = r"^[^\u0000]*$")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
     pub status: Option<TaskStatus>,
@@ -56,9 +68,11 @@ pub struct TaskQuery {
     pub assignee_id: Option<Uuid>,
     /// Page size, 1–100 (default 50).
     #[validate(range(min = 1, max = 100))]
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Items to skip (default 0).
     #[validate(range(min = 0, max = 1000000))]
+    #[param(minimum = 0, maximum = 1000000)]
     pub offset: Option<i64>,
 }
 
