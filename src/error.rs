@@ -244,7 +244,8 @@ fn describe(error: &validator::ValidationError) -> String {
     }
 }
 
-fn camel_case(snake: &str) -> String {
+/// `assignee_id` → `assigneeId`: the field names clients see.
+pub fn camel_case(snake: &str) -> String {
     let mut out = String::with_capacity(snake.len());
     let mut upper = false;
     for c in snake.chars() {

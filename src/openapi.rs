@@ -84,6 +84,19 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every operation of a path.
+fn operations_mut(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.post,
+        &mut item.put,
+        &mut item.patch,
+        &mut item.delete,
+    ]
+    .into_iter()
+    .flatten()
+}
+
 /// The answers the extractors and the auth guard give before a handler runs, documented where
 /// they apply: 400 for a malformed path or query parameter or body, 413 and 415 for a body too
 /// large or not JSON, 401 for a protected operation without a valid token.
@@ -105,14 +118,7 @@ impl Modify for ExtractorErrors {
             )
         };
         for item in openapi.paths.paths.values_mut() {
-            let operations = [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.patch,
-                &mut item.delete,
-            ];
-            for operation in operations.into_iter().flatten() {
+            for operation in operations_mut(item) {
                 let parameters = operation.parameters.as_deref().unwrap_or_default();
                 let in_path_or_query = parameters
                     .iter()
@@ -171,14 +177,7 @@ impl Modify for RateLimitResponses {
             if !path.starts_with("/api/") {
                 continue;
             }
-            let operations = [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.patch,
-                &mut item.delete,
-            ];
-            for operation in operations.into_iter().flatten() {
+            for operation in operations_mut(item) {
                 let responses = &mut operation.responses.responses;
                 for response in responses.values_mut() {
                     if let RefOr::T(response) = response {

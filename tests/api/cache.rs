@@ -196,14 +196,7 @@ async fn redis_pttl_of_every_key_kind_follows_the_ttl_table() {
     }
     let mut conn = redis.connection().await;
     let prefix = app.settings.redis.key_prefix.clone();
-    let keys: Vec<String> = {
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}*")).await.unwrap();
-        let mut keys = Vec::new();
-        while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
-            keys.push(key.unwrap());
-        }
-        keys
-    };
+    let keys = keys_under(&mut conn, &prefix).await;
     let ttl = &app.settings.ttl;
     #[rustfmt::skip]
     let expected = [
@@ -695,19 +688,22 @@ async fn flushing_with_an_interior_glob_drops_the_matching_l1_entries() {
     assert_eq!(app.get(&path, &world.user.token).await.header("x-cache"), Some("MISS"));
 }
 
+/// Every key under `prefix`, by SCAN.
+async fn keys_under(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}*")).await.unwrap();
+    let mut keys = Vec::new();
+    while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+        keys.push(key.unwrap());
+    }
+    keys
+}
+
 /// Rewrites every cache entry under the app's prefix in Redis (strings and hash fields, TTLs
 /// kept), as another deploy sharing the Redis would have written them.
 async fn rewrite_every_entry(app: &TestApp, rewrite: impl Fn(&[u8]) -> Vec<u8>) {
     let mut conn = shared_redis().connection().await;
     let prefix = app.settings.redis.key_prefix.clone();
-    let keys: Vec<String> = {
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{prefix}*")).await.unwrap();
-        let mut keys = Vec::new();
-        while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
-            keys.push(key.unwrap());
-        }
-        keys
-    };
+    let keys = keys_under(&mut conn, &prefix).await;
     let mut rewritten = 0;
     for key in keys {
         let rest = key.strip_prefix(&prefix).unwrap();

@@ -302,22 +302,6 @@ const NOT_BLANK: &str =
 /// `no_nul` as a pattern.
 const NO_NUL: &str = r"^[^\u0000]*$";
 
-fn camel_case(snake: &str) -> String {
-    let mut out = String::new();
-    let mut upper = false;
-    for c in snake.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// `name = 12` inside `text`, e.g. `max` in `length(min = 1, max = 200)`.
 fn bound(text: &str, name: &str) -> Option<i64> {
     let at = text.find(&format!("{name} = "))? + name.len() + 3;
@@ -343,7 +327,7 @@ fn validator_rules() -> Vec<(String, String, Rule)> {
             } else if line.starts_with("#[validate(") {
                 pending.push(line.to_owned());
             } else if let Some(rest) = line.strip_prefix("pub ").filter(|rest| rest.contains(':')) {
-                let field = camel_case(rest.split(':').next().unwrap());
+                let field = nestling::error::camel_case(rest.split(':').next().unwrap());
                 for validate in pending.drain(..) {
                     if let Some(at) = validate.find("length(") {
                         let args = &validate[at..validate[at..].find(')').unwrap() + at];
