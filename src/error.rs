@@ -285,6 +285,39 @@ pub fn json_config() -> web::JsonConfig {
         .error_handler(|err, _req: &HttpRequest| json_error(err).into())
 }
 
+/// A JSON request body that must be an object. `web::Json<T>` alone would also read a struct
+/// from an array (serde accepts both forms), so `["x"]` would be a valid workspace.
+pub struct JsonBody<T>(pub T);
+
+impl<T> JsonBody<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for JsonBody<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonBody<T> {
+    type Error = actix_web::Error;
+    type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        // Read as an object first (size limit, content type and errors from `json_config`).
+        let object = web::Json::<serde_json::Map<String, serde_json::Value>>::from_request(req, payload);
+        Box::pin(async move {
+            let object = serde_json::Value::Object(object.await?.into_inner());
+            serde_json::from_value(object)
+                .map(JsonBody)
+                .map_err(|err| AppError::bad_request("invalid_body", err.to_string()).into())
+        })
+    }
+}
+
 fn json_error(err: JsonPayloadError) -> AppError {
     match err {
         JsonPayloadError::ContentType => {

@@ -418,3 +418,59 @@ fn every_validator_bound_is_declared_in_the_schema() {
         }
     }
 }
+
+/// serde reads a struct from a JSON array as readily as from an object, so `["x"]` once created
+/// a workspace. Every operation with a body refuses anything but an object, before any change.
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_400_everywhere_and_changes_nothing() {
+    const ADMIN: &str = "test-admin-token";
+    let app = TestApp::builder()
+        .settings(|s| s.app.admin_token = Some(ADMIN.into()))
+        .spawn()
+        .await;
+    let world = crate::helpers::World::create(&app).await;
+    let before = app.fingerprint().await;
+    let mut checked = 0;
+    for (path, operations) in documented_paths(&app).await {
+        for (method, operation) in operations.as_object().unwrap() {
+            if operation.get("requestBody").is_none() {
+                continue;
+            }
+            let token = if path.starts_with("/admin") {
+                ADMIN
+            } else {
+                world.user.token.as_str()
+            };
+            let concrete = world.fill(&path.replace("{id}", "{ws}"));
+            let concrete = if path.starts_with("/api/projects/") {
+                world.fill(&path.replace("{id}", "{project}"))
+            } else {
+                concrete
+            };
+            let concrete = if path.starts_with("/api/tasks/") {
+                world.fill(&path.replace("{id}", "{task}"))
+            } else {
+                concrete
+            };
+            for body in [
+                serde_json::json!(["Array"]),
+                serde_json::json!([null, null]),
+                serde_json::json!("text"),
+                serde_json::json!(7),
+            ] {
+                let method: Method = method.to_uppercase().parse().unwrap();
+                let response = app
+                    .request(method.clone(), &concrete, Some(token), Some(body.clone()))
+                    .await;
+                assert_eq!(response.status, 400, "{method} {path} with {body}: {}", response.text);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 40, "checked only {checked}");
+    assert_eq!(
+        app.fingerprint().await,
+        before,
+        "a request with a non-object body changed data"
+    );
+}

@@ -9,7 +9,7 @@ use super::service::{
     SlowlogEntry, WarmRequest, WarmResponse,
 };
 use crate::container::{AppModule, Inject};
-use crate::error::{AppError, AppResult, ErrorBody};
+use crate::error::{AppError, AppResult, ErrorBody, JsonBody};
 use crate::infra::cache::CacheStatus;
 use crate::modules::auth::extractor::bearer_token;
 use crate::modules::resource;
@@ -64,7 +64,7 @@ pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>)
 pub async fn set_cache_mode(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
-    body: web::Json<CacheModeRequest>,
+    body: JsonBody<CacheModeRequest>,
 ) -> HttpResponse {
     HttpResponse::Ok().json(admin.set_cache_mode(body.into_inner()))
 }
@@ -100,7 +100,7 @@ pub async fn flush_cache(
 pub async fn warm_cache(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
-    body: web::Json<WarmRequest>,
+    body: JsonBody<WarmRequest>,
 ) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.warm(body.into_inner()).await?))
 }

@@ -5,7 +5,7 @@ use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
 use super::service::AuthService;
 use super::AuthUser;
 use crate::container::Inject;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::infra::rate_limit::middleware::RateLimit;
 use crate::modules::resource;
 use crate::modules::users::model::User;
@@ -38,7 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
     )
 )]
-pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterRequest>) -> AppResult<HttpResponse> {
+pub async fn register(auth: Inject<dyn AuthService>, body: JsonBody<RegisterRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(auth.register(body.into_inner()).await?))
 }
@@ -54,7 +54,7 @@ pub async fn register(auth: Inject<dyn AuthService>, body: web::Json<RegisterReq
         (status = 503, description = "Every password-hashing slot is busy: retry after `Retry-After`", body = ErrorBody),
     )
 )]
-pub async fn login(auth: Inject<dyn AuthService>, body: web::Json<LoginRequest>) -> AppResult<HttpResponse> {
+pub async fn login(auth: Inject<dyn AuthService>, body: JsonBody<LoginRequest>) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(auth.login(body.into_inner()).await?))
 }

@@ -9,7 +9,7 @@ use crate::error::{no_nul, not_blank};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegisterRequest {
     #[validate(email, length(max = 254))]
-    #[schema(max_length = 254)]
+    #[schema(max_length = 254, format = Email)]
     #[schema(example = "ada@example.com")]
     pub email: String,
     #[validate(length(min = 8, max = 128), custom(function = "no_nul"))]

@@ -6,7 +6,7 @@ use super::dto::{CreateProjectRequest, UpdateProjectRequest};
 use super::model::Project;
 use super::service::ProjectService;
 use crate::container::Inject;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::resource;
@@ -44,7 +44,7 @@ pub async fn create_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
-    body: web::Json<CreateProjectRequest>,
+    body: JsonBody<CreateProjectRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(projects.create(me.id, *id, body.into_inner()).await?))
@@ -92,7 +92,7 @@ pub async fn update_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
-    body: web::Json<UpdateProjectRequest>,
+    body: JsonBody<UpdateProjectRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(projects.update(me.id, *id, body.into_inner()).await?))

@@ -6,7 +6,7 @@ use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
 use super::model::Task;
 use super::service::TaskService;
 use crate::container::Inject;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
@@ -45,7 +45,7 @@ pub async fn create_task(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
     id: web::Path<Uuid>,
-    body: web::Json<CreateTaskRequest>,
+    body: JsonBody<CreateTaskRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(tasks.create(me.id, *id, body.into_inner()).await?))
@@ -94,7 +94,7 @@ pub async fn update_task(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
     id: web::Path<Uuid>,
-    body: web::Json<UpdateTaskRequest>,
+    body: JsonBody<UpdateTaskRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(tasks.update(me.id, *id, body.into_inner()).await?))

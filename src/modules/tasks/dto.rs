@@ -76,6 +76,33 @@ pub struct TaskQuery {
     pub offset: Option<i64>,
 }
 
+/// Filters and paging for the tasks assigned to me: the assignee is implied.
+#[derive(Debug, Clone, Default, Deserialize, Validate, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AssignedTaskQuery {
+    pub status: Option<TaskStatus>,
+    /// Page size, 1–100 (default 50).
+    #[validate(range(min = 1, max = 100))]
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+    /// Items to skip (default 0).
+    #[validate(range(min = 0, max = 1000000))]
+    #[param(minimum = 0, maximum = 1000000)]
+    pub offset: Option<i64>,
+}
+
+impl From<AssignedTaskQuery> for TaskQuery {
+    fn from(query: AssignedTaskQuery) -> Self {
+        TaskQuery {
+            status: query.status,
+            assignee_id: None,
+            limit: query.limit,
+            offset: query.offset,
+        }
+    }
+}
+
 impl TaskQuery {
     pub fn paging(&self) -> Paging {
         Paging {

@@ -150,12 +150,6 @@ impl TaskService for Tasks {
     }
 
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
-        if query.assignee_id.is_some() {
-            return Err(AppError::bad_request(
-                "invalid_query",
-                "assigneeId is implied by /users/me/tasks",
-            ));
-        }
         let key = self.cache.keys().assigned_task_list(user_id, list_variant(&query));
         let load = async {
             let rows = self.tasks.list_assigned(user_id, query.status, query.paging()).await?;

@@ -5,12 +5,12 @@ use super::dto::UpdateMeRequest;
 use super::model::User;
 use super::service::UserService;
 use crate::container::Inject;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
 use crate::modules::resource;
-use crate::modules::tasks::dto::TaskQuery;
+use crate::modules::tasks::dto::AssignedTaskQuery;
 use crate::modules::tasks::model::Task;
 use crate::modules::tasks::service::TaskService;
 
@@ -49,7 +49,7 @@ pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<H
 pub async fn update_me(
     me: AuthUser,
     users: Inject<dyn UserService>,
-    body: web::Json<UpdateMeRequest>,
+    body: JsonBody<UpdateMeRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(users.update(me.id, body.into_inner()).await?))
@@ -58,7 +58,7 @@ pub async fn update_me(
 /// Tasks assigned to me, across the workspaces I belong to.
 #[utoipa::path(
     get, path = "/api/users/me/tasks", tag = "users", operation_id = "list_my_tasks", security(("bearer" = [])),
-    params(TaskQuery),
+    params(AssignedTaskQuery),
     responses(
         (status = 200, body = Page<Task>),
         (status = 400, description = "Invalid query", body = ErrorBody),
@@ -68,8 +68,10 @@ pub async fn update_me(
 pub async fn list_my_tasks(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
-    query: web::Query<TaskQuery>,
+    query: web::Query<AssignedTaskQuery>,
 ) -> AppResult<HttpResponse> {
     query.validate()?;
-    Ok(cached_response(tasks.list_assigned(me.id, query.into_inner()).await?))
+    Ok(cached_response(
+        tasks.list_assigned(me.id, query.into_inner().into()).await?,
+    ))
 }

@@ -6,7 +6,7 @@ use super::dto::{AddMemberRequest, CreateWorkspaceRequest, UpdateWorkspaceReques
 use super::model::{Member, Workspace};
 use super::service::WorkspaceService;
 use crate::container::Inject;
-use crate::error::{AppResult, ErrorBody};
+use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::resource;
@@ -41,7 +41,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub async fn create_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
-    body: web::Json<CreateWorkspaceRequest>,
+    body: JsonBody<CreateWorkspaceRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(workspaces.create(me.id, body.into_inner()).await?))
@@ -87,7 +87,7 @@ pub async fn update_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
-    body: web::Json<UpdateWorkspaceRequest>,
+    body: JsonBody<UpdateWorkspaceRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Ok().json(workspaces.update(me.id, *id, body.into_inner()).await?))
@@ -140,7 +140,7 @@ pub async fn add_member(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
-    body: web::Json<AddMemberRequest>,
+    body: JsonBody<AddMemberRequest>,
 ) -> AppResult<HttpResponse> {
     body.validate()?;
     Ok(HttpResponse::Created().json(workspaces.add_member(me.id, *id, body.into_inner()).await?))
