@@ -1,10 +1,13 @@
-//! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`.
+//! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`,
+//! `nestling redis check`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nestling::config::Settings;
 use nestling::infra::database;
+use nestling::infra::redis::check::check;
+use nestling::infra::redis::keys::KeyRegistry;
 use nestling::modules::users::repository::set_admin;
 use nestling::seed;
 use nestling::startup::Application;
@@ -29,6 +32,19 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Operations on the configured Redis (`REDIS_URL`, whatever `REDIS_ENABLED` says).
+    Redis {
+        #[command(subcommand)]
+        action: RedisAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum RedisAction {
+    /// Connect, PING, read the server's memory and persistence settings, and run a
+    /// SET/GET/PUBLISH/SUBSCRIBE round trip under the key prefix. Exits 0 when the app can use
+    /// it (warnings are printed), 1 when it cannot.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +99,31 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
             }
             log::info!("{email}: admin role {}", if grant { "granted" } else { "revoked" });
         }
+        Command::Redis {
+            action: RedisAction::Check,
+        } => {
+            let keys = KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone());
+            println!("redis check: {}", redacted(&settings.redis.url));
+            let report = check(&settings.redis, keys).await;
+            for finding in &report.findings {
+                println!("{finding}");
+            }
+            if !report.usable() {
+                return Err("this Redis cannot be used".into());
+            }
+            println!("usable");
+        }
     }
     Ok(())
+}
+
+/// The URL without its user and password.
+fn redacted(url: &str) -> String {
+    match url
+        .split_once("://")
+        .and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?.1)))
+    {
+        Some((scheme, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
 }

@@ -193,3 +193,68 @@ async fn admin_grant_and_revoke_change_a_users_role_and_name_an_unknown_email() 
         "{stderr}"
     );
 }
+
+/// `nestling redis check` against `url`: (exit code, stdout, how long it took).
+async fn redis_check(url: &str) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let output = nestling()
+        .args(["redis", "check"])
+        .env("REDIS_URL", url)
+        .env("REDIS_KEY_PREFIX", format!("check-{}:", uuid::Uuid::new_v4().simple()))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.code(), stdout, started.elapsed())
+}
+
+#[tokio::test]
+async fn redis_check_passes_on_a_usable_redis_and_warns_when_the_cache_may_evict_sessions_and_limits() {
+    let redis = crate::helpers::private_redis().await;
+    let (code, stdout, _) = redis_check(&redis.url()).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    for line in ["ok   ping", "ok   server: Redis ", "ok   round trip"] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("allkeys"), "{stdout}");
+
+    // Our own server: the test may reconfigure it.
+    let mut connection = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let (code, stdout, _) = redis_check(&redis.url()).await;
+    assert_eq!(code, Some(0), "warnings do not fail the check:\n{stdout}");
+    let warning = stdout
+        .lines()
+        .find(|line| line.starts_with("warn") && line.contains("allkeys-lru"))
+        .unwrap_or_else(|| panic!("no eviction warning in:\n{stdout}"));
+    assert!(warning.contains("rate limits"), "{warning}");
+}
+
+#[tokio::test]
+async fn redis_check_fails_within_seconds_when_redis_refuses_or_is_frozen() {
+    let nobody = format!("redis://127.0.0.1:{}", free_port().unwrap());
+    let (code, stdout, took) = redis_check(&nobody).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL") && l.contains("refused")),
+        "{stdout}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    let redis = crate::helpers::private_redis().await;
+    redis.freeze();
+    let (code, stdout, took) = redis_check(&redis.url()).await;
+    redis.thaw();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL") && l.contains("timeout")),
+        "{stdout}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}

@@ -257,6 +257,11 @@ impl KeyRegistry {
         RedisKey(format!("{}counter:{name}:{id}", self.prefix))
     }
 
+    /// The throw-away key and channel `nestling redis check` writes, reads and publishes on.
+    pub fn check(&self, run: impl Display) -> RedisKey {
+        RedisKey(format!("{}check:{run}", self.prefix))
+    }
+
     /// The channel invalidations travel on, for `RedisService::publish`.
     pub fn invalidations(&self) -> RedisKey {
         RedisKey(self.invalidation_channel())

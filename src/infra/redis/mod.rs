@@ -6,6 +6,7 @@
 //! and retried by later calls; what went wrong last is kept for `/health`.
 
 pub mod breaker;
+pub mod check;
 pub mod keys;
 
 use std::future::Future;
