@@ -1,5 +1,5 @@
 //! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`,
-//! `nestling redis check`.
+//! `nestling redis check`, `nestling health`.
 
 use std::process::ExitCode;
 
@@ -8,6 +8,7 @@ use nestling::config::Settings;
 use nestling::infra::database;
 use nestling::infra::redis::check::check;
 use nestling::infra::redis::keys::KeyRegistry;
+use nestling::modules::health::service::HealthReport;
 use nestling::modules::users::repository::set_admin;
 use nestling::seed;
 use nestling::startup::Application;
@@ -31,6 +32,16 @@ enum Command {
     Admin {
         #[command(subcommand)]
         action: AdminAction,
+    },
+    /// Ask a running instance for `GET /health` and print each component: exit 0 when healthy,
+    /// 1 otherwise (for scripts and container health checks).
+    Health {
+        /// The instance; by default this configuration's `http://127.0.0.1:APP_PORT`.
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
     },
     /// Operations on the configured Redis (`REDIS_URL`, whatever `REDIS_ENABLED` says).
     Redis {
@@ -99,6 +110,31 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
             }
             log::info!("{email}: admin role {}", if grant { "granted" } else { "revoked" });
         }
+        Command::Health { url, timeout_ms } => {
+            let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", settings.app.port));
+            let wait = std::time::Duration::from_millis(timeout_ms);
+            let (status, body) = tokio::time::timeout(wait, get(&url, "/health"))
+                .await
+                .map_err(|_| format!("{url} did not answer within {timeout_ms} ms"))??;
+            let report: HealthReport = serde_json::from_slice(&body)
+                .map_err(|err| format!("{url}/health answered {status} with an unexpected body: {err}"))?;
+            println!("status: {}", report.status);
+            for (name, component) in &report.details {
+                let status = serde_json::to_value(component.status)?;
+                let reason = component.reason.map(serde_json::to_value).transpose()?;
+                match reason {
+                    Some(reason) => println!(
+                        "{name}: {} ({})",
+                        status.as_str().unwrap_or("?"),
+                        reason.as_str().unwrap_or("?")
+                    ),
+                    None => println!("{name}: {}", status.as_str().unwrap_or("?")),
+                }
+            }
+            if status != 200 {
+                return Err(format!("{url}/health answered {status}").into());
+            }
+        }
         Command::Redis {
             action: RedisAction::Check,
         } => {
@@ -115,6 +151,33 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
         }
     }
     Ok(())
+}
+
+/// `GET <base><path>` over plain HTTP/1.1 (a local probe: no TLS, no redirects): (status, body).
+async fn get(base: &str, path: &str) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{base}: only http:// URLs can be probed"))?
+        .trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|err| format!("{base}: {err}"))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or("the answer has no status")?;
+    Ok((status, response[head_end + 4..].to_vec()))
 }
 
 /// The URL without its user and password.

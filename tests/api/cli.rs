@@ -258,3 +258,38 @@ async fn redis_check_fails_within_seconds_when_redis_refuses_or_is_frozen() {
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// `nestling health --url <app>`: (exit code, stdout, how long it took).
+async fn health_command(url: &str) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let output = nestling().args(["health", "--url", url]).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.code(), stdout, started.elapsed())
+}
+
+#[tokio::test]
+async fn health_exits_0_when_the_app_is_healthy_and_1_naming_the_component_that_is_down() {
+    let app = TestApp::spawn().await;
+    let (code, stdout, _) = health_command(&app.address).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    for line in ["status: ok", "database: up", "redis: disabled"] {
+        assert!(stdout.lines().any(|l| l == line), "no {line:?} in:\n{stdout}");
+    }
+
+    let redis = crate::helpers::private_redis().await;
+    let with_redis = TestApp::builder().redis(&redis).spawn().await;
+    redis.kill();
+    let (code, stdout, took) = health_command(&with_redis.address).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.lines().any(|l| l == "status: error"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("redis: down")), "{stdout}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[tokio::test]
+async fn health_exits_1_at_once_when_no_app_answers() {
+    let nobody = format!("http://127.0.0.1:{}", free_port().unwrap());
+    let (code, stdout, took) = health_command(&nobody).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
