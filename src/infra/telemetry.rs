@@ -28,6 +28,13 @@ pub struct Telemetry {
     /// `kind` = `timeout` | `error` | `pool` | `circuit_open`.
     pub redis_errors: IntCounterVec,
     pub breaker_state: IntGauge,
+    /// 1 when Redis is switched on (redis mode), 0 in memory mode.
+    pub redis_enabled: IntGauge,
+    /// 1 when Redis is usable (switched on, breaker closed), else 0.
+    pub redis_up: IntGauge,
+    /// Redis' `used_memory` and `maxmemory` (0: no limit), read at scrape time.
+    pub redis_memory_used: IntGauge,
+    pub redis_memory_max: IntGauge,
     pub pool: IntGaugeVec,
     pub pubsub_messages: IntCounter,
     pub invalidations_queued: IntCounter,
@@ -74,6 +81,12 @@ impl Telemetry {
             redis_duration: histogram("redis_command_duration_seconds", "Redis command latency", &["outcome"]),
             redis_errors: counter("redis_errors_total", "Redis calls that failed, by kind", &["kind"]),
             breaker_state: IntGauge::new("redis_breaker_state", "0 closed, 1 half-open, 2 open").expect("gauge"),
+            redis_enabled: IntGauge::new("redis_enabled", "1 when Redis is switched on, 0 in memory mode")
+                .expect("gauge"),
+            redis_up: IntGauge::new("redis_up", "1 when Redis is switched on and usable, else 0").expect("gauge"),
+            redis_memory_used: IntGauge::new("redis_memory_used_bytes", "Redis used_memory, read at scrape time")
+                .expect("gauge"),
+            redis_memory_max: IntGauge::new("redis_memory_max_bytes", "Redis maxmemory (0: no limit)").expect("gauge"),
             pool: IntGaugeVec::new(
                 Opts::new("redis_pool", "Redis pool: connections, idle, waits, timeouts"),
                 &["stat"],
@@ -109,6 +122,10 @@ impl Telemetry {
             Box::new(telemetry.redis_duration.clone()),
             Box::new(telemetry.redis_errors.clone()),
             Box::new(telemetry.breaker_state.clone()),
+            Box::new(telemetry.redis_enabled.clone()),
+            Box::new(telemetry.redis_up.clone()),
+            Box::new(telemetry.redis_memory_used.clone()),
+            Box::new(telemetry.redis_memory_max.clone()),
             Box::new(telemetry.pool.clone()),
             Box::new(telemetry.pubsub_messages.clone()),
             Box::new(telemetry.invalidations_queued.clone()),
@@ -188,9 +205,11 @@ fn method_label(method: &actix_web::http::Method) -> &'static str {
 }
 
 /// The `/metrics` source in the container: refreshes the gauges that are read at scrape time.
+#[async_trait::async_trait]
 pub trait MetricsRegistry: shaku::Interface {
     fn telemetry(&self) -> Arc<Telemetry>;
-    fn render(&self) -> String;
+    /// The exposition text; reads Redis' memory figures (bounded by the command timeout).
+    async fn render(&self) -> String;
 }
 
 #[derive(shaku::Component)]
@@ -203,12 +222,13 @@ pub struct PrometheusMetrics {
     telemetry: Arc<Telemetry>,
 }
 
+#[async_trait::async_trait]
 impl MetricsRegistry for PrometheusMetrics {
     fn telemetry(&self) -> Arc<Telemetry> {
         self.telemetry.clone()
     }
 
-    fn render(&self) -> String {
+    async fn render(&self) -> String {
         use crate::infra::redis::breaker::BreakerState;
         let status = self.cache.status();
         let t = &self.telemetry;
@@ -219,6 +239,23 @@ impl MetricsRegistry for PrometheusMetrics {
         });
         t.invalidations_pending.set(status.pending_invalidations as i64);
         t.l1_entries.set(status.l1_entries as i64);
+        let redis_status = self.redis.status();
+        t.redis_enabled.set(i64::from(redis_status.enabled));
+        t.redis_up.set(i64::from(redis_status.usable()));
+        if let Some(redis) = self.redis.active().filter(|_| redis_status.usable()) {
+            let memory: Result<String, _> = redis
+                .call(|mut c| async move { bb8_redis::redis::cmd("INFO").arg("memory").query_async(&mut c).await })
+                .await;
+            if let Ok(memory) = memory {
+                let field = |name: &str| {
+                    memory
+                        .lines()
+                        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+                };
+                t.redis_memory_used.set(field("used_memory").unwrap_or(0));
+                t.redis_memory_max.set(field("maxmemory").unwrap_or(0));
+            }
+        }
         if let Some(redis) = self.redis.active() {
             let (connections, idle, stats) = redis.pool_statistics();
             for (stat, value) in [

@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{shared_redis, TestApp};
+use crate::helpers::{shared_redis, TestApp, World};
 
 const ADMIN: &str = "observability-admin";
 
@@ -205,4 +205,70 @@ async fn invented_methods_and_unknown_paths_do_not_grow_the_metric_series() {
     );
     let routes = label_values("route");
     assert!(routes.len() <= 3, "route labels: {routes:?}");
+}
+
+/// The metric names a PromQL expression refers to (`nestling_…`, histogram suffixes kept).
+fn metric_names(expression: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expression;
+    while let Some(at) = rest.find("nestling_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// `docs/alerts.yml` names only metrics an instance exports (a Redis-mode instance after some
+/// traffic, so every family has samples), and `promtool check rules` accepts it where installed.
+#[tokio::test]
+async fn every_metric_the_alert_rules_name_is_exported() {
+    let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml")).unwrap();
+    let app = TestApp::builder().redis(shared_redis()).spawn().await;
+    let world = World::create(&app).await;
+    for _ in 0..2 {
+        app.get(&world.fill("/api/projects/{project}/tasks"), &world.user.token)
+            .await
+            .assert_status(200);
+    }
+    let exported = app.request(Method::GET, "/metrics", None, None).await.text;
+    let mut named = Vec::new();
+    for line in rules.lines().filter(|line| !line.trim_start().starts_with('#')) {
+        named.extend(metric_names(line));
+    }
+    named.sort();
+    named.dedup();
+    assert!(named.len() >= 7, "the rules name only {named:?}");
+    for name in &named {
+        assert!(
+            exported
+                .lines()
+                .any(|line| line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))),
+            "{name} is named by docs/alerts.yml but not exported"
+        );
+    }
+    // "Redis down" must not fire in memory mode, nor stay silent in redis mode.
+    assert!(
+        exported.lines().any(|l| l == "nestling_redis_enabled 1")
+            && exported.lines().any(|l| l == "nestling_redis_up 1")
+    );
+    let memory_mode = TestApp::spawn().await;
+    let exported = memory_mode.request(Method::GET, "/metrics", None, None).await.text;
+    assert!(exported.lines().any(|l| l == "nestling_redis_enabled 0"), "{exported}");
+    let alerts = rules.matches("- alert:").count();
+    assert_eq!(alerts, 6, "down, breaker, hit rate, p99, error rate, memory");
+    if let Ok(output) = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml"))
+        .output()
+    {
+        assert!(
+            output.status.success(),
+            "promtool: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

@@ -53,5 +53,5 @@ pub async fn health(checks: Inject<dyn HealthService>) -> HttpResponse {
 pub async fn metrics(registry: Inject<dyn MetricsRegistry>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(registry.render())
+        .body(registry.render().await)
 }
