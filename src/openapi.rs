@@ -26,7 +26,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         metrics::controller::get_daily_metrics,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
-        admin::controller::get_redis_slowlog, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
+        admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth, &RateLimitResponses, &ExtractorErrors),

@@ -102,7 +102,12 @@ async fn redis_admin_endpoints_report_health_info_and_slowlog() {
 #[tokio::test]
 async fn redis_admin_endpoints_say_when_redis_is_disabled() {
     let app = admin_app(false).await;
-    for path in ["/admin/redis/health", "/admin/redis/metrics", "/admin/redis/slowlog"] {
+    for path in [
+        "/admin/redis/health",
+        "/admin/redis/metrics",
+        "/admin/redis/slowlog",
+        "/admin/redis/keys",
+    ] {
         app.request(Method::GET, path, Some(ADMIN), None)
             .await
             .assert_error(409, "redis_disabled");
@@ -271,4 +276,75 @@ async fn every_metric_the_alert_rules_name_is_exported() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// The key distribution per namespace, by a sampling SCAN under the prefix (never KEYS), and
+/// Redis memory against maxmemory. On a Redis of the test's own, the sample covers every key.
+#[tokio::test]
+async fn admin_redis_keys_counts_keys_per_namespace_by_scan_and_shows_memory_against_maxmemory() {
+    let redis = crate::helpers::private_redis().await;
+    let mut connection = redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("100mb")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let app = TestApp::builder()
+        .redis(&redis)
+        .settings(|s| s.app.admin_token = Some(ADMIN.into()))
+        .spawn()
+        .await;
+    let world = World::create(&app).await;
+    app.get(&world.fill("/api/tasks/{task}"), &world.user.token)
+        .await
+        .assert_status(200);
+    app.get(&world.fill("/api/projects/{project}/tasks"), &world.user.token)
+        .await
+        .assert_status(200);
+
+    let response = app.request(Method::GET, "/admin/redis/keys", Some(ADMIN), None).await;
+    response.assert_status(200);
+    let body = &response.body;
+    assert_eq!(body["complete"], true, "{body}");
+    let count = |namespace: &str| {
+        body["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|ns| ns["namespace"] == namespace)
+            .map_or(0, |ns| ns["keys"].as_u64().unwrap())
+    };
+    // Exactly what is in Redis under the prefix, namespace by namespace.
+    let prefix = app.settings.redis.key_prefix.clone();
+    for namespace in ["tasks", "task-lists", "auth-tokens"] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}{namespace}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty(), "{namespace}: nothing cached");
+        assert_eq!(count(namespace), keys.len() as u64, "{namespace}: {body}");
+    }
+    assert_eq!(body["memory"]["maxBytes"], 100 * 1024 * 1024, "{body}");
+    let share = body["memory"]["share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "{body}");
+    // The endpoint itself never ran KEYS (the test's own KEYS calls come after it in the stats).
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let keys_calls = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cmdstat_keys:calls=")?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert_eq!(keys_calls, 3, "only this test's three KEYS calls");
 }

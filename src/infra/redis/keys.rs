@@ -257,6 +257,20 @@ impl KeyRegistry {
         RedisKey(format!("{}counter:{name}:{id}", self.prefix))
     }
 
+    /// What a key under the prefix is: its cache namespace, `rate-limits`, `versions` (fill
+    /// versions), or `other`.
+    pub fn kind_of(&self, redis_key: &str) -> &'static str {
+        let Some(rest) = redis_key.strip_prefix(&self.prefix) else {
+            return "other";
+        };
+        let head = rest.split(':').next().unwrap_or_default();
+        match head {
+            "rl" => "rate-limits",
+            "version" => "versions",
+            _ => Namespace::parse(head).map_or("other", Namespace::as_str),
+        }
+    }
+
     /// The throw-away key and channel `nestling redis check` writes, reads and publishes on.
     pub fn check(&self, run: impl Display) -> RedisKey {
         RedisKey(format!("{}check:{run}", self.prefix))

@@ -5,8 +5,8 @@ use shaku::HasComponent;
 use std::sync::Arc;
 
 use super::service::{
-    AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse, RedisHealth, RedisMetrics,
-    SlowlogEntry, WarmRequest, WarmResponse,
+    AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse, KeyDistribution, RedisHealth,
+    RedisMetrics, SlowlogEntry, WarmRequest, WarmResponse,
 };
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody, JsonBody};
@@ -22,7 +22,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/cache/warm").route(web::post().to(warm_cache)))
         .service(resource("/redis/health").route(web::get().to(get_redis_health)))
         .service(resource("/redis/metrics").route(web::get().to(get_redis_metrics)))
-        .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)));
+        .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)))
+        .service(resource("/redis/keys").route(web::get().to(get_redis_keys)));
 }
 
 /// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`, or
@@ -127,6 +128,19 @@ pub async fn get_redis_health(_admin: AdminAuth, admin: Inject<dyn AdminService>
 )]
 pub async fn get_redis_metrics(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.redis_metrics().await?))
+}
+
+/// Keys per namespace from a sampling SCAN under the prefix (never KEYS), and memory against
+/// `maxmemory`.
+#[utoipa::path(
+    get, path = "/admin/redis/keys", tag = "admin", operation_id = "get_redis_keys", security(("admin" = [])),
+    responses(
+        (status = 200, body = KeyDistribution), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, description = "Redis is disabled or did not answer", body = ErrorBody),
+    )
+)]
+pub async fn get_redis_keys(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.redis_keys().await?))
 }
 
 /// The 25 most recent slow commands (SLOWLOG GET).

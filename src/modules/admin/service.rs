@@ -88,6 +88,36 @@ pub struct SlowlogEntry {
     pub command: Vec<String>,
 }
 
+/// Keys under the prefix per namespace, from a sampling SCAN (`complete` when it saw them all).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyDistribution {
+    pub sampled: u64,
+    pub complete: bool,
+    /// Cache namespaces, then `rate-limits`, `versions` (fill versions) and `other`.
+    pub namespaces: Vec<NamespaceKeys>,
+    pub memory: RedisMemory,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceKeys {
+    pub namespace: String,
+    pub keys: u64,
+    /// Of the sampled keys.
+    pub share: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisMemory {
+    pub used_bytes: u64,
+    /// `maxmemory`; 0 when Redis has no limit.
+    pub max_bytes: u64,
+    /// `used / max`; null without a limit.
+    pub share: Option<f64>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WarmRequest {
@@ -113,6 +143,7 @@ pub trait AdminService: Interface {
     async fn redis_health(&self) -> AppResult<RedisHealth>;
     async fn redis_metrics(&self) -> AppResult<RedisMetrics>;
     async fn redis_slowlog(&self) -> AppResult<Vec<SlowlogEntry>>;
+    async fn redis_keys(&self) -> AppResult<KeyDistribution>;
     async fn warm(&self, request: WarmRequest) -> AppResult<WarmResponse>;
 }
 
@@ -153,6 +184,9 @@ impl Admin {
         })
     }
 }
+
+/// Keys a distribution samples at most: enough for shares, bounded for a Redis of millions.
+const KEY_SAMPLE: u64 = 100_000;
 
 fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
@@ -266,6 +300,63 @@ impl AdminService for Admin {
                 0.0
             } else {
                 hits as f64 / (hits + misses) as f64
+            },
+        })
+    }
+
+    async fn redis_keys(&self) -> AppResult<KeyDistribution> {
+        let redis = self.active_redis()?;
+        let keys = self.cache.keys();
+        let pattern = format!("{}*", keys.prefix());
+        let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        let (mut cursor, mut sampled) = (0u64, 0u64);
+        // SCAN in steps of 1,000 until the sample is big enough (never KEYS: one SCAN step is
+        // cheap for Redis however many keys it holds).
+        loop {
+            let pattern = pattern.clone();
+            let (next, batch): (u64, Vec<String>) = redis
+                .call(|mut c| async move {
+                    bb8_redis::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await
+                .map_err(redis_unavailable)?;
+            for key in batch {
+                sampled += 1;
+                *counts.entry(keys.kind_of(&key).to_owned()).or_default() += 1;
+            }
+            cursor = next;
+            if cursor == 0 || sampled >= KEY_SAMPLE {
+                break;
+            }
+        }
+        let info: String = redis
+            .call(|mut c| async move { bb8_redis::redis::cmd("INFO").arg("memory").query_async(&mut c).await })
+            .await
+            .map_err(redis_unavailable)?;
+        let number = |name: &str| info_field(&info, name).and_then(|v| v.parse().ok()).unwrap_or(0u64);
+        let (used_bytes, max_bytes) = (number("used_memory"), number("maxmemory"));
+        Ok(KeyDistribution {
+            sampled,
+            complete: cursor == 0,
+            namespaces: counts
+                .into_iter()
+                .map(|(namespace, keys)| NamespaceKeys {
+                    namespace,
+                    keys,
+                    share: keys as f64 / sampled.max(1) as f64,
+                })
+                .collect(),
+            memory: RedisMemory {
+                used_bytes,
+                max_bytes,
+                share: (max_bytes > 0).then(|| used_bytes as f64 / max_bytes as f64),
             },
         })
     }
