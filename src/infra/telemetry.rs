@@ -36,6 +36,8 @@ pub struct Telemetry {
     pub redis_memory_used: IntGauge,
     pub redis_memory_max: IntGauge,
     pub pool: IntGaugeVec,
+    /// The Postgres pool: `size` (open connections), `idle`, `max`.
+    pub db_pool: IntGaugeVec,
     pub pubsub_messages: IntCounter,
     pub invalidations_queued: IntCounter,
     pub invalidations_replayed: IntCounter,
@@ -87,6 +89,11 @@ impl Telemetry {
             redis_memory_used: IntGauge::new("redis_memory_used_bytes", "Redis used_memory, read at scrape time")
                 .expect("gauge"),
             redis_memory_max: IntGauge::new("redis_memory_max_bytes", "Redis maxmemory (0: no limit)").expect("gauge"),
+            db_pool: IntGaugeVec::new(
+                Opts::new("db_pool_connections", "Postgres pool: open (size), idle, max"),
+                &["state"],
+            )
+            .expect("gauge"),
             pool: IntGaugeVec::new(
                 Opts::new("redis_pool", "Redis pool: connections, idle, waits, timeouts"),
                 &["stat"],
@@ -127,6 +134,7 @@ impl Telemetry {
             Box::new(telemetry.redis_memory_used.clone()),
             Box::new(telemetry.redis_memory_max.clone()),
             Box::new(telemetry.pool.clone()),
+            Box::new(telemetry.db_pool.clone()),
             Box::new(telemetry.pubsub_messages.clone()),
             Box::new(telemetry.invalidations_queued.clone()),
             Box::new(telemetry.invalidations_replayed.clone()),
@@ -219,6 +227,8 @@ pub struct PrometheusMetrics {
     cache: Arc<dyn crate::infra::cache::CacheService>,
     #[shaku(inject)]
     redis: Arc<dyn crate::infra::redis::RedisService>,
+    #[shaku(inject)]
+    database: Arc<dyn crate::infra::database::Database>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -239,6 +249,14 @@ impl MetricsRegistry for PrometheusMetrics {
         });
         t.invalidations_pending.set(status.pending_invalidations as i64);
         t.l1_entries.set(status.l1_entries as i64);
+        let pool = self.database.pool();
+        for (state, value) in [
+            ("size", pool.size() as i64),
+            ("idle", pool.num_idle() as i64),
+            ("max", pool.options().get_max_connections() as i64),
+        ] {
+            t.db_pool.with_label_values(&[state]).set(value);
+        }
         let redis_status = self.redis.status();
         t.redis_enabled.set(i64::from(redis_status.enabled));
         t.redis_up.set(i64::from(redis_status.usable()));

@@ -348,3 +348,49 @@ async fn admin_redis_keys_counts_keys_per_namespace_by_scan_and_shows_memory_aga
         .unwrap_or(0);
     assert_eq!(keys_calls, 3, "only this test's three KEYS calls");
 }
+
+/// Every expression of the provisioned Grafana dashboard, and the Prometheus config, name only
+/// metrics an instance exports; the dashboard covers what the migration plan says to watch.
+#[tokio::test]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/monitoring/grafana/dashboards/nestling.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut named = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            named.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    named.sort();
+    named.dedup();
+    #[rustfmt::skip]
+    let watched = [
+        "nestling_http_requests_total", "nestling_http_request_duration_seconds_bucket",
+        "nestling_cache_requests_total", "nestling_redis_command_duration_seconds_bucket",
+        "nestling_redis_errors_total", "nestling_redis_breaker_state",
+        "nestling_rate_limit_decisions_total", "nestling_db_pool_connections",
+    ];
+    for metric in watched {
+        assert!(
+            named.iter().any(|n| n == metric),
+            "the dashboard does not show {metric}"
+        );
+    }
+    let app = TestApp::builder().redis(shared_redis()).spawn().await;
+    let world = World::create(&app).await;
+    app.get(&world.fill("/api/projects/{project}/tasks"), &world.user.token)
+        .await
+        .assert_status(200);
+    let exported = app.request(Method::GET, "/metrics", None, None).await.text;
+    for name in &named {
+        assert!(
+            exported
+                .lines()
+                .any(|line| line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))),
+            "{name} is queried by the dashboard but not exported"
+        );
+    }
+}
