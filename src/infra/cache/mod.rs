@@ -682,19 +682,7 @@ impl Inner {
             let mut deleted = 0u64;
             let mut cursor = 0u64;
             loop {
-                let pattern = pattern.to_owned();
-                let (next, keys): (u64, Vec<String>) = redis
-                    .call(|mut c| async move {
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut c)
-                            .await
-                    })
-                    .await?;
+                let (next, keys) = redis.scan(cursor, pattern).await?;
                 if !keys.is_empty() {
                     deleted += redis
                         .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })

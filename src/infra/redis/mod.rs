@@ -418,6 +418,23 @@ impl Redis {
         self.last_failure.lock().unwrap().clone()
     }
 
+    /// One `SCAN` step over keys matching `pattern` (1,000 at a time): the next cursor (0 at the
+    /// end) and the keys. Never `KEYS`: a step is cheap for Redis however many keys it holds.
+    pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisFailure> {
+        let pattern = pattern.to_owned();
+        self.call(|mut c| async move {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Connections open and idle in the pool, and its counters.
     pub fn pool_statistics(&self) -> (u32, u32, bb8::Statistics) {
         let state = self.pool.state();

@@ -310,23 +310,9 @@ impl AdminService for Admin {
         let pattern = format!("{}*", keys.prefix());
         let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
         let (mut cursor, mut sampled) = (0u64, 0u64);
-        // SCAN in steps of 1,000 until the sample is big enough (never KEYS: one SCAN step is
-        // cheap for Redis however many keys it holds).
+        // SCAN until the sample is big enough.
         loop {
-            let pattern = pattern.clone();
-            let (next, batch): (u64, Vec<String>) = redis
-                .call(|mut c| async move {
-                    bb8_redis::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await
-                .map_err(redis_unavailable)?;
+            let (next, batch) = redis.scan(cursor, &pattern).await.map_err(redis_unavailable)?;
             for key in batch {
                 sampled += 1;
                 *counts.entry(keys.kind_of(&key).to_owned()).or_default() += 1;
