@@ -64,7 +64,9 @@ pub async fn http_cache(
 /// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
 /// (RFC 9110 §13.1.2).
 fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
-    let opaque = |tag: &[u8]| -> Vec<u8> { tag.strip_prefix(b"W/").unwrap_or(tag).to_vec() };
+    fn opaque(tag: &[u8]) -> &[u8] {
+        tag.strip_prefix(b"W/").unwrap_or(tag)
+    }
     let ours = opaque(etag);
     if_none_match
         .split(|b| *b == b',')
