@@ -67,8 +67,14 @@ pub struct DatabaseSettings {
 
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// `REDIS_ENABLED`: cache entries (L2) and rate-limit counters live in Redis.
     pub enabled: bool,
     pub url: String,
+    /// `REDIS_URL` is set: with Redis caching off, the instance still keeps the fleet in sync
+    /// through it (mode `memory-synced`: it publishes and hears invalidations, deletes L2 keys
+    /// its writes replace, and follows the fleet-wide switch). Unset, memory mode is strict:
+    /// no connection at all.
+    pub fleet_sync: bool,
     /// PEM file of the CA that signed the server's certificate, for `rediss://` with a private CA
     /// (the system roots are used otherwise).
     pub tls_ca_file: Option<PathBuf>,
@@ -221,6 +227,7 @@ impl Settings {
             redis: RedisSettings {
                 enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
                 url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+                fleet_sync: lookup("REDIS_URL").is_some_and(|url| !url.is_empty()),
                 tls_ca_file: lookup("REDIS_TLS_CA_FILE")
                     .filter(|path| !path.is_empty())
                     .map(PathBuf::from),

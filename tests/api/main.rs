@@ -21,6 +21,7 @@ mod rate_limit;
 mod readme;
 mod redis_faults;
 mod redis_module;
+mod rollout;
 mod tasks;
 mod users;
 mod workspaces;

@@ -138,12 +138,31 @@ pub fn etag_of(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_bytes(&quoted).expect("hex is a valid header value")
 }
 
+/// How this instance caches (README, "Cache modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum CacheMode {
+    /// L1 and Redis (L2); invalidations through Redis.
     Redis,
+    /// L1 only, and no connection at all: `REDIS_ENABLED=false` with no `REDIS_URL`.
     Memory,
+    /// L1 only, yet in step with the fleet through Redis: it publishes and hears invalidations
+    /// and deletes the L2 entries its writes replace (`REDIS_ENABLED=false` with `REDIS_URL`).
+    /// Instances in this mode and in `redis` mode can serve side by side.
+    MemorySynced,
+    /// Redis caching on but Redis unusable: serving from L1 and Postgres until it answers.
     Degraded,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Memory => "memory",
+            Self::MemorySynced => "memory-synced",
+            Self::Degraded => "degraded",
+        }
+    }
 }
 
 /// Counters of one namespace since start.
@@ -199,8 +218,13 @@ pub trait CacheService: Interface {
     fn keys(&self) -> &KeyRegistry;
     fn ttl_jitter_percent(&self) -> u8;
     fn status(&self) -> CacheStatus;
-    /// The runtime switch: `false` stops using Redis at once, `true` starts again.
+    /// The runtime switch of this instance: `false` stops caching in Redis at once (memory, or
+    /// memory-synced with `REDIS_URL` set), `true` starts again.
     fn set_redis_enabled(&self, enabled: bool);
+    /// The fleet-wide switch: this instance, and every instance that hears the fleet (redis and
+    /// memory-synced modes), through pub/sub. Returns how many instances it reached (this one
+    /// included); fails, changing nothing, when the message cannot be published.
+    async fn set_fleet_redis_enabled(&self, enabled: bool) -> Result<u64, RedisFailure>;
     /// Deletes every key matching `pattern` (a full Redis pattern under the key prefix) with
     /// SCAN + UNLINK, drops matching L1 entries here and tells the other instances to flush L1.
     /// Returns how many keys were deleted (from Redis; from L1 in memory mode).
@@ -430,6 +454,11 @@ impl Inner {
         self.redis.active()
     }
 
+    /// Redis for keeping the fleet in sync: in redis and memory-synced modes.
+    fn sync_redis(&self) -> Option<&Redis> {
+        self.redis.synced()
+    }
+
     fn count(&self, namespace: Namespace, tier: CacheTier) {
         self.counters[namespace as usize][tier_index(tier)].inc();
     }
@@ -591,6 +620,43 @@ impl Inner {
         }
     }
 
+    /// The runtime switch (see `CacheService::set_redis_enabled`).
+    pub(crate) fn set_redis_enabled(&self, enabled: bool) {
+        let was = self.redis.is_enabled();
+        self.redis.set_enabled(enabled);
+        if was == enabled {
+            return;
+        }
+        if !self.redis.settings().fleet_sync {
+            // In and out of strict memory mode. Our writes there do not reach Redis: until the
+            // subscriber is back (and sets a new trust point), nothing in L2 may be believed.
+            // And L1 missed, or will miss, whatever the fleet published.
+            if !enabled {
+                self.l2_trusted_since_ms.store(u64::MAX, Ordering::Release);
+            }
+            self.flush_l1();
+        }
+        // Memory-synced and back: the subscriber heard the fleet throughout and our writes
+        // invalidated L2, so both tiers stay as they are (no burst of misses mid-rollout).
+        log::info!("cache: mode {}", self.mode().as_str());
+    }
+
+    fn mode(&self) -> CacheMode {
+        let redis = self.redis.status();
+        if !redis.enabled {
+            if self.redis.is_syncing() {
+                CacheMode::MemorySynced
+            } else {
+                CacheMode::Memory
+            }
+        } else if redis.usable() {
+            CacheMode::Redis
+        } else {
+            // Switched on but unusable (misconfigured, or the breaker is open): serving without it.
+            CacheMode::Degraded
+        }
+    }
+
     /// Records that every invalidation published before `sent_at` has been applied.
     pub(crate) fn mark_synced(&self, sent_at: Instant) {
         let ms = sent_at.saturating_duration_since(self.clock_base).as_millis() as u64;
@@ -603,12 +669,12 @@ impl Inner {
         (self.unsynced_ttl / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
     }
 
-    /// Whether an L1 entry may be served. In memory mode always (one instance: nothing to hear).
-    /// With Redis, only if this instance heard every invalidation until less than `unsynced_ttl`
+    /// Whether an L1 entry may be served. In strict memory mode always (nothing to hear). Hearing
+    /// the fleet (redis and memory-synced modes), only if this instance heard every invalidation until less than `unsynced_ttl`
     /// ago, or the entry is younger than that: another instance's write goes unseen here for at
     /// most that long, even while the subscriber is down.
     fn in_sync(&self, filled_at: Instant, now: Instant) -> bool {
-        if !self.redis.is_enabled() {
+        if !self.redis.is_syncing() {
             return true;
         }
         let synced_at = self.clock_base + Duration::from_millis(self.synced_at_ms.load(Ordering::Acquire));
@@ -624,7 +690,7 @@ impl Inner {
     /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is
     /// queued. Returns whether Redis took them.
     async fn invalidate_l2(&self, redis_keys: Vec<String>) -> bool {
-        let Some(redis) = self.active_redis() else {
+        let Some(redis) = self.sync_redis() else {
             return false;
         };
         match self.send_invalidations(redis, &redis_keys).await {
@@ -676,7 +742,7 @@ impl Inner {
         let l1_count = self.l1.iter().filter(|(k, _)| matches(k)).count() as u64;
         self.generation.fetch_add(1, Ordering::AcqRel);
         let _ = self.l1.invalidate_entries_if(move |k, _| matches(k));
-        let Some(redis) = self.active_redis() else {
+        let Some(redis) = self.sync_redis() else {
             return Ok(l1_count);
         };
         // Each SCAN and UNLINK is bounded by the command timeout, the whole flush by FLUSH_DEADLINE.
@@ -722,7 +788,7 @@ impl Inner {
         let Ok(_only_replay) = self.replaying.try_lock() else {
             return;
         };
-        let Some(redis) = self.active_redis() else {
+        let Some(redis) = self.sync_redis() else {
             return;
         };
         let overflowed: Vec<Namespace> = self.pending.lock().unwrap().namespaces.iter().copied().collect();
@@ -989,16 +1055,8 @@ impl CacheService for TieredCache {
     fn status(&self) -> CacheStatus {
         let inner = &self.inner;
         let redis = inner.redis.status();
-        let mode = if !redis.enabled {
-            CacheMode::Memory
-        } else if redis.usable() {
-            CacheMode::Redis
-        } else {
-            // Switched on but unusable (misconfigured, or the breaker is open): serving without it.
-            CacheMode::Degraded
-        };
         CacheStatus {
-            mode,
+            mode: inner.mode(),
             breaker: redis.breaker,
             subscriber_connected: inner.subscriber_connected.load(Ordering::Acquire),
             l1_entries: inner.l1.entry_count(),
@@ -1051,21 +1109,31 @@ impl CacheService for TieredCache {
     }
 
     fn set_redis_enabled(&self, enabled: bool) {
-        let was = self.inner.redis.is_enabled();
-        self.inner.redis.set_enabled(enabled);
-        if !enabled {
-            // Writes made in memory mode do not reach Redis: until the subscriber is back (and sets
-            // a new trust point), nothing in L2 may be believed.
-            self.inner.l2_trusted_since_ms.store(u64::MAX, Ordering::Release);
-        }
-        if was != enabled {
-            // What L1 holds may have missed invalidations published while we were not listening.
-            self.inner.flush_l1();
-            log::info!(
-                "cache: Redis {}",
-                if enabled { "enabled" } else { "disabled (memory mode)" }
-            );
-        }
+        self.inner.set_redis_enabled(enabled);
+    }
+
+    async fn set_fleet_redis_enabled(&self, enabled: bool) -> Result<u64, RedisFailure> {
+        let inner = &self.inner;
+        let redis = inner.sync_redis().ok_or(RedisFailure::Disabled)?;
+        let channel = inner.keys.invalidation_channel();
+        let switch = if enabled {
+            subscriber::FLEET_REDIS_ON
+        } else {
+            subscriber::FLEET_REDIS_OFF
+        };
+        let message = format!("{}|{switch}", inner.instance);
+        let reached = redis
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await?;
+        // Our own subscriber skips our messages: switch here.
+        inner.set_redis_enabled(enabled);
+        Ok(reached)
     }
 
     fn start(&self) {

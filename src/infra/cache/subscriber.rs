@@ -2,7 +2,8 @@
 //! resubscribes, drops invalidated keys from L1, and flushes L1 whenever it (re)connects, since
 //! messages published while it was away are lost. Each answered PING marks the instance as up to
 //! date until the PING's send time (L1 serves nothing older while that mark is stale). It also
-//! replays queued invalidations.
+//! replays queued invalidations, and follows the fleet-wide switch. It runs in redis and
+//! memory-synced modes alike.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +15,10 @@ use super::Inner;
 
 /// The message body that makes every other instance flush its L1 (after an admin flush).
 pub(super) const FLUSH_ALL: &str = "*";
+/// The fleet-wide switch (`POST /admin/cache/mode` with `"scope": "fleet"`). Keys always start
+/// with the prefix, which is never empty, so none of these can be a key.
+pub(super) const FLEET_REDIS_ON: &str = "!redis=on";
+pub(super) const FLEET_REDIS_OFF: &str = "!redis=off";
 
 const RETRY_EVERY: Duration = Duration::from_millis(250);
 
@@ -22,7 +27,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
     // invalidations may never have reached L2, and what L2 holds from before is suspect.
     let mut lost = false;
     loop {
-        if inner.active_redis().is_some() {
+        if inner.sync_redis().is_some() {
             if let Err(err) = listen(&inner, &mut lost).await {
                 log::debug!("cache: invalidation subscriber: {err}");
                 lost = true;
@@ -40,7 +45,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
 }
 
 async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
-    let Some(redis) = inner.active_redis() else {
+    let Some(redis) = inner.sync_redis() else {
         return Ok(());
     };
     let timeout = inner.redis.settings().connect_timeout;
@@ -74,7 +79,7 @@ async fn listen(inner: &Inner, lost: &mut bool) -> Result<(), String> {
                 apply(inner, &message).await?;
             }
             _ = ping.tick() => {
-                if !inner.redis.is_enabled() {
+                if !inner.redis.is_syncing() {
                     return Ok(());
                 }
                 // Switched off and on again between two ticks: L2 is distrusted until a new
@@ -114,6 +119,9 @@ async fn apply(inner: &Inner, message: &bb8_redis::redis::Msg) -> Result<(), Str
     }
     if redis_key == FLUSH_ALL {
         inner.flush_l1();
+    } else if redis_key == FLEET_REDIS_ON || redis_key == FLEET_REDIS_OFF {
+        log::info!("cache: switched by the fleet-wide switch of instance {instance}");
+        inner.set_redis_enabled(redis_key == FLEET_REDIS_ON);
     } else if let Some(key) = inner.keys.parse(redis_key) {
         inner.drop_from_l1(&key).await;
     }

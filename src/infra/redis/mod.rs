@@ -478,8 +478,15 @@ pub trait RedisService: Interface {
     /// The Redis handle for pipelines and scripts of the infrastructure (cache, limiter), when
     /// Redis is switched on and configured. Created on first use: memory mode opens no connection.
     fn active(&self) -> Option<&Redis>;
+    /// The Redis handle that keeps the fleet in sync (invalidations, the fleet-wide switch): while
+    /// caching in Redis, and in memory-synced mode (`REDIS_URL` set, caching off).
+    fn synced(&self) -> Option<&Redis>;
+    /// Caching in Redis (`REDIS_ENABLED`, or the runtime switch).
     fn is_enabled(&self) -> bool;
-    /// The runtime switch (`false`: nothing talks to Redis any more, at once).
+    /// Caching in Redis, or in memory-synced mode: the instance hears and tells the fleet.
+    fn is_syncing(&self) -> bool;
+    /// The runtime switch (`false`: nothing reads or writes data in Redis any more, at once; a
+    /// memory-synced instance goes on publishing and hearing invalidations).
     fn set_enabled(&self, enabled: bool);
     fn keys(&self) -> &KeyRegistry;
     fn status(&self) -> RedisStatus;
@@ -544,6 +551,10 @@ impl RedisModule {
         if !self.is_enabled() {
             return Err(RedisFailure::Disabled);
         }
+        self.handle()
+    }
+
+    fn handle(&self) -> Result<&Redis, RedisFailure> {
         match self.connect() {
             Ok(redis) => Ok(redis),
             Err(message) => Err(RedisFailure::Config(message.clone())),
@@ -575,8 +586,16 @@ impl RedisService for RedisModule {
         self.require().ok()
     }
 
+    fn synced(&self) -> Option<&Redis> {
+        self.is_syncing().then(|| self.handle().ok()).flatten()
+    }
+
     fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
+    }
+
+    fn is_syncing(&self) -> bool {
+        self.settings.fleet_sync || self.is_enabled()
     }
 
     fn set_enabled(&self, enabled: bool) {
@@ -588,23 +607,24 @@ impl RedisService for RedisModule {
     }
 
     fn status(&self) -> RedisStatus {
-        if !self.is_enabled() {
+        let enabled = self.is_enabled();
+        if !self.is_syncing() {
             return RedisStatus {
-                enabled: false,
+                enabled,
                 breaker: None,
                 failure: None,
             };
         }
         match self.connect() {
             Err(message) => RedisStatus {
-                enabled: true,
+                enabled,
                 breaker: None,
                 failure: Some((FailureClass::Config, message.clone())),
             },
             Ok(redis) => {
                 let breaker = redis.breaker_state();
                 RedisStatus {
-                    enabled: true,
+                    enabled,
                     breaker: Some(breaker),
                     failure: (breaker != BreakerState::Closed)
                         .then(|| redis.last_failure())
@@ -618,9 +638,18 @@ impl RedisService for RedisModule {
         &self.settings
     }
 
+    /// Also in memory-synced mode: the fleet's link is worth checking there too.
     async fn ping(&self) -> Result<Duration, RedisFailure> {
+        let redis = match self.synced() {
+            Some(redis) => redis,
+            None => self.require()?,
+        };
         let started = Instant::now();
-        self.query::<()>(redis::cmd("PING")).await?;
+        redis
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                redis::cmd("PING").query_async::<()>(&mut c).await
+            })
+            .await?;
         Ok(started.elapsed())
     }
 

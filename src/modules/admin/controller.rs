@@ -5,12 +5,11 @@ use shaku::HasComponent;
 use std::sync::Arc;
 
 use super::service::{
-    AdminService, CacheModeRequest, CacheStatsResponse, FlushQuery, FlushResponse, KeyDistribution, RedisHealth,
-    RedisMetrics, SlowlogEntry, WarmRequest, WarmResponse,
+    AdminService, CacheModeRequest, CacheModeResponse, CacheStatsResponse, FlushQuery, FlushResponse, KeyDistribution,
+    RedisHealth, RedisMetrics, SlowlogEntry, WarmRequest, WarmResponse,
 };
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody, JsonBody};
-use crate::infra::cache::CacheStatus;
 use crate::modules::auth::extractor::bearer_token;
 use crate::modules::resource;
 
@@ -56,18 +55,19 @@ pub async fn get_cache_stats(_admin: AdminAuth, admin: Inject<dyn AdminService>)
     HttpResponse::Ok().json(admin.cache_stats().await)
 }
 
-/// Switch Redis off (memory mode) or on, on this running instance, without a restart.
+/// Switch caching in Redis off or on without a restart: on this instance, or (`"scope": "fleet"`)
+/// on every instance that hears the fleet through Redis.
 #[utoipa::path(
     post, path = "/admin/cache/mode", tag = "admin", operation_id = "set_cache_mode", security(("admin" = [])),
     request_body = CacheModeRequest,
-    responses((status = 200, body = CacheStatus), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+    responses((status = 200, body = CacheModeResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody))
 )]
 pub async fn set_cache_mode(
     _admin: AdminAuth,
     admin: Inject<dyn AdminService>,
     body: JsonBody<CacheModeRequest>,
-) -> HttpResponse {
-    HttpResponse::Ok().json(admin.set_cache_mode(body.into_inner()))
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.set_cache_mode(body.into_inner()).await?))
 }
 
 /// Delete a namespace (or a pattern under the key prefix) with SCAN + UNLINK; never KEYS or FLUSHDB.

@@ -31,8 +31,32 @@ pub struct CacheStatsResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CacheModeRequest {
-    /// `false`: stop using Redis now (memory mode); `true`: use it again.
+    /// `false`: stop caching in Redis now (memory, or memory-synced with `REDIS_URL` set);
+    /// `true`: cache in it again.
     pub redis: bool,
+    #[serde(default)]
+    pub scope: SwitchScope,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchScope {
+    /// This instance only.
+    #[default]
+    Instance,
+    /// Every instance that hears the fleet through Redis (redis and memory-synced modes), by
+    /// one pub/sub message. Instances in strict memory mode do not hear it.
+    Fleet,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheModeResponse {
+    /// This instance, after the switch.
+    #[serde(flatten)]
+    pub status: CacheStatus,
+    /// With `"scope": "fleet"`: the instances the switch reached, this one included.
+    pub instances_reached: Option<u64>,
 }
 
 /// Exactly one of the two: a namespace (`tasks`, `task-lists`, ...) or a pattern under the prefix.
@@ -138,7 +162,7 @@ pub trait AdminService: Interface {
     /// 401 without a token or with one that is neither, 403 for a user without the role.
     async fn authorize(&self, token: Option<&str>) -> AppResult<()>;
     async fn cache_stats(&self) -> CacheStatsResponse;
-    fn set_cache_mode(&self, request: CacheModeRequest) -> CacheStatus;
+    async fn set_cache_mode(&self, request: CacheModeRequest) -> AppResult<CacheModeResponse>;
     async fn flush(&self, query: FlushQuery) -> AppResult<FlushResponse>;
     async fn redis_health(&self) -> AppResult<RedisHealth>;
     async fn redis_metrics(&self) -> AppResult<RedisMetrics>;
@@ -224,9 +248,26 @@ impl AdminService for Admin {
         }
     }
 
-    fn set_cache_mode(&self, request: CacheModeRequest) -> CacheStatus {
-        self.cache.set_redis_enabled(request.redis);
-        self.cache.status()
+    async fn set_cache_mode(&self, request: CacheModeRequest) -> AppResult<CacheModeResponse> {
+        let instances_reached = match request.scope {
+            SwitchScope::Instance => {
+                self.cache.set_redis_enabled(request.redis);
+                None
+            }
+            SwitchScope::Fleet => Some(self.cache.set_fleet_redis_enabled(request.redis).await.map_err(
+                |err| match err {
+                    RedisFailure::Disabled => AppError::conflict(
+                        "fleet_unreachable",
+                        "this instance is in strict memory mode (no REDIS_URL): it cannot reach the fleet",
+                    ),
+                    err => redis_unavailable(err),
+                },
+            )?),
+        };
+        Ok(CacheModeResponse {
+            status: self.cache.status(),
+            instances_reached,
+        })
     }
 
     async fn flush(&self, query: FlushQuery) -> AppResult<FlushResponse> {

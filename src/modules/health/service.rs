@@ -118,7 +118,8 @@ impl HealthChecks {
     /// without it (the cache is `degraded`) and stays ready.
     async fn redis_and_cache(&self) -> (ComponentHealth, ComponentHealth) {
         let status = self.cache.status();
-        let redis = match self.redis.is_enabled() {
+        // Memory-synced mode uses Redis too (to keep the fleet in sync): checked the same way.
+        let redis = match self.redis.is_syncing() {
             false => ComponentHealth::new(ComponentStatus::Disabled),
             true => {
                 let ping = self.redis.ping().await;
@@ -158,7 +159,7 @@ impl HealthChecks {
         };
         let mode = status.mode;
         let cache = ComponentHealth {
-            mode: Some(format!("{mode:?}").to_lowercase()),
+            mode: Some(mode.as_str().to_owned()),
             l1_entries: Some(status.l1_entries),
             ..ComponentHealth::new(if mode == CacheMode::Degraded {
                 ComponentStatus::Degraded

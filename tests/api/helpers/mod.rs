@@ -162,6 +162,7 @@ impl<'a> TestAppBuilder<'a> {
         if let Some(redis) = self.redis {
             settings.redis.enabled = true;
             settings.redis.url = redis.url();
+            settings.redis.fleet_sync = true;
             settings.redis.key_prefix = format!("test-{}:", Uuid::new_v4().simple());
         }
         for tweak in self.tweaks {
