@@ -70,7 +70,10 @@ pub struct RedisSettings {
     /// `REDIS_ENABLED`: cache entries (L2) and rate-limit counters live in Redis.
     pub enabled: bool,
     pub url: String,
-    /// `REDIS_URL` is set: with Redis caching off, the instance still keeps the fleet in sync
+    /// `REDIS_CLUSTER_NODES`: seed nodes of a Redis Cluster (`redis://` or `rediss://` URLs,
+    /// comma-separated). When set, the cluster client is used and `REDIS_URL` is not.
+    pub cluster_nodes: Vec<String>,
+    /// `REDIS_URL` (or `REDIS_CLUSTER_NODES`) is set: with Redis caching off, the instance still keeps the fleet in sync
     /// through it (mode `memory-synced`: it publishes and hears invalidations, deletes L2 keys
     /// its writes replace, and follows the fleet-wide switch). Unset, memory mode is strict:
     /// no connection at all.
@@ -227,7 +230,16 @@ impl Settings {
             redis: RedisSettings {
                 enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
                 url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
-                fleet_sync: lookup("REDIS_URL").is_some_and(|url| !url.is_empty()),
+                cluster_nodes: lookup("REDIS_CLUSTER_NODES")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|node| !node.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                fleet_sync: ["REDIS_URL", "REDIS_CLUSTER_NODES"]
+                    .into_iter()
+                    .any(|name| lookup(name).is_some_and(|value| !value.trim().is_empty())),
                 tls_ca_file: lookup("REDIS_TLS_CA_FILE")
                     .filter(|path| !path.is_empty())
                     .map(PathBuf::from),

@@ -261,9 +261,7 @@ impl MetricsRegistry for PrometheusMetrics {
         t.redis_enabled.set(i64::from(redis_status.enabled));
         t.redis_up.set(i64::from(redis_status.usable()));
         if let Some(redis) = self.redis.active().filter(|_| redis_status.usable()) {
-            let memory: Result<String, _> = redis
-                .call(|mut c| async move { bb8_redis::redis::cmd("INFO").arg("memory").query_async(&mut c).await })
-                .await;
+            let memory = redis.info("memory").await;
             if let Ok(memory) = memory {
                 let field = |name: &str| {
                     memory

@@ -196,10 +196,15 @@ async fn admin_grant_and_revoke_change_a_users_role_and_name_an_unknown_email() 
 
 /// `nestling redis check` against `url`: (exit code, stdout, how long it took).
 async fn redis_check(url: &str) -> (Option<i32>, String, Duration) {
+    redis_check_with("REDIS_URL", url).await
+}
+
+/// `nestling redis check` with `variable` (`REDIS_URL` or `REDIS_CLUSTER_NODES`) set to `value`.
+pub(crate) async fn redis_check_with(variable: &str, value: &str) -> (Option<i32>, String, Duration) {
     let started = Instant::now();
     let output = nestling()
         .args(["redis", "check"])
-        .env("REDIS_URL", url)
+        .env(variable, value)
         .env("REDIS_KEY_PREFIX", format!("check-{}:", uuid::Uuid::new_v4().simple()))
         .output()
         .await

@@ -7,6 +7,7 @@ mod cache;
 mod cache_memory;
 mod cache_races;
 mod cli;
+mod cluster;
 mod database_faults;
 mod errors;
 mod failed_writes;

@@ -10,7 +10,7 @@ use nestling::infra::rate_limit::gcra::{self, Cell};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{private_redis, shared_redis, TestApp, TestRedis, TestResponse};
+use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestRedis, TestResponse};
 
 fn per(limit: u64, secs: u64) -> Vec<Quota> {
     vec![Quota {
@@ -46,15 +46,27 @@ async fn with_redis(redis: &TestRedis, tweak: impl FnOnce(&mut Settings) + 'stat
 
 #[tokio::test]
 async fn a_thousand_concurrent_logins_over_two_instances_against_a_limit_of_5_let_exactly_5_through() {
-    let a = with_redis(shared_redis(), |s| {
-        s.rate_limit.auth_ip = per(5, 3600);
-        // A thousand requests at once queue on one debug-build worker for longer than the 250 ms
-        // default: this test is about atomicity, the fault tests below about the timeout.
-        s.redis.command_timeout = Duration::from_secs(5);
-        s.redis.pool_timeout = Duration::from_secs(5);
-    })
-    .await;
-    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    a_thousand_concurrent_logins_let_exactly_5_through(Backend::redis().await, |s| s.rate_limit.auth_ip = per(5, 3600))
+        .await;
+}
+
+/// `limit` sets one of the login policies to 5 an hour.
+pub(crate) async fn a_thousand_concurrent_logins_let_exactly_5_through(
+    backend: Backend,
+    limit: impl FnOnce(&mut Settings) + 'static,
+) {
+    let a = TestApp::builder()
+        .backend(backend)
+        .settings(|s| {
+            limit(s);
+            // A thousand requests at once queue on one debug-build worker for longer than the
+            // 250 ms default: this test is about atomicity, the fault tests below about the timeout.
+            s.redis.command_timeout = Duration::from_secs(5);
+            s.redis.pool_timeout = Duration::from_secs(5);
+        })
+        .spawn()
+        .await;
+    let b = backend.sibling(&a).await;
     let email = email();
     let requests = (0..1000).map(|n| {
         let app = if n % 2 == 0 { &a } else { &b };
@@ -117,11 +129,18 @@ async fn sustained_20_per_second_against_10_per_second_is_accepted_as_the_exact_
 
 #[tokio::test]
 async fn limited_responses_carry_the_headers_and_retry_after_is_honoured() {
-    let app = with_redis(shared_redis(), |s| {
-        s.rate_limit.api = per(2, 2);
-        s.rate_limit.lease = 1;
-    })
-    .await;
+    limited_responses_carry_the_headers_and_retry_after_is_honoured_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn limited_responses_carry_the_headers_and_retry_after_is_honoured_on(backend: Backend) {
+    let app = TestApp::builder()
+        .backend(backend)
+        .settings(|s| {
+            s.rate_limit.api = per(2, 2);
+            s.rate_limit.lease = 1;
+        })
+        .spawn()
+        .await;
     let user = app.register_user().await;
     let first = app.get("/api/users/me", &user.token).await;
     first.assert_status(200);
@@ -145,29 +164,36 @@ async fn limited_responses_carry_the_headers_and_retry_after_is_honoured() {
 
 #[tokio::test]
 async fn a_route_with_several_quotas_lists_them_all_and_the_tightest_answers() {
-    let app = with_redis(shared_redis(), |s| {
-        s.rate_limit.auth_ip = vec![
-            Quota {
-                limit: 50,
-                period: Duration::from_secs(60),
-            },
-            Quota {
-                limit: 1000,
-                period: Duration::from_secs(86_400),
-            },
-        ];
-        s.rate_limit.auth_email = vec![
-            Quota {
-                limit: 3,
-                period: Duration::from_secs(60),
-            },
-            Quota {
-                limit: 5,
-                period: Duration::from_secs(86_400),
-            },
-        ];
-    })
-    .await;
+    a_route_with_several_quotas_lists_them_all_and_the_tightest_answers_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn a_route_with_several_quotas_lists_them_all_and_the_tightest_answers_on(backend: Backend) {
+    let app = TestApp::builder()
+        .backend(backend)
+        .settings(|s| {
+            s.rate_limit.auth_ip = vec![
+                Quota {
+                    limit: 50,
+                    period: Duration::from_secs(60),
+                },
+                Quota {
+                    limit: 1000,
+                    period: Duration::from_secs(86_400),
+                },
+            ];
+            s.rate_limit.auth_email = vec![
+                Quota {
+                    limit: 3,
+                    period: Duration::from_secs(60),
+                },
+                Quota {
+                    limit: 5,
+                    period: Duration::from_secs(86_400),
+                },
+            ];
+        })
+        .spawn()
+        .await;
     let email = email();
     let first = login(&app, &email).await;
     first.assert_status(401);
@@ -227,7 +253,7 @@ async fn hostile_identities_make_bounded_keys_and_neither_5xx_nor_a_bypass() {
     assert!(keys.len() >= hostile.len(), "{keys:?}");
     for key in keys {
         let unprefixed = key.strip_prefix(&app.settings.redis.key_prefix).unwrap();
-        assert!(unprefixed.len() <= "rl:auth-email:".len() + 64, "{key}");
+        assert!(unprefixed.len() <= "rl:auth-email:{}".len() + 64, "{key}");
     }
 }
 

@@ -94,7 +94,7 @@ use crate::config::CacheSettings;
 use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
-use crate::infra::redis::{Redis, RedisFailure, RedisService};
+use crate::infra::redis::{Redis, RedisFailure, RedisService, ScanCursor};
 use crate::infra::telemetry::Telemetry;
 
 /// Where a response came from: the `X-Cache` header.
@@ -712,22 +712,51 @@ impl Inner {
 
     async fn send_invalidations(&self, redis: &Redis, redis_keys: &[String]) -> Result<(), RedisFailure> {
         let channel = self.keys.invalidation_channel();
-        // One transaction, version first: no fill script can run between the bump and the delete.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for redis_key in redis_keys {
+        let bump_and_delete = |pipe: &mut redis::Pipeline, redis_key: &str| {
             let version_key = self.keys.version_of(redis_key);
             pipe.cmd("INCR").arg(&version_key).ignore();
             // Versions outlive any entry they guard (the longest TTL is the auth token's).
             pipe.cmd("PEXPIRE").arg(&version_key).arg(VERSION_TTL_MS).ignore();
             pipe.cmd("UNLINK").arg(redis_key).ignore();
-            pipe.cmd("PUBLISH")
+        };
+        let mut publish = redis::pipe();
+        for redis_key in redis_keys {
+            publish
+                .cmd("PUBLISH")
                 .arg(&channel)
                 .arg(format!("{}|{redis_key}", self.instance))
                 .ignore();
         }
+        if !redis.is_cluster() {
+            // One transaction, version first: no fill script can run between the bump and the
+            // delete; the messages go with it.
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for redis_key in redis_keys {
+                bump_and_delete(&mut pipe, redis_key);
+            }
+            for message in publish.cmd_iter() {
+                pipe.add_command(message.clone()).ignore();
+            }
+            return redis
+                .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await;
+        }
+        // A cluster: one script per key (its entry and version share a hash tag, so a slot), all
+        // at once over the multiplexed connection; then the messages (one channel: one slot).
+        // Not MULTI/EXEC: a MOVED inside a transaction after a failover aborts it without the
+        // client learning the new owner of the slot, so it would fail on and on.
+        let scripts = redis_keys.iter().map(|redis_key| {
+            let mut invocation = invalidate_script().prepare_invoke();
+            invocation
+                .key(self.keys.version_of(redis_key))
+                .key(redis_key)
+                .arg(VERSION_TTL_MS);
+            redis.call(|mut c| async move { invocation.invoke_async::<()>(&mut c).await })
+        });
+        futures_util::future::try_join_all(scripts).await?;
         redis
-            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .call(|mut c| async move { publish.query_async::<()>(&mut c).await })
             .await
     }
 
@@ -748,19 +777,17 @@ impl Inner {
         // Each SCAN and UNLINK is bounded by the command timeout, the whole flush by FLUSH_DEADLINE.
         let scan_and_unlink = async {
             let mut deleted = 0u64;
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys) = redis.scan(cursor, pattern).await?;
+            let mut cursor = ScanCursor::default();
+            while !cursor.done() {
+                let keys = redis.scan(&mut cursor, pattern).await?;
                 if !keys.is_empty() {
+                    // On a cluster the client splits a multi-key UNLINK by slot.
                     deleted += redis
                         .call(|mut c| async move { redis::cmd("UNLINK").arg(keys).query_async::<u64>(&mut c).await })
                         .await?;
                 }
-                cursor = next;
-                if cursor == 0 {
-                    return Ok(deleted);
-                }
             }
+            Ok(deleted)
         };
         let outcome = tokio::time::timeout(FLUSH_DEADLINE, scan_and_unlink)
             .await
@@ -937,6 +964,20 @@ async fn read_l2(
         value,
         pttl_ms,
         version: version.unwrap_or_default(),
+    })
+}
+
+/// On a cluster, what one invalidation does in one step: bump the version, then drop the entry.
+fn invalidate_script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(
+            r"
+            redis.call('INCR', KEYS[1])
+            redis.call('PEXPIRE', KEYS[1], ARGV[1])
+            redis.call('UNLINK', KEYS[2])
+            return 1",
+        )
     })
 }
 

@@ -504,16 +504,58 @@ impl RedisRateLimiter {
     }
 
     /// One script call for every quota of every identity; `None` when Redis could not decide.
+    /// On a Redis Cluster, identities live on different slots: each policy is decided by its
+    /// own call, in order, and a denial stops there (the policies decided before it have spent).
     async fn in_redis(&self, group: RouteGroup, identities: &[Identity], wanted: u64) -> Option<gcra::Outcome> {
+        let on_cluster = self.redis.active().is_some_and(|redis| redis.is_cluster());
+        if !on_cluster || identities.len() < 2 {
+            let all: SmallVec<[usize; 2]> = (0..identities.len()).collect();
+            return self.run_script(group, identities, &all, wanted).await;
+        }
+        let spec = self.group(group);
+        let mut merged = gcra::Outcome {
+            granted: wanted,
+            retry_after: 0,
+            cells: Default::default(),
+        };
+        for index in 0..identities.len() {
+            if merged.granted == 0 {
+                // Not asked: shown as full.
+                for quota in &spec.policies[index].quotas {
+                    merged.cells.push(gcra::CellState {
+                        remaining: quota.limit,
+                        reset: 0,
+                    });
+                }
+                continue;
+            }
+            let outcome = self.run_script(group, identities, &[index], merged.granted).await?;
+            merged.granted = merged.granted.min(outcome.granted);
+            merged.retry_after = merged.retry_after.max(outcome.retry_after);
+            merged.cells.extend(outcome.cells);
+        }
+        Some(merged)
+    }
+
+    /// The GCRA script over the policies at `indices` (each one key: the policy's state for its
+    /// identity).
+    async fn run_script(
+        &self,
+        group: RouteGroup,
+        identities: &[Identity],
+        indices: &[usize],
+        wanted: u64,
+    ) -> Option<gcra::Outcome> {
         let spec = self.group(group);
         let keys = self.redis.keys();
-        let mut redis_keys = Vec::with_capacity(identities.len());
+        let mut redis_keys = Vec::with_capacity(indices.len());
         let mut args: Vec<Vec<u8>> = vec![wanted.to_string().into_bytes()];
-        for (index, (policy, identity)) in spec.policies.iter().zip(identities).enumerate() {
-            redis_keys.push(keys.rate_limit(policy.name, &identity.key_material()));
+        for (position, &index) in indices.iter().enumerate() {
+            let policy = &spec.policies[index];
+            redis_keys.push(keys.rate_limit(policy.name, &identities[index].key_material()));
             for quota in &policy.quotas {
                 let period = micros(quota.period);
-                args.push((index + 1).to_string().into_bytes());
+                args.push((position + 1).to_string().into_bytes());
                 args.push(quota.period.as_secs().to_string().into_bytes());
                 args.push((period / quota.limit).to_string().into_bytes());
                 args.push(period.to_string().into_bytes());

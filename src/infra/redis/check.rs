@@ -103,9 +103,7 @@ async fn info(redis: &RedisModule) -> Result<HashMap<String, String>, RedisFailu
     let active = redis.active().ok_or(RedisFailure::Disabled)?;
     let mut fields = HashMap::new();
     for section in ["server", "memory", "persistence"] {
-        let text: String = active
-            .call(|mut c| async move { redis::cmd("INFO").arg(section).query_async(&mut c).await })
-            .await?;
+        let text = active.info(section).await?;
         for line in text.lines() {
             if let Some((name, value)) = line.split_once(':') {
                 fields.insert(name.to_owned(), value.trim().to_owned());

@@ -1,5 +1,8 @@
 //! The key registry: every Redis key nestling writes is built here, under `REDIS_KEY_PREFIX`,
-//! as `<prefix><namespace>:<id>[:<qualifier>]`, and every namespace takes its TTL from the TTL table.
+//! as `<prefix><namespace>:{<id>}`, and every namespace takes its TTL from the TTL table.
+//! The `{...}` is a Redis Cluster hash tag: the keys one script or transaction touches (an entry
+//! and its fill version; one identity's rate-limit policies) share it, so they share a slot,
+//! while different ids spread over every master.
 //! Keys that carry user data (emails, IPs) hold its SHA-256, so they are bounded and cannot collide.
 
 use std::fmt::{Display, Write};
@@ -159,7 +162,7 @@ impl KeyRegistry {
 
     fn plain(&self, namespace: Namespace, id: impl Display) -> CacheKey {
         let mut l1_key = String::with_capacity(self.prefix.len() + 64);
-        let _ = write!(l1_key, "{}{}:{id}", self.prefix, namespace.as_str());
+        let _ = write!(l1_key, "{}{}:{{{id}}}", self.prefix, namespace.as_str());
         CacheKey {
             namespace,
             redis_key_len: l1_key.len(),
@@ -245,11 +248,11 @@ impl KeyRegistry {
     }
 
     /// The state of one rate-limit policy for one identity (a user id, a client IP, an email):
-    /// `<prefix>rl:<policy>:<sha256(identity) in hex>`, whatever the identity holds.
+    /// `<prefix>rl:<policy>:{<sha256(identity) in hex>}`, whatever the identity holds.
     pub fn rate_limit(&self, policy: &str, identity: &[u8]) -> RedisKey {
         use sha2::{Digest, Sha256};
         let digest: [u8; 32] = Sha256::digest(identity).into();
-        RedisKey(format!("{}rl:{policy}:{}", self.prefix, hex::encode(digest)))
+        RedisKey(format!("{}rl:{policy}:{{{}}}", self.prefix, hex::encode(digest)))
     }
 
     /// A counter that application code keeps with `RedisService::incr` (`<prefix>counter:<name>:<id>`).
@@ -322,16 +325,16 @@ mod tests {
     fn keys_follow_prefix_namespace_id() {
         let id = Uuid::nil();
         let keys = registry();
-        assert_eq!(keys.task(id).redis_key(), format!("app:tasks:{id}"));
+        assert_eq!(keys.task(id).redis_key(), format!("app:tasks:{{{id}}}"));
         assert_eq!(
             keys.task_list(id, "limit=5".into()).l1_key(),
-            format!("app:task-lists:{id}#limit=5")
+            format!("app:task-lists:{{{id}}}#limit=5")
         );
         assert_eq!(
             keys.version_of(keys.task(id).redis_key()),
-            format!("app:version:tasks:{id}")
+            format!("app:version:tasks:{{{id}}}")
         );
-        assert_eq!(keys.parse(&format!("app:tasks:{id}")), Some(keys.task(id)));
+        assert_eq!(keys.parse(&format!("app:tasks:{{{id}}}")), Some(keys.task(id)));
         assert_eq!(keys.parse("other:tasks:1"), None);
     }
 
@@ -344,11 +347,40 @@ mod tests {
             .map(|id| keys.rate_limit("login", id.as_bytes()))
             .collect();
         for key in &built {
-            assert_eq!(key.as_str().len(), "app:rl:login:".len() + 64, "{key:?}");
+            assert_eq!(key.as_str().len(), "app:rl:login:{}".len() + 64, "{key:?}");
         }
         let distinct: std::collections::HashSet<_> = built.iter().collect();
         assert_eq!(distinct.len(), hostile.len());
         assert_ne!(keys.rate_limit("login", b"x"), keys.rate_limit("api", b"x"));
+    }
+
+    #[test]
+    fn what_one_script_or_transaction_touches_shares_a_cluster_slot_and_ids_spread() {
+        use redis::cluster_routing::Slot;
+        let keys = registry();
+        let ids: Vec<Uuid> = (0..64).map(|_| Uuid::new_v4()).collect();
+        for &id in &ids {
+            let entries = [
+                keys.task(id),
+                keys.task_list(id, "limit=5".into()),
+                keys.assigned_task_list(id, "limit=5".into()),
+                keys.member(id, id),
+                keys.auth_token(&[7; 32]),
+                keys.daily_metrics(id, "range".into()),
+            ];
+            for entry in entries {
+                let version = keys.version_of(entry.redis_key());
+                assert_eq!(Slot::for_key(entry.redis_key()), Slot::for_key(&version), "{version}");
+            }
+            let identity = id.as_bytes();
+            assert_eq!(
+                Slot::for_key(keys.rate_limit("auth-ip", identity).as_str()),
+                Slot::for_key(keys.rate_limit("api", identity).as_str())
+            );
+        }
+        let slots: std::collections::HashSet<_> =
+            ids.iter().map(|&id| Slot::for_key(keys.task(id).redis_key())).collect();
+        assert!(slots.len() > 50, "64 tasks on only {} slots", slots.len());
     }
 
     #[test]

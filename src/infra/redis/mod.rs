@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod check;
+mod cluster;
 pub mod keys;
 
 use std::future::Future;
@@ -16,8 +17,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bb8_redis::bb8;
-use bb8_redis::redis::aio::{MultiplexedConnection, PubSub};
-use bb8_redis::redis::{self, AsyncConnectionConfig, RedisError, RedisResult, Script, Value};
+use bb8_redis::redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
+use bb8_redis::redis::cluster_async::ClusterConnection;
+use bb8_redis::redis::{
+    self, AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value,
+};
 use serde::Serialize;
 use shaku::{Component, Interface};
 use utoipa::ToSchema;
@@ -173,6 +177,42 @@ fn error_chain_text(err: &RedisError) -> String {
 /// A pooled connection that remembers whether it saw an I/O error, so the pool discards it.
 /// (bb8-redis' own manager reports connections as never broken and connects with the client's
 /// default timeouts, so a connection that died with Redis would stay in the pool.)
+/// What one call runs on: a pooled connection to a standalone server, or the cluster connection
+/// (which sends each command to the node that owns its slot).
+#[derive(Clone)]
+pub enum Connection {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Standalone(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct TrackedConnection {
     pub connection: MultiplexedConnection,
     broken: Arc<AtomicBool>,
@@ -214,7 +254,7 @@ struct ConnectErrors(Arc<Mutex<Option<(Instant, RedisError)>>>);
 
 impl bb8::ErrorSink<RedisError> for ConnectErrors {
     fn sink(&self, error: RedisError) {
-        *self.0.lock().unwrap() = Some((Instant::now(), error));
+        self.record(error);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
@@ -223,6 +263,10 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 }
 
 impl ConnectErrors {
+    fn record(&self, error: RedisError) {
+        *self.0.lock().unwrap() = Some((Instant::now(), error));
+    }
+
     /// The last connection error, if it is more recent than `within`.
     fn recent(&self, within: Duration) -> Option<RedisError> {
         let last = self.0.lock().unwrap();
@@ -249,28 +293,48 @@ impl Drop for AbandonGuard<'_> {
     }
 }
 
-/// One Redis server (or TLS endpoint): pool, breaker, timeouts.
+/// Where the commands go: one server through a pool, or a Redis Cluster.
+// One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Standalone {
+        pool: bb8::Pool<RedisManager>,
+        client: redis::Client,
+    },
+    Cluster(cluster::Cluster),
+}
+
+/// Redis (one server, a TLS endpoint, or a cluster): connections, breaker, timeouts.
 pub struct Redis {
     telemetry: Arc<Telemetry>,
     /// `redis_errors_total{kind="circuit_open"}`, resolved once: counted on every refused call.
     circuit_open_refusals: prometheus::IntCounter,
-    pool: bb8::Pool<RedisManager>,
+    backend: Backend,
     connect_errors: ConnectErrors,
-    client: redis::Client,
     connect_timeout: Duration,
     command_timeout: Duration,
     breaker: CircuitBreaker,
     last_failure: Mutex<Option<(FailureClass, String)>>,
 }
 
+/// The private CA of `REDIS_TLS_CA_FILE`, when set (the system roots are used otherwise).
+fn root_cert(settings: &RedisSettings) -> Result<Option<Vec<u8>>, RedisFailure> {
+    settings
+        .tls_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|err| RedisFailure::Config(format!("REDIS_TLS_CA_FILE {}: {err}", path.display())))
+        })
+        .transpose()
+}
+
 /// The client for `REDIS_URL`: TLS for `rediss://` (with the private CA of `REDIS_TLS_CA_FILE`
-/// when set, the system roots otherwise); an ACL user comes from the URL (`user:password@`).
+/// when set); an ACL user comes from the URL (`user:password@`).
 fn client(settings: &RedisSettings) -> Result<redis::Client, RedisFailure> {
     let config = |err: RedisError| RedisFailure::Config(format!("REDIS_URL: {err}"));
-    match &settings.tls_ca_file {
-        Some(path) if settings.url.starts_with("rediss://") => {
-            let root_cert = std::fs::read(path)
-                .map_err(|err| RedisFailure::Config(format!("REDIS_TLS_CA_FILE {}: {err}", path.display())))?;
+    match root_cert(settings)? {
+        Some(root_cert) if settings.url.starts_with("rediss://") => {
             let certificates = redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(root_cert),
@@ -281,31 +345,52 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, RedisFailure> {
     }
 }
 
+/// Where a `SCAN` over every node stands: the cursor on the current node (one node for a
+/// standalone server, each master in turn on a cluster).
+#[derive(Debug, Clone, Default)]
+pub struct ScanCursor {
+    cursor: u64,
+    node: usize,
+    /// The cluster's masters, listed by the first step.
+    masters: Option<Vec<(String, u16)>>,
+    done: bool,
+}
+
+impl ScanCursor {
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
 impl Redis {
     /// Builds the pool without connecting.
     pub fn new(settings: &RedisSettings, telemetry: Arc<Telemetry>) -> Result<Self, RedisFailure> {
-        let client = client(settings)?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.command_timeout));
         let connect_errors = ConnectErrors::default();
-        let pool = bb8::Pool::builder()
-            .max_size(settings.pool_size.max(1))
-            .error_sink(Box::new(connect_errors.clone()))
-            .connection_timeout(settings.pool_timeout)
-            // No PING per checkout on the hot path: broken connections are flagged by `call`.
-            .test_on_check_out(false)
-            .retry_connection(false)
-            .build_unchecked(RedisManager {
-                client: client.clone(),
-                config,
-            });
+        let backend = if settings.cluster_nodes.is_empty() {
+            let client = client(settings)?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(settings.connect_timeout))
+                .set_response_timeout(Some(settings.command_timeout));
+            let pool = bb8::Pool::builder()
+                .max_size(settings.pool_size.max(1))
+                .error_sink(Box::new(connect_errors.clone()))
+                .connection_timeout(settings.pool_timeout)
+                // No PING per checkout on the hot path: broken connections are flagged by `call`.
+                .test_on_check_out(false)
+                .retry_connection(false)
+                .build_unchecked(RedisManager {
+                    client: client.clone(),
+                    config,
+                });
+            Backend::Standalone { pool, client }
+        } else {
+            Backend::Cluster(cluster::Cluster::new(settings, root_cert(settings)?)?)
+        };
         Ok(Self {
             circuit_open_refusals: telemetry.redis_errors.with_label_values(&["circuit_open"]),
             telemetry,
-            pool,
+            backend,
             connect_errors,
-            client,
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
             breaker: CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
@@ -317,7 +402,7 @@ impl Redis {
     /// connection, then the command timeout.
     pub async fn call<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.call_within(None, command).await
@@ -328,7 +413,7 @@ impl Redis {
     /// dropping the call, which the breaker could not count.
     pub async fn call_within<T, F, Fut>(&self, total: Option<Duration>, command: F) -> Result<T, RedisFailure>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if !self.breaker.allow() {
@@ -367,20 +452,29 @@ impl Redis {
 
     async fn call_unguarded<T, F, Fut>(&self, command: F) -> Result<T, RedisFailure>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let pooled = self.pool.get().await.map_err(|err| match err {
-            bb8::RunError::User(err) => RedisFailure::Command(err),
-            // No connection could be made meanwhile: say why, if the pool's attempts failed.
-            bb8::RunError::TimedOut => self.no_connection_because().unwrap_or(RedisFailure::PoolTimeout),
-        })?;
-        let connection = pooled.connection.clone();
+        let (connection, pooled) = match &self.backend {
+            Backend::Standalone { pool, .. } => {
+                let pooled = pool.get().await.map_err(|err| match err {
+                    bb8::RunError::User(err) => RedisFailure::Command(err),
+                    // No connection could be made meanwhile: say why, if the pool's attempts failed.
+                    bb8::RunError::TimedOut => self.no_connection_because().unwrap_or(RedisFailure::PoolTimeout),
+                })?;
+                (Connection::Standalone(pooled.connection.clone()), Some(pooled))
+            }
+            Backend::Cluster(cluster) => (
+                Connection::Cluster(cluster.connection(&self.connect_errors).await?),
+                None,
+            ),
+        };
         let result = tokio::time::timeout(self.command_timeout, command(connection)).await;
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                if err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error() {
+                let broken = err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error();
+                if let Some(pooled) = pooled.filter(|_| broken) {
                     pooled.broken.store(true, Ordering::Relaxed);
                 }
                 Err(RedisFailure::Command(err))
@@ -389,9 +483,18 @@ impl Redis {
         }
     }
 
-    /// Why the pool has no connection, if its recent attempts to make one failed.
+    /// Whether this is a Redis Cluster (`REDIS_CLUSTER_NODES`).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
+    }
+
+    /// Why there is no connection, if the recent attempts to make one failed.
     fn no_connection_because(&self) -> Option<RedisFailure> {
-        if self.pool.state().connections > 0 {
+        let connected = match &self.backend {
+            Backend::Standalone { pool, .. } => pool.state().connections > 0,
+            Backend::Cluster(cluster) => cluster.is_connected(),
+        };
+        if connected {
             return None;
         }
         self.connect_errors
@@ -418,40 +521,115 @@ impl Redis {
         self.last_failure.lock().unwrap().clone()
     }
 
-    /// One `SCAN` step over keys matching `pattern` (1,000 at a time): the next cursor (0 at the
-    /// end) and the keys. Never `KEYS`: a step is cheap for Redis however many keys it holds.
-    pub async fn scan(&self, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), RedisFailure> {
-        let pattern = pattern.to_owned();
-        self.call(|mut c| async move {
+    /// One `SCAN` step over keys matching `pattern` (1,000 at a time), on every master of a
+    /// cluster in turn; `cursor.done()` after the last. Never `KEYS`: a step is cheap for Redis
+    /// however many keys it holds.
+    pub async fn scan(&self, cursor: &mut ScanCursor, pattern: &str) -> Result<Vec<String>, RedisFailure> {
+        let step = |at: u64| {
             redis::cmd("SCAN")
-                .arg(cursor)
+                .arg(at)
                 .arg("MATCH")
                 .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut c)
-                .await
+                .to_owned()
+        };
+        let command = step(cursor.cursor);
+        let masters = cursor.masters.clone();
+        let node = cursor.node;
+        type Step = (u64, Vec<String>, Option<Vec<(String, u16)>>);
+        let (next, keys, masters): Step = self
+            .call(|c| async move {
+                match c {
+                    Connection::Standalone(mut c) => {
+                        let (next, keys) = command.query_async(&mut c).await?;
+                        Ok((next, keys, None))
+                    }
+                    Connection::Cluster(mut c) => {
+                        let masters = match masters {
+                            Some(masters) => masters,
+                            None => cluster::masters(&mut c).await?,
+                        };
+                        let Some(master) = masters.get(node) else {
+                            return Ok((0, Vec::new(), Some(masters)));
+                        };
+                        let value = cluster::on_node(&mut c, master, command).await?;
+                        let (next, keys) = redis::from_redis_value(value)?;
+                        Ok((next, keys, Some(masters)))
+                    }
+                }
+            })
+            .await?;
+        cursor.cursor = next;
+        if next == 0 {
+            cursor.node += 1;
+        }
+        cursor.done = next == 0 && cursor.node >= masters.as_ref().map_or(1, Vec::len);
+        cursor.masters = masters;
+        Ok(keys)
+    }
+
+    /// `INFO <section>`. On a cluster, of the master nearest its `maxmemory` (the one that
+    /// decides whether Redis runs out of memory), with `cluster_masters:<n>` added.
+    pub async fn info(&self, section: &str) -> Result<String, RedisFailure> {
+        let section = section.to_owned();
+        self.call(|c| async move {
+            match c {
+                Connection::Standalone(mut c) => redis::cmd("INFO").arg(section).query_async(&mut c).await,
+                Connection::Cluster(mut c) => {
+                    let nodes = cluster::info_of_masters(&mut c, &section).await?;
+                    let share = |text: &str| {
+                        let field = |name: &str| -> f64 {
+                            text.lines()
+                                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                                .and_then(|value| value.trim().parse().ok())
+                                .unwrap_or(0.0)
+                        };
+                        field("used_memory") / field("maxmemory").max(1.0)
+                    };
+                    let count = nodes.len();
+                    let fullest = nodes
+                        .into_iter()
+                        .map(|(_, text)| text)
+                        .max_by(|a, b| share(a).total_cmp(&share(b)))
+                        .unwrap_or_default();
+                    Ok(format!("{fullest}\r\ncluster_masters:{count}\r\n"))
+                }
+            }
         })
         .await
     }
 
-    /// Connections open and idle in the pool, and its counters.
+    /// Connections open and idle in the pool, and its counters (a cluster: its one connection).
     pub fn pool_statistics(&self) -> (u32, u32, bb8::Statistics) {
-        let state = self.pool.state();
-        (state.connections, state.idle_connections, state.statistics)
+        match &self.backend {
+            Backend::Standalone { pool, .. } => {
+                let state = pool.state();
+                (state.connections, state.idle_connections, state.statistics)
+            }
+            Backend::Cluster(cluster) => {
+                let connected = u32::from(cluster.is_connected());
+                (connected, connected, bb8::Statistics::default())
+            }
+        }
     }
 
-    /// A dedicated pub/sub connection (TLS and ACL as configured), within the connect timeout.
+    /// A dedicated pub/sub connection (TLS and ACL as configured), within the connect timeout:
+    /// on a cluster, to one of the seed nodes (a PUBLISH anywhere reaches it).
     pub async fn pubsub(&self) -> Result<PubSub, RedisFailure> {
-        match tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub()).await {
-            Ok(Ok(pubsub)) => Ok(pubsub),
-            Ok(Err(err)) => {
-                let failure = RedisFailure::Command(err);
-                self.remember(&failure);
-                Err(failure)
+        let outcome = match &self.backend {
+            Backend::Standalone { client, .. } => {
+                match tokio::time::timeout(self.connect_timeout, client.get_async_pubsub()).await {
+                    Ok(outcome) => outcome.map_err(RedisFailure::Command),
+                    Err(_) => Err(RedisFailure::Timeout(self.connect_timeout)),
+                }
             }
-            Err(_) => Err(RedisFailure::Timeout(self.connect_timeout)),
+            Backend::Cluster(cluster) => cluster.pubsub().await,
+        };
+        if let Err(failure @ RedisFailure::Command(_)) = &outcome {
+            self.remember(failure);
         }
+        outcome
     }
 }
 
@@ -679,23 +857,26 @@ impl RedisService for RedisModule {
     }
 
     async fn incr(&self, key: &RedisKey, by: i64, ttl: Duration) -> Result<i64, RedisFailure> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("INCRBY")
-            .arg(key.as_str())
-            .arg(by)
-            .cmd("PEXPIRE")
-            .arg(key.as_str())
-            .arg(ttl.as_millis().max(1) as u64)
-            .arg("NX")
-            .ignore();
-        let (value,): (i64,) = self
-            .require()?
-            .call_within(Some(self.settings.command_timeout), |mut c| async move {
-                pipe.query_async(&mut c).await
-            })
+        // A script, not MULTI/EXEC: on a cluster, a MOVED inside a transaction (after a failover)
+        // aborts it without the client learning where the slot went.
+        static INCR: OnceLock<Script> = OnceLock::new();
+        let script = INCR.get_or_init(|| {
+            Script::new(
+                r"
+                local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+                redis.call('PEXPIRE', KEYS[1], ARGV[2], 'NX')
+                return value",
+            )
+        });
+        let ttl_ms = ttl.as_millis().max(1).to_string().into_bytes();
+        let value = self
+            .run_script(
+                script,
+                std::slice::from_ref(key),
+                &[by.to_string().into_bytes(), ttl_ms],
+            )
             .await?;
-        Ok(value)
+        Ok(redis::from_redis_value(value).map_err(|err| RedisFailure::Command(err.into()))?)
     }
 
     async fn run_script(&self, script: &Script, keys: &[RedisKey], args: &[Vec<u8>]) -> Result<Value, RedisFailure> {

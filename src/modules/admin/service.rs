@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
-use crate::infra::redis::{Redis, RedisFailure, RedisService};
+use crate::infra::redis::{Redis, RedisFailure, RedisService, ScanCursor};
 use crate::modules::auth::extractor::MISSING_TOKEN;
 use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
@@ -323,10 +323,7 @@ impl AdminService for Admin {
 
     async fn redis_metrics(&self) -> AppResult<RedisMetrics> {
         let redis = self.active_redis()?;
-        let info: String = redis
-            .call(|mut c| async move { bb8_redis::redis::cmd("INFO").query_async(&mut c).await })
-            .await
-            .map_err(redis_unavailable)?;
+        let info = redis.info("default").await.map_err(redis_unavailable)?;
         let number = |name: &str| info_field(&info, name).and_then(|v| v.parse().ok()).unwrap_or(0u64);
         let (hits, misses) = (number("keyspace_hits"), number("keyspace_misses"));
         Ok(RedisMetrics {
@@ -350,28 +347,20 @@ impl AdminService for Admin {
         let keys = self.cache.keys();
         let pattern = format!("{}*", keys.prefix());
         let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-        let (mut cursor, mut sampled) = (0u64, 0u64);
+        let (mut cursor, mut sampled) = (ScanCursor::default(), 0u64);
         // SCAN until the sample is big enough.
-        loop {
-            let (next, batch) = redis.scan(cursor, &pattern).await.map_err(redis_unavailable)?;
-            for key in batch {
+        while !cursor.done() && sampled < KEY_SAMPLE {
+            for key in redis.scan(&mut cursor, &pattern).await.map_err(redis_unavailable)? {
                 sampled += 1;
                 *counts.entry(keys.kind_of(&key).to_owned()).or_default() += 1;
             }
-            cursor = next;
-            if cursor == 0 || sampled >= KEY_SAMPLE {
-                break;
-            }
         }
-        let info: String = redis
-            .call(|mut c| async move { bb8_redis::redis::cmd("INFO").arg("memory").query_async(&mut c).await })
-            .await
-            .map_err(redis_unavailable)?;
+        let info = redis.info("memory").await.map_err(redis_unavailable)?;
         let number = |name: &str| info_field(&info, name).and_then(|v| v.parse().ok()).unwrap_or(0u64);
         let (used_bytes, max_bytes) = (number("used_memory"), number("maxmemory"));
         Ok(KeyDistribution {
             sampled,
-            complete: cursor == 0,
+            complete: cursor.done(),
             namespaces: counts
                 .into_iter()
                 .map(|(namespace, keys)| NamespaceKeys {

@@ -3,6 +3,7 @@
 //! `TestApp::builder().settings(|s| ...).postgres(&server).spawn().await` customises it.
 //! Set `TEST_LOG=1` to see the app's logs.
 
+pub mod cluster;
 pub mod partition;
 pub mod redis;
 pub mod servers;
@@ -19,6 +20,7 @@ use shaku::ModuleBuilder;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
+pub use cluster::{private_cluster, shared_cluster, TestCluster};
 pub use redis::{private_redis, shared_redis, TestRedis};
 pub use servers::{private_postgres, shared_postgres, TestPostgres};
 
@@ -38,12 +40,43 @@ pub struct TestApp {
 }
 
 type SettingsTweak = Box<dyn FnOnce(&mut Settings)>;
+
+/// Where a test's Redis lives, for suites that run against one server and a cluster alike.
+#[derive(Clone, Copy)]
+pub enum Backend {
+    Redis(&'static TestRedis),
+    Cluster(&'static TestCluster),
+}
+
+impl Backend {
+    pub async fn redis() -> Backend {
+        Backend::Redis(tokio::task::spawn_blocking(shared_redis).await.unwrap())
+    }
+
+    pub async fn cluster() -> Backend {
+        Backend::Cluster(tokio::task::spawn_blocking(shared_cluster).await.unwrap())
+    }
+
+    /// A second instance of `first`'s deployment; on a cluster it is given the seed nodes in
+    /// another order, so the two subscribe on different nodes.
+    pub async fn sibling(self, first: &TestApp) -> TestApp {
+        let builder = TestApp::builder().sibling_of(first);
+        match self {
+            Backend::Redis(_) => builder.spawn().await,
+            Backend::Cluster(cluster) => {
+                let seeds = cluster.nodes_from(3);
+                builder.settings(move |s| s.redis.cluster_nodes = seeds).spawn().await
+            }
+        }
+    }
+}
 type ModuleTweak = Box<dyn FnOnce(ModuleBuilder<AppModule>) -> ModuleBuilder<AppModule>>;
 
 pub struct TestAppBuilder<'a> {
     tweaks: Vec<SettingsTweak>,
     postgres: Option<&'a TestPostgres>,
     redis: Option<&'a TestRedis>,
+    cluster: Option<&'a TestCluster>,
     sibling_of: Option<&'a TestApp>,
     module: Option<ModuleTweak>,
 }
@@ -96,6 +129,20 @@ impl<'a> TestAppBuilder<'a> {
     /// prefix of this test's own.
     pub fn redis(mut self, server: &'a TestRedis) -> Self {
         self.redis = Some(server);
+        self
+    }
+
+    pub fn backend(self, backend: Backend) -> Self {
+        match backend {
+            Backend::Redis(server) => self.redis(server),
+            Backend::Cluster(cluster) => self.cluster(cluster),
+        }
+    }
+
+    /// Turn Redis on, against this cluster (all its nodes as seeds), with a key prefix of this
+    /// test's own.
+    pub fn cluster(mut self, cluster: &'a TestCluster) -> Self {
+        self.cluster = Some(cluster);
         self
     }
 
@@ -165,10 +212,17 @@ impl<'a> TestAppBuilder<'a> {
             settings.redis.fleet_sync = true;
             settings.redis.key_prefix = format!("test-{}:", Uuid::new_v4().simple());
         }
+        if let Some(cluster) = self.cluster {
+            settings.redis.enabled = true;
+            settings.redis.cluster_nodes = cluster.nodes_from(0);
+            settings.redis.fleet_sync = true;
+            settings.redis.key_prefix = format!("test-{}:", Uuid::new_v4().simple());
+        }
+        let wait_for_redis = self.redis.is_some() || self.cluster.is_some();
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
-        start(settings, self.module, db_name, admin_url, true, self.redis.is_some()).await
+        start(settings, self.module, db_name, admin_url, true, wait_for_redis).await
     }
 }
 
@@ -306,6 +360,7 @@ impl TestApp {
             tweaks: Vec::new(),
             postgres: None,
             redis: None,
+            cluster: None,
             sibling_of: None,
             module: None,
         }
