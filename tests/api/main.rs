@@ -14,6 +14,7 @@ mod failed_writes;
 mod health;
 mod isolation;
 mod metrics;
+mod migration;
 mod observability;
 mod openapi;
 mod password_hashing;

@@ -4,6 +4,7 @@
 //! Set `TEST_LOG=1` to see the app's logs.
 
 pub mod cluster;
+pub mod instance;
 pub mod partition;
 pub mod redis;
 pub mod servers;
@@ -195,14 +196,7 @@ impl<'a> TestAppBuilder<'a> {
                 .await
                 .expect("shared postgres"),
         };
-        let db_name = format!("test_{}", Uuid::new_v4().simple());
-        let admin_url = postgres.url("postgres");
-        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect as admin");
-        sqlx::query(&format!("CREATE DATABASE {db_name} TEMPLATE {}", servers::TEMPLATE_DB))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        admin.close().await.ok();
+        let (db_name, admin_url) = create_database(postgres).await;
 
         let mut settings = test_settings();
         settings.database.url = postgres.url(&db_name);
@@ -224,6 +218,41 @@ impl<'a> TestAppBuilder<'a> {
         }
         start(settings, self.module, db_name, admin_url, true, wait_for_redis).await
     }
+}
+
+/// A fresh database copied from the migrated template: (name, the admin URL of its server).
+pub async fn create_database(postgres: &TestPostgres) -> (String, String) {
+    let db_name = format!("test_{}", Uuid::new_v4().simple());
+    let admin_url = postgres.url("postgres");
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect as admin");
+    sqlx::query(&format!("CREATE DATABASE {db_name} TEMPLATE {}", servers::TEMPLATE_DB))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    (db_name, admin_url)
+}
+
+/// Drops a test database (on a thread of its own: the caller's runtime may be blocked in a drop).
+pub fn drop_database(admin_url: String, db_name: String) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let drop_db = async {
+                let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .ok()
+            };
+            // A frozen or killed private server cannot answer: do not hang the test on it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), drop_db).await;
+        });
+    })
+    .join();
 }
 
 /// Starts the app; with `wait_for_redis`, returns once its invalidation subscriber is connected.
@@ -269,25 +298,7 @@ impl Drop for TestApp {
         if !self.owns_database {
             return;
         }
-        let (admin_url, db_name) = (self.admin_url.clone(), self.db_name.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let drop_db = async {
-                    let mut admin = sqlx::PgConnection::connect(&admin_url).await.ok()?;
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await
-                        .ok()
-                };
-                // A frozen or killed private server cannot answer: do not hang the test on it.
-                let _ = tokio::time::timeout(Duration::from_secs(5), drop_db).await;
-            });
-        })
-        .join();
+        drop_database(self.admin_url.clone(), self.db_name.clone());
     }
 }
 

@@ -1,0 +1,97 @@
+//! The `nestling` binary as a process, with an environment of the test's choosing, on a database
+//! of its own: what a user deploys. The migration plan's steps run against these.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nestling::infra::database::local_server::free_port;
+
+use super::{create_database, drop_database, shared_postgres};
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nestling"))
+}
+
+/// A database copied from the migrated template, dropped with this.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let postgres = tokio::task::spawn_blocking(shared_postgres).await.unwrap();
+        let (name, admin_url) = create_database(postgres).await;
+        TestDatabase {
+            url: postgres.url(&name),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        drop_database(self.admin_url.clone(), self.name.clone());
+    }
+}
+
+/// A running `nestling` (serving), stopped when dropped.
+pub struct Instance {
+    pub url: String,
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Instance {
+    /// Runs `nestling` with `env` (and nothing else from the test's environment but `PATH`) on a
+    /// free port, until `/health/live` answers.
+    pub async fn start(env: &[(String, String)]) -> Instance {
+        let port = free_port().expect("free port");
+        let log = std::env::temp_dir().join(format!("nestling-instance-{port}.log"));
+        let child = tokio::process::Command::new(binary())
+            .current_dir(std::env::temp_dir())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("APP_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nestling");
+        let instance = Instance {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+        };
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = client.get(format!("{}/health/live", instance.url)).send().await;
+            if live.is_ok_and(|r| r.status().is_success()) {
+                return instance;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nestling did not start: {}",
+                std::fs::read_to_string(&instance.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
