@@ -10,13 +10,14 @@
 # Logs in as LOAD_EMAIL / LOAD_PASSWORD (default: the demo user `nestling seed` creates), and
 # loads that user's first project. The mix writes to its first task.
 set -euo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
 IFS=, read -r -a BASES <<<"${1:?usage: bench/load.sh BASE_URL[,BASE_URL...] [seconds] [connections]}"
 DURATION=${2:-10}
 CONNECTIONS=${3:-16}
 EMAIL=${LOAD_EMAIL:-demo@nestling.dev}
 PASSWORD=${LOAD_PASSWORD:-demo-password}
 
-need() { command -v "$1" >/dev/null 2>&1 || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq "$2" >/dev/null 2>&1; } || { echo "load test needs $1: apt-get install $2" >&2; exit 1; }; }
+source "$BENCH/lib.sh"
 need curl curl
 need wrk wrk
 
@@ -64,14 +65,13 @@ measure() { # name [script args...]
     wrk -t"$threads" -c"$per_instance" -d"${DURATION}s" --latency -s "$WORK/load.lua" "${BASES[$i]}$LIST" -- "$@" >"$WORK/wrk-$i.txt" &
   done
   wait
-  cat "$WORK"/wrk-*.txt | awk -v name="$name" '
-    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+  cat "$WORK"/wrk-*.txt | awk -v name="$name" -f "$BENCH/lib.awk" -f <(echo '
     /Requests\/sec/ { rps += $2 }
     $1 == "50%" { if (ms($2) > p50) p50 = ms($2) }
     $1 == "99%" { if (ms($2) > p99) p99 = ms($2) }
     /^answered:/ { limited += $3; failed += $5 }
     /Socket errors/ { failed += $4 + $6 + $8 + $10 }
-    END { printf "%s\t%.0f\t%.2f\t%.2f\t%d\t%d\n", name, rps, p50, p99, limited, failed }' | tee -a "$WORK/rows.tsv"
+    END { printf "%s\t%.0f\t%.2f\t%.2f\t%d\t%d\n", name, rps, p50, p99, limited, failed }') | tee -a "$WORK/rows.tsv"
   rm -f "$WORK"/wrk-*.txt
 }
 
@@ -80,6 +80,12 @@ for base in "${BASES[@]}"; do
 done
 echo "load: ${BASES[*]}; ${DURATION}s, $CONNECTIONS connections"
 printf 'scenario\treq/s\tp50 (ms)\tp99 (ms)\t429\tfailed\n'
-measure "cached GET" get
-measure "90% read / 10% write" mix
+# LOAD_SCENARIOS picks some: "get", "mix" (default both).
+for scenario in ${LOAD_SCENARIOS:-get mix}; do
+  case $scenario in
+    get) measure "cached GET" get ;;
+    mix) measure "90% read / 10% write" mix ;;
+    *) echo "load test: unknown scenario $scenario" >&2; exit 1 ;;
+  esac
+done
 echo "failed requests: $(awk -F'\t' '{ failed += $6 } END { print failed + 0 }' "$WORK/rows.tsv")"

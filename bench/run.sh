@@ -16,7 +16,7 @@ DURATION=${1:-10}
 CONNECTIONS=${2:-64}
 ROUNDS=${3:-3}
 
-need() { command -v "$1" >/dev/null 2>&1 || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq "$2" >/dev/null; } || { echo "bench needs $1: apt-get install $2" >&2; exit 1; }; }
+source bench/lib.sh
 need wrk wrk
 need redis-server redis-server
 need curl curl
@@ -24,7 +24,6 @@ need curl curl
 cargo build --release --quiet --bin nestling --example ceiling
 BIN=target/release/nestling
 WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 REDIS_PORT=$(free_port)
 APP_PORT=$(free_port)
 CEILING_PORT=$(free_port)
@@ -114,13 +113,7 @@ done
 
 echo
 echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per run, wrk -t2; $(nproc) cores"
-awk -F'\t' '
-  function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-  function median(list,   n, arr, i, j, t) {
-    n = split(list, arr, " ")
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] + 0 < arr[i] + 0) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
-    return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
-  }
+awk -F'\t' -f bench/lib.awk -f <(echo '
   NR == 1 { next }
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
   { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6 }
@@ -134,4 +127,4 @@ awk -F'\t' '
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]
-  }' "$RESULTS"
+  }') "$RESULTS"

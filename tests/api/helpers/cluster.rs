@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nestling::infra::database::local_server::free_port;
 
-use super::servers::{ensure_installed, register_cleanup};
+use super::servers::{ensure_installed, register_cleanup, stop_child};
 
 const NODES: usize = 6;
 /// How long a master may be silent before its replica takes over: short, so failover tests are.
@@ -187,13 +187,7 @@ impl TestCluster {
     /// SIGKILL the node on `port`.
     pub fn kill(&self, port: u16) {
         let (_, child) = self.nodes.iter().find(|(p, _)| *p == port).expect("a node of ours");
-        if let Some(mut child) = child.lock().unwrap().take() {
-            // SAFETY: killing the redis-server this cluster started.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
-        }
+        stop_child(child);
     }
 
     /// Blocks until `masters` live masters serve all 16,384 slots and every live node says
@@ -260,13 +254,7 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         for (_, child) in &self.nodes {
-            if let Some(mut child) = child.lock().unwrap().take() {
-                // SAFETY: stopping the redis-server this cluster started.
-                unsafe {
-                    libc::kill(child.id() as i32, libc::SIGKILL);
-                }
-                let _ = child.wait();
-            }
+            stop_child(child);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nestling::infra::database::local_server::free_port;
 
-use super::servers::{ensure_installed, register_cleanup};
+use super::servers::{ensure_installed, register_cleanup, stop_child};
 
 pub struct TestRedis {
     pub port: u16,
@@ -277,14 +277,7 @@ impl TestRedis {
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().unwrap().take() {
-            // SAFETY: stopping the redis-server this handle started.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGCONT);
-                libc::kill(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
-        }
+        stop_child(&self.child);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -42,6 +42,18 @@ pub fn register_cleanup(postmaster_pid: i32, dir: &Path) {
     OWNED.lock().unwrap().push((postmaster_pid, dir.to_path_buf()));
 }
 
+/// Stops a server process the harness started (thawed first, in case a test froze it).
+pub fn stop_child(slot: &Mutex<Option<Child>>) {
+    if let Some(mut child) = slot.lock().unwrap().take() {
+        // SAFETY: signalling a process this harness started.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGCONT);
+            libc::kill(child.id() as i32, libc::SIGKILL);
+        }
+        let _ = child.wait();
+    }
+}
+
 fn forget_cleanup(postmaster_pid: i32) {
     OWNED.lock().unwrap().retain(|(owned, _)| *owned != postmaster_pid);
 }
