@@ -144,9 +144,12 @@ pub(crate) async fn every_entity_is_cached_and_fresh_after_writes_on(backend: Ba
 
 #[tokio::test]
 async fn a_second_instance_reads_from_redis_and_sees_the_first_instances_writes() {
-    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
-    let a = TestApp::builder().redis(redis).spawn().await;
-    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    a_second_instance_reads_from_redis_and_sees_the_first_instances_writes_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn a_second_instance_reads_from_redis_and_sees_the_first_instances_writes_on(backend: Backend) {
+    let a = TestApp::builder().backend(backend).spawn().await;
+    let b = backend.sibling(&a).await;
     let world = World::create(&a).await;
     let token = &world.user.token;
     let path = world.fill("/api/tasks/{task}");
@@ -419,8 +422,11 @@ async fn flush_refuses_patterns_outside_the_prefix_and_unknown_namespaces() {
 
 #[tokio::test]
 async fn the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests() {
-    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
-    let app = TestApp::builder().redis(redis).settings(with_admin).spawn().await;
+    the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests_on(backend: Backend) {
+    let app = TestApp::builder().backend(backend).settings(with_admin).spawn().await;
     let world = World::create(&app).await;
     let path = world.fill("/api/projects/{project}/tasks");
     let mode = |app: &TestApp| {
@@ -634,9 +640,12 @@ async fn a_session_cached_in_an_older_format_is_read_again_instead_of_failing() 
 /// instance listens, not distrusted for good ([4/6], item 8).
 #[tokio::test]
 async fn switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s() {
-    let redis = tokio::task::spawn_blocking(shared_redis).await.unwrap();
+    switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s_on(backend: Backend) {
     let app = TestApp::builder()
-        .redis(redis)
+        .backend(backend)
         .settings(|s| {
             with_admin(s);
             // Every read goes to L2: what this test watches.

@@ -11,14 +11,19 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::cache::{
+    a_second_instance_reads_from_redis_and_sees_the_first_instances_writes_on,
     every_entity_is_cached_and_fresh_after_writes_on, every_entity_read_on_b_is_fresh_after_a_write_on_a,
     logout_on_one_instance_revokes_the_token_on_every_instance_on,
+    switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s_on,
+    the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests_on,
 };
 use crate::helpers::{private_cluster, Backend, TestApp, World};
 use crate::rate_limit::{
+    a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted_on,
     a_route_with_several_quotas_lists_them_all_and_the_tightest_answers_on,
     a_thousand_concurrent_logins_let_exactly_5_through,
     limited_responses_carry_the_headers_and_retry_after_is_honoured_on,
+    the_rate_limit_policy_endpoint_shows_every_policy_in_force_on,
 };
 
 const ADMIN: &str = "cluster-admin";
@@ -43,6 +48,32 @@ async fn on_a_cluster_every_entity_read_on_b_is_fresh_after_a_write_on_a_subscri
 #[tokio::test]
 async fn on_a_cluster_logout_on_one_instance_revokes_the_token_on_every_instance() {
     logout_on_one_instance_revokes_the_token_on_every_instance_on(Backend::cluster().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_second_instance_reads_from_redis_and_sees_the_first_instances_writes() {
+    a_second_instance_reads_from_redis_and_sees_the_first_instances_writes_on(Backend::cluster().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests() {
+    the_runtime_switch_flips_a_live_instance_both_ways_without_failed_requests_on(Backend::cluster().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s() {
+    switching_redis_off_and_on_quickly_serves_from_l2_again_within_2_s_on(Backend::cluster().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted() {
+    a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted_on(Backend::cluster().await)
+        .await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_the_rate_limit_policy_endpoint_shows_every_policy_in_force() {
+    the_rate_limit_policy_endpoint_shows_every_policy_in_force_on(Backend::cluster().await).await;
 }
 
 #[tokio::test]

@@ -44,6 +44,10 @@ async fn with_redis(redis: &TestRedis, tweak: impl FnOnce(&mut Settings) + 'stat
     TestApp::builder().redis(redis).settings(tweak).spawn().await
 }
 
+async fn on(backend: Backend, tweak: impl FnOnce(&mut Settings) + 'static) -> TestApp {
+    TestApp::builder().backend(backend).settings(tweak).spawn().await
+}
+
 #[tokio::test]
 async fn a_thousand_concurrent_logins_over_two_instances_against_a_limit_of_5_let_exactly_5_through() {
     a_thousand_concurrent_logins_let_exactly_5_through(Backend::redis().await, |s| s.rate_limit.auth_ip = per(5, 3600))
@@ -259,7 +263,14 @@ async fn hostile_identities_make_bounded_keys_and_neither_5xx_nor_a_bypass() {
 
 #[tokio::test]
 async fn a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted() {
-    let app = with_redis(shared_redis(), |s| s.rate_limit.auth_ip = per(3, 3600)).await;
+    a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted_on(Backend::redis().await)
+        .await;
+}
+
+pub(crate) async fn a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_proxy_is_trusted_on(
+    backend: Backend,
+) {
+    let app = on(backend, |s| s.rate_limit.auth_ip = per(3, 3600)).await;
     let statuses: Vec<u16> = join_all((0..6).map(|n| {
         let app = &app;
         async move {
@@ -272,7 +283,7 @@ async fn a_new_x_forwarded_for_per_request_does_not_reset_the_limit_unless_a_pro
     .await;
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 3, "{statuses:?}");
 
-    let behind_proxy = with_redis(shared_redis(), |s| {
+    let behind_proxy = on(backend, |s| {
         s.rate_limit.auth_ip = per(3, 3600);
         s.rate_limit.trust_proxy = 1;
     })
@@ -513,7 +524,11 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
 
 #[tokio::test]
 async fn the_rate_limit_policy_endpoint_shows_every_policy_in_force() {
-    let app = with_redis(shared_redis(), |_| {}).await;
+    the_rate_limit_policy_endpoint_shows_every_policy_in_force_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn the_rate_limit_policy_endpoint_shows_every_policy_in_force_on(backend: Backend) {
+    let app = on(backend, |_| {}).await;
     let user = app.register_user().await;
     let response = app.get("/api/rate-limit/policy", &user.token).await;
     response.assert_status(200);
