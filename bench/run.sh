@@ -41,14 +41,26 @@ PIDS+=("$REDIS_PID")
 
 BASE="http://127.0.0.1:$APP_PORT"
 APP_PID=""
+# Starts the app with extra variables (memory mode passes REDIS_URL= : strict, no connection) and
+# records the time to its first answer and its idle RSS.
 start_app() {
+  local started; started=$(date +%s%N)
   env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
     RATE_LIMIT_API=1000000000/1h "$@" "$BIN" >"$WORK/app.log" 2>&1 &
   APP_PID=$!
+  SERVER_PID=$APP_PID
   PIDS+=("$APP_PID")
-  for _ in $(seq 200); do curl -sf "$BASE/health/live" >/dev/null && return; sleep 0.05; done
+  for _ in $(seq 1000); do
+    if curl -sf "$BASE/health/live" >/dev/null; then
+      printf '%s\t%s\n' "$(( ($(date +%s%N) - started) / 1000000 ))" "$(awk '/VmRSS/ {print $2}' "/proc/$APP_PID/status")" >>"$WORK/startup.tsv"
+      return
+    fi
+    sleep 0.01
+  done
   echo "the app did not start:" >&2; cat "$WORK/app.log" >&2; exit 1
 }
+# CPU time (user + system) the server has used, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
 stop_app() { kill "$APP_PID"; wait "$APP_PID" 2>/dev/null || true; }
 
 start_app REDIS_ENABLED=false
@@ -77,29 +89,34 @@ LUA
 RESULTS="$WORK/results.tsv"
 measure() { # name url [wrk args...]
   local name=$1 url=$2; shift 2
-  local out
+  local out before
+  before=$(cpu_ticks)
   out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "authorization: Bearer $TOKEN" "$@" "$url")
-  local rps p50 p99 errors
+  local rps p50 p99 errors requests cpu_us
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu_us=$(awk -v ticks="$(( $(cpu_ticks) - before ))" -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN { printf "%.1f", ticks / hz * 1e6 / n }')
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" | tee -a "$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" "$cpu_us" | tee -a "$RESULTS"
 }
 warm() { for _ in 1 2 3; do curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
 
-printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\n' | tee "$RESULTS"
+printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\tCPU us/req\n' | tee "$RESULTS"
 
 target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
-PIDS+=("$!")
+CEILING_PID=$!
+PIDS+=("$CEILING_PID")
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null && break; sleep 0.05; done
 
 for ROUND in $(seq "$ROUNDS"); do
+  SERVER_PID=$CEILING_PID
   measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
   start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (redis mode, no limiter)" "$BASE$LIST"; stop_app
-  start_app REDIS_ENABLED=false; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
-  start_app REDIS_ENABLED=false RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (memory mode, no limiter)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false REDIS_URL=; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false REDIS_URL= RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (memory mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm
   kill -STOP "$REDIS_PID"
   # Let the breaker see the outage (health pings time out), then measure.
@@ -107,7 +124,7 @@ for ROUND in $(seq "$ROUNDS"); do
   measure "Redis frozen (SIGSTOP)" "$BASE$LIST"
   kill -CONT "$REDIS_PID"; stop_app
   start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
-  start_app REDIS_ENABLED=false CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
+  start_app REDIS_ENABLED=false REDIS_URL= CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
 done
 
@@ -116,15 +133,18 @@ echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connecti
 awk -F'\t' -f bench/lib.awk -f <(echo '
   NR == 1 { next }
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
-  { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6 }
+  { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7 }
   END {
-    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx |\n| --- | ---: | ---: | ---: | ---: |\n"
+    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
     for (i = 1; i <= count; i++) {
       s = order[i]; r[s] = median(rps[s])
-      printf "| %s | %.0f | %.2f | %.2f | %d |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s]
+      printf "| %s | %.0f | %.2f | %.2f | %d | %.1f |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s])
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]
   }') "$RESULTS"
+awk -F'\t' -f bench/lib.awk -f <(echo '
+  { startup = startup " " $1; rss = rss " " $2 }
+  END { printf "start-up to first answer: %.0f ms; idle RSS: %.1f MiB (medians of %d starts)\n", median(startup), median(rss) / 1024, NR }') "$WORK/startup.tsv"
