@@ -21,12 +21,13 @@ need wrk wrk
 need redis-server redis-server
 need curl curl
 
-cargo build --release --quiet --bin nestling --example ceiling
+cargo build --release --quiet --bin nestling --example ceiling --example same_work
 BIN=target/release/nestling
 WORK=$(mktemp -d)
 REDIS_PORT=$(free_port)
 APP_PORT=$(free_port)
 CEILING_PORT=$(free_port)
+SAME_WORK_PORT=$(free_port)
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
@@ -71,6 +72,7 @@ PROJECT=$(curl -sf "$BASE/api/workspaces/$WORKSPACE/projects" -H "authorization:
 LIST="/api/projects/$PROJECT/tasks?limit=20"
 curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >"$WORK/body.json"
 TASK=$(grep -o '"id":"[^"]*"' "$WORK/body.json" | head -1 | cut -d'"' -f4)
+curl -sf "$BASE/api/projects/$PROJECT" -H "authorization: Bearer $TOKEN" >"$WORK/project.json"
 stop_app
 BODY_BYTES=$(wc -c <"$WORK/body.json")
 
@@ -109,10 +111,16 @@ target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
 CEILING_PID=$!
 PIDS+=("$CEILING_PID")
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null && break; sleep 0.05; done
+RUST_LOG=error target/release/examples/same_work "$WORK/body.json" "$WORK/project.json" "$SAME_WORK_PORT" &
+SAME_WORK_PID=$!
+PIDS+=("$SAME_WORK_PID")
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$SAME_WORK_PORT$LIST" -H "authorization: Bearer $TOKEN" >/dev/null && break; sleep 0.05; done
 
 for ROUND in $(seq "$ROUNDS"); do
   SERVER_PID=$CEILING_PID
   measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
+  SERVER_PID=$SAME_WORK_PID
+  measure "same work (hand-written handler)" "http://127.0.0.1:$SAME_WORK_PORT$LIST"
   start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (redis mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false REDIS_URL=; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
@@ -141,6 +149,11 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
       printf "| %s | %.0f | %.2f | %.2f | %d | %.1f |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s])
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
+    base = "same work (hand-written handler)"
+    for (m = 1; m <= 2; m++) {
+      s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
+      printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
+    }
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]

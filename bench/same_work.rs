@@ -1,0 +1,213 @@
+//! The same-work baseline: the benchmarked route (`GET /api/projects/{id}/tasks?limit=20`) as a
+//! hand-written actix-web handler with no DI and no middleware, doing the work nestling's L1-hit
+//! path does: the bearer token's SHA-256, four lookups in one moka cache configured like
+//! nestling's L1 (session, project, membership, task page, under nestling's keys), the expiry
+//! check, the project's workspace read from its JSON, the role read from its JSON, a keyed
+//! rate-limit check (governor, per user), and the same body with its ETag. A miss (the first
+//! request) loads the session and the role from Postgres, and the project and the page from the
+//! files `bench/run.sh` saved from nestling: only hits are measured.
+//!
+//! Usage: same_work <page body file> <project body file> <port>; the database is the app's
+//! (`DATABASE_URL`, or the dev service).
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG};
+use actix_web::web::{self, Bytes};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use moka::future::Cache;
+use nestling::config::Settings;
+use nestling::infra::redis::keys::KeyRegistry;
+use nestling::modules::workspaces::model::{InWorkspace, Role};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Clone)]
+struct Entry {
+    bytes: Bytes,
+    etag: HeaderValue,
+    expires_at: Instant,
+}
+
+struct State {
+    cache: Cache<String, Entry, foldhash::fast::RandomState>,
+    keys: KeyRegistry,
+    limiter: DefaultKeyedRateLimiter<Uuid>,
+    db: PgPool,
+    page: Bytes,
+    project: Bytes,
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    offset: Option<u32>,
+}
+
+impl State {
+    /// The cached bytes under `key`, or `load`'s (kept for `ttl`); `None` when nothing is found.
+    async fn get_or_fill<F>(&self, key: &str, ttl: Duration, load: F) -> Option<Entry>
+    where
+        F: std::future::Future<Output = Option<Bytes>>,
+    {
+        if let Some(entry) = self.cache.get(key).await {
+            if entry.expires_at > Instant::now() {
+                return Some(entry);
+            }
+        }
+        let bytes = load.await?;
+        let digest = Sha256::digest(&bytes);
+        let etag = HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..8]))).unwrap();
+        let entry = Entry {
+            bytes,
+            etag,
+            expires_at: Instant::now() + ttl,
+        };
+        self.cache.insert(key.to_owned(), entry.clone()).await;
+        Some(entry)
+    }
+}
+
+async fn list_tasks(
+    state: web::Data<State>,
+    project_id: web::Path<Uuid>,
+    query: web::Query<ListQuery>,
+    request: HttpRequest,
+) -> HttpResponse {
+    let Some(token) = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+    else {
+        return HttpResponse::Unauthorized().finish();
+    };
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let session_key = state.keys.auth_token(&digest);
+    let ttl = |key: &nestling::infra::redis::keys::CacheKey| state.keys.ttl(key.namespace);
+    let load_session = async {
+        let row: Option<(Uuid, i64)> = sqlx::query_as(
+            "SELECT user_id, (extract(epoch FROM expires_at) * 1000)::bigint FROM auth_tokens WHERE token_hash = $1",
+        )
+        .bind(&digest[..])
+        .fetch_optional(&state.db)
+        .await
+        .ok()?;
+        let (user_id, expires_at_ms) = row?;
+        let mut bytes = Vec::with_capacity(24);
+        bytes.extend_from_slice(user_id.as_bytes());
+        bytes.extend_from_slice(&expires_at_ms.to_be_bytes());
+        Some(Bytes::from(bytes))
+    };
+    let Some(session) = state
+        .get_or_fill(session_key.l1_key(), ttl(&session_key), load_session)
+        .await
+    else {
+        return HttpResponse::Unauthorized().finish();
+    };
+    let (user_id, expires_at_ms) = session
+        .bytes
+        .split_first_chunk::<16>()
+        .map(|(id, rest)| (Uuid::from_bytes(*id), i64::from_be_bytes(rest.try_into().unwrap())))
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    if expires_at_ms <= now_ms {
+        return HttpResponse::Unauthorized().finish();
+    }
+    if state.limiter.check_key(&user_id).is_err() {
+        return HttpResponse::TooManyRequests().finish();
+    }
+
+    let project_id = project_id.into_inner();
+    let project_key = state.keys.project(project_id);
+    let project = state
+        .get_or_fill(project_key.l1_key(), ttl(&project_key), async {
+            Some(state.project.clone())
+        })
+        .await
+        .unwrap();
+    let Ok(owner) = serde_json::from_slice::<InWorkspace>(&project.bytes) else {
+        return HttpResponse::InternalServerError().finish();
+    };
+
+    let member_key = state.keys.member(owner.workspace_id, user_id);
+    let load_role = async {
+        let role: Option<Role> =
+            sqlx::query_scalar("SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2")
+                .bind(owner.workspace_id)
+                .bind(user_id)
+                .fetch_optional(&state.db)
+                .await
+                .ok()?;
+        Some(Bytes::from(serde_json::to_vec(&role?).ok()?))
+    };
+    let Some(role) = state
+        .get_or_fill(member_key.l1_key(), ttl(&member_key), load_role)
+        .await
+    else {
+        return HttpResponse::NotFound().finish();
+    };
+    if serde_json::from_slice::<Role>(&role.bytes).is_err() {
+        return HttpResponse::InternalServerError().finish();
+    }
+
+    let variant = format!(
+        "status=&assignee=&limit={}&offset={}",
+        query.limit.unwrap_or(20),
+        query.offset.unwrap_or(0)
+    );
+    let page_key = state.keys.task_list(project_id, variant);
+    let page = state
+        .get_or_fill(page_key.l1_key(), ttl(&page_key), async { Some(state.page.clone()) })
+        .await
+        .unwrap();
+    HttpResponse::Ok()
+        .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
+        .insert_header((ETAG, page.etag))
+        .body(page.bytes)
+}
+
+#[actix_web::main]
+async fn main() -> std::io::Result<()> {
+    let usage = "usage: same_work <page body file> <project body file> <port>";
+    let mut args = std::env::args().skip(1);
+    let page = Bytes::from(std::fs::read(args.next().expect(usage))?);
+    let project = Bytes::from(std::fs::read(args.next().expect(usage))?);
+    let port: u16 = args.next().and_then(|p| p.parse().ok()).expect(usage);
+    let mut settings = Settings::from_env().expect("settings");
+    // The app's own way to its database (DATABASE_URL, or the dev service), without migrating.
+    let db = nestling::infra::database::prepare(&mut settings, false)
+        .await
+        .expect("the app's database");
+    let cache = Cache::builder()
+        .max_capacity(settings.cache.l1_max_bytes)
+        .weigher(|key: &String, entry: &Entry| u32::try_from(key.len() + entry.bytes.len() + 160).unwrap_or(u32::MAX))
+        .time_to_live(settings.ttl.auth_token)
+        .support_invalidation_closures()
+        .build_with_hasher(foldhash::fast::RandomState::default());
+    // The quota nestling's /api policy is given in the benchmark: it decides, it never denies.
+    let quota = Quota::per_hour(NonZeroU32::new(1_000_000_000).unwrap());
+    let state = web::Data::new(State {
+        cache,
+        keys: KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
+        limiter: RateLimiter::keyed(quota),
+        db,
+        page,
+        project,
+    });
+    HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/api/projects/{id}/tasks", web::get().to(list_tasks))
+    })
+    .bind(("127.0.0.1", port))?
+    .run()
+    .await
+}
