@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::instance::{binary, Instance, TestDatabase};
 use crate::helpers::redis::{private_redis_with, RedisOptions};
+use crate::helpers::servers::ensure_installed;
 use crate::helpers::{private_redis, Backend};
 
 const PLAN: &str = include_str!("../../docs/MIGRATION.md");
@@ -262,6 +263,7 @@ fn the_acl_user_of_the_plan_may_run_exactly_the_commands_the_app_sends() {
 
 #[tokio::test]
 async fn phase_1_development_runs_as_written() {
+    ensure_commands(&[("curl", "curl")]);
     // 1.1: the harness runs redis-server with the document's flags, on a port of its own.
     let start = step("1.1");
     assert_eq!(
@@ -287,8 +289,22 @@ async fn phase_1_development_runs_as_written() {
     a_write_reaches_the_other_instance(&second, &first).await;
 }
 
+/// Installs what the document's commands need when missing (as the harness does for servers).
+fn ensure_commands(commands: &[(&str, &str)]) {
+    for (command, package) in commands {
+        let present = || {
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        ensure_installed(present, package, command);
+    }
+}
+
 #[tokio::test]
 async fn phase_2_staging_runs_as_written() {
+    ensure_commands(&[("redis-cli", "redis-tools"), ("wrk", "wrk"), ("curl", "curl")]);
     let redis = private_redis_with(RedisOptions {
         tls: true,
         ..Default::default()
@@ -337,6 +353,7 @@ async fn cluster_nodes() -> String {
 
 #[tokio::test]
 async fn phase_3_production_runs_as_written() {
+    ensure_commands(&[("curl", "curl")]);
     let db = TestDatabase::create().await;
     let (env, swaps) = production(&db, cluster_nodes().await);
 
@@ -362,6 +379,7 @@ async fn phase_3_production_runs_as_written() {
 
 #[tokio::test]
 async fn phase_4_rollback_runs_as_written() {
+    ensure_commands(&[("curl", "curl")]);
     let db = TestDatabase::create().await;
     let (env, swaps) = production(&db, cluster_nodes().await);
     // Where phase 3 ends: REDIS_ENABLED=true in the deployment.
