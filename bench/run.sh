@@ -111,7 +111,7 @@ target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
 CEILING_PID=$!
 PIDS+=("$CEILING_PID")
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CEILING_PORT/" >/dev/null && break; sleep 0.05; done
-RUST_LOG=error target/release/examples/same_work "$WORK/body.json" "$WORK/project.json" "$SAME_WORK_PORT" &
+RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" target/release/examples/same_work "$WORK/body.json" "$WORK/project.json" "$SAME_WORK_PORT" &
 SAME_WORK_PID=$!
 PIDS+=("$SAME_WORK_PID")
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$SAME_WORK_PORT$LIST" -H "authorization: Bearer $TOKEN" >/dev/null && break; sleep 0.05; done
@@ -121,6 +121,8 @@ for ROUND in $(seq "$ROUNDS"); do
   measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
   SERVER_PID=$SAME_WORK_PID
   measure "same work (hand-written handler)" "http://127.0.0.1:$SAME_WORK_PORT$LIST"
+  measure "one Redis GET (hand-written)" "http://127.0.0.1:$SAME_WORK_PORT/one-get$LIST"
+  measure "one query (hand-written)" "http://127.0.0.1:$SAME_WORK_PORT/one-query$LIST"
   start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (redis mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false REDIS_URL=; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
@@ -154,6 +156,8 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
       s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
       printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
     }
+    printf "L2 hit (L1 off) / one Redis GET: %.0f %%; the L2 figure to double: %.0f req/s\n", 100 * r["L2 hit (L1 off)"] / r["one Redis GET (hand-written)"], r["L2 hit (L1 off)"]
+    printf "uncached / one query: %.0f %% (target >= 50 %%)\n", 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]

@@ -7,6 +7,10 @@
 //! request) loads the session and the role from Postgres, and the project and the page from the
 //! files `bench/run.sh` saved from nestling: only hits are measured.
 //!
+//! Two more routes give the other tiers their yardsticks: `/one-query/...` reads the same page
+//! with one query and serializes it, and `/one-get/...` answers the page's bytes from one Redis
+//! GET (on `REDIS_URL`), both without authentication.
+//!
 //! Usage: same_work <page body file> <project body file> <port>; the database is the app's
 //! (`DATABASE_URL`, or the dev service).
 
@@ -20,6 +24,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use nestling::config::Settings;
 use nestling::infra::redis::keys::KeyRegistry;
+use nestling::modules::tasks::model::Task;
 use nestling::modules::workspaces::model::{InWorkspace, Role};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -39,6 +44,8 @@ struct State {
     db: PgPool,
     page: Bytes,
     project: Bytes,
+    redis: Option<redis::aio::MultiplexedConnection>,
+    page_in_redis: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -174,6 +181,36 @@ async fn list_tasks(
         .body(page.bytes)
 }
 
+/// One query for the page's rows (the app's columns and order), serialized.
+async fn one_query(state: web::Data<State>, project_id: web::Path<Uuid>) -> HttpResponse {
+    let rows: Result<Vec<Task>, _> = sqlx::query_as(
+        "SELECT id, project_id, workspace_id, title, description, status, priority, assignee_id, due_date, \
+         completed_at, created_at, updated_at FROM tasks WHERE project_id = $1 ORDER BY created_at, id LIMIT 20",
+    )
+    .bind(project_id.into_inner())
+    .fetch_all(&state.db)
+    .await;
+    match rows.map(|rows| serde_json::to_vec(&rows)) {
+        Ok(Ok(body)) => HttpResponse::Ok().content_type("application/json").body(body),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+/// The page's bytes from one Redis GET.
+async fn one_get(state: web::Data<State>) -> HttpResponse {
+    let Some(mut connection) = state.redis.clone() else {
+        return HttpResponse::ServiceUnavailable().finish();
+    };
+    let page: redis::RedisResult<Vec<u8>> = redis::cmd("GET")
+        .arg(&state.page_in_redis)
+        .query_async(&mut connection)
+        .await;
+    match page {
+        Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
+        Err(_) => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let usage = "usage: same_work <page body file> <project body file> <port>";
@@ -194,6 +231,20 @@ async fn main() -> std::io::Result<()> {
         .build_with_hasher(foldhash::fast::RandomState::default());
     // The quota nestling's /api policy is given in the benchmark: it decides, it never denies.
     let quota = Quota::per_hour(NonZeroU32::new(1_000_000_000).unwrap());
+    let page_in_redis = format!("{}bench:same-work-page", settings.redis.key_prefix);
+    let redis = match redis::Client::open(settings.redis.url.as_str()) {
+        Ok(client) => client.get_multiplexed_async_connection().await.ok(),
+        Err(_) => None,
+    };
+    if let Some(mut connection) = redis.clone() {
+        let _: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&page_in_redis)
+            .arg(&page[..])
+            .arg("EX")
+            .arg(3600)
+            .query_async(&mut connection)
+            .await;
+    }
     let state = web::Data::new(State {
         cache,
         keys: KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
@@ -201,11 +252,15 @@ async fn main() -> std::io::Result<()> {
         db,
         page,
         project,
+        redis,
+        page_in_redis,
     });
     HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .route("/api/projects/{id}/tasks", web::get().to(list_tasks))
+            .route("/one-query/api/projects/{id}/tasks", web::get().to(one_query))
+            .route("/one-get/api/projects/{id}/tasks", web::get().to(one_get))
     })
     .bind(("127.0.0.1", port))?
     .run()
