@@ -73,10 +73,10 @@ pub struct RedisSettings {
     /// `REDIS_CLUSTER_NODES`: seed nodes of a Redis Cluster (`redis://` or `rediss://` URLs,
     /// comma-separated). When set, the cluster client is used and `REDIS_URL` is not.
     pub cluster_nodes: Vec<String>,
-    /// `REDIS_URL` (or `REDIS_CLUSTER_NODES`) is set: with Redis caching off, the instance still keeps the fleet in sync
-    /// through it (mode `memory-synced`: it publishes and hears invalidations, deletes L2 keys
-    /// its writes replace, and follows the fleet-wide switch). Unset, memory mode is strict:
-    /// no connection at all.
+    /// `REDIS_URL` (or `REDIS_CLUSTER_NODES`) is set: with Redis caching off, the instance still
+    /// keeps the fleet in sync through it (mode `memory-synced`: it publishes and hears
+    /// invalidations, deletes L2 keys its writes replace, and follows the fleet-wide switch).
+    /// Unset, memory mode is strict: no connection at all.
     pub fleet_sync: bool,
     /// PEM file of the CA that signed the server's certificate, for `rediss://` with a private CA
     /// (the system roots are used otherwise).

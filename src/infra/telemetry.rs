@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::infra::redis::info_field;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
@@ -261,15 +262,10 @@ impl MetricsRegistry for PrometheusMetrics {
         t.redis_enabled.set(i64::from(redis_status.enabled));
         t.redis_up.set(i64::from(redis_status.usable()));
         if let Some(redis) = self.redis.active().filter(|_| redis_status.usable()) {
-            let memory = redis.info("memory").await;
-            if let Ok(memory) = memory {
-                let field = |name: &str| {
-                    memory
-                        .lines()
-                        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
-                };
-                t.redis_memory_used.set(field("used_memory").unwrap_or(0));
-                t.redis_memory_max.set(field("maxmemory").unwrap_or(0));
+            if let Ok(memory) = redis.info("memory").await {
+                let field = |name| info_field(&memory, name).and_then(|v| v.parse().ok()).unwrap_or(0);
+                t.redis_memory_used.set(field("used_memory"));
+                t.redis_memory_max.set(field("maxmemory"));
             }
         }
         if let Some(redis) = self.redis.active() {

@@ -223,15 +223,7 @@ async fn redis_check_passes_on_a_usable_redis_and_warns_when_the_cache_may_evict
     }
     assert!(!stdout.contains("allkeys"), "{stdout}");
 
-    // Our own server: the test may reconfigure it.
-    let mut connection = redis.connection().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("allkeys-lru")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    redis.config_set("maxmemory-policy", "allkeys-lru").await;
     let (code, stdout, _) = redis_check(&redis.url()).await;
     assert_eq!(code, Some(0), "warnings do not fail the check:\n{stdout}");
     let warning = stdout

@@ -213,6 +213,18 @@ async fn invented_methods_and_unknown_paths_do_not_grow_the_metric_series() {
 }
 
 /// The metric names a PromQL expression refers to (`nestling_…`, histogram suffixes kept).
+/// Every one of `names` has a sample in the `/metrics` text `exported`.
+fn assert_exported(exported: &str, names: &[String], by: &str) {
+    for name in names {
+        assert!(
+            exported
+                .lines()
+                .any(|line| line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))),
+            "{name} is {by} but not exported"
+        );
+    }
+}
+
 fn metric_names(expression: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = expression;
@@ -247,14 +259,7 @@ async fn every_metric_the_alert_rules_name_is_exported() {
     named.sort();
     named.dedup();
     assert!(named.len() >= 7, "the rules name only {named:?}");
-    for name in &named {
-        assert!(
-            exported
-                .lines()
-                .any(|line| line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))),
-            "{name} is named by docs/alerts.yml but not exported"
-        );
-    }
+    assert_exported(&exported, &named, "named by docs/alerts.yml");
     // "Redis down" must not fire in memory mode, nor stay silent in redis mode.
     assert!(
         exported.lines().any(|l| l == "nestling_redis_enabled 1")
@@ -283,14 +288,8 @@ async fn every_metric_the_alert_rules_name_is_exported() {
 #[tokio::test]
 async fn admin_redis_keys_counts_keys_per_namespace_by_scan_and_shows_memory_against_maxmemory() {
     let redis = crate::helpers::private_redis().await;
+    redis.config_set("maxmemory", "100mb").await;
     let mut connection = redis.connection().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("100mb")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
     let app = TestApp::builder()
         .redis(&redis)
         .settings(|s| s.app.admin_token = Some(ADMIN.into()))
@@ -385,12 +384,5 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         .await
         .assert_status(200);
     let exported = app.request(Method::GET, "/metrics", None, None).await.text;
-    for name in &named {
-        assert!(
-            exported
-                .lines()
-                .any(|line| line.starts_with(&format!("{name} ")) || line.starts_with(&format!("{name}{{"))),
-            "{name} is queried by the dashboard but not exported"
-        );
-    }
+    assert_exported(&exported, &named, "queried by the dashboard");
 }

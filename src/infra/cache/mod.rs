@@ -94,7 +94,7 @@ use crate::config::CacheSettings;
 use crate::error::{AppError, AppResult};
 use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
-use crate::infra::redis::{Redis, RedisFailure, RedisService, ScanCursor};
+use crate::infra::redis::{Redis, RedisFailure, RedisService, RedisStatus, ScanCursor};
 use crate::infra::telemetry::Telemetry;
 
 /// Where a response came from: the `X-Cache` header.
@@ -638,11 +638,10 @@ impl Inner {
         }
         // Memory-synced and back: the subscriber heard the fleet throughout and our writes
         // invalidated L2, so both tiers stay as they are (no burst of misses mid-rollout).
-        log::info!("cache: mode {}", self.mode().as_str());
+        log::info!("cache: mode {}", self.mode(&self.redis.status()).as_str());
     }
 
-    fn mode(&self) -> CacheMode {
-        let redis = self.redis.status();
+    fn mode(&self, redis: &RedisStatus) -> CacheMode {
         if !redis.enabled {
             if self.redis.is_syncing() {
                 CacheMode::MemorySynced
@@ -670,9 +669,9 @@ impl Inner {
     }
 
     /// Whether an L1 entry may be served. In strict memory mode always (nothing to hear). Hearing
-    /// the fleet (redis and memory-synced modes), only if this instance heard every invalidation until less than `unsynced_ttl`
-    /// ago, or the entry is younger than that: another instance's write goes unseen here for at
-    /// most that long, even while the subscriber is down.
+    /// the fleet (redis and memory-synced modes), only if this instance heard every invalidation
+    /// until less than `unsynced_ttl` ago, or the entry is younger than that: another instance's
+    /// write goes unseen here for at most that long, even while the subscriber is down.
     fn in_sync(&self, filled_at: Instant, now: Instant) -> bool {
         if !self.redis.is_syncing() {
             return true;
@@ -710,6 +709,27 @@ impl Inner {
         }
     }
 
+    /// `<instance>|<body>`: what the subscribers hear (they skip their own instance's).
+    fn fleet_message(&self, body: &str) -> String {
+        format!("{}|{body}", self.instance)
+    }
+
+    /// Publishes `body` (a key, or one of the subscriber's commands) on the invalidation channel;
+    /// returns how many subscribers received it.
+    async fn tell_fleet(&self, redis: &Redis, body: &str) -> Result<u64, RedisFailure> {
+        let channel = self.keys.invalidation_channel();
+        let message = self.fleet_message(body);
+        redis
+            .call(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await
+            })
+            .await
+    }
+
     async fn send_invalidations(&self, redis: &Redis, redis_keys: &[String]) -> Result<(), RedisFailure> {
         let channel = self.keys.invalidation_channel();
         let bump_and_delete = |pipe: &mut redis::Pipeline, redis_key: &str| {
@@ -724,7 +744,7 @@ impl Inner {
             publish
                 .cmd("PUBLISH")
                 .arg(&channel)
-                .arg(format!("{}|{redis_key}", self.instance))
+                .arg(self.fleet_message(redis_key))
                 .ignore();
         }
         if !redis.is_cluster() {
@@ -792,18 +812,8 @@ impl Inner {
         let outcome = tokio::time::timeout(FLUSH_DEADLINE, scan_and_unlink)
             .await
             .unwrap_or(Err(RedisFailure::Timeout(FLUSH_DEADLINE)));
-        let channel = self.keys.invalidation_channel();
-        let message = format!("{}|{}", self.instance, subscriber::FLUSH_ALL);
-        let _ = redis
-            .call(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(message)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
-            .await;
         // Even a partial flush deleted keys other instances may hold in L1.
+        let _ = self.tell_fleet(redis, subscriber::FLUSH_ALL).await;
         outcome
     }
 
@@ -1097,7 +1107,7 @@ impl CacheService for TieredCache {
         let inner = &self.inner;
         let redis = inner.redis.status();
         CacheStatus {
-            mode: inner.mode(),
+            mode: inner.mode(&redis),
             breaker: redis.breaker,
             subscriber_connected: inner.subscriber_connected.load(Ordering::Acquire),
             l1_entries: inner.l1.entry_count(),
@@ -1156,22 +1166,12 @@ impl CacheService for TieredCache {
     async fn set_fleet_redis_enabled(&self, enabled: bool) -> Result<u64, RedisFailure> {
         let inner = &self.inner;
         let redis = inner.sync_redis().ok_or(RedisFailure::Disabled)?;
-        let channel = inner.keys.invalidation_channel();
         let switch = if enabled {
             subscriber::FLEET_REDIS_ON
         } else {
             subscriber::FLEET_REDIS_OFF
         };
-        let message = format!("{}|{switch}", inner.instance);
-        let reached = redis
-            .call(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(message)
-                    .query_async::<u64>(&mut c)
-                    .await
-            })
-            .await?;
+        let reached = inner.tell_fleet(redis, switch).await?;
         // Our own subscriber skips our messages: switch here.
         inner.set_redis_enabled(enabled);
         Ok(reached)

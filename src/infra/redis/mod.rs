@@ -345,6 +345,13 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, RedisFailure> {
     }
 }
 
+/// One `name:value` field of an `INFO` answer.
+pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// Where a `SCAN` over every node stands: the cursor on the current node (one node for a
 /// standalone server, each master in turn on a cluster).
 #[derive(Debug, Clone, Default)]
@@ -525,16 +532,13 @@ impl Redis {
     /// cluster in turn; `cursor.done()` after the last. Never `KEYS`: a step is cheap for Redis
     /// however many keys it holds.
     pub async fn scan(&self, cursor: &mut ScanCursor, pattern: &str) -> Result<Vec<String>, RedisFailure> {
-        let step = |at: u64| {
-            redis::cmd("SCAN")
-                .arg(at)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .to_owned()
-        };
-        let command = step(cursor.cursor);
+        let command = redis::cmd("SCAN")
+            .arg(cursor.cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .to_owned();
         let masters = cursor.masters.clone();
         let node = cursor.node;
         type Step = (u64, Vec<String>, Option<Vec<(String, u16)>>);
@@ -579,13 +583,8 @@ impl Redis {
                 Connection::Cluster(mut c) => {
                     let nodes = cluster::info_of_masters(&mut c, &section).await?;
                     let share = |text: &str| {
-                        let field = |name: &str| -> f64 {
-                            text.lines()
-                                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                                .and_then(|value| value.trim().parse().ok())
-                                .unwrap_or(0.0)
-                        };
-                        field("used_memory") / field("maxmemory").max(1.0)
+                        let field = |name| info_field(text, name).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                        field("used_memory") / f64::max(field("maxmemory"), 1.0)
                     };
                     let count = nodes.len();
                     let fullest = nodes

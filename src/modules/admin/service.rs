@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
-use crate::infra::redis::{Redis, RedisFailure, RedisService, ScanCursor};
+use crate::infra::redis::{info_field, Redis, RedisFailure, RedisService, ScanCursor};
 use crate::modules::auth::extractor::MISSING_TOKEN;
 use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
@@ -211,12 +211,6 @@ impl Admin {
 
 /// Keys a distribution samples at most: enough for shares, bounded for a Redis of millions.
 const KEY_SAMPLE: u64 = 100_000;
-
-fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .map(str::trim)
-}
 
 #[async_trait]
 impl AdminService for Admin {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nestling::infra::database::local_server::free_port;
 
-use super::servers::{ensure_installed, register_cleanup, stop_child};
+use super::servers::{ensure_installed, private_server, register_cleanup, shared_server, stop_child};
 
 const NODES: usize = 6;
 /// How long a master may be silent before its replica takes over: short, so failover tests are.
@@ -263,15 +263,9 @@ impl Drop for TestCluster {
 /// The cluster shared by the tests of this binary.
 pub fn shared_cluster() -> &'static TestCluster {
     static SHARED: OnceLock<TestCluster> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        std::thread::spawn(TestCluster::start)
-            .join()
-            .expect("shared cluster starts")
-    })
+    shared_server(&SHARED, TestCluster::start)
 }
 
 pub async fn private_cluster() -> TestCluster {
-    tokio::task::spawn_blocking(TestCluster::start)
-        .await
-        .expect("private cluster starts")
+    private_server(TestCluster::start).await
 }

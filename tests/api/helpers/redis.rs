@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nestling::infra::database::local_server::free_port;
 
-use super::servers::{ensure_installed, register_cleanup, stop_child};
+use super::servers::{ensure_installed, register_cleanup, shared_server, stop_child};
 
 pub struct TestRedis {
     pub port: u16,
@@ -257,6 +257,17 @@ impl TestRedis {
         self.launch();
     }
 
+    /// `CONFIG SET name value` on this server (the test's own: it may reconfigure it).
+    pub async fn config_set(&self, name: &str, value: &str) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut self.connection().await)
+            .await
+            .unwrap();
+    }
+
     /// A plain connection for assertions (PTTL, INFO, ...), as the default user.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         let client = if self.options.tls {
@@ -285,11 +296,7 @@ impl Drop for TestRedis {
 /// The `redis-server` shared by the tests of this binary.
 pub fn shared_redis() -> &'static TestRedis {
     static SHARED: OnceLock<TestRedis> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        std::thread::spawn(TestRedis::start)
-            .join()
-            .expect("shared redis starts")
-    })
+    shared_server(&SHARED, TestRedis::start)
 }
 
 pub async fn private_redis() -> TestRedis {

@@ -297,28 +297,32 @@ fn make_traversable(dir: &Path) {
     local_server::hand_to_server_user(dir).expect("chown");
 }
 
+/// The server in `cell`, started by `start` the first time: one per test binary. Started on a
+/// plain thread, since the test calling first may be inside an async runtime.
+pub fn shared_server<T: Send + Sync + 'static>(cell: &'static OnceLock<T>, start: fn() -> T) -> &'static T {
+    cell.get_or_init(|| std::thread::spawn(start).join().expect("a shared server starts"))
+}
+
+/// A server of the test's own (to freeze or kill), started off the test's runtime.
+pub async fn private_server<T: Send + 'static>(start: fn() -> T) -> T {
+    tokio::task::spawn_blocking(start)
+        .await
+        .expect("a private server starts")
+}
+
+fn postgres_with_template() -> TestPostgres {
+    let server = TestPostgres::start();
+    server.create_template();
+    server
+}
+
 /// The Postgres shared by every test of this binary, with its migrated template database.
 pub fn shared_postgres() -> &'static TestPostgres {
     static SHARED: OnceLock<TestPostgres> = OnceLock::new();
-    // Started on a plain thread: the test calling first may be inside an async runtime.
-    SHARED.get_or_init(|| {
-        std::thread::spawn(|| {
-            let server = TestPostgres::start();
-            server.create_template();
-            server
-        })
-        .join()
-        .expect("shared postgres starts")
-    })
+    shared_server(&SHARED, postgres_with_template)
 }
 
 /// A private Postgres for a test that will freeze or kill it (with the template created too).
 pub async fn private_postgres() -> TestPostgres {
-    tokio::task::spawn_blocking(|| {
-        let server = TestPostgres::start();
-        server.create_template();
-        server
-    })
-    .await
-    .expect("private postgres starts")
+    private_server(postgres_with_template).await
 }
