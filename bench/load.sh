@@ -22,9 +22,11 @@ need curl curl
 need wrk wrk
 
 BASE=${BASES[0]}
-TOKEN=$(curl -sf -X POST "$BASE/api/auth/login" -H 'content-type: application/json' \
-  -d "{\"email\":\"$EMAIL\",\"password\":\"$PASSWORD\"}" | sed -E 's/.*"token":"([^"]+)".*/\1/')
-[ -n "$TOKEN" ] || { echo "load test: cannot log in as $EMAIL at $BASE" >&2; exit 1; }
+# Not -f: a refused login (wrong password, 429 from the login limit) is reported, not silent.
+LOGIN=$(curl -s -X POST "$BASE/api/auth/login" -H 'content-type: application/json' \
+  -d "{\"email\":\"$EMAIL\",\"password\":\"$PASSWORD\"}")
+TOKEN=$(sed -nE 's/.*"token":"([^"]+)".*/\1/p' <<<"$LOGIN")
+[ -n "$TOKEN" ] || { echo "load test: cannot log in as $EMAIL at $BASE: $LOGIN" >&2; exit 1; }
 auth=(-H "authorization: Bearer $TOKEN")
 WORKSPACE=$(curl -sf "$BASE/api/workspaces" "${auth[@]}" | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4)
 PROJECT=$(curl -sf "$BASE/api/workspaces/$WORKSPACE/projects" "${auth[@]}" | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4)
