@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::Server;
-use actix_web::middleware::{from_fn, Condition, Logger};
+use actix_web::middleware::{Condition, Logger};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -13,10 +13,10 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::Settings;
 use crate::container::{self, AppModule};
 use crate::error;
-use crate::infra::cache::{http_cache, CacheService};
+use crate::infra::cache::CacheService;
 use crate::infra::database::{self, DatabaseSetupError};
-use crate::infra::request_id::request_id;
-use crate::infra::telemetry::{record_http, MetricsRegistry};
+use crate::infra::edge::Edge;
+use crate::infra::telemetry::MetricsRegistry;
 use crate::modules;
 use crate::openapi::ApiDoc;
 use shaku::{HasComponent, ModuleBuilder};
@@ -57,7 +57,7 @@ impl Application {
         let cache: Arc<dyn CacheService> = module.resolve();
         cache.start();
         let metrics: Arc<dyn MetricsRegistry> = module.resolve();
-        let telemetry = web::Data::new(metrics.telemetry());
+        let telemetry = metrics.telemetry();
         let address = format!("{}:{}", settings.app.host, settings.app.port);
         let bind_error = |source| StartupError::Bind {
             address: address.clone(),
@@ -73,10 +73,7 @@ impl Application {
                 .app_data(error::json_config())
                 .app_data(error::path_config())
                 .app_data(error::query_config())
-                .app_data(telemetry.clone())
-                .wrap(from_fn(http_cache))
-                .wrap(from_fn(record_http))
-                .wrap(from_fn(request_id))
+                .wrap(Edge::new(telemetry.clone()))
                 // The logger renders its fields for every request; mount it only when it will print.
                 .wrap(Condition::new(
                     request_log,

@@ -1,9 +1,9 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, rate limiting, request ids, Prometheus telemetry.
+//! breaker), the two-tier cache, rate limiting, the app-wide middleware (`edge`), Prometheus telemetry.
 
 pub mod cache;
 pub mod database;
+pub mod edge;
 pub mod rate_limit;
 pub mod redis;
-pub mod request_id;
 pub mod telemetry;

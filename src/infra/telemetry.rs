@@ -6,10 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::infra::redis::info_field;
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::middleware::Next;
-use actix_web::web;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -169,47 +165,6 @@ impl Telemetry {
         self.loader_duration
             .with_label_values(&[namespace])
             .observe(took.as_secs_f64());
-    }
-}
-
-/// Middleware: counts and times every request by its route pattern (`/api/tasks/{id}`), so the
-/// label set stays small whatever ids clients send.
-pub async fn record_http(
-    req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let telemetry = req.app_data::<web::Data<Arc<Telemetry>>>().map(|t| t.get_ref().clone());
-    let method = method_label(req.method());
-    let started = Instant::now();
-    let response = next.call(req).await?;
-    if let Some(telemetry) = telemetry {
-        let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-        let status = response.status();
-        telemetry
-            .http_requests
-            .with_label_values(&[method, &route, status.as_str()])
-            .inc();
-        telemetry
-            .http_duration
-            .with_label_values(&[method, &route])
-            .observe(started.elapsed().as_secs_f64());
-    }
-    Ok(response)
-}
-
-/// The method as a label: the standard ones by name, anything a client invents as `other`, so
-/// that label values stay a fixed set.
-fn method_label(method: &actix_web::http::Method) -> &'static str {
-    use actix_web::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
     }
 }
 

@@ -17,61 +17,9 @@ tokio::task_local! {
     static BYPASS: bool;
 }
 
-/// Middleware for HTTP caching: a request with `Cache-Control: no-cache` reads everything fresh
-/// from Postgres (`X-Cache: BYPASS`) and leaves the cache as it is; a GET whose `If-None-Match`
-/// names the answer's `ETag` gets `304 Not Modified` without the body. The handler still runs,
-/// so authentication and authorization are checked as for any read.
-pub async fn http_cache(
-    req: actix_web::dev::ServiceRequest,
-    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
-) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    use actix_web::http::{header, Method, StatusCode};
-    let headers = req.headers();
-    let no_cache = headers
-        .get(header::CACHE_CONTROL)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| {
-            value
-                .split(',')
-                .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
-        });
-    let if_none_match = match *req.method() {
-        Method::GET | Method::HEAD => headers.get(header::IF_NONE_MATCH).cloned(),
-        _ => None,
-    };
-    let response = if no_cache {
-        BYPASS.scope(true, next.call(req)).await?
-    } else {
-        next.call(req).await?
-    };
-    let unchanged = if_none_match.is_some_and(|wanted| {
-        response.status() == StatusCode::OK
-            && response
-                .headers()
-                .get(header::ETAG)
-                .is_some_and(|etag| etag_matches(wanted.as_bytes(), etag.as_bytes()))
-    });
-    if !unchanged {
-        return Ok(response.map_into_left_body());
-    }
-    let (req, response) = response.into_parts();
-    let mut not_modified = response.set_body(());
-    *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
-    not_modified.headers_mut().remove(header::CONTENT_TYPE);
-    Ok(actix_web::dev::ServiceResponse::new(req, not_modified).map_into_right_body())
-}
-
-/// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
-/// (RFC 9110 §13.1.2).
-fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
-    fn opaque(tag: &[u8]) -> &[u8] {
-        tag.strip_prefix(b"W/").unwrap_or(tag)
-    }
-    let ours = opaque(etag);
-    if_none_match
-        .split(|b| *b == b',')
-        .map(|tag| tag.trim_ascii())
-        .any(|tag| tag == b"*" || opaque(tag) == ours)
+/// Runs a request as one that asked not to be served from the cache (see `infra::edge`).
+pub async fn bypassing_cache<F: std::future::Future>(request: F) -> F::Output {
+    BYPASS.scope(true, request).await
 }
 
 use std::collections::{HashMap, HashSet};

@@ -1,0 +1,201 @@
+//! `Edge`: the one app-wide middleware, around every request (errors included):
+//! - `X-Request-Id`: kept when the client sends a sane one, generated otherwise, echoed on every
+//!   response so the request log line and the client agree;
+//! - HTTP metrics: counts and times each request by its route pattern (`/api/tasks/{id}`), so the
+//!   label set stays small whatever ids clients send;
+//! - HTTP caching: `Cache-Control: no-cache` reads everything fresh from Postgres (`X-Cache:
+//!   BYPASS`) and leaves the cache as it is; a GET whose `If-None-Match` names the answer's `ETag`
+//!   gets `304 Not Modified` without the body. The handler still runs, so authentication and
+//!   authorization are checked as for any read.
+//!
+//! One middleware rather than three: each layer of actix middleware costs the cached read a boxed
+//! future and a copy of the inner ones (BENCHMARKS.md, [6/6]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use futures_util::future::{ready, LocalBoxFuture, Ready};
+use prometheus::{Histogram, IntCounter};
+
+use crate::infra::cache::bypassing_cache;
+use crate::infra::telemetry::Telemetry;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub struct Edge {
+    telemetry: Arc<Telemetry>,
+}
+
+impl Edge {
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        Self { telemetry }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Edge
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B, ()>>;
+    type Error = actix_web::Error;
+    type Transform = EdgeService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(EdgeService {
+            service: Rc::new(service),
+            metrics: Rc::new(RouteMetrics {
+                telemetry: self.telemetry.clone(),
+                children: RefCell::default(),
+            }),
+        }))
+    }
+}
+
+pub struct EdgeService<S> {
+    service: Rc<S>,
+    metrics: Rc<RouteMetrics>,
+}
+
+/// The HTTP metrics' children, per worker: `with_label_values` hashes the labels under a lock
+/// shared by all workers, on every request. Route patterns, methods and statuses are few.
+struct RouteMetrics {
+    telemetry: Arc<Telemetry>,
+    children: RefCell<HashMap<(&'static str, StatusCode), ByRoute>>,
+}
+
+/// Per route pattern: its request counter (for one method and status) and latency histogram.
+type ByRoute = HashMap<String, (IntCounter, Histogram)>;
+
+impl RouteMetrics {
+    fn record(&self, method: &'static str, response: &ServiceResponse<impl MessageBody>, started: Instant) {
+        let status = response.status();
+        let route = response.request().match_pattern();
+        let route = route.as_deref().unwrap_or("unmatched");
+        let mut children = self.children.borrow_mut();
+        let by_route = children.entry((method, status)).or_default();
+        if !by_route.contains_key(route) {
+            let requests = self
+                .telemetry
+                .http_requests
+                .with_label_values(&[method, route, status.as_str()]);
+            let duration = self.telemetry.http_duration.with_label_values(&[method, route]);
+            by_route.insert(route.to_owned(), (requests, duration));
+        }
+        let (requests, duration) = &by_route[route];
+        requests.inc();
+        duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+impl<S, B> Service<ServiceRequest> for EdgeService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B, ()>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let started = Instant::now();
+        let headers = req.headers();
+        let request_id = headers
+            .get(&X_REQUEST_ID)
+            .filter(|value| is_sane_request_id(value.as_bytes()))
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        let no_cache = headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| {
+                value
+                    .split(',')
+                    .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
+            });
+        let method = method_label(req.method());
+        let if_none_match = match *req.method() {
+            Method::GET | Method::HEAD => headers.get(header::IF_NONE_MATCH).cloned(),
+            _ => None,
+        };
+        let service = self.service.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let mut response = if no_cache {
+                bypassing_cache(service.call(req)).await?
+            } else {
+                service.call(req).await?
+            };
+            // Handler and extractor errors arrive here as responses already: they get it too.
+            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            let unchanged = if_none_match.is_some_and(|wanted| {
+                response.status() == StatusCode::OK
+                    && response
+                        .headers()
+                        .get(header::ETAG)
+                        .is_some_and(|etag| etag_matches(wanted.as_bytes(), etag.as_bytes()))
+            });
+            let response = if unchanged {
+                let (req, response) = response.into_parts();
+                let mut not_modified = response.set_body(());
+                *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+                not_modified.headers_mut().remove(header::CONTENT_TYPE);
+                ServiceResponse::new(req, not_modified).map_into_right_body()
+            } else {
+                response.map_into_left_body()
+            };
+            metrics.record(method, &response, started);
+            Ok(response)
+        })
+    }
+}
+
+fn is_sane_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= 128 && value.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A random UUID, formatted without going through `Display`.
+fn new_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(id).expect("a UUID is a valid header value")
+}
+
+/// The method as a label: the standard ones by name, anything a client invents as `other`, so
+/// that label values stay a fixed set.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
+/// (RFC 9110 §13.1.2).
+fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
+    fn opaque(tag: &[u8]) -> &[u8] {
+        tag.strip_prefix(b"W/").unwrap_or(tag)
+    }
+    let ours = opaque(etag);
+    if_none_match
+        .split(|b| *b == b',')
+        .map(|tag| tag.trim_ascii())
+        .any(|tag| tag == b"*" || opaque(tag) == ours)
+}
