@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use nestling::modules::auth::repository::TokenRepository;
 use nestling::modules::projects::model::Project;
 use nestling::modules::projects::repository::ProjectRepository;
-use nestling::modules::users::model::User;
 use nestling::modules::workspaces::model::{Member, Role, Workspace};
 use nestling::modules::workspaces::repository::{RemoveOutcome, WorkspaceRepository};
 use serde_json::json;
@@ -99,7 +98,7 @@ impl TokenRepository for TokensCommitThenTimeOut {
     async fn insert(&self, token_hash: &[u8], user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error> {
         self.0.insert(token_hash, user_id, expires_at).await
     }
-    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error> {
+    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error> {
         self.0.find_user(token_hash).await
     }
     async fn delete(&self, token_hash: &[u8]) -> Result<(), sqlx::Error> {

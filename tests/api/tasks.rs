@@ -870,3 +870,51 @@ async fn concurrent_patches_of_different_fields_both_stay() {
         );
     }
 }
+
+/// Where nothing comes from a cache (`Cache-Control: no-cache`, or memory mode with L1 off), the
+/// list is authorized and read in one statement ([6/6]): it must still refuse a stranger and a
+/// missing project, tell an empty project from a forbidden one, filter and page.
+#[tokio::test]
+async fn a_list_read_past_the_cache_checks_membership_and_tells_empty_from_forbidden() {
+    let bypassing = TestApp::spawn().await;
+    let l1_off = TestApp::builder()
+        .settings(|s| s.cache.l1_enabled = false)
+        .spawn()
+        .await;
+    for (mode, app, fresh) in [("no-cache", &bypassing, true), ("L1 off", &l1_off, false)] {
+        let read = |user: &TestUser, path: String| {
+            let token = user.token.clone();
+            async move {
+                match fresh {
+                    true => app.get_fresh(&path, &token).await,
+                    false => app.get(&path, &token).await,
+                }
+            }
+        };
+        let (owner, workspace, project) = app.user_with_project().await;
+        let member = app.register_user().await;
+        app.add_member(&owner, id(&workspace), &member).await;
+        let stranger = app.register_user().await;
+
+        let empty = read(&owner, tasks_path(&project)).await;
+        empty.assert_status(200);
+        assert_eq!(empty.body["items"], json!([]), "{mode}: an empty project");
+        read(&stranger, tasks_path(&project))
+            .await
+            .assert_error(404, "project_not_found");
+        let missing = format!("/api/projects/{}/tasks", uuid::Uuid::new_v4());
+        read(&owner, missing).await.assert_error(404, "project_not_found");
+
+        for (title, status) in [("a", "todo"), ("b", "done"), ("c", "todo")] {
+            app.create_task(&owner, id(&project), json!({ "title": title, "status": status }))
+                .await;
+        }
+        let todo = read(&member, format!("{}?status=todo&limit=1", tasks_path(&project))).await;
+        todo.assert_status(200);
+        assert_eq!(titles(&todo.body), ["a"], "{mode}: filtered, first page");
+        assert_eq!(todo.body["nextOffset"], 1, "{mode}");
+        read(&stranger, tasks_path(&project))
+            .await
+            .assert_error(404, "project_not_found");
+    }
+}

@@ -161,6 +161,10 @@ pub trait CacheService: Interface {
         loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
         decodes: Decodes,
     ) -> AppResult<Option<Cached>>;
+    /// Whether nothing this request reads can come from a cache (`Cache-Control: no-cache`, or L1
+    /// off without Redis): a service may then ask Postgres once for what it would otherwise look
+    /// up piece by piece.
+    fn is_pass_through(&self) -> bool;
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
     fn keys(&self) -> &KeyRegistry;
@@ -1028,6 +1032,11 @@ impl CacheService for TieredCache {
             }
             Err(err) => Err(err),
         }
+    }
+
+    fn is_pass_through(&self) -> bool {
+        BYPASS.try_with(|bypass| *bypass).unwrap_or(false)
+            || (!self.inner.l1_enabled && self.inner.active_redis().is_none())
     }
 
     async fn invalidate(&self, keys: Vec<CacheKey>) {

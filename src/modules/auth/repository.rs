@@ -5,14 +5,14 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::infra::database::Database;
-use crate::modules::users::model::User;
 
 /// Auth tokens, stored by SHA-256 only.
 #[async_trait]
 pub trait TokenRepository: Interface {
     async fn insert(&self, token_hash: &[u8], user_id: Uuid, expires_at: DateTime<Utc>) -> Result<(), sqlx::Error>;
-    /// The user a live (unexpired) token belongs to, with the token's expiry.
-    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error>;
+    /// The id of the user a live (unexpired) token belongs to, with the token's expiry. Tokens go
+    /// with their user (`ON DELETE CASCADE`), so no join is needed to know the user exists.
+    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error>;
     async fn delete(&self, token_hash: &[u8]) -> Result<(), sqlx::Error>;
 }
 
@@ -21,13 +21,6 @@ pub trait TokenRepository: Interface {
 pub struct PgTokenRepository {
     #[shaku(inject)]
     db: Arc<dyn Database>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TokenOwner {
-    #[sqlx(flatten)]
-    user: User,
-    expires_at: DateTime<Utc>,
 }
 
 #[async_trait]
@@ -51,15 +44,11 @@ impl TokenRepository for PgTokenRepository {
         self.db.run(work).await
     }
 
-    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(User, DateTime<Utc>)>, sqlx::Error> {
-        let query = sqlx::query_as::<_, TokenOwner>(
-            "SELECT u.id, u.email, u.name, u.created_at, u.updated_at, t.expires_at
-             FROM auth_tokens t JOIN users u ON u.id = t.user_id
-             WHERE t.token_hash = $1 AND t.expires_at > now()",
-        )
-        .bind(token_hash);
-        let owner = self.db.run(query.fetch_optional(self.db.pool())).await?;
-        Ok(owner.map(|o| (o.user, o.expires_at)))
+    async fn find_user(&self, token_hash: &[u8]) -> Result<Option<(Uuid, DateTime<Utc>)>, sqlx::Error> {
+        let query =
+            sqlx::query_as("SELECT user_id, expires_at FROM auth_tokens WHERE token_hash = $1 AND expires_at > now()")
+                .bind(token_hash);
+        self.db.run(query.fetch_optional(self.db.pool())).await
     }
 
     async fn delete(&self, token_hash: &[u8]) -> Result<(), sqlx::Error> {

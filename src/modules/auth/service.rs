@@ -139,9 +139,9 @@ impl AuthService for Auth {
         let key = self.cache.keys().auth_token(&hash);
         let load = async {
             let found = self.tokens.find_user(&hash).await?;
-            Ok(found.map(|(user, expires_at)| {
+            Ok(found.map(|(user_id, expires_at)| {
                 Session {
-                    user_id: user.id,
+                    user_id,
                     expires_at_ms: expires_at.timestamp_millis(),
                 }
                 .to_bytes()

@@ -29,6 +29,15 @@ pub trait TaskRepository: Interface {
         filter: TaskListFilter,
         paging: Paging,
     ) -> Result<Vec<Task>, sqlx::Error>;
+    /// `list_in_project`, if `user_id` is a member of the project's workspace (`None` when not, or
+    /// when there is no such project): authorization and the page in one statement.
+    async fn list_in_project_as_member(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        filter: TaskListFilter,
+        paging: Paging,
+    ) -> Result<Option<Vec<Task>>, sqlx::Error>;
     /// Tasks assigned to `user_id` in workspaces they are still a member of (page + one row).
     async fn list_assigned(
         &self,
@@ -101,6 +110,50 @@ impl TaskRepository for PgTaskRepository {
             .bind(paging.limit + 1)
             .bind(paging.offset);
         self.db.run(query.fetch_all(self.db.pool())).await
+    }
+
+    async fn list_in_project_as_member(
+        &self,
+        user_id: Uuid,
+        project_id: Uuid,
+        filter: TaskListFilter,
+        paging: Paging,
+    ) -> Result<Option<Vec<Task>>, sqlx::Error> {
+        use sqlx::{FromRow, Row};
+        // One row at least (the access check); the page's rows, if any, ride along with it.
+        let sql = format!(
+            "SELECT access.allowed, page.* FROM
+               (SELECT EXISTS (SELECT 1 FROM projects p JOIN workspace_members m ON m.workspace_id = p.workspace_id
+                               WHERE p.id = $1 AND m.user_id = $6) AS allowed) AS access
+             LEFT JOIN LATERAL
+               (SELECT {COLUMNS} FROM tasks
+                WHERE access.allowed AND project_id = $1 AND ($2::task_status IS NULL OR status = $2)
+                  AND ($3::uuid IS NULL OR assignee_id = $3)
+                ORDER BY created_at, id LIMIT $4 OFFSET $5) AS page ON true"
+        );
+        let query = sqlx::query(&sql)
+            .bind(project_id)
+            .bind(filter.status)
+            .bind(filter.assignee_id)
+            .bind(paging.limit + 1)
+            .bind(paging.offset)
+            .bind(user_id);
+        let rows = self.db.run(query.fetch_all(self.db.pool())).await?;
+        if !rows
+            .first()
+            .map(|row| row.try_get::<bool, _>("allowed"))
+            .transpose()?
+            .unwrap_or(false)
+        {
+            return Ok(None);
+        }
+        let mut tasks = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
+                tasks.push(Task::from_row(&row)?);
+            }
+        }
+        Ok(Some(tasks))
     }
 
     async fn list_assigned(

@@ -42,6 +42,7 @@ pub struct Tasks {
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
+const PROJECT_NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
 /// Canonical form of a list query: equal queries share one cache entry.
 fn list_variant(query: &TaskQuery) -> String {
@@ -136,15 +137,26 @@ impl TaskService for Tasks {
     }
 
     async fn list(&self, user_id: Uuid, project_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
-        self.projects.workspace_of(user_id, project_id).await?;
         let key = self.cache.keys().task_list(project_id, list_variant(&query));
-        let load = async {
-            let filter = TaskListFilter {
-                status: query.status,
-                assignee_id: query.assignee_id,
+        let filter = TaskListFilter {
+            status: query.status,
+            assignee_id: query.assignee_id,
+        };
+        let paging = query.paging();
+        if self.cache.is_pass_through() {
+            // The project and the membership would come from Postgres too: one statement, not three.
+            let load = async {
+                let rows = self
+                    .tasks
+                    .list_in_project_as_member(user_id, project_id, filter, paging);
+                to_json_bytes(&Page::from_rows(rows.await?.ok_or(PROJECT_NOT_FOUND)?, paging))
             };
-            let rows = self.tasks.list_in_project(project_id, filter, query.paging()).await?;
-            to_json_bytes(&Page::from_rows(rows, query.paging()))
+            return self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await;
+        }
+        self.projects.workspace_of(user_id, project_id).await?;
+        let load = async {
+            let rows = self.tasks.list_in_project(project_id, filter, paging).await?;
+            to_json_bytes(&Page::from_rows(rows, paging))
         };
         self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
     }
