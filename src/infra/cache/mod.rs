@@ -15,6 +15,8 @@ mod subscriber;
 tokio::task_local! {
     /// Set for requests that asked not to be served from the cache (`Cache-Control: no-cache`).
     static BYPASS: bool;
+    /// L2 reads made ahead, together (see `with_prefetched`): taken by the lookups they serve.
+    static PREFETCHED: std::cell::RefCell<Vec<Prefetched>>;
 }
 
 /// Runs a request as one that asked not to be served from the cache (see `infra::edge`).
@@ -161,6 +163,9 @@ pub trait CacheService: Interface {
         loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
         decodes: Decodes,
     ) -> AppResult<Option<Cached>>;
+    /// Reads those of `keys` that L1 cannot serve from L2, in one round trip (nothing in memory
+    /// mode, on a cluster, or when L1 has them all). See `with_prefetched`.
+    async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched>;
     /// Whether nothing this request reads can come from a cache (`Cache-Control: no-cache`, or L1
     /// off without Redis): a service may then ask Postgres once for what it would otherwise look
     /// up piece by piece.
@@ -196,6 +201,17 @@ pub fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> bool {
 }
 
 impl dyn CacheService {
+    /// Runs `work` with `keys` read from L2 ahead, together: lookups that would each wait a Redis
+    /// round trip in turn (a project, then its task list) make one between them. A read that an
+    /// invalidation overtook before its lookup is not used.
+    pub async fn with_prefetched<T>(&self, keys: &[CacheKey], work: impl std::future::Future<Output = T>) -> T {
+        let reads = self.prefetch(keys).await;
+        if reads.is_empty() {
+            return work.await;
+        }
+        PREFETCHED.scope(std::cell::RefCell::new(reads), work).await
+    }
+
     /// Runs a write and then invalidates, whatever its outcome, `stale` (known before the write)
     /// and what the write itself reports (`stale_after`, on success). An error proves nothing:
     /// the deadline may pass while the COMMIT is on the wire, and a retry may find the work done.
@@ -230,9 +246,14 @@ struct L1Entry {
 
 impl L1Entry {
     fn new(bytes: Bytes, origin: CacheTier, ttl: Duration, epoch: (u64, u64)) -> Self {
+        let etag = etag_of(&bytes);
+        Self::with_etag(bytes, etag, origin, ttl, epoch)
+    }
+
+    fn with_etag(bytes: Bytes, etag: HeaderValue, origin: CacheTier, ttl: Duration, epoch: (u64, u64)) -> Self {
         let now = Instant::now();
         L1Entry {
-            etag: etag_of(&bytes),
+            etag,
             bytes,
             expires_at: now + ttl,
             origin,
@@ -289,6 +310,9 @@ pub struct Inner {
     generation: AtomicU64,
     /// Lookups that found nothing, by L1 key (see `get_or_load_found`).
     negative: Cache<String, NegativeEntry, FastHash>,
+    /// (namespace, ETag) of L2 entries whose shape was checked already: the check decodes the
+    /// whole entry (a page of tasks: tens of µs), and Redis serves the same bytes again and again.
+    shape_checked: moka::sync::Cache<(u8, HeaderValue), (), FastHash>,
     /// L2 entries written before this moment (Redis clock, ms) are ignored: set when this
     /// instance reconnects after losing Redis, since invalidations may have been lost meanwhile.
     pub(crate) l2_trusted_since_ms: AtomicU64,
@@ -374,6 +398,9 @@ impl Inner {
             keys: redis.keys().clone(),
             l1,
             negative,
+            shape_checked: moka::sync::Cache::builder()
+                .max_capacity(SHAPE_CHECKED_ENTRIES)
+                .build_with_hasher(FastHash::default()),
             epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             epoch_hasher: FastHash::default(),
             generation: AtomicU64::new(0),
@@ -443,17 +470,24 @@ impl Inner {
                 redis = None;
             } else {
                 let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
-                match read_l2(active, &self.keys, key, trusted_since).await {
-                    Ok(L2Read {
-                        value: Some(bytes),
-                        pttl_ms,
-                        ..
-                    }) if decodes(&bytes) => {
+                let read = match self.take_prefetched(key, epoch) {
+                    Some(read) => Ok(read),
+                    None => read_l2(active, &self.keys, key, trusted_since).await,
+                };
+                match read.map(|read| (self.in_shape(key, read.value.as_ref(), decodes), read)) {
+                    Ok((
+                        Some(etag),
+                        L2Read {
+                            value: Some(bytes),
+                            pttl_ms,
+                            ..
+                        },
+                    )) => {
                         self.count(key.namespace, CacheTier::HitL2);
                         let remaining = Duration::from_millis(pttl_ms.max(1000) as u64);
-                        return Ok(L1Entry::new(bytes, CacheTier::HitL2, remaining, epoch));
+                        return Ok(L1Entry::with_etag(bytes, etag, CacheTier::HitL2, remaining, epoch));
                     }
-                    Ok(read) => {
+                    Ok((_, read)) => {
                         if read.value.is_some() {
                             // Loaded again below, and the load overwrites it.
                             log::warn!("cache: {} does not decode (another deploy's shape?)", key.l1_key());
@@ -481,6 +515,71 @@ impl Inner {
             }
         }
         Ok(L1Entry::new(bytes, CacheTier::Miss, ttl, epoch))
+    }
+
+    /// The ETag of an L2 entry that decodes as its reader expects; `None` if there is no entry or
+    /// it does not decode. Each distinct entry is decoded once, not on every hit.
+    fn in_shape(&self, key: &CacheKey, value: Option<&Bytes>, decodes: Decodes) -> Option<HeaderValue> {
+        let bytes = value?;
+        let etag = etag_of(bytes);
+        let checked = (key.namespace as u8, etag.clone());
+        if self.shape_checked.contains_key(&checked) {
+            return Some(etag);
+        }
+        decodes(bytes).then(|| {
+            self.shape_checked.insert(checked, ());
+            etag
+        })
+    }
+
+    /// The read of `key` made ahead for this request, if the key's epoch is still the one it was
+    /// read at.
+    fn take_prefetched(&self, key: &CacheKey, epoch: (u64, u64)) -> Option<L2Read> {
+        PREFETCHED
+            .try_with(|reads| {
+                let mut reads = reads.borrow_mut();
+                let at = reads.iter().position(|read| read.l1_key == key.l1_key())?;
+                let read = reads.swap_remove(at);
+                (read.epoch == epoch).then_some(read.read)
+            })
+            .ok()
+            .flatten()
+    }
+
+    async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched> {
+        let Some(redis) = self.active_redis() else {
+            return Vec::new();
+        };
+        let bypass = BYPASS.try_with(|bypass| *bypass).unwrap_or(false);
+        // On a cluster the keys live on different nodes: each lookup reads its own.
+        if bypass || redis.is_cluster() || !self.pending.lock().unwrap().is_empty() {
+            return Vec::new();
+        }
+        let wanted: Vec<&CacheKey> = keys
+            .iter()
+            .filter(|key| !self.l1_enabled || !self.l1.contains_key(key.l1_key()))
+            .collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let epochs: Vec<(u64, u64)> = wanted.iter().map(|key| self.epoch_of(key)).collect();
+        let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
+        match read_l2_many(redis, &self.keys, &wanted, trusted_since).await {
+            Ok(reads) => wanted
+                .iter()
+                .zip(epochs)
+                .zip(reads)
+                .map(|((key, epoch), read)| Prefetched {
+                    l1_key: key.l1_key().to_owned(),
+                    epoch,
+                    read,
+                })
+                .collect(),
+            Err(err) => {
+                log::debug!("cache: L2 prefetch failed: {err}");
+                Vec::new()
+            }
+        }
     }
 
     /// `get_or_load`, borrowing the key.
@@ -872,6 +971,8 @@ impl Pending {
 const REPLAY_BATCH: usize = 100;
 
 const EPOCH_SHARDS: usize = 1024;
+/// L2 entries whose shape check is remembered (a few hundred KB at most).
+const SHAPE_CHECKED_ENTRIES: u64 = 10_000;
 
 /// What an L1 entry costs beyond its key and value (the entry itself, moka's node and indexes),
 /// so that many small entries count too.
@@ -890,6 +991,13 @@ struct L2Read {
     version: String,
 }
 
+/// An L2 read made ahead of its lookup, and the key's epoch when it was made.
+pub struct Prefetched {
+    l1_key: String,
+    epoch: (u64, u64),
+    read: L2Read,
+}
+
 /// Reads an entry, its remaining TTL and its fill version. Entries are stored as
 /// `<written at, Redis ms>:<format>:<bytes>`; one written before `trusted_since_ms`, or in
 /// another format than its namespace's, reads as a miss.
@@ -899,34 +1007,61 @@ async fn read_l2(
     key: &CacheKey,
     trusted_since_ms: u64,
 ) -> Result<L2Read, RedisFailure> {
+    let mut reads = read_l2_many(redis, keys, &[key], trusted_since_ms).await?;
+    Ok(reads.pop().expect("one read per key"))
+}
+
+/// `read_l2` for several keys, in one pipeline.
+async fn read_l2_many(
+    redis: &Redis,
+    keys: &KeyRegistry,
+    wanted: &[&CacheKey],
+    trusted_since_ms: u64,
+) -> Result<Vec<L2Read>, RedisFailure> {
     let mut pipe = redis::pipe();
-    match key.field() {
-        Some(field) => pipe.cmd("HGET").arg(key.redis_key()).arg(field),
-        None => pipe.cmd("GET").arg(key.redis_key()),
-    };
-    pipe.cmd("PTTL")
-        .arg(key.redis_key())
-        .cmd("GET")
-        .arg(keys.version_of(key.redis_key()));
-    let (value, pttl_ms, version): (Option<Vec<u8>>, i64, Option<String>) = redis
+    for key in wanted {
+        match key.field() {
+            Some(field) => pipe.cmd("HGET").arg(key.redis_key()).arg(field),
+            None => pipe.cmd("GET").arg(key.redis_key()),
+        };
+        pipe.cmd("PTTL")
+            .arg(key.redis_key())
+            .cmd("GET")
+            .arg(keys.version_of(key.redis_key()));
+    }
+    let replies: Vec<redis::Value> = redis
         .call(|mut c| async move { pipe.query_async(&mut c).await })
         .await?;
-    let value = value.and_then(|stored| {
-        let field = |from: usize| {
-            let colon = from + stored[from..].iter().position(|b| *b == b':')?;
-            let number: u64 = std::str::from_utf8(&stored[from..colon]).ok()?.parse().ok()?;
-            Some((number, colon + 1))
-        };
-        let (written_ms, format_at) = field(0)?;
-        let (format, payload_at) = field(format_at)?;
-        let current = written_ms >= trusted_since_ms && format == u64::from(key.namespace.format());
-        current.then(|| Bytes::from(stored).slice(payload_at..))
-    });
-    Ok(L2Read {
-        value,
-        pttl_ms,
-        version: version.unwrap_or_default(),
-    })
+    let mut replies = replies.into_iter();
+    let mut reads = Vec::with_capacity(wanted.len());
+    for key in wanted {
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let value: Option<Vec<u8>> =
+            redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
+        let pttl_ms: i64 = redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
+        let version: Option<String> =
+            redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
+        reads.push(L2Read {
+            value: value.and_then(|stored| current_payload(stored, key, trusted_since_ms)),
+            pttl_ms,
+            version: version.unwrap_or_default(),
+        });
+    }
+    Ok(reads)
+}
+
+/// The payload of a stored entry, if it was written since `trusted_since_ms` in its namespace's
+/// current format.
+fn current_payload(stored: Vec<u8>, key: &CacheKey, trusted_since_ms: u64) -> Option<Bytes> {
+    let field = |from: usize| {
+        let colon = from + stored[from..].iter().position(|b| *b == b':')?;
+        let number: u64 = std::str::from_utf8(&stored[from..colon]).ok()?.parse().ok()?;
+        Some((number, colon + 1))
+    };
+    let (written_ms, format_at) = field(0)?;
+    let (format, payload_at) = field(format_at)?;
+    let current = written_ms >= trusted_since_ms && format == u64::from(key.namespace.format());
+    current.then(|| Bytes::from(stored).slice(payload_at..))
 }
 
 /// On a cluster, what one invalidation does in one step: bump the version, then drop the entry.
@@ -1032,6 +1167,10 @@ impl CacheService for TieredCache {
             }
             Err(err) => Err(err),
         }
+    }
+
+    async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched> {
+        self.inner.prefetch(keys).await
     }
 
     fn is_pass_through(&self) -> bool {

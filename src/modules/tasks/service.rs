@@ -153,12 +153,17 @@ impl TaskService for Tasks {
             };
             return self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await;
         }
-        self.projects.workspace_of(user_id, project_id).await?;
-        let load = async {
-            let rows = self.tasks.list_in_project(project_id, filter, paging).await?;
-            to_json_bytes(&Page::from_rows(rows, paging))
+        // The project and the page do not depend on each other: one L2 round trip for both.
+        let ahead = [self.cache.keys().project(project_id), key.clone()];
+        let list = async {
+            self.projects.workspace_of(user_id, project_id).await?;
+            let load = async {
+                let rows = self.tasks.list_in_project(project_id, filter, paging).await?;
+                to_json_bytes(&Page::from_rows(rows, paging))
+            };
+            self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
         };
-        self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
+        self.cache.with_prefetched(&ahead, list).await
     }
 
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached> {
