@@ -255,6 +255,42 @@ async fn with_redis_disabled_the_domain_works_and_redis_receives_no_connection()
     );
 }
 
+#[tokio::test]
+async fn with_l1_off_a_task_list_waits_for_two_redis_round_trips() {
+    // The session, then the project, the membership and the page in one pipeline. Counted by the
+    // server itself, on a Redis of this test's own.
+    let redis = private_redis().await;
+    let url = redis.url();
+    let app = TestApp::builder()
+        .settings(move |s| {
+            s.redis.enabled = true;
+            s.redis.url = url;
+            s.cache.l1_enabled = false;
+            // The limiter's own calls are another matter (see rate_limit.rs).
+            s.rate_limit.enabled = false;
+        })
+        .spawn()
+        .await;
+    let world = World::create(&app).await;
+    let path = world.fill("/api/projects/{project}/tasks?limit=20");
+    for _ in 0..2 {
+        app.get(&path, &world.user.token).await.assert_status(200);
+    }
+    const READS: u64 = 20;
+    let before = redis.reads_processed().await;
+    for _ in 0..READS {
+        let read = app.get(&path, &world.user.token).await;
+        read.assert_status(200);
+        assert_eq!(read.header("x-cache"), Some("HIT-L2"));
+    }
+    // Slack for the two counting connections' own reads and a health ping.
+    let round_trips = redis.reads_processed().await - before;
+    assert!(
+        round_trips <= 2 * READS + 5,
+        "{round_trips} Redis round trips for {READS} list reads"
+    );
+}
+
 async fn cache_stats(app: &TestApp) -> Value {
     let response = app.request(Method::GET, "/admin/cache/stats", Some(ADMIN), None).await;
     response.assert_status(200);

@@ -163,8 +163,10 @@ pub trait CacheService: Interface {
         loader: BoxFuture<'a, AppResult<Option<Bytes>>>,
         decodes: Decodes,
     ) -> AppResult<Option<Cached>>;
-    /// Reads those of `keys` that L1 cannot serve from L2, in one round trip (nothing in memory
-    /// mode, on a cluster, or when L1 has them all). See `with_prefetched`.
+    /// Whether lookups read Redis one by one, so that reading their keys ahead together saves
+    /// round trips: L1 off, Redis active and not a cluster, the request not bypassing the cache.
+    fn reads_ahead(&self) -> bool;
+    /// Reads `keys` from L2 in one round trip. See `with_prefetched`.
     async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched>;
     /// Whether nothing this request reads can come from a cache (`Cache-Control: no-cache`, or L1
     /// off without Redis): a service may then ask Postgres once for what it would otherwise look
@@ -201,11 +203,20 @@ pub fn json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> bool {
 }
 
 impl dyn CacheService {
-    /// Runs `work` with `keys` read from L2 ahead, together: lookups that would each wait a Redis
-    /// round trip in turn (a project, then its task list) make one between them. A read that an
-    /// invalidation overtook before its lookup is not used.
-    pub async fn with_prefetched<T>(&self, keys: &[CacheKey], work: impl std::future::Future<Output = T>) -> T {
-        let reads = self.prefetch(keys).await;
+    /// Runs `work` with the keys it will look up read from L2 ahead, together, where that saves
+    /// round trips (`reads_ahead`): lookups that would each wait for Redis in turn (a project,
+    /// then the membership, then the task list) make one between them. A read that an
+    /// invalidation overtook before its lookup is not used; a key read ahead that `work` does
+    /// not look up costs nothing more.
+    pub async fn with_prefetched<T>(
+        &self,
+        keys: impl FnOnce() -> Vec<CacheKey>,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        if !self.reads_ahead() {
+            return work.await;
+        }
+        let reads = self.prefetch(&keys()).await;
         if reads.is_empty() {
             return work.await;
         }
@@ -546,22 +557,22 @@ impl Inner {
             .flatten()
     }
 
+    fn reads_ahead(&self) -> bool {
+        // With L1 on, lookups rarely reach Redis; on a cluster the keys live on different nodes.
+        !self.l1_enabled
+            && !BYPASS.try_with(|bypass| *bypass).unwrap_or(false)
+            && self.active_redis().is_some_and(|redis| !redis.is_cluster())
+    }
+
     async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched> {
         let Some(redis) = self.active_redis() else {
             return Vec::new();
         };
-        let bypass = BYPASS.try_with(|bypass| *bypass).unwrap_or(false);
-        // On a cluster the keys live on different nodes: each lookup reads its own.
-        if bypass || redis.is_cluster() || !self.pending.lock().unwrap().is_empty() {
+        // Invalidations waiting to be replayed: lookups read Redis themselves (see `fill`).
+        if keys.is_empty() || !self.pending.lock().unwrap().is_empty() {
             return Vec::new();
         }
-        let wanted: Vec<&CacheKey> = keys
-            .iter()
-            .filter(|key| !self.l1_enabled || !self.l1.contains_key(key.l1_key()))
-            .collect();
-        if wanted.is_empty() {
-            return Vec::new();
-        }
+        let wanted: Vec<&CacheKey> = keys.iter().collect();
         let epochs: Vec<(u64, u64)> = wanted.iter().map(|key| self.epoch_of(key)).collect();
         let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
         match read_l2_many(redis, &self.keys, &wanted, trusted_since).await {
@@ -1167,6 +1178,10 @@ impl CacheService for TieredCache {
             }
             Err(err) => Err(err),
         }
+    }
+
+    fn reads_ahead(&self) -> bool {
+        self.inner.reads_ahead()
     }
 
     async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched> {

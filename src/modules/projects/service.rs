@@ -19,6 +19,9 @@ pub trait ProjectService: Interface {
     /// The project's workspace, if the user is a member of it; 404 otherwise (other services
     /// authorize through this on every request, so it reads one field of the cached JSON).
     async fn workspace_of(&self, user_id: Uuid, id: Uuid) -> AppResult<Uuid>;
+    /// The project's workspace as this instance last saw it, where lookups read ahead (see
+    /// `with_prefetched`): a hint for which membership to read, never an authorization.
+    fn seen_workspace(&self, id: Uuid) -> Option<Uuid>;
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project>;
     async fn list(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<Cached>;
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateProjectRequest) -> AppResult<Project>;
@@ -34,7 +37,21 @@ pub struct Projects {
     workspaces: Arc<dyn WorkspaceService>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    #[shaku(default)]
+    seen_workspaces: SeenWorkspaces,
 }
+
+/// Project → workspace, as read from the projects this instance served (a project never moves).
+pub struct SeenWorkspaces(moka::sync::Cache<Uuid, Uuid>);
+
+impl Default for SeenWorkspaces {
+    fn default() -> Self {
+        Self(moka::sync::Cache::new(SEEN_WORKSPACES))
+    }
+}
+
+/// About 100 bytes each.
+const SEEN_WORKSPACES: u64 = 10_000;
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
@@ -44,6 +61,9 @@ impl Projects {
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load), json::<Project>).await?;
         let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
+        if self.cache.reads_ahead() {
+            self.seen_workspaces.0.insert(id, owner.workspace_id);
+        }
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
             .await?;
@@ -68,6 +88,10 @@ impl ProjectService for Projects {
 
     async fn workspace_of(&self, user_id: Uuid, id: Uuid) -> AppResult<Uuid> {
         Ok(self.get_with_workspace(user_id, id).await?.1)
+    }
+
+    fn seen_workspace(&self, id: Uuid) -> Option<Uuid> {
+        self.seen_workspaces.0.get(&id)
     }
 
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {

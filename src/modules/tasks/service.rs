@@ -153,8 +153,19 @@ impl TaskService for Tasks {
             };
             return self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await;
         }
-        // The project and the page do not depend on each other: one L2 round trip for both.
-        let ahead = [self.cache.keys().project(project_id), key.clone()];
+        // The project, the membership in its workspace (when known) and the page do not depend on
+        // each other: one L2 round trip for all three.
+        let ahead = || {
+            let keys = self.cache.keys();
+            let mut ahead = vec![
+                keys.project(project_id),
+                keys.task_list(project_id, list_variant(&query)),
+            ];
+            if let Some(workspace_id) = self.projects.seen_workspace(project_id) {
+                ahead.push(keys.member(workspace_id, user_id));
+            }
+            ahead
+        };
         let list = async {
             self.projects.workspace_of(user_id, project_id).await?;
             let load = async {
@@ -163,7 +174,7 @@ impl TaskService for Tasks {
             };
             self.cache.get_or_load(key, Box::pin(load), json::<Page<Task>>).await
         };
-        self.cache.with_prefetched(&ahead, list).await
+        self.cache.with_prefetched(ahead, list).await
     }
 
     async fn list_assigned(&self, user_id: Uuid, query: TaskQuery) -> AppResult<Cached> {

@@ -202,6 +202,16 @@ impl TestRedis {
     /// `total_connections_received` of `INFO stats`: every connection ever made to this server,
     /// the one this call makes included.
     pub async fn connections_received(&self) -> u64 {
+        self.stat("total_connections_received").await
+    }
+
+    /// `total_reads_processed` of `INFO stats`: how many times the server read from a client, so
+    /// about one per round trip (a pipeline arrives in one read), this call's own included.
+    pub async fn reads_processed(&self) -> u64 {
+        self.stat("total_reads_processed").await
+    }
+
+    async fn stat(&self, name: &str) -> u64 {
         let mut connection = self.connection().await;
         let info: String = redis::cmd("INFO")
             .arg("stats")
@@ -209,9 +219,9 @@ impl TestRedis {
             .await
             .unwrap();
         info.lines()
-            .find_map(|line| line.strip_prefix("total_connections_received:"))
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|n| n.trim().parse().ok())
-            .expect("INFO stats has total_connections_received")
+            .unwrap_or_else(|| panic!("INFO stats has {name}"))
     }
 
     /// A pub/sub connection (plain TCP servers), to watch what the app publishes.
