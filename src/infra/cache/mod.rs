@@ -669,16 +669,15 @@ impl Inner {
         )
     }
 
-    /// Drops the key (a whole group for a grouped key without a field) from L1 and bumps its
-    /// epoch, so fills that started before are not kept.
+    /// Bumps the key's epoch (a group's, for a grouped key: all its variants share it), so that
+    /// L1 no longer serves it and fills that started before are not kept, and drops a single
+    /// entry from L1. A group's entries are not looked for: that would scan all of L1 on every
+    /// write (moka's `invalidate_entries_if`). They are replaced when read again, or leave with
+    /// their TTL or the size bound.
     async fn drop_from_l1(&self, key: &CacheKey) {
         self.epoch_shard(key.redis_key()).fetch_add(1, Ordering::AcqRel);
         if key.field().is_some() || !key.namespace.is_grouped() {
             self.l1.invalidate(key.l1_key()).await;
-        } else {
-            // Groups need a predicate; moka applies it lazily to entries older than it.
-            let group = format!("{}#", key.redis_key());
-            let _ = self.l1.invalidate_entries_if(move |k, _| k.starts_with(&group));
         }
     }
 
