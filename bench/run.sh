@@ -10,6 +10,9 @@
 # shared with the load generator, single runs vary by 20 % or more.
 #
 # Usage: bench/run.sh [seconds per run, default 10] [connections, default 64] [rounds, default 3]
+#
+# The targets of [6/6] are printed against its "before" run (BENCHMARKS.md, 2026-12-03): absolute
+# req/s move with the machine, so each is also given as a ratio to a yardstick of the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -62,6 +65,9 @@ start_app() {
 }
 # CPU time (user + system) the server has used, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
+# How many times the bench Redis read from a client: one per round trip (a pipeline arrives in one
+# read; the one-GET yardstick's multiplexed connection batches concurrent requests into one).
+redis_reads() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_reads_processed:/ {print $2 + 0}'; }
 stop_app() { kill "$APP_PID"; wait "$APP_PID" 2>/dev/null || true; }
 
 start_app REDIS_ENABLED=false
@@ -91,21 +97,23 @@ LUA
 RESULTS="$WORK/results.tsv"
 measure() { # name url [wrk args...]
   local name=$1 url=$2; shift 2
-  local out before
+  local out before reads_before
   before=$(cpu_ticks)
+  reads_before=$(redis_reads)
   out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "authorization: Bearer $TOKEN" "$@" "$url")
-  local rps p50 p99 errors requests cpu_us
+  local rps p50 p99 errors requests cpu_us trips
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  trips=$(awk -v reads="$(( $(redis_reads) - reads_before - 1 ))" -v n="$requests" 'BEGIN { printf "%.2f", reads / n }')
   cpu_us=$(awk -v ticks="$(( $(cpu_ticks) - before ))" -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN { printf "%.1f", ticks / hz * 1e6 / n }')
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" "$cpu_us" | tee -a "$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" "$cpu_us" "$trips" | tee -a "$RESULTS"
 }
 warm() { for _ in 1 2 3; do curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
 
-printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\tCPU us/req\n' | tee "$RESULTS"
+printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\tCPU us/req\tRedis trips/req\n' | tee "$RESULTS"
 
 target/release/examples/ceiling "$WORK/body.json" "$CEILING_PORT" &
 CEILING_PID=$!
@@ -143,12 +151,12 @@ echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connecti
 awk -F'\t' -f bench/lib.awk -f <(echo '
   NR == 1 { next }
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
-  { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7 }
+  { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7; trips[$2] = trips[$2] " " $8 }
   END {
-    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) | Redis round trips/req |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     for (i = 1; i <= count; i++) {
       s = order[i]; r[s] = median(rps[s])
-      printf "| %s | %.0f | %.2f | %.2f | %d | %.1f |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s])
+      printf "| %s | %.0f | %.2f | %.2f | %d | %.1f | %.2f |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s]), median(trips[s])
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     base = "same work (hand-written handler)"
@@ -156,12 +164,16 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
       s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
       printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
     }
-    printf "L2 hit (L1 off) / one Redis GET: %.0f %%; the L2 figure to double: %.0f req/s\n", 100 * r["L2 hit (L1 off)"] / r["one Redis GET (hand-written)"], r["L2 hit (L1 off)"]
+    l2 = "L2 hit (L1 off)"; get = "one Redis GET (hand-written)"
+    printf "L2 hit (L1 off): %.2f Redis round trips per request (target <= 2)\n", median(trips[l2])
+    printf "L2 hit (L1 off): %.0f req/s = %.2fx the before figure 6216 (target >= 2x); %.0f %% of one Redis GET (before: 13 %%); %.1f us/req = before / %.2f (before: 189.3)\n", r[l2], r[l2] / 6216, 100 * r[l2] / r[get], median(cpu[l2]), 189.3 / median(cpu[l2])
     printf "uncached / one query: %.0f %% (target >= 50 %%)\n", 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]
+    mix = "90% read / 10% write"
+    printf "90/10 mix: %.0f req/s = %.2fx the before figure 7456 (target >= 1.5x); %.1f us/req = before / %.2f (before: 101.7)\n", r[mix], r[mix] / 7456, median(cpu[mix]), 101.7 / median(cpu[mix])
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]
   }') "$RESULTS"
 awk -F'\t' -f bench/lib.awk -f <(echo '
   { startup = startup " " $1; rss = rss " " $2 }
-  END { printf "start-up to first answer: %.0f ms; idle RSS: %.1f MiB (medians of %d starts)\n", median(startup), median(rss) / 1024, NR }') "$WORK/startup.tsv"
+  END { printf "start-up to first answer: %.0f ms (before: 42, may not grow > 20 %%); idle RSS: %.1f MiB (before: 26.1, may not grow > 20 %%) (medians of %d starts)\n", median(startup), median(rss) / 1024, NR }') "$WORK/startup.tsv"
