@@ -67,7 +67,12 @@ start_app() {
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
 # How many times the bench Redis read from a client: one per round trip (a pipeline arrives in one
 # read; the one-GET yardstick's multiplexed connection batches concurrent requests into one).
-redis_reads() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_reads_processed:/ {print $2 + 0}'; }
+# Empty while Redis is frozen.
+REDIS_FROZEN=""
+redis_reads() {
+  [ -z "$REDIS_FROZEN" ] || return 0
+  redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_reads_processed:/ {print $2 + 0}'
+}
 stop_app() { kill "$APP_PID"; wait "$APP_PID" 2>/dev/null || true; }
 
 start_app REDIS_ENABLED=false
@@ -103,7 +108,8 @@ measure() { # name url [wrk args...]
   out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "authorization: Bearer $TOKEN" "$@" "$url")
   local rps p50 p99 errors requests cpu_us trips
   requests=$(awk '/requests in/ {print $1}' <<<"$out")
-  trips=$(awk -v reads="$(( $(redis_reads) - reads_before - 1 ))" -v n="$requests" 'BEGIN { printf "%.2f", reads / n }')
+  trips=$(awk -v after="$(redis_reads)" -v before="$reads_before" -v n="$requests" \
+    'BEGIN { if (after == "") print "-"; else printf "%.2f", (after - before - 1) / n }')
   cpu_us=$(awk -v ticks="$(( $(cpu_ticks) - before ))" -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN { printf "%.1f", ticks / hz * 1e6 / n }')
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
@@ -136,11 +142,11 @@ for ROUND in $(seq "$ROUNDS"); do
   start_app REDIS_ENABLED=false REDIS_URL=; warm; measure "L1 hit (memory mode)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false REDIS_URL= RATE_LIMIT_ENABLED=false; warm; measure "L1 hit (memory mode, no limiter)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm
-  kill -STOP "$REDIS_PID"
+  kill -STOP "$REDIS_PID"; REDIS_FROZEN=1
   # Let the breaker see the outage (health pings time out), then measure.
   for _ in $(seq 50); do curl -s "$BASE/health" | grep -q '"breaker":"open"' && break; sleep 0.1; done
   measure "Redis frozen (SIGSTOP)" "$BASE$LIST"
-  kill -CONT "$REDIS_PID"; stop_app
+  kill -CONT "$REDIS_PID"; REDIS_FROZEN=""; stop_app
   start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false REDIS_URL= CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
@@ -156,7 +162,8 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
     printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) | Redis round trips/req |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     for (i = 1; i <= count; i++) {
       s = order[i]; r[s] = median(rps[s])
-      printf "| %s | %.0f | %.2f | %.2f | %d | %.1f | %.2f |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s]), median(trips[s])
+      t = median(trips[s]); t = (t == "-") ? "-" : sprintf("%.2f", t)
+      printf "| %s | %.0f | %.2f | %.2f | %d | %.1f | %s |\n", s, r[s], median(p50[s]), median(p99[s]), errors[s], median(cpu[s]), t
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     base = "same work (hand-written handler)"
