@@ -2,7 +2,8 @@
 # Rerunnable benchmark of nestling (not part of `cargo test`): release build, seeded demo data,
 # wrk on loopback against an authenticated GET /api/projects/{id}/tasks?limit=20 (20 tasks, ~9 KB).
 # Scenarios: bare actix ceiling, L1 hit (Redis mode and memory mode, each with the /api rate-limit
-# policy on and off), L2 hit (L1 off), uncached, 90 % read / 10 % write, Redis frozen (SIGSTOP).
+# policy on and off), L2 hit (L1 off), uncached, 90 % read / 10 % write (writes to one task, and
+# spread over the page's tasks), Redis frozen (SIGSTOP).
 # Postgres: $DATABASE_URL, or the dev service. The policy's quota is raised so that it decides
 # every request without denying any: its cost is what is measured.
 #
@@ -87,17 +88,26 @@ curl -sf "$BASE/api/projects/$PROJECT" -H "authorization: Bearer $TOKEN" >"$WORK
 stop_app
 BODY_BYTES=$(wc -c <"$WORK/body.json")
 
-cat >"$WORK/mix.lua" <<LUA
+# mix_lua <task ids as a Lua list>: every tenth request a PATCH, of the listed tasks in turn.
+mix_lua() {
+  cat <<LUA
+local tasks = { $1 }
 local n = 0
 request = function()
   n = n + 1
   if n % 10 == 0 then
     local body = string.format('{"priority":"%s"}', (n % 20 == 0) and "high" or "low")
-    return wrk.format("PATCH", "/api/tasks/$TASK", {["Authorization"] = "Bearer $TOKEN", ["Content-Type"] = "application/json"}, body)
+    local task = tasks[(n / 10) % #tasks + 1]
+    return wrk.format("PATCH", "/api/tasks/" .. task, {["Authorization"] = "Bearer $TOKEN", ["Content-Type"] = "application/json"}, body)
   end
   return wrk.format("GET", "$LIST", {["Authorization"] = "Bearer $TOKEN"})
 end
 LUA
+}
+# The worst case (every write to one task: they queue on its row lock), and writes spread over
+# the page's tasks, as real traffic is. Both change a task on the page read.
+mix_lua "\"$TASK\"" >"$WORK/mix.lua"
+mix_lua "$(grep -o '"id":"[^"]*"' "$WORK/body.json" | cut -d'"' -f4 | sed 's/.*/"&"/' | paste -sd,)" >"$WORK/mix-spread.lua"
 
 RESULTS="$WORK/results.tsv"
 measure() { # name url [wrk args...]
@@ -150,6 +160,7 @@ for ROUND in $(seq "$ROUNDS"); do
   start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "L2 hit (L1 off)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=false REDIS_URL= CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
+  start_app REDIS_ENABLED=true; warm; measure "90/10, writes over the page's tasks" "$BASE$LIST" -s "$WORK/mix-spread.lua"; stop_app
 done
 
 echo
