@@ -24,6 +24,11 @@ pub async fn bypassing_cache<F: std::future::Future>(request: F) -> F::Output {
     BYPASS.scope(true, request).await
 }
 
+/// Whether the current request runs under `bypassing_cache`.
+fn bypassing() -> bool {
+    BYPASS.try_with(|bypass| *bypass).unwrap_or(false)
+}
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -559,9 +564,7 @@ impl Inner {
 
     fn reads_ahead(&self) -> bool {
         // With L1 on, lookups rarely reach Redis; on a cluster the keys live on different nodes.
-        !self.l1_enabled
-            && !BYPASS.try_with(|bypass| *bypass).unwrap_or(false)
-            && self.active_redis().is_some_and(|redis| !redis.is_cluster())
+        !self.l1_enabled && !bypassing() && self.active_redis().is_some_and(|redis| !redis.is_cluster())
     }
 
     async fn prefetch(&self, keys: &[CacheKey]) -> Vec<Prefetched> {
@@ -572,11 +575,10 @@ impl Inner {
         if keys.is_empty() || !self.pending.lock().unwrap().is_empty() {
             return Vec::new();
         }
-        let wanted: Vec<&CacheKey> = keys.iter().collect();
-        let epochs: Vec<(u64, u64)> = wanted.iter().map(|key| self.epoch_of(key)).collect();
+        let epochs: Vec<(u64, u64)> = keys.iter().map(|key| self.epoch_of(key)).collect();
         let trusted_since = self.l2_trusted_since_ms.load(Ordering::Acquire);
-        match read_l2_many(redis, &self.keys, &wanted, trusted_since).await {
-            Ok(reads) => wanted
+        match read_l2_many(redis, &self.keys, keys, trusted_since).await {
+            Ok(reads) => keys
                 .iter()
                 .zip(epochs)
                 .zip(reads)
@@ -600,7 +602,7 @@ impl Inner {
         loader: BoxFuture<'a, AppResult<Bytes>>,
         decodes: Decodes,
     ) -> AppResult<Cached> {
-        if BYPASS.try_with(|bypass| *bypass).unwrap_or(false) {
+        if bypassing() {
             self.count(key.namespace, CacheTier::Bypass);
             let bytes = loader.await?;
             return Ok(Cached {
@@ -1017,7 +1019,7 @@ async fn read_l2(
     key: &CacheKey,
     trusted_since_ms: u64,
 ) -> Result<L2Read, RedisFailure> {
-    let mut reads = read_l2_many(redis, keys, &[key], trusted_since_ms).await?;
+    let mut reads = read_l2_many(redis, keys, std::slice::from_ref(key), trusted_since_ms).await?;
     Ok(reads.pop().expect("one read per key"))
 }
 
@@ -1025,7 +1027,7 @@ async fn read_l2(
 async fn read_l2_many(
     redis: &Redis,
     keys: &KeyRegistry,
-    wanted: &[&CacheKey],
+    wanted: &[CacheKey],
     trusted_since_ms: u64,
 ) -> Result<Vec<L2Read>, RedisFailure> {
     let mut pipe = redis::pipe();
@@ -1045,12 +1047,9 @@ async fn read_l2_many(
     let mut replies = replies.into_iter();
     let mut reads = Vec::with_capacity(wanted.len());
     for key in wanted {
-        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
-        let value: Option<Vec<u8>> =
-            redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
-        let pttl_ms: i64 = redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
-        let version: Option<String> =
-            redis::from_redis_value(next()).map_err(|err| RedisFailure::Command(err.into()))?;
+        let value: Option<Vec<u8>> = next_reply(&mut replies)?;
+        let pttl_ms: i64 = next_reply(&mut replies)?;
+        let version: Option<String> = next_reply(&mut replies)?;
         reads.push(L2Read {
             value: value.and_then(|stored| current_payload(stored, key, trusted_since_ms)),
             pttl_ms,
@@ -1058,6 +1057,12 @@ async fn read_l2_many(
         });
     }
     Ok(reads)
+}
+
+/// The next reply of a pipeline, as `T`.
+fn next_reply<T: redis::FromRedisValue>(replies: &mut impl Iterator<Item = redis::Value>) -> Result<T, RedisFailure> {
+    let reply = replies.next().unwrap_or(redis::Value::Nil);
+    redis::from_redis_value(reply).map_err(|err| RedisFailure::Command(err.into()))
 }
 
 /// The payload of a stored entry, if it was written since `trusted_since_ms` in its namespace's
@@ -1154,7 +1159,7 @@ impl CacheService for TieredCache {
         decodes: Decodes,
     ) -> AppResult<Option<Cached>> {
         let inner = &self.inner;
-        let bypass = BYPASS.try_with(|bypass| *bypass).unwrap_or(false);
+        let bypass = bypassing();
         if let Some(absent) = inner.negative.get(key.l1_key()).await.filter(|_| !bypass) {
             let now = Instant::now();
             // Any invalidation of the key (or its group, or a flush) moved its epoch on.
@@ -1188,8 +1193,7 @@ impl CacheService for TieredCache {
     }
 
     fn is_pass_through(&self) -> bool {
-        BYPASS.try_with(|bypass| *bypass).unwrap_or(false)
-            || (!self.inner.l1_enabled && self.inner.active_redis().is_none())
+        bypassing() || (!self.inner.l1_enabled && self.inner.active_redis().is_none())
     }
 
     async fn invalidate(&self, keys: Vec<CacheKey>) {

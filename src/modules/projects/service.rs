@@ -61,7 +61,8 @@ impl Projects {
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load), json::<Project>).await?;
         let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
-        if self.cache.reads_ahead() {
+        // A lookup, not a write, once the project is known (it never moves).
+        if self.cache.reads_ahead() && !self.seen_workspaces.0.contains_key(&id) {
             self.seen_workspaces.0.insert(id, owner.workspace_id);
         }
         self.workspaces

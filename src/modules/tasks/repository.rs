@@ -54,6 +54,11 @@ pub trait TaskRepository: Interface {
 /// What an update does to the locked row (the service's rules, run inside the transaction).
 pub type TaskChange = Box<dyn FnOnce(&mut Task) + Send>;
 
+/// A page of a project's tasks (`$1`), filtered by status (`$2`) and assignee (`$3`), `$4` rows
+/// from `$5`: the cached and the uncached list read the same rows in the same order.
+const PAGE_IN_PROJECT: &str = "project_id = $1 AND ($2::task_status IS NULL OR status = $2)
+    AND ($3::uuid IS NULL OR assignee_id = $3) ORDER BY created_at, id LIMIT $4 OFFSET $5";
+
 #[derive(Component)]
 #[shaku(interface = TaskRepository)]
 pub struct PgTaskRepository {
@@ -98,11 +103,7 @@ impl TaskRepository for PgTaskRepository {
         filter: TaskListFilter,
         paging: Paging,
     ) -> Result<Vec<Task>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM tasks
-             WHERE project_id = $1 AND ($2::task_status IS NULL OR status = $2) AND ($3::uuid IS NULL OR assignee_id = $3)
-             ORDER BY created_at, id LIMIT $4 OFFSET $5"
-        );
+        let sql = format!("SELECT {COLUMNS} FROM tasks WHERE {PAGE_IN_PROJECT}");
         let query = sqlx::query_as(&sql)
             .bind(project_id)
             .bind(filter.status)
@@ -126,10 +127,7 @@ impl TaskRepository for PgTaskRepository {
                (SELECT EXISTS (SELECT 1 FROM projects p JOIN workspace_members m ON m.workspace_id = p.workspace_id
                                WHERE p.id = $1 AND m.user_id = $6) AS allowed) AS access
              LEFT JOIN LATERAL
-               (SELECT {COLUMNS} FROM tasks
-                WHERE access.allowed AND project_id = $1 AND ($2::task_status IS NULL OR status = $2)
-                  AND ($3::uuid IS NULL OR assignee_id = $3)
-                ORDER BY created_at, id LIMIT $4 OFFSET $5) AS page ON true"
+               (SELECT {COLUMNS} FROM tasks WHERE access.allowed AND {PAGE_IN_PROJECT}) AS page ON true"
         );
         let query = sqlx::query(&sql)
             .bind(project_id)

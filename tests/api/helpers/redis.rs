@@ -218,9 +218,8 @@ impl TestRedis {
             .query_async(&mut connection)
             .await
             .unwrap();
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|n| n.trim().parse().ok())
+        nestling::infra::redis::info_field(&info, name)
+            .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("INFO stats has {name}"))
     }
 
