@@ -3,6 +3,7 @@ use shaku::{Component, Interface};
 use std::sync::Arc;
 use uuid::Uuid;
 
+use super::dto::UpdateTaskRequest;
 use super::model::{Task, TaskStatus};
 use crate::infra::database::Database;
 use crate::modules::paging::Paging;
@@ -19,7 +20,8 @@ pub struct TaskListFilter {
 
 #[async_trait]
 pub trait TaskRepository: Interface {
-    /// Inserts `task` as given (`updated_at` = `created_at`), except `id`, which the database sets.
+    /// Inserts `task` as given (`updated_at` = `created_at`), except `id`, which the database sets,
+    /// and `completed_at`, which follows the status (as in `update`).
     async fn create(&self, task: &Task) -> Result<Task, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error>;
     /// One page (plus one row, to tell whether there is a next page) of a project's tasks.
@@ -45,14 +47,11 @@ pub trait TaskRepository: Interface {
         status: Option<TaskStatus>,
         paging: Paging,
     ) -> Result<Vec<Task>, sqlx::Error>;
-    /// Applies `change` to the task under a row lock (`SELECT … FOR UPDATE`) and writes it, so two
-    /// concurrent updates never revert each other. Returns the row as locked and as written.
-    async fn update(&self, id: Uuid, change: TaskChange) -> Result<Option<(Task, Task)>, sqlx::Error>;
+    /// Applies `change` (absent fields stay) to the task under its row lock, so two concurrent
+    /// updates never revert each other. Returns the row as locked and as written.
+    async fn update(&self, id: Uuid, change: &UpdateTaskRequest) -> Result<Option<(Task, Task)>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
 }
-
-/// What an update does to the locked row (the service's rules, run inside the transaction).
-pub type TaskChange = Box<dyn FnOnce(&mut Task) + Send>;
 
 /// A page of a project's tasks (`$1`), filtered by status (`$2`) and assignee (`$3`), `$4` rows
 /// from `$5`: the cached and the uncached list read the same rows in the same order.
@@ -72,7 +71,8 @@ impl TaskRepository for PgTaskRepository {
         let sql = format!(
             "INSERT INTO tasks (project_id, workspace_id, title, description, status, priority, assignee_id, due_date,
                                 completed_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING {COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5 = 'done' THEN $9 END, $9, $9)
+             RETURNING {COLUMNS}"
         );
         let query = sqlx::query_as(&sql)
             .bind(task.project_id)
@@ -83,9 +83,7 @@ impl TaskRepository for PgTaskRepository {
             .bind(task.priority)
             .bind(task.assignee_id)
             .bind(task.due_date)
-            .bind(task.completed_at)
-            // The service's clock, like `completed_at`: a task created as done is never completed
-            // before it was created.
+            // The service's clock; a task created as done is completed when it is created.
             .bind(task.created_at);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
@@ -174,35 +172,43 @@ impl TaskRepository for PgTaskRepository {
         self.db.run(query.fetch_all(self.db.pool())).await
     }
 
-    async fn update(&self, id: Uuid, change: TaskChange) -> Result<Option<(Task, Task)>, sqlx::Error> {
-        let work = async {
-            let mut tx = self.db.pool().begin().await?;
-            let locked = format!("SELECT {COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE");
-            let Some(before): Option<Task> = sqlx::query_as(&locked).bind(id).fetch_optional(&mut *tx).await? else {
-                return Ok(None);
-            };
-            let mut task = before.clone();
-            change(&mut task);
-            let sql = format!(
-                "UPDATE tasks SET title = $2, description = $3, status = $4, priority = $5, assignee_id = $6,
-                        due_date = $7, completed_at = $8, updated_at = now()
-                 WHERE id = $1 RETURNING {COLUMNS}"
-            );
-            let after: Task = sqlx::query_as(&sql)
-                .bind(task.id)
-                .bind(&task.title)
-                .bind(&task.description)
-                .bind(task.status)
-                .bind(task.priority)
-                .bind(task.assignee_id)
-                .bind(task.due_date)
-                .bind(task.completed_at)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(Some((before, after)))
+    async fn update(&self, id: Uuid, change: &UpdateTaskRequest) -> Result<Option<(Task, Task)>, sqlx::Error> {
+        // One statement: the change applies to the row as locked (a concurrent update of another
+        // field stays), and no transaction costs a BEGIN and a COMMIT round trip. `before` is that
+        // locked row, read once (a CTE used twice is computed once).
+        let sql = format!(
+            "WITH before AS (SELECT {COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE),
+                  after AS (
+                    UPDATE tasks AS t SET
+                        title = COALESCE($2, t.title),
+                        description = CASE WHEN $3 THEN $4 ELSE t.description END,
+                        status = COALESCE($5, t.status),
+                        priority = COALESCE($6, t.priority),
+                        assignee_id = CASE WHEN $7 THEN $8 ELSE t.assignee_id END,
+                        due_date = CASE WHEN $9 THEN $10 ELSE t.due_date END,
+                        completed_at = CASE WHEN COALESCE($5, t.status) <> 'done' THEN NULL
+                                            WHEN t.status = 'done' THEN t.completed_at ELSE now() END,
+                        updated_at = now()
+                    FROM before WHERE t.id = before.id
+                    RETURNING t.*)
+             SELECT 0 AS version, * FROM before UNION ALL SELECT 1, * FROM after ORDER BY version"
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(change.title.as_deref())
+            .bind(change.description.is_some())
+            .bind(change.description.as_ref().and_then(Option::as_deref))
+            .bind(change.status)
+            .bind(change.priority)
+            .bind(change.assignee_id.is_some())
+            .bind(change.assignee_id.flatten())
+            .bind(change.due_date.is_some())
+            .bind(change.due_date.flatten());
+        let mut rows: Vec<Task> = self.db.run(query.fetch_all(self.db.pool())).await?;
+        let (Some(after), Some(before)) = (rows.pop(), rows.pop()) else {
+            return Ok(None);
         };
-        self.db.run(work).await
+        Ok(Some((before, after)))
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {

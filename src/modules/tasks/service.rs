@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::dto::{CreateTaskRequest, TaskQuery, UpdateTaskRequest};
 use super::model::{Task, TaskPriority, TaskStatus};
-use super::repository::{TaskChange, TaskListFilter, TaskRepository};
+use super::repository::{TaskListFilter, TaskRepository};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{json, CacheService, Cached};
 use crate::infra::redis::keys::CacheKey;
@@ -61,16 +61,6 @@ fn list_variant(query: &TaskQuery) -> String {
     variant
 }
 
-/// `completedAt` follows the status: stamped when a task becomes done, cleared when it leaves done.
-fn apply_status(task: &mut Task, status: TaskStatus) {
-    match (task.status == TaskStatus::Done, status == TaskStatus::Done) {
-        (false, true) => task.completed_at = Some(Utc::now()),
-        (true, false) => task.completed_at = None,
-        _ => {}
-    }
-    task.status = status;
-}
-
 impl Tasks {
     /// The task fresh from Postgres (the base of every write), if the user may see it.
     async fn find_for_write(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
@@ -113,13 +103,13 @@ impl TaskService for Tasks {
         let workspace_id = self.projects.workspace_of(user_id, project_id).await?;
         self.check_assignee(request.assignee_id, workspace_id).await?;
         let now = Utc::now();
-        let mut task = Task {
+        let task = Task {
             id: Uuid::nil(),
             project_id,
             workspace_id,
             title: request.title.trim().to_owned(),
             description: request.description,
-            status: TaskStatus::Todo,
+            status: request.status.unwrap_or(TaskStatus::Todo),
             priority: request.priority.unwrap_or(TaskPriority::Medium),
             assignee_id: request.assignee_id,
             due_date: request.due_date,
@@ -127,7 +117,6 @@ impl TaskService for Tasks {
             created_at: now,
             updated_at: now,
         };
-        apply_status(&mut task, request.status.unwrap_or(TaskStatus::Todo));
         let stale = self.stale_keys(&[&task]);
         let create = self.tasks.create(&task);
         Ok(self
@@ -205,28 +194,10 @@ impl TaskService for Tasks {
         // What may go stale whatever happens: the task as seen, and its new assignee's lists.
         let mut planned = seen.clone();
         planned.assignee_id = request.assignee_id.unwrap_or(seen.assignee_id);
-        // The change is applied to the row as locked, not to `seen`: a concurrent update of
-        // another field stays.
-        let change: TaskChange = Box::new(move |task: &mut Task| {
-            if let Some(assignee) = request.assignee_id {
-                task.assignee_id = assignee;
-            }
-            if let Some(title) = request.title {
-                task.title = title.trim().to_owned();
-            }
-            if let Some(description) = request.description {
-                task.description = description;
-            }
-            if let Some(priority) = request.priority {
-                task.priority = priority;
-            }
-            if let Some(due_date) = request.due_date {
-                task.due_date = due_date;
-            }
-            if let Some(status) = request.status {
-                apply_status(task, status);
-            }
-        });
+        let mut change = request;
+        if let Some(title) = &mut change.title {
+            *title = title.trim().to_owned();
+        }
         let stale = self.stale_keys(&[&seen, &planned]);
         let as_locked_and_saved = |outcome: &Option<(Task, Task)>| match outcome {
             Some((locked, saved)) => self.stale_keys(&[locked, saved]),
@@ -234,7 +205,7 @@ impl TaskService for Tasks {
         };
         let updated = self
             .cache
-            .write(stale, self.tasks.update(id, change), as_locked_and_saved);
+            .write(stale, self.tasks.update(id, &change), as_locked_and_saved);
         Ok(updated.await?.ok_or(NOT_FOUND)?.1)
     }
 
