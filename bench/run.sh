@@ -10,10 +10,14 @@
 # Every scenario runs ROUNDS times, interleaved, and the medians are reported: on a small machine
 # shared with the load generator, single runs vary by 20 % or more.
 #
-# Usage: bench/run.sh [seconds per run, default 10] [connections, default 64] [rounds, default 3]
+# Usage: [BEFORE=<git revision>] bench/run.sh [seconds per run, default 10] [connections, default 64]
+#        [rounds, default 3]
 #
 # The targets of [6/6] are printed against its "before" run (BENCHMARKS.md, 2026-12-03): absolute
 # req/s move with the machine, so each is also given as a ratio to a yardstick of the same run.
+# With BEFORE (e.g. BEFORE=ac69ffd, the [6/6] "before" commit), that revision is built too (in
+# target/before) and its L1 hit, L2 hit, uncached and mix scenarios run in the same rounds, so the
+# targets set against "today's figure" compare two builds on the same machine, same minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -28,6 +32,13 @@ need curl curl
 cargo build --release --quiet --bin nestling --example ceiling --example same_work
 BIN=target/release/nestling
 WORK=$(mktemp -d)
+BEFORE_BIN=""
+if [ -n "${BEFORE:-}" ]; then
+  git worktree add --quiet --detach "$WORK/before" "$BEFORE"
+  CARGO_TARGET_DIR="$PWD/target/before" cargo build --release --quiet --bin nestling \
+    --manifest-path "$WORK/before/Cargo.toml"
+  BEFORE_BIN=target/before/release/nestling
+fi
 REDIS_PORT=$(free_port)
 APP_PORT=$(free_port)
 CEILING_PORT=$(free_port)
@@ -35,6 +46,7 @@ SAME_WORK_PORT=$(free_port)
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
+  [ -z "$BEFORE_BIN" ] || git worktree remove --force "$WORK/before"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -46,18 +58,20 @@ PIDS+=("$REDIS_PID")
 
 BASE="http://127.0.0.1:$APP_PORT"
 APP_PID=""
-# Starts the app with extra variables (memory mode passes REDIS_URL= : strict, no connection) and
-# records the time to its first answer and its idle RSS.
+# Starts the app (the build in $APP_BIN, by default this one) with extra variables (memory mode
+# passes REDIS_URL= : strict, no connection) and records the time to its first answer and its idle
+# RSS (this build's only).
 start_app() {
   local started; started=$(date +%s%N)
   env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-    RATE_LIMIT_API=1000000000/1h "$@" "$BIN" >"$WORK/app.log" 2>&1 &
+    RATE_LIMIT_API=1000000000/1h "$@" "${APP_BIN:-$BIN}" >"$WORK/app.log" 2>&1 &
   APP_PID=$!
   SERVER_PID=$APP_PID
   PIDS+=("$APP_PID")
   for _ in $(seq 1000); do
     if curl -sf "$BASE/health/live" >/dev/null; then
-      printf '%s\t%s\n' "$(( ($(date +%s%N) - started) / 1000000 ))" "$(awk '/VmRSS/ {print $2}' "/proc/$APP_PID/status")" >>"$WORK/startup.tsv"
+      [ -n "${APP_BIN:-}" ] ||
+        printf '%s\t%s\n' "$(( ($(date +%s%N) - started) / 1000000 ))" "$(awk '/VmRSS/ {print $2}' "/proc/$APP_PID/status")" >>"$WORK/startup.tsv"
       return
     fi
     sleep 0.01
@@ -161,11 +175,20 @@ for ROUND in $(seq "$ROUNDS"); do
   start_app REDIS_ENABLED=false REDIS_URL= CACHE_L1_ENABLED=false; warm; measure "uncached (Postgres)" "$BASE$LIST"; stop_app
   start_app REDIS_ENABLED=true; warm; measure "90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
   start_app REDIS_ENABLED=true; warm; measure "90/10, writes over the page's tasks" "$BASE$LIST" -s "$WORK/mix-spread.lua"; stop_app
+  if [ -n "$BEFORE_BIN" ]; then
+    export APP_BIN=$BEFORE_BIN
+    start_app REDIS_ENABLED=true; warm; measure "before: L1 hit (redis mode)" "$BASE$LIST"; stop_app
+    start_app REDIS_ENABLED=true CACHE_L1_ENABLED=false; warm; measure "before: L2 hit (L1 off)" "$BASE$LIST"; stop_app
+    start_app REDIS_ENABLED=false REDIS_URL= CACHE_L1_ENABLED=false; warm; measure "before: uncached (Postgres)" "$BASE$LIST"; stop_app
+    start_app REDIS_ENABLED=true; warm; measure "before: 90% read / 10% write" "$BASE$LIST" -s "$WORK/mix.lua"; stop_app
+    start_app REDIS_ENABLED=true; warm; measure "before: 90/10, writes over the page's tasks" "$BASE$LIST" -s "$WORK/mix-spread.lua"; stop_app
+    unset APP_BIN
+  fi
 done
 
 echo
 echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per run, wrk -t2; $(nproc) cores"
-awk -F'\t' -f bench/lib.awk -f <(echo '
+awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
   NR == 1 { next }
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
   { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7; trips[$2] = trips[$2] " " $8 }
@@ -188,6 +211,15 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
     printf "uncached / one query: %.0f %% (target >= 50 %%)\n", 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]
     mix = "90% read / 10% write"
     printf "90/10 mix: %.0f req/s = %.2fx the before figure 7456 (target >= 1.5x); %.1f us/req = before / %.2f (before: 101.7)\n", r[mix], r[mix] / 7456, median(cpu[mix]), 101.7 / median(cpu[mix])
+    if ("before: L2 hit (L1 off)" in r) {
+      printf "against the build of %s in the same rounds (BEFORE):\n", before
+      split("L1 hit (redis mode)|L2 hit (L1 off)|uncached (Postgres)|90% read / 10% write|90/10, writes over the page\047s tasks", pair, "|")
+      for (i = 1; i <= 5; i++) {
+        s = pair[i]; b = "before: " s
+        printf "  %s: %.0f against %.0f req/s = %.2fx; %.1f against %.1f us/req = before / %.2f\n", s, r[s], r[b], r[s] / r[b], median(cpu[s]), median(cpu[b]), median(cpu[b]) / median(cpu[s])
+      }
+      printf "  targets: L2 hit >= 2x, 90/10 mix >= 1.5x\n"
+    }
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]
     printf "limiter cost, redis mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (redis mode)"] / r["L1 hit (redis mode, no limiter)"]
     printf "limiter cost, memory mode: L1 hit with / without the /api policy: %.0f %% (target >= 85 %%)\n", 100 * r["L1 hit (memory mode)"] / r["L1 hit (memory mode, no limiter)"]

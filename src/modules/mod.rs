@@ -112,7 +112,9 @@ pub mod nullable {
 /// `HIT-L2`, `MISS`, `BYPASS`).
 pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
     use crate::infra::cache::CacheTier;
-    use actix_web::http::header::{HeaderValue, CACHE_CONTROL, ETAG};
+    use actix_web::http::header::{HeaderName, HeaderValue, CACHE_CONTROL, ETAG};
+    const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+    const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
     let status = match cached.tier {
         CacheTier::HitL1 => format!("nestling; hit; ttl={}", cached.ttl.as_secs()),
         CacheTier::HitL2 => format!("nestling; hit; ttl={}; detail=redis", cached.ttl.as_secs()),
@@ -123,8 +125,8 @@ pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpRe
         .content_type("application/json")
         .insert_header((ETAG, cached.etag))
         .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
-        .insert_header(("Cache-Status", status))
-        .insert_header(("X-Cache", HeaderValue::from_static(cached.tier.header_value())))
+        .insert_header((CACHE_STATUS, status))
+        .insert_header((X_CACHE, HeaderValue::from_static(cached.tier.header_value())))
         .body(cached.bytes)
 }
 

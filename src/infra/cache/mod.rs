@@ -617,21 +617,27 @@ impl Inner {
             let origin = entry.origin;
             return Ok(entry.served_as(origin, Instant::now()));
         }
-        if let Some(entry) = self.l1.get(key.l1_key()).await {
-            let now = Instant::now();
-            if entry.expires_at > now && entry.epoch == self.epoch_of(key) && self.in_sync(entry.filled_at, now) {
-                self.count(key.namespace, CacheTier::HitL1);
-                return Ok(entry.served_as(CacheTier::HitL1, now));
-            }
-            // Out of date but still there (its epoch shard was bumped by another key, it expired,
-            // or it is too old to trust while invalidations go unheard): `try_get_with` would
-            // hand this same entry back instead of loading, every time. Drop it so the load below
-            // replaces it.
-            self.l1.invalidate(key.l1_key()).await;
+        if let Some(hit) = self.l1_hit(key).await {
+            return Ok(hit);
         }
         // Boxed: the miss path's state (single-flight, L2, loader) would otherwise be part of, and
         // copied with, every hit's future.
         self.load_into_l1(key, loader, decodes).await
+    }
+
+    /// The key's L1 entry, if it may be served (L1 on, not bypassing).
+    async fn l1_hit(&self, key: &CacheKey) -> Option<Cached> {
+        let entry = self.l1.get(key.l1_key()).await?;
+        let now = Instant::now();
+        if entry.expires_at > now && entry.epoch == self.epoch_of(key) && self.in_sync(entry.filled_at, now) {
+            self.count(key.namespace, CacheTier::HitL1);
+            return Some(entry.served_as(CacheTier::HitL1, now));
+        }
+        // Out of date but still there (its epoch shard was bumped by another key, it expired, or
+        // it is too old to trust while invalidations go unheard): `try_get_with` would hand this
+        // same entry back instead of loading, every time. Drop it so that a load replaces it.
+        self.l1.invalidate(key.l1_key()).await;
+        None
     }
 
     /// An L1 miss: single-flight through `fill`, kept in L1 unless invalidated meanwhile.
@@ -1160,6 +1166,13 @@ impl CacheService for TieredCache {
     ) -> AppResult<Option<Cached>> {
         let inner = &self.inner;
         let bypass = bypassing();
+        // Found first: most lookups find what they look for (a valid session). A key is never
+        // current both ways: whatever makes it found or absent invalidates it.
+        if !bypass && inner.l1_enabled {
+            if let Some(hit) = inner.l1_hit(&key).await {
+                return Ok(Some(hit));
+            }
+        }
         if let Some(absent) = inner.negative.get(key.l1_key()).await.filter(|_| !bypass) {
             let now = Instant::now();
             // Any invalidation of the key (or its group, or a flush) moved its epoch on.

@@ -705,24 +705,24 @@ impl RateLimiter for RedisRateLimiter {
 
     fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap) {
         use actix_web::http::header::HeaderName;
+        // Constants: `from_static` checks the name each time it runs.
+        const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+        const CURRENT: HeaderName = HeaderName::from_static("ratelimit");
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
         let spec = self.group(group);
         let (p, q) = decision.tightest;
         let policy = &spec.policies[p];
         let reset = whole_seconds(decision.reset);
-        headers.insert(HeaderName::from_static("ratelimit-policy"), spec.policy_header.clone());
+        headers.insert(POLICY, spec.policy_header.clone());
         let current = format!("\"{}\";r={};t={reset}", policy.quota_names[q], decision.remaining);
         if let Ok(value) = HeaderValue::from_str(&current) {
-            headers.insert(HeaderName::from_static("ratelimit"), value);
+            headers.insert(CURRENT, value);
         }
-        headers.insert(
-            HeaderName::from_static("x-ratelimit-limit"),
-            policy.limit_headers[q].clone(),
-        );
-        headers.insert(
-            HeaderName::from_static("x-ratelimit-remaining"),
-            HeaderValue::from(decision.remaining),
-        );
-        headers.insert(HeaderName::from_static("x-ratelimit-reset"), HeaderValue::from(reset));
+        headers.insert(LIMIT, policy.limit_headers[q].clone());
+        headers.insert(REMAINING, HeaderValue::from(decision.remaining));
+        headers.insert(RESET, HeaderValue::from(reset));
     }
 
     fn status(&self) -> RateLimitStatus {
