@@ -298,6 +298,32 @@ pub(crate) async fn a_new_x_forwarded_for_per_request_does_not_reset_the_limit_u
     }
 }
 
+/// A quota of more tokens than an hour has microseconds' worth of room (10^9 an hour: one every
+/// 3.6 µs, counted in whole microseconds) never shows more tokens left than it has, in Redis or
+/// in memory: a client would read "1,199,999,999 of 1,000,000,000 left".
+#[tokio::test]
+async fn remaining_never_exceeds_the_limit_whatever_the_quota() {
+    const LIMIT: u64 = 1_000_000_000;
+    let quota = |s: &mut Settings| s.rate_limit.api = per(LIMIT, 3600);
+    let redis_mode = on(Backend::redis().await, quota).await;
+    let memory_mode = TestApp::builder()
+        .settings(move |s| {
+            s.redis.enabled = false;
+            quota(s);
+        })
+        .spawn()
+        .await;
+    for (mode, app) in [("redis", &redis_mode), ("memory", &memory_mode)] {
+        let user = app.register_user().await;
+        let read = app.get("/api/users/me", &user.token).await;
+        read.assert_status(200);
+        let remaining: u64 = read.header("x-ratelimit-remaining").unwrap().parse().unwrap();
+        assert!(remaining < LIMIT, "{mode}: {remaining} left of {LIMIT}");
+        let current = read.header("ratelimit").unwrap();
+        assert!(current.contains(&format!(";r={remaining};")), "{mode}: {current}");
+    }
+}
+
 #[tokio::test]
 async fn in_memory_mode_the_same_policies_hold_and_redis_sees_no_connection() {
     let redis = private_redis().await;

@@ -715,13 +715,18 @@ impl RateLimiter for RedisRateLimiter {
         let (p, q) = decision.tightest;
         let policy = &spec.policies[p];
         let reset = whole_seconds(decision.reset);
+        // GCRA counts whole microseconds per token, rounded down: a quota of a few microseconds
+        // per token counts more tokens than it has (10^9 an hour: 3.6 µs -> 3, 20 % more; from a
+        // millisecond per token on, under 0.1 %). Never show more than the limit less the token
+        // this request took (a denial shows 0 anyway).
+        let remaining = decision.remaining.min(policy.quotas[q].limit.saturating_sub(1));
         headers.insert(POLICY, spec.policy_header.clone());
-        let current = format!("\"{}\";r={};t={reset}", policy.quota_names[q], decision.remaining);
+        let current = format!("\"{}\";r={remaining};t={reset}", policy.quota_names[q]);
         if let Ok(value) = HeaderValue::from_str(&current) {
             headers.insert(CURRENT, value);
         }
         headers.insert(LIMIT, policy.limit_headers[q].clone());
-        headers.insert(REMAINING, HeaderValue::from(decision.remaining));
+        headers.insert(REMAINING, HeaderValue::from(remaining));
         headers.insert(RESET, HeaderValue::from(reset));
     }
 
