@@ -169,3 +169,32 @@ async fn a_statement_cancelled_by_the_server_answers_503() {
     );
     response.assert_error(503, "database_unavailable");
 }
+
+/// A connection the server dropped while it sat idle in the pool (an administrator, a failover,
+/// `idle_session_timeout`) is found out by a ping before use, not by the request that draws it.
+/// Connections used within the last second skip that ping (a round trip less per statement);
+/// these have been idle longer.
+#[tokio::test]
+async fn connections_dropped_while_idle_are_replaced_before_a_request_draws_them() {
+    let postgres = private_postgres().await;
+    let app = TestApp::builder().postgres(&postgres).spawn().await;
+    let user = app.register_user().await;
+    app.get("/api/workspaces", &user.token).await.assert_status(200);
+
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.unwrap();
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'nestling'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!dropped.is_empty(), "the app holds pooled connections");
+    // The idle time is the condition under test: there is no event to wait for.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The pool hands out its idle connections oldest first: one write per dropped connection.
+    for round in 0..dropped.len() {
+        app.post("/api/workspaces", &user.token, json!({ "name": format!("after {round}") }))
+            .await
+            .assert_status(201);
+    }
+}

@@ -131,8 +131,23 @@ pub fn pool(settings: &Settings) -> Result<PgPool, DatabaseSetupError> {
         .max_connections(db.max_connections)
         .acquire_timeout(db.acquire_timeout)
         .idle_timeout(Duration::from_secs(300))
+        // sqlx pings every connection it hands out: one more round trip per statement. A
+        // connection used moments ago is as alive as a ping would show; only one idle for longer
+        // is pinged (HikariCP's `aliveBypassWindowMs` does the same).
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
+
+/// A pooled connection idle this long is pinged before use (see `pool`).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 async fn probe(options: &PgConnectOptions, timeout: Duration) -> Result<(), sqlx::Error> {
     let conn = within(timeout, sqlx::PgConnection::connect_with(options)).await?;
