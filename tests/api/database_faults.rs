@@ -193,8 +193,12 @@ async fn connections_dropped_while_idle_are_replaced_before_a_request_draws_them
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The pool hands out its idle connections oldest first: one write per dropped connection.
     for round in 0..dropped.len() {
-        app.post("/api/workspaces", &user.token, json!({ "name": format!("after {round}") }))
-            .await
-            .assert_status(201);
+        app.post(
+            "/api/workspaces",
+            &user.token,
+            json!({ "name": format!("after {round}") }),
+        )
+        .await
+        .assert_status(201);
     }
 }

@@ -175,7 +175,8 @@ impl TaskRepository for PgTaskRepository {
     async fn update(&self, id: Uuid, change: &UpdateTaskRequest) -> Result<Option<(Task, Task)>, sqlx::Error> {
         // One statement: the change applies to the row as locked (a concurrent update of another
         // field stays), and no transaction costs a BEGIN and a COMMIT round trip. `before` is that
-        // locked row, read once (a CTE used twice is computed once).
+        // locked row, read once (a CTE used twice is computed once). Both rows are selected by
+        // column name, so the table's column order does not matter.
         let sql = format!(
             "WITH before AS (SELECT {COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE),
                   after AS (
@@ -191,7 +192,8 @@ impl TaskRepository for PgTaskRepository {
                         updated_at = now()
                     FROM before WHERE t.id = before.id
                     RETURNING t.*)
-             SELECT 0 AS version, * FROM before UNION ALL SELECT 1, * FROM after ORDER BY version"
+             SELECT 0 AS version, {COLUMNS} FROM before
+             UNION ALL SELECT 1, {COLUMNS} FROM after ORDER BY version"
         );
         let query = sqlx::query_as(&sql)
             .bind(id)
