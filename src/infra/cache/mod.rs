@@ -1166,9 +1166,10 @@ impl CacheService for TieredCache {
     ) -> AppResult<Option<Cached>> {
         let inner = &self.inner;
         let bypass = bypassing();
+        let l1_in_use = !bypass && inner.l1_enabled;
         // Found first: most lookups find what they look for (a valid session). A key is never
         // current both ways: whatever makes it found or absent invalidates it.
-        if !bypass && inner.l1_enabled {
+        if l1_in_use {
             if let Some(hit) = inner.l1_hit(&key).await {
                 return Ok(Some(hit));
             }
@@ -1182,8 +1183,14 @@ impl CacheService for TieredCache {
             }
         }
         let epoch = inner.epoch_of(&key);
-        let found = async move { loader.await?.ok_or(ABSENT) };
-        match inner.lookup(&key, Box::pin(found), decodes).await {
+        let found = Box::pin(async move { loader.await?.ok_or(ABSENT) });
+        // L1 was looked up above: a miss goes straight to the load.
+        let looked_up = if l1_in_use {
+            inner.load_into_l1(&key, found, decodes).await
+        } else {
+            inner.lookup(&key, found, decodes).await
+        };
+        match looked_up {
             Ok(cached) => Ok(Some(cached)),
             Err(err) if is_absent(&err) => {
                 if !bypass && inner.epoch_of(&key) == epoch {
