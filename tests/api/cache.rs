@@ -533,14 +533,8 @@ pub(crate) async fn every_entity_read_on_b_is_fresh_after_a_write_on_a(backend: 
         let token = &world.user.token;
         let path = world.fill(read);
         // The invalidations of the world's own creation may reach B after its first read (on a
-        // cluster they travel through the cluster bus): read until B holds the entry.
-        let started = Instant::now();
-        while b.get(&path, token).await.header("x-cache") != Some("HIT-L1") {
-            assert!(
-                started.elapsed() < Duration::from_secs(2),
-                "{entity}: B never holds it in L1"
-            );
-        }
+        // cluster they travel through the cluster bus).
+        read_until_l1_hit(&b, &path, token, entity).await;
 
         let method: Method = method.parse().unwrap();
         let body: Value = serde_json::from_str(write_body).unwrap();
