@@ -80,8 +80,10 @@ start_app() {
 }
 # CPU time (user + system) the server has used, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
-# How many times the bench Redis read from a client: one per round trip (a pipeline arrives in one
-# read; the one-GET yardstick's multiplexed connection batches concurrent requests into one).
+# How many times the bench Redis read from a client: one per round trip of a lone request (a
+# pipeline arrives in one read). Under load it is lower: concurrent requests share a multiplexed
+# connection, whose commands arrive together (the app's pool and the one-GET yardstick alike).
+# The two-round-trip bound of one request is tested (cache::with_l1_off_...two_redis_round_trips).
 # Empty while Redis is frozen.
 REDIS_FROZEN=""
 redis_reads() {
@@ -193,7 +195,7 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
   { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7; trips[$2] = trips[$2] " " $8 }
   END {
-    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) | Redis round trips/req |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    printf "| scenario | req/s | p50 (ms) | p99 (ms) | non-2xx | server CPU (µs/req) | Redis reads/req |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     for (i = 1; i <= count; i++) {
       s = order[i]; r[s] = median(rps[s])
       t = median(trips[s]); t = (t == "-") ? "-" : sprintf("%.2f", t)
@@ -206,7 +208,7 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
       printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
     }
     l2 = "L2 hit (L1 off)"; get = "one Redis GET (hand-written)"
-    printf "L2 hit (L1 off): %.2f Redis round trips per request (target <= 2)\n", median(trips[l2])
+    printf "L2 hit (L1 off): %.2f Redis reads per request under load (target: <= 2 round trips per request, tested one request at a time)\n", median(trips[l2])
     printf "L2 hit (L1 off): %.0f req/s = %.2fx the before figure 6216 (target >= 2x); %.0f %% of one Redis GET (before: 13 %%); %.1f us/req = before / %.2f (before: 189.3)\n", r[l2], r[l2] / 6216, 100 * r[l2] / r[get], median(cpu[l2]), 189.3 / median(cpu[l2])
     printf "uncached / one query: %.0f %% (target >= 50 %%)\n", 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]
     mix = "90% read / 10% write"

@@ -462,14 +462,23 @@ impl Redis {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let (connection, pooled) = match &self.backend {
+        let (connection, broken_flag) = match &self.backend {
             Backend::Standalone { pool, .. } => {
-                let pooled = pool.get().await.map_err(|err| match err {
-                    bb8::RunError::User(err) => RedisFailure::Command(err),
-                    // No connection could be made meanwhile: say why, if the pool's attempts failed.
-                    bb8::RunError::TimedOut => self.no_connection_because().unwrap_or(RedisFailure::PoolTimeout),
-                })?;
-                (Connection::Standalone(pooled.connection.clone()), Some(pooled))
+                // The connection goes back to the pool at once: it is multiplexed, so concurrent
+                // calls share it and their commands leave in one write (one connection held per
+                // call cost L2 reads a syscall each way, BENCHMARKS.md [6/6]).
+                let (connection, broken) = loop {
+                    let pooled = pool.get().await.map_err(|err| match err {
+                        bb8::RunError::User(err) => RedisFailure::Command(err),
+                        // No connection could be made meanwhile: say why, if the pool's attempts failed.
+                        bb8::RunError::TimedOut => self.no_connection_because().unwrap_or(RedisFailure::PoolTimeout),
+                    })?;
+                    // A connection another call found broken is dropped here, as it is returned.
+                    if !pooled.broken.load(Ordering::Relaxed) {
+                        break (pooled.connection.clone(), pooled.broken.clone());
+                    }
+                };
+                (Connection::Standalone(connection), Some(broken))
             }
             Backend::Cluster(cluster) => (
                 Connection::Cluster(cluster.connection(&self.connect_errors).await?),
@@ -481,8 +490,8 @@ impl Redis {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 let broken = err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error();
-                if let Some(pooled) = pooled.filter(|_| broken) {
-                    pooled.broken.store(true, Ordering::Relaxed);
+                if let Some(flag) = broken_flag.filter(|_| broken) {
+                    flag.store(true, Ordering::Relaxed);
                 }
                 Err(RedisFailure::Command(err))
             }
