@@ -3,7 +3,8 @@
 # wrk on loopback against an authenticated GET /api/projects/{id}/tasks?limit=20 (20 tasks, ~9 KB).
 # Scenarios: bare actix ceiling, L1 hit (Redis mode and memory mode, each with the /api rate-limit
 # policy on and off), L2 hit (L1 off), uncached, 90 % read / 10 % write (writes to one task, and
-# spread over the page's tasks), Redis frozen (SIGSTOP).
+# spread over the page's tasks), Redis frozen (SIGSTOP); the same-work handler (lean, and with the
+# same response), one Redis GET and one query as yardsticks.
 # Postgres: $DATABASE_URL, or the dev service. The policy's quota is raised so that it decides
 # every request without denying any: its cost is what is measured.
 #
@@ -161,6 +162,7 @@ for ROUND in $(seq "$ROUNDS"); do
   measure "ceiling (bare actix, same bytes)" "http://127.0.0.1:$CEILING_PORT$LIST"
   SERVER_PID=$SAME_WORK_PID
   measure "same work (hand-written handler)" "http://127.0.0.1:$SAME_WORK_PORT$LIST"
+  measure "same work, same response (hand-written)" "http://127.0.0.1:$SAME_WORK_PORT/same-response$LIST"
   measure "one Redis GET (hand-written)" "http://127.0.0.1:$SAME_WORK_PORT/one-get$LIST"
   measure "one query (hand-written)" "http://127.0.0.1:$SAME_WORK_PORT/one-query$LIST"
   start_app REDIS_ENABLED=true; warm; measure "L1 hit (redis mode)" "$BASE$LIST"; stop_app
@@ -206,6 +208,11 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
     for (m = 1; m <= 2; m++) {
       s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
       printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
+    }
+    full = "same work, same response (hand-written)"
+    for (m = 1; m <= 2; m++) {
+      s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
+      printf "%s / same work with the same response (proposed yardstick): %.0f %% of its req/s, %.2fx its CPU per request\n", s, 100 * r[s] / r[full], median(cpu[s]) / median(cpu[full])
     }
     l2 = "L2 hit (L1 off)"; get = "one Redis GET (hand-written)"
     printf "L2 hit (L1 off): %.2f Redis reads per request under load (target: <= 2 round trips per request, tested one request at a time)\n", median(trips[l2])

@@ -7,6 +7,11 @@
 //! request) loads the session and the role from Postgres, and the project and the page from the
 //! files `bench/run.sh` saved from nestling: only hits are measured.
 //!
+//! `/same-response/...` does the same and answers with the response nestling sends: a request id,
+//! the RateLimit headers, the cache's status, the `If-None-Match` and `no-cache` checks, and the
+//! HTTP metrics (proposed as the L1 yardstick: the app's answer is about 270 bytes of headers
+//! longer, and making them is work the route does).
+//!
 //! Two more routes give the other tiers their yardsticks: `/one-query/...` reads the same page
 //! with one query and serializes it, and `/one-get/...` answers the page's bytes from one Redis
 //! GET (on `REDIS_URL`), both without authentication.
@@ -17,15 +22,21 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG};
+use actix_web::http::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use actix_web::web::{self, Bytes};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
+use governor::clock::DefaultClock;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use nestling::config::Settings;
+use nestling::infra::edge::X_REQUEST_ID;
 use nestling::infra::redis::keys::KeyRegistry;
+use nestling::infra::telemetry::Telemetry;
 use nestling::modules::tasks::model::Task;
 use nestling::modules::workspaces::model::{InWorkspace, Role};
+use prometheus::{Histogram, IntCounter};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -41,6 +52,12 @@ struct State {
     cache: Cache<String, Entry, foldhash::fast::RandomState>,
     keys: KeyRegistry,
     limiter: DefaultKeyedRateLimiter<Uuid>,
+    /// The same limiter, telling what is left (for the RateLimit headers).
+    counting_limiter: RateLimiter<Uuid, DefaultKeyedStateStore<Uuid>, DefaultClock, StateInformationMiddleware>,
+    policy: HeaderValue,
+    limit: HeaderValue,
+    requests: IntCounter,
+    duration: Histogram,
     db: PgPool,
     page: Bytes,
     project: Bytes,
@@ -78,12 +95,13 @@ impl State {
     }
 }
 
-async fn list_tasks(
+async fn list_tasks<const SAME_RESPONSE: bool>(
     state: web::Data<State>,
     project_id: web::Path<Uuid>,
     query: web::Query<ListQuery>,
     request: HttpRequest,
 ) -> HttpResponse {
+    let started = Instant::now();
     let Some(token) = request
         .headers()
         .get(AUTHORIZATION)
@@ -127,9 +145,16 @@ async fn list_tasks(
     if expires_at_ms <= now_ms {
         return HttpResponse::Unauthorized().finish();
     }
-    if state.limiter.check_key(&user_id).is_err() {
+    let remaining = if SAME_RESPONSE {
+        match state.counting_limiter.check_key(&user_id) {
+            Ok(snapshot) => snapshot.remaining_burst_capacity(),
+            Err(_) => return HttpResponse::TooManyRequests().finish(),
+        }
+    } else if state.limiter.check_key(&user_id).is_err() {
         return HttpResponse::TooManyRequests().finish();
-    }
+    } else {
+        0
+    };
 
     let project_id = project_id.into_inner();
     let project_key = state.keys.project(project_id);
@@ -174,11 +199,51 @@ async fn list_tasks(
         .get_or_fill(page_key.l1_key(), ttl(&page_key), async { Some(state.page.clone()) })
         .await
         .unwrap();
-    HttpResponse::Ok()
-        .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
+    if !SAME_RESPONSE {
+        return HttpResponse::Ok()
+            .insert_header((CONTENT_TYPE, HeaderValue::from_static("application/json")))
+            .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
+            .insert_header((ETAG, page.etag))
+            .body(page.bytes);
+    }
+    // What nestling adds to the same answer: a request id, the RateLimit headers, the cache's
+    // status, the conditional and no-cache checks, and the HTTP metrics.
+    let headers = request.headers();
+    let request_id = headers
+        .get(X_REQUEST_ID)
+        .filter(|id| id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_str(&Uuid::new_v4().to_string()).unwrap());
+    let no_cache = headers
+        .get(CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-cache")));
+    let unchanged = !no_cache && headers.get(IF_NONE_MATCH).is_some_and(|tag| tag == page.etag);
+    let ttl_left = page.expires_at.saturating_duration_since(Instant::now()).as_secs();
+    let mut response = if unchanged {
+        HttpResponse::NotModified()
+    } else {
+        HttpResponse::Ok()
+    };
+    response
         .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
         .insert_header((ETAG, page.etag))
-        .body(page.bytes)
+        .insert_header(("cache-status", format!("nestling; hit; ttl={ttl_left}")))
+        .insert_header(("x-cache", HeaderValue::from_static("HIT-L1")))
+        .insert_header(("ratelimit-policy", state.policy.clone()))
+        .insert_header(("ratelimit", format!("\"api-1h\";r={remaining};t=0")))
+        .insert_header(("x-ratelimit-limit", state.limit.clone()))
+        .insert_header(("x-ratelimit-remaining", HeaderValue::from(remaining)))
+        .insert_header(("x-ratelimit-reset", HeaderValue::from(0u32)))
+        .insert_header((X_REQUEST_ID, request_id));
+    let response = if unchanged {
+        response.finish()
+    } else {
+        response.content_type("application/json").body(page.bytes)
+    };
+    state.requests.inc();
+    state.duration.observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// One query for the page's rows (the app's columns and order), serialized.
@@ -245,10 +310,20 @@ async fn main() -> std::io::Result<()> {
             .query_async(&mut connection)
             .await;
     }
+    let telemetry = Telemetry::new();
     let state = web::Data::new(State {
         cache,
         keys: KeyRegistry::new(settings.redis.key_prefix.clone(), settings.ttl.clone()),
         limiter: RateLimiter::keyed(quota),
+        counting_limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+        policy: HeaderValue::from_static("\"api-1h\";q=1000000000;w=3600"),
+        limit: HeaderValue::from_static("1000000000"),
+        requests: telemetry
+            .http_requests
+            .with_label_values(&["GET", "/api/projects/{id}/tasks", "200"]),
+        duration: telemetry
+            .http_duration
+            .with_label_values(&["GET", "/api/projects/{id}/tasks"]),
         db,
         page,
         project,
@@ -258,7 +333,11 @@ async fn main() -> std::io::Result<()> {
     HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .route("/api/projects/{id}/tasks", web::get().to(list_tasks))
+            .route("/api/projects/{id}/tasks", web::get().to(list_tasks::<false>))
+            .route(
+                "/same-response/api/projects/{id}/tasks",
+                web::get().to(list_tasks::<true>),
+            )
             .route("/one-query/api/projects/{id}/tasks", web::get().to(one_query))
             .route("/one-get/api/projects/{id}/tasks", web::get().to(one_get))
     })
