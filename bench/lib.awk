@@ -7,3 +7,5 @@ function median(list,   n, arr, i, j, t) {
   for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] + 0 < arr[i] + 0) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
   return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
 }
+# A target's outcome, as the summaries print it.
+function verdict(holds) { return holds ? "holds" : "does not hold" }
