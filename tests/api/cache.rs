@@ -162,7 +162,7 @@ pub(crate) async fn a_second_instance_reads_from_redis_and_sees_the_first_instan
         "B finds what A loaded: {}",
         from_b.text
     );
-    read_until_l1_hit(&b, &path, token, "after B's first read").await;
+    b.read_until_l1_hit(&path, token, "after B's first read").await;
 
     // Propagation: after A's write returns, how long until B (which holds the task in L1) serves it?
     let mut delays = Vec::new();
@@ -181,21 +181,11 @@ pub(crate) async fn a_second_instance_reads_from_redis_and_sees_the_first_instan
             assert!(written.elapsed() < Duration::from_secs(2), "B never saw trial {trial}");
         }
         // Warm B's L1 again so the next trial measures invalidation, not a miss.
-        read_until_l1_hit(&b, &path, token, &format!("trial {trial}")).await;
+        b.read_until_l1_hit(&path, token, &format!("trial {trial}")).await;
     }
     delays.sort();
     let p99 = delays[delays.len() * 99 / 100 - 1];
     assert!(p99 <= Duration::from_millis(50), "p99 propagation {p99:?}");
-}
-
-/// Reads until `app` serves `path` from L1. Invalidations reach other instances by pub/sub after
-/// the writer's request has returned: one that arrives late (under load) drops the entry the
-/// reader has just filled, and its next read goes to L2 again. That is correct, so wait it out.
-async fn read_until_l1_hit(app: &TestApp, path: &str, token: &str, what: &str) {
-    let by = Instant::now() + Duration::from_secs(2);
-    while app.get(path, token).await.header("x-cache") != Some("HIT-L1") {
-        assert!(Instant::now() < by, "{what}: L1 never kept {path}");
-    }
 }
 
 #[tokio::test]
@@ -534,7 +524,7 @@ pub(crate) async fn every_entity_read_on_b_is_fresh_after_a_write_on_a(backend: 
         let path = world.fill(read);
         // The invalidations of the world's own creation may reach B after its first read (on a
         // cluster they travel through the cluster bus).
-        read_until_l1_hit(&b, &path, token, entity).await;
+        b.read_until_l1_hit(&path, token, entity).await;
 
         let method: Method = method.parse().unwrap();
         let body: Value = serde_json::from_str(write_body).unwrap();

@@ -407,6 +407,17 @@ impl TestApp {
         self.request(Method::GET, path, Some(token), None).await
     }
 
+    /// Reads `path` until this instance serves it from L1 (2 s at most). Invalidations reach
+    /// other instances by pub/sub after the writer's request has returned: one that arrives late
+    /// (under load) drops the entry the reader has just filled, and its next read goes to L2
+    /// again. That is correct, so wait it out.
+    pub async fn read_until_l1_hit(&self, path: &str, token: &str, what: &str) {
+        let by = std::time::Instant::now() + Duration::from_secs(2);
+        while self.get(path, token).await.header("x-cache") != Some("HIT-L1") {
+            assert!(std::time::Instant::now() < by, "{what}: L1 never kept {path}");
+        }
+    }
+
     /// A GET with `Cache-Control: no-cache`: what Postgres holds now, past every cache tier.
     pub async fn get_fresh(&self, path: &str, token: &str) -> TestResponse {
         let request = self
