@@ -205,10 +205,6 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
     }
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     base = "same work (hand-written handler)"
-    for (m = 1; m <= 2; m++) {
-      s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
-      printf "%s / same work: %.0f %% of its req/s (target >= 90 %%), %.2fx its CPU per request (target <= 1.15)\n", s, 100 * r[s] / r[base], median(cpu[s]) / median(cpu[base])
-    }
     full = "same work, same response (hand-written)"
     for (m = 1; m <= 2; m++) {
       s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
@@ -217,7 +213,6 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
     l2 = "L2 hit (L1 off)"; get = "one Redis GET (hand-written)"
     printf "L2 hit (L1 off): %.2f Redis reads per request under load (target: <= 2 round trips per request, tested one request at a time)\n", median(trips[l2])
     printf "L2 hit (L1 off): %.0f req/s = %.2fx the before run of another day, 6216 (for reference); %.0f %% of one Redis GET (before: 13 %%); %.1f us/req = before / %.2f (before: 189.3)\n", r[l2], r[l2] / 6216, 100 * r[l2] / r[get], median(cpu[l2]), 189.3 / median(cpu[l2])
-    printf "uncached / one query: %.0f %% (target >= 50 %%)\n", 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]
     mix = "90% read / 10% write"
     printf "90/10 mix: %.0f req/s = %.2fx the before run of another day, 7456 (for reference); %.1f us/req = before / %.2f (before: 101.7)\n", r[mix], r[mix] / 7456, median(cpu[mix]), 101.7 / median(cpu[mix])
     printf "Redis frozen / memory mode: %.0f %%\n", 100 * r["Redis frozen (SIGSTOP)"] / r["L1 hit (memory mode)"]

@@ -31,7 +31,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::future::Cache;
 use nestling::config::Settings;
-use nestling::infra::edge::X_REQUEST_ID;
+use nestling::infra::edge::{self, X_REQUEST_ID};
 use nestling::infra::redis::keys::KeyRegistry;
 use nestling::infra::telemetry::Telemetry;
 use nestling::modules::tasks::model::Task;
@@ -208,17 +208,13 @@ async fn list_tasks<const SAME_RESPONSE: bool>(
     }
     // What nestling adds to the same answer: a request id, the RateLimit headers, the cache's
     // status, the conditional and no-cache checks, and the HTTP metrics.
+    // nestling's own helpers (`infra::edge`), so the checks cost what they cost the app.
     let headers = request.headers();
-    let request_id = headers
-        .get(X_REQUEST_ID)
-        .filter(|id| id.len() <= 128 && id.as_bytes().iter().all(u8::is_ascii_graphic))
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_str(&Uuid::new_v4().to_string()).unwrap());
-    let no_cache = headers
-        .get(CACHE_CONTROL)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-cache")));
-    let unchanged = !no_cache && headers.get(IF_NONE_MATCH).is_some_and(|tag| tag == page.etag);
+    let request_id = edge::request_id(headers);
+    let unchanged = !edge::asks_no_cache(headers)
+        && headers
+            .get(IF_NONE_MATCH)
+            .is_some_and(|wanted| edge::etag_matches(wanted.as_bytes(), page.etag.as_bytes()));
     let ttl_left = page.expires_at.saturating_duration_since(Instant::now()).as_secs();
     let mut response = if unchanged {
         HttpResponse::NotModified()

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use futures_util::future::{ready, LocalBoxFuture, Ready};
 use prometheus::{Histogram, IntCounter};
@@ -111,19 +111,8 @@ where
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let started = Instant::now();
         let headers = req.headers();
-        let request_id = headers
-            .get(&X_REQUEST_ID)
-            .filter(|value| is_sane_request_id(value.as_bytes()))
-            .cloned()
-            .unwrap_or_else(new_request_id);
-        let no_cache = headers
-            .get(header::CACHE_CONTROL)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| {
-                value
-                    .split(',')
-                    .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
-            });
+        let request_id = request_id(headers);
+        let no_cache = asks_no_cache(headers);
         let method = method_label(req.method());
         let if_none_match = match *req.method() {
             Method::GET | Method::HEAD => headers.get(header::IF_NONE_MATCH).cloned(),
@@ -161,6 +150,27 @@ where
     }
 }
 
+/// The client's `X-Request-Id` when it sends a sane one, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|value| is_sane_request_id(value.as_bytes()))
+        .cloned()
+        .unwrap_or_else(new_request_id)
+}
+
+/// Whether `Cache-Control` carries `no-cache`.
+pub fn asks_no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .split(',')
+                .any(|directive| directive.trim().eq_ignore_ascii_case("no-cache"))
+        })
+}
+
 fn is_sane_request_id(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= 128 && value.iter().all(|b| b.is_ascii_graphic())
 }
@@ -189,7 +199,7 @@ fn method_label(method: &Method) -> &'static str {
 
 /// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
 /// (RFC 9110 §13.1.2).
-fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
+pub fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
     fn opaque(tag: &[u8]) -> &[u8] {
         tag.strip_prefix(b"W/").unwrap_or(tag)
     }
