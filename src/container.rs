@@ -94,6 +94,7 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         })
         .with_component_parameters::<Auth>(AuthParameters {
             token_ttl: settings.ttl.auth_token,
+            sessions: Default::default(),
         })
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),

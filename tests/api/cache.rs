@@ -577,6 +577,77 @@ pub(crate) async fn logout_on_one_instance_revokes_the_token_on_every_instance_o
     }
 }
 
+/// The task list's authorization (the project's workspace and the membership, kept beside the
+/// cache entries it was read from) ends with them: a member removed from the workspace, or
+/// anyone after the project is deleted, gets 404 on the next read, though the list was just
+/// served from L1.
+#[tokio::test]
+async fn a_removed_member_and_a_deleted_project_lose_the_task_list_at_once() {
+    let app = TestApp::spawn().await;
+    let (owner, workspace, project) = app.user_with_project().await;
+    let member = app.register_user().await;
+    app.add_member(&owner, workspace["id"].as_str().unwrap(), &member).await;
+    let tasks = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    app.read_until_l1_hit(&tasks, &member.token, "the member's task list")
+        .await;
+    app.read_until_l1_hit(&tasks, &owner.token, "the owner's task list")
+        .await;
+
+    let removal = format!(
+        "/api/workspaces/{}/members/{}",
+        workspace["id"].as_str().unwrap(),
+        member.id
+    );
+    app.delete(&removal, &owner.token).await.assert_status(204);
+    app.get(&tasks, &member.token)
+        .await
+        .assert_error(404, "project_not_found");
+    app.get(&tasks, &owner.token).await.assert_status(200);
+
+    let project_path = format!("/api/projects/{}", project["id"].as_str().unwrap());
+    app.delete(&project_path, &owner.token).await.assert_status(204);
+    app.get(&tasks, &owner.token)
+        .await
+        .assert_error(404, "project_not_found");
+}
+
+#[tokio::test]
+async fn a_member_removed_on_one_instance_loses_the_task_list_on_every_instance() {
+    a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on(Backend::redis().await).await;
+}
+
+pub(crate) async fn a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on(backend: Backend) {
+    let a = TestApp::builder().backend(backend).spawn().await;
+    let b = backend.sibling(&a).await;
+    let (owner, workspace, project) = a.user_with_project().await;
+    let member = a.register_user().await;
+    a.add_member(&owner, workspace["id"].as_str().unwrap(), &member).await;
+    let tasks = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    b.read_until_l1_hit(&tasks, &member.token, "the member's task list on B")
+        .await;
+
+    let removal = format!(
+        "/api/workspaces/{}/members/{}",
+        workspace["id"].as_str().unwrap(),
+        member.id
+    );
+    a.delete(&removal, &owner.token).await.assert_status(204);
+    // Propagation is asynchronous (pub/sub): at most 2 s.
+    let started = Instant::now();
+    loop {
+        let seen = b.get(&tasks, &member.token).await;
+        if seen.status == 404 {
+            seen.assert_error(404, "project_not_found");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B still serves the task list to the removed member"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_no_cache_request_reads_fresh_from_postgres_and_says_bypass() {
     let app = TestApp::spawn().await;

@@ -11,6 +11,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::cache::{
+    a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on,
     a_second_instance_reads_from_redis_and_sees_the_first_instances_writes_on,
     every_entity_is_cached_and_fresh_after_writes_on, every_entity_read_on_b_is_fresh_after_a_write_on_a,
     logout_on_one_instance_revokes_the_token_on_every_instance_on,
@@ -48,6 +49,11 @@ async fn on_a_cluster_every_entity_read_on_b_is_fresh_after_a_write_on_a_subscri
 #[tokio::test]
 async fn on_a_cluster_logout_on_one_instance_revokes_the_token_on_every_instance() {
     logout_on_one_instance_revokes_the_token_on_every_instance_on(Backend::cluster().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_member_removed_on_one_instance_loses_the_task_list_on_every_instance() {
+    a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on(Backend::cluster().await).await;
 }
 
 #[tokio::test]

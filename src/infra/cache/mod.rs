@@ -179,6 +179,14 @@ pub trait CacheService: Interface {
     fn is_pass_through(&self) -> bool;
     /// Drops the keys (whole groups for keys without a field) everywhere, on every instance.
     async fn invalidate(&self, keys: Vec<CacheKey>);
+    /// `key` as L1 sees it now, taken before looking it up: a service may keep what it derives
+    /// from lookups in process while `is_current` holds for their stamps (see `Stamp`). `None`
+    /// when nothing may be kept: L1 off, or the request bypasses the cache.
+    fn stamp(&self, key: &CacheKey) -> Option<Stamp>;
+    /// Whether a value derived under `stamp` may still be served: none of its keys invalidated
+    /// here or across the fleet, no flush, within their TTL, and heard from the fleet as an L1
+    /// entry must be. Always `false` for a request that bypasses the cache.
+    fn is_current(&self, stamp: &Stamp) -> bool;
     fn keys(&self) -> &KeyRegistry;
     fn ttl_jitter_percent(&self) -> u8;
     fn status(&self) -> CacheStatus;
@@ -287,6 +295,70 @@ impl L1Entry {
         }
     }
 }
+
+/// What a value derived from cached entries depends on: the epochs of their keys, and when it
+/// was made. Derived values follow the rules of the L1 entries they come from, without looking
+/// those entries up (nor formatting their keys) again.
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    generation: u64,
+    epochs: smallvec::SmallVec<[(u32, u64); 2]>,
+    filled_at: Instant,
+    expires_at: Instant,
+}
+
+impl Stamp {
+    /// Current only while both are (a flush between the two makes it never current).
+    pub fn and(mut self, other: Stamp) -> Stamp {
+        self.generation = self.generation.min(other.generation);
+        self.epochs.extend(other.epochs);
+        self.filled_at = self.filled_at.min(other.filled_at);
+        self.expires_at = self.expires_at.min(other.expires_at);
+        self
+    }
+}
+
+/// Values a service derives from cached entries (a token's session, a member's access to a
+/// project), kept in process under the stamps of those entries and served while
+/// `CacheService::is_current` holds: they end when the entries do, here and across the fleet.
+/// One lookup by a typed key instead of the lookups, key formatting and decoding behind it.
+pub struct Derived<K, V>(moka::sync::Cache<K, (V, Stamp), FastHash>);
+
+impl<K, V> Default for Derived<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(DERIVED_ENTRIES)
+                .build_with_hasher(FastHash::default()),
+        )
+    }
+}
+
+impl<K, V> Derived<K, V>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The value kept for `key`, if its entries are still current.
+    pub fn get(&self, cache: &dyn CacheService, key: &K) -> Option<V> {
+        let (value, stamp) = self.0.get(key)?;
+        cache.is_current(&stamp).then_some(value)
+    }
+
+    /// Keeps `value` under `stamp`; nothing without one (L1 off, or a bypassing request).
+    pub fn keep(&self, key: K, value: V, stamp: Option<Stamp>) {
+        if let Some(stamp) = stamp {
+            self.0.insert(key, (value, stamp));
+        }
+    }
+}
+
+/// Per kind of derived value: about 100–150 bytes each.
+const DERIVED_ENTRIES: u64 = 10_000;
 
 /// A lookup that found nothing; like an L1 entry, it counts only while its epoch is current.
 #[derive(Clone)]
@@ -664,9 +736,38 @@ impl Inner {
     }
 
     fn epoch_shard(&self, redis_key: &str) -> &AtomicU64 {
+        &self.epochs[self.epoch_shard_index(redis_key)]
+    }
+
+    fn epoch_shard_index(&self, redis_key: &str) -> usize {
         use std::hash::BuildHasher;
-        let hash = self.epoch_hasher.hash_one(redis_key);
-        &self.epochs[hash as usize % self.epochs.len()]
+        self.epoch_hasher.hash_one(redis_key) as usize % self.epochs.len()
+    }
+
+    fn stamp(&self, key: &CacheKey) -> Option<Stamp> {
+        if !self.l1_enabled || bypassing() {
+            return None;
+        }
+        let shard = self.epoch_shard_index(key.redis_key());
+        let now = Instant::now();
+        Some(Stamp {
+            generation: self.generation.load(Ordering::Acquire),
+            epochs: smallvec::smallvec![(shard as u32, self.epochs[shard].load(Ordering::Acquire))],
+            filled_at: now,
+            expires_at: now + self.keys.ttl(key.namespace),
+        })
+    }
+
+    fn is_current(&self, stamp: &Stamp) -> bool {
+        let now = Instant::now();
+        !bypassing()
+            && stamp.expires_at > now
+            && stamp.generation == self.generation.load(Ordering::Acquire)
+            && stamp
+                .epochs
+                .iter()
+                .all(|&(shard, epoch)| self.epochs[shard as usize].load(Ordering::Acquire) == epoch)
+            && self.in_sync(stamp.filled_at, now)
     }
 
     /// (generation, key epoch): changes whenever the key, or everything, is invalidated.
@@ -1227,6 +1328,14 @@ impl CacheService for TieredCache {
         for key in &keys {
             self.inner.drop_from_l1(key).await;
         }
+    }
+
+    fn stamp(&self, key: &CacheKey) -> Option<Stamp> {
+        self.inner.stamp(key)
+    }
+
+    fn is_current(&self, stamp: &Stamp) -> bool {
+        self.inner.is_current(stamp)
     }
 
     fn keys(&self) -> &KeyRegistry {

@@ -11,7 +11,7 @@ use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
 use super::password::PasswordHasher;
 use super::repository::TokenRepository;
 use crate::error::{is_unique_violation, AppError, AppResult};
-use crate::infra::cache::CacheService;
+use crate::infra::cache::{CacheService, Derived};
 use crate::modules::users::model::User;
 use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
 
@@ -45,11 +45,16 @@ pub struct Auth {
     #[shaku(inject)]
     passwords: Arc<dyn PasswordHasher>,
     token_ttl: Duration,
+    /// Token SHA-256 → its session: every request authenticates, and this spares it the
+    /// session's key and lookup. Logout ends it on every instance, as it ends the cache entry.
+    #[shaku(default)]
+    sessions: Derived<[u8; 32], Session>,
 }
 
 /// What the cache keeps for a token: whose it is and until when (Unix ms). Read on every request,
 /// so it is 24 fixed-width bytes (user id, then big-endian expiry), not JSON.
-struct Session {
+#[derive(Clone)]
+pub struct Session {
     user_id: Uuid,
     expires_at_ms: i64,
 }
@@ -136,9 +141,25 @@ impl AuthService for Auth {
             return Err(INVALID_TOKEN);
         }
         let hash = token_hash(token);
-        let key = self.cache.keys().auth_token(&hash);
+        let session = match self.sessions.get(self.cache.as_ref(), &hash) {
+            Some(session) => session,
+            None => self.session(&hash).await?,
+        };
+        // The cache entry may outlive the token: its own expiry decides.
+        if session.expires_at_ms <= Utc::now().timestamp_millis() {
+            return Err(INVALID_TOKEN);
+        }
+        Ok(session.user_id)
+    }
+}
+
+impl Auth {
+    /// The token's session from the cache (or Postgres), kept in `sessions`.
+    async fn session(&self, hash: &[u8; 32]) -> AppResult<Session> {
+        let key = self.cache.keys().auth_token(hash);
+        let stamp = self.cache.stamp(&key);
         let load = async {
-            let found = self.tokens.find_user(&hash).await?;
+            let found = self.tokens.find_user(hash).await?;
             Ok(found.map(|(user_id, expires_at)| {
                 Session {
                     user_id,
@@ -149,10 +170,7 @@ impl AuthService for Auth {
         };
         let found = self.cache.get_or_load_found(key, Box::pin(load), Session::decodes);
         let session = Session::from_bytes(&found.await?.ok_or(INVALID_TOKEN)?.bytes)?;
-        // The cache entry may outlive the token: its own expiry decides.
-        if session.expires_at_ms <= Utc::now().timestamp_millis() {
-            return Err(INVALID_TOKEN);
-        }
-        Ok(session.user_id)
+        self.sessions.keep(*hash, session.clone(), stamp);
+        Ok(session)
     }
 }

@@ -7,7 +7,7 @@ use super::dto::{CreateProjectRequest, UpdateProjectRequest};
 use super::model::Project;
 use super::repository::ProjectRepository;
 use crate::error::{AppError, AppResult};
-use crate::infra::cache::{json, CacheService, Cached};
+use crate::infra::cache::{json, CacheService, Cached, Derived, Stamp};
 use crate::modules::workspaces::model::InWorkspace;
 use crate::modules::workspaces::service::WorkspaceService;
 use crate::modules::{from_json_bytes, to_json_bytes};
@@ -39,6 +39,10 @@ pub struct Projects {
     cache: Arc<dyn CacheService>,
     #[shaku(default)]
     seen_workspaces: SeenWorkspaces,
+    /// (user, project) → the project's workspace, for members: every task request authorizes
+    /// through `workspace_of`, and this spares it the project's and the membership's lookups.
+    #[shaku(default)]
+    authorized: Derived<(Uuid, Uuid), Uuid>,
 }
 
 /// Project → workspace, as read from the projects this instance served (a project never moves).
@@ -56,8 +60,17 @@ const SEEN_WORKSPACES: u64 = 10_000;
 const NOT_FOUND: AppError = AppError::NotFound { entity: "project" };
 
 impl Projects {
-    async fn get_with_workspace(&self, user_id: Uuid, id: Uuid) -> AppResult<(Cached, Uuid)> {
+    /// The project and its workspace, if the user is a member of it. With `stamped`, also the
+    /// stamp under which that answer may be kept (`None` when nothing may be kept).
+    async fn get_with_workspace(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        stamped: bool,
+    ) -> AppResult<(Cached, Uuid, Option<Stamp>)> {
         let key = self.cache.keys().project(id);
+        // Taken before the lookups: an invalidation from then on makes the answer stale.
+        let project_stamp = stamped.then(|| self.cache.stamp(&key)).flatten();
         let load = async { to_json_bytes(&self.projects.find(id).await?.ok_or(NOT_FOUND)?) };
         let cached = self.cache.get_or_load(key, Box::pin(load), json::<Project>).await?;
         let owner: InWorkspace = from_json_bytes(&cached.bytes)?;
@@ -65,10 +78,17 @@ impl Projects {
         if self.cache.reads_ahead() && !self.seen_workspaces.0.contains_key(&id) {
             self.seen_workspaces.0.insert(id, owner.workspace_id);
         }
+        let member_stamp = project_stamp
+            .is_some()
+            .then(|| self.cache.stamp(&self.cache.keys().member(owner.workspace_id, user_id)))
+            .flatten();
         self.workspaces
             .require_member_or(user_id, owner.workspace_id, NOT_FOUND)
             .await?;
-        Ok((cached, owner.workspace_id))
+        let stamp = project_stamp
+            .zip(member_stamp)
+            .map(|(project, member)| project.and(member));
+        Ok((cached, owner.workspace_id, stamp))
     }
 
     /// The project fresh from Postgres (the base of every write), if the user may see it.
@@ -84,11 +104,16 @@ impl Projects {
 #[async_trait]
 impl ProjectService for Projects {
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached> {
-        Ok(self.get_with_workspace(user_id, id).await?.0)
+        Ok(self.get_with_workspace(user_id, id, false).await?.0)
     }
 
     async fn workspace_of(&self, user_id: Uuid, id: Uuid) -> AppResult<Uuid> {
-        Ok(self.get_with_workspace(user_id, id).await?.1)
+        if let Some(workspace_id) = self.authorized.get(self.cache.as_ref(), &(user_id, id)) {
+            return Ok(workspace_id);
+        }
+        let (_, workspace_id, stamp) = self.get_with_workspace(user_id, id, true).await?;
+        self.authorized.keep((user_id, id), workspace_id, stamp);
+        Ok(workspace_id)
     }
 
     fn seen_workspace(&self, id: Uuid) -> Option<Uuid> {
