@@ -206,10 +206,6 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
     printf "\nL1 hit (redis mode) / ceiling: %.0f %%\n", 100 * r["L1 hit (redis mode)"] / r["ceiling (bare actix, same bytes)"]
     base = "same work (hand-written handler)"
     full = "same work, same response (hand-written)"
-    for (m = 1; m <= 2; m++) {
-      s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
-      printf "%s / same work with the same response (proposed yardstick): %.0f %% of its req/s, %.2fx its CPU per request\n", s, 100 * r[s] / r[full], median(cpu[s]) / median(cpu[full])
-    }
     l2 = "L2 hit (L1 off)"; get = "one Redis GET (hand-written)"
     printf "L2 hit (L1 off): %.2f Redis reads per request under load (target: <= 2 round trips per request, tested one request at a time)\n", median(trips[l2])
     printf "L2 hit (L1 off): %.0f req/s = %.2fx the before run of another day, 6216 (for reference); %.0f %% of one Redis GET (before: 13 %%); %.1f us/req = before / %.2f (before: 189.3)\n", r[l2], r[l2] / 6216, 100 * r[l2] / r[get], median(cpu[l2]), 189.3 / median(cpu[l2])
@@ -232,6 +228,12 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
       s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
       share = 100 * r[s] / r[base]; cost = median(cpu[s]) / median(cpu[base])
       printf "  %s >= 90 %% of same work: %.0f %% (%s); CPU per request <= 1.15x: %.2fx (%s)\n", s, share, verdict(share >= 90), cost, verdict(cost <= 1.15)
+    }
+    # The yardstick proposed in BENCHMARKS.md: the hand-written handler sending the app\047s whole answer.
+    for (m = 1; m <= 2; m++) {
+      s = (m == 1) ? "L1 hit (redis mode)" : "L1 hit (memory mode)"
+      share = 100 * r[s] / r[full]; cost = median(cpu[s]) / median(cpu[full])
+      printf "  (proposed) %s >= 90 %% of same work with the same response: %.0f %% (%s); CPU per request <= 1.15x: %.2fx (%s)\n", s, share, verdict(share >= 90), cost, verdict(cost <= 1.15)
     }
     printf "  L2 hit <= 2 Redis round trips per request: counted one request at a time by cache::with_l1_off_a_task_list_waits_for_two_redis_round_trips\n"
     if ("before: L2 hit (L1 off)" in r) {
