@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{private_redis, shared_redis, Backend, TestApp, World};
+use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestUser, World};
 
 const ADMIN: &str = "test-admin-token";
 
@@ -577,6 +577,19 @@ pub(crate) async fn logout_on_one_instance_revokes_the_token_on_every_instance_o
     }
 }
 
+/// An owner's project with a plain member in its workspace: the two users, the project's path,
+/// its task list's and the member's removal path.
+async fn a_project_with_a_member(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
+    let (owner, workspace, project) = app.user_with_project().await;
+    let member = app.register_user().await;
+    let workspace_id = workspace["id"].as_str().unwrap();
+    app.add_member(&owner, workspace_id, &member).await;
+    let project = format!("/api/projects/{}", project["id"].as_str().unwrap());
+    let tasks = format!("{project}/tasks");
+    let removal = format!("/api/workspaces/{workspace_id}/members/{}", member.id);
+    (owner, member, project, tasks, removal)
+}
+
 /// The task list's authorization (the project's workspace and the membership, kept beside the
 /// cache entries it was read from) ends with them: a member removed from the workspace, or
 /// anyone after the project is deleted, gets 404 on the next read, though the list was just
@@ -584,28 +597,19 @@ pub(crate) async fn logout_on_one_instance_revokes_the_token_on_every_instance_o
 #[tokio::test]
 async fn a_removed_member_and_a_deleted_project_lose_the_task_list_at_once() {
     let app = TestApp::spawn().await;
-    let (owner, workspace, project) = app.user_with_project().await;
-    let member = app.register_user().await;
-    app.add_member(&owner, workspace["id"].as_str().unwrap(), &member).await;
-    let tasks = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    let (owner, member, project, tasks, removal) = a_project_with_a_member(&app).await;
     app.read_until_l1_hit(&tasks, &member.token, "the member's task list")
         .await;
     app.read_until_l1_hit(&tasks, &owner.token, "the owner's task list")
         .await;
 
-    let removal = format!(
-        "/api/workspaces/{}/members/{}",
-        workspace["id"].as_str().unwrap(),
-        member.id
-    );
     app.delete(&removal, &owner.token).await.assert_status(204);
     app.get(&tasks, &member.token)
         .await
         .assert_error(404, "project_not_found");
     app.get(&tasks, &owner.token).await.assert_status(200);
 
-    let project_path = format!("/api/projects/{}", project["id"].as_str().unwrap());
-    app.delete(&project_path, &owner.token).await.assert_status(204);
+    app.delete(&project, &owner.token).await.assert_status(204);
     app.get(&tasks, &owner.token)
         .await
         .assert_error(404, "project_not_found");
@@ -619,18 +623,10 @@ async fn a_member_removed_on_one_instance_loses_the_task_list_on_every_instance(
 pub(crate) async fn a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on(backend: Backend) {
     let a = TestApp::builder().backend(backend).spawn().await;
     let b = backend.sibling(&a).await;
-    let (owner, workspace, project) = a.user_with_project().await;
-    let member = a.register_user().await;
-    a.add_member(&owner, workspace["id"].as_str().unwrap(), &member).await;
-    let tasks = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    let (owner, member, _, tasks, removal) = a_project_with_a_member(&a).await;
     b.read_until_l1_hit(&tasks, &member.token, "the member's task list on B")
         .await;
 
-    let removal = format!(
-        "/api/workspaces/{}/members/{}",
-        workspace["id"].as_str().unwrap(),
-        member.id
-    );
     a.delete(&removal, &owner.token).await.assert_status(204);
     // Propagation is asynchronous (pub/sub): at most 2 s.
     let started = Instant::now();
