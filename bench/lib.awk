@@ -7,5 +7,12 @@ function median(list,   n, arr, i, j, t) {
   for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] + 0 < arr[i] + 0) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
   return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2
 }
+# The q-quantile (0..1) of space-separated numbers, by the nearest rank.
+function quantile(list, q,   n, arr, i, j, t, k) {
+  n = split(list, arr, " ")
+  for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] + 0 < arr[i] + 0) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }
+  k = int(q * n + 0.5); if (k < 1) k = 1; if (k > n) k = n
+  return arr[k]
+}
 # A target's outcome, as the summaries print it.
 function verdict(holds) { return holds ? "holds" : "does not hold" }
