@@ -59,25 +59,29 @@ PIDS+=("$REDIS_PID")
 
 BASE="http://127.0.0.1:$APP_PORT"
 APP_PID=""
-# Starts the app (the build in $APP_BIN, by default this one) with extra variables (memory mode
-# passes REDIS_URL= : strict, no connection) and records the time to its first answer and its idle
-# RSS, for this build and (with BEFORE) the before build: both start in the same rounds.
-start_app() {
-  local started; started=$(date +%s%N)
-  env APP_PORT="$APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-    RATE_LIMIT_API=1000000000/1h "$@" "${APP_BIN:-$BIN}" >"$WORK/app.log" 2>&1 &
+# Starts the app (the build in $APP_BIN, by default this one) on a port, with extra variables
+# (memory mode passes REDIS_URL= : strict, no connection), and waits for its first answer.
+launch_app() {
+  local port=$1; shift
+  env APP_PORT="$port" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
+    RATE_LIMIT_API=1000000000/1h "$@" "${APP_BIN:-$BIN}" >"$WORK/app-$port.log" 2>&1 &
   APP_PID=$!
-  SERVER_PID=$APP_PID
   PIDS+=("$APP_PID")
   for _ in $(seq 1000); do
-    if curl -sf "$BASE/health/live" >/dev/null; then
-      printf '%s\t%s\t%s\n' "$(( ($(date +%s%N) - started) / 1000000 ))" \
-        "$(awk '/VmRSS/ {print $2}' "/proc/$APP_PID/status")" "${APP_BIN:+before}" >>"$WORK/startup.tsv"
-      return
-    fi
+    curl -sf "http://127.0.0.1:$port/health/live" >/dev/null && return
     sleep 0.01
   done
-  echo "the app did not start:" >&2; cat "$WORK/app.log" >&2; exit 1
+  echo "the app did not start:" >&2; cat "$WORK/app-$port.log" >&2; exit 1
+}
+# `launch_app` on APP_PORT, the port the scenarios use, recording the time to its first answer
+# and its idle RSS, for this build and (with BEFORE) the before build: both start in the same
+# rounds.
+start_app() {
+  local started; started=$(date +%s%N)
+  launch_app "$APP_PORT" "$@"
+  SERVER_PID=$APP_PID
+  printf '%s\t%s\t%s\n' "$(( ($(date +%s%N) - started) / 1000000 ))" \
+    "$(awk '/VmRSS/ {print $2}' "/proc/$APP_PID/status")" "${APP_BIN:+before}" >>"$WORK/startup.tsv"
 }
 # CPU time (user + system) the server has used, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat"; }
@@ -144,7 +148,8 @@ measure() { # name url [wrk args...]
   errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$name" "$rps" "$p50" "$p99" "$errors" "$cpu_us" "$trips" | tee -a "$RESULTS"
 }
-warm() { for _ in 1 2 3; do curl -sf "$BASE$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
+# Fills the caches of the app at $1 (by default the one on APP_PORT) with the page.
+warm() { for _ in 1 2 3; do curl -sf "${1:-$BASE}$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done; }
 
 printf 'round\tscenario\treq/s\tp50\tp99\tnon-2xx\tCPU us/req\tRedis trips/req\n' | tee "$RESULTS"
 
@@ -198,18 +203,12 @@ done
 if [ -n "${PAIRS:-}" ]; then
   REDIS_APP_PORT=$(free_port)
   MEMORY_APP_PORT=$(free_port)
-  env APP_PORT="$REDIS_APP_PORT" RUST_LOG=error REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-    RATE_LIMIT_API=1000000000/1h REDIS_ENABLED=true "$BIN" >"$WORK/pair-redis.log" 2>&1 &
-  REDIS_APP_PID=$!
-  PIDS+=("$REDIS_APP_PID")
-  env APP_PORT="$MEMORY_APP_PORT" RUST_LOG=error REDIS_URL= RATE_LIMIT_API=1000000000/1h \
-    REDIS_ENABLED=false "$BIN" >"$WORK/pair-memory.log" 2>&1 &
-  MEMORY_APP_PID=$!
-  PIDS+=("$MEMORY_APP_PID")
-  for port in "$REDIS_APP_PORT" "$MEMORY_APP_PORT"; do
-    for _ in $(seq 1000); do curl -sf "http://127.0.0.1:$port/health/live" >/dev/null && break; sleep 0.01; done
-    for _ in 1 2 3; do curl -sf "http://127.0.0.1:$port$LIST" -H "authorization: Bearer $TOKEN" >/dev/null; done
-  done
+  launch_app "$REDIS_APP_PORT" REDIS_ENABLED=true
+  REDIS_APP_PID=$APP_PID
+  warm "http://127.0.0.1:$REDIS_APP_PORT"
+  launch_app "$MEMORY_APP_PORT" REDIS_ENABLED=false REDIS_URL=
+  MEMORY_APP_PID=$APP_PID
+  warm "http://127.0.0.1:$MEMORY_APP_PORT"
   MAIN_RESULTS=$RESULTS MAIN_DURATION=$DURATION
   RESULTS="$WORK/pairs.tsv" DURATION=${PAIR_SECONDS:-3}
   slot() {
