@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestUser, World};
+use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestResponse, TestUser, World};
 
 const ADMIN: &str = "test-admin-token";
 
@@ -532,19 +532,9 @@ pub(crate) async fn every_entity_read_on_b_is_fresh_after_a_write_on_a(backend: 
             .await
             .assert_status(200);
         // Propagation is asynchronous (pub/sub): wait for B to drop its copy, at most 2 s.
-        let started = Instant::now();
-        loop {
-            let seen = b.get(&path, token).await;
-            if pointer_text(&seen.body, pointer) == expected {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(2),
-                "{entity}: B still serves {}",
-                seen.text
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let fresh = |seen: &TestResponse| pointer_text(&seen.body, pointer) == expected;
+        b.read_until(&path, token, &format!("{entity}: B serves the write"), fresh)
+            .await;
     }
 }
 
@@ -562,19 +552,11 @@ pub(crate) async fn logout_on_one_instance_revokes_the_token_on_every_instance_o
     a.request(Method::POST, "/api/auth/logout", Some(&user.token), None)
         .await
         .assert_status(204);
-    let started = Instant::now();
-    loop {
-        let me = b.get("/api/users/me", &user.token).await;
-        if me.status == 401 {
-            me.assert_error(401, "invalid_token");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "B still accepts the revoked token"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    b.read_until("/api/users/me", &user.token, "B refuses the revoked token", |me| {
+        me.status == 401
+    })
+    .await
+    .assert_error(401, "invalid_token");
 }
 
 /// An owner's project with a plain member in its workspace: the two users, the project's path,
@@ -629,19 +611,10 @@ pub(crate) async fn a_member_removed_on_one_instance_loses_the_task_list_on_ever
 
     a.delete(&removal, &owner.token).await.assert_status(204);
     // Propagation is asynchronous (pub/sub): at most 2 s.
-    let started = Instant::now();
-    loop {
-        let seen = b.get(&tasks, &member.token).await;
-        if seen.status == 404 {
-            seen.assert_error(404, "project_not_found");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "B still serves the task list to the removed member"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let refused = |seen: &TestResponse| seen.status == 404;
+    b.read_until(&tasks, &member.token, "B refuses the removed member", refused)
+        .await
+        .assert_error(404, "project_not_found");
 }
 
 #[tokio::test]
@@ -764,20 +737,12 @@ pub(crate) async fn switching_redis_off_and_on_quickly_serves_from_l2_again_with
             .await;
         switched.assert_status(200);
     }
-    let started = std::time::Instant::now();
-    loop {
-        let read = app.get(&path, &world.user.token).await;
+    let from_l2 = |read: &TestResponse| {
         read.assert_status(200);
-        if read.header("x-cache") == Some("HIT-L2") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "still {:?} after 2 s",
-            read.header("x-cache")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        read.header("x-cache") == Some("HIT-L2")
+    };
+    app.read_until(&path, &world.user.token, "served from L2 again", from_l2)
+        .await;
 }
 
 /// A pattern with a glob inside (not only at the end) drops the matching entries from this

@@ -412,9 +412,34 @@ impl TestApp {
     /// (under load) drops the entry the reader has just filled, and its next read goes to L2
     /// again. That is correct, so wait it out.
     pub async fn read_until_l1_hit(&self, path: &str, token: &str, what: &str) {
+        let l1_hit = |read: &TestResponse| read.header("x-cache") == Some("HIT-L1");
+        self.read_until(path, token, &format!("{what}: L1 keeps {path}"), l1_hit)
+            .await;
+    }
+
+    /// Reads `path` until `done` holds for the answer (2 s at most) and returns that answer.
+    /// What another instance writes reaches this one by pub/sub, after the writer's request has
+    /// returned; `what` says what was awaited, should it never come.
+    pub async fn read_until(
+        &self,
+        path: &str,
+        token: &str,
+        what: &str,
+        done: impl Fn(&TestResponse) -> bool,
+    ) -> TestResponse {
         let by = std::time::Instant::now() + Duration::from_secs(2);
-        while self.get(path, token).await.header("x-cache") != Some("HIT-L1") {
-            assert!(std::time::Instant::now() < by, "{what}: L1 never kept {path}");
+        loop {
+            let read = self.get(path, token).await;
+            if done(&read) {
+                return read;
+            }
+            assert!(
+                std::time::Instant::now() < by,
+                "{what}: still {} {} after 2 s",
+                read.status,
+                read.text
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
