@@ -36,6 +36,7 @@ pub struct Settings {
     pub ttl: TtlTable,
     pub rate_limit: RateLimitSettings,
     pub passwords: PasswordSettings,
+    pub cors: CorsSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +48,9 @@ pub struct AppSettings {
     pub shutdown_timeout: Duration,
     /// Bearer credential for `/admin/*`; admin routes answer 403 while it is unset.
     pub admin_token: Option<String>,
+    /// `AUTH_TOKEN_SLIDING`: a token used in the last half of its life is extended to a whole
+    /// `AUTH_TOKEN_TTL` from then (at most once a minute).
+    pub auth_token_sliding: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -146,9 +150,12 @@ pub struct RateLimitSettings {
     /// Most tokens of the `/api` policy an instance takes from Redis at a time (and never more
     /// than 1 % of its tightest quota; 1 = exact).
     pub lease: u64,
-    /// Proxy hops in front of the app whose `X-Forwarded-For` entries are trusted (0: none; the
-    /// peer address is the client).
-    pub trust_proxy: usize,
+    /// How long an instance may spend a lease's tokens; what is left then goes back to Redis
+    /// with the identity's next call.
+    pub lease_lifetime: Duration,
+    /// `TRUST_PROXY`: the proxies (addresses and CIDRs) whose `X-Forwarded-For` is believed
+    /// (empty: none; the peer address is the client). See `middleware::client_ip`.
+    pub trust_proxy: Vec<ipnet::IpNet>,
     /// Instances of the app: without Redis, each enforces 1/`instances` of every quota.
     pub instances: u64,
 }
@@ -160,6 +167,26 @@ pub struct PasswordSettings {
     pub concurrency: usize,
     /// How long a login or register waits for a free slot before it answers 503.
     pub wait: Duration,
+}
+
+/// Cross-origin requests from browsers (see `infra::cors`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsSettings {
+    /// `CORS_ALLOWED_ORIGINS`: the exact origins (`https://app.example.com`) whose pages may call
+    /// the API. Empty (the default): no CORS headers at all, so browsers refuse other origins.
+    pub allowed_origins: Vec<String>,
+    /// `CORS_ALLOWED_ORIGINS=*`: any origin, answered with `*` (never with credentials).
+    pub any_origin: bool,
+    /// `Access-Control-Allow-Credentials: true`: pages may send cookies or HTTP auth with requests.
+    pub allow_credentials: bool,
+    /// How long a browser may keep a preflight's answer.
+    pub max_age: Duration,
+}
+
+impl CorsSettings {
+    pub fn enabled(&self) -> bool {
+        self.any_origin || !self.allowed_origins.is_empty()
+    }
 }
 
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
@@ -215,11 +242,12 @@ impl Settings {
                 workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
                 shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
                 admin_token: lookup("ADMIN_TOKEN").filter(|token| !token.is_empty()),
+                auth_token_sliding: vars.parse("AUTH_TOKEN_SLIDING", false, "true or false")?,
             },
             database: DatabaseSettings {
                 url_is_default: database_url.is_none(),
                 url: database_url.unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
-                max_connections: vars.parse("DATABASE_MAX_CONNECTIONS", 10, "a positive number")?,
+                max_connections: vars.positive("DATABASE_MAX_CONNECTIONS", 10, "a positive number")?,
                 connect_timeout: vars.millis("DATABASE_CONNECT_TIMEOUT_MS", 2000)?,
                 acquire_timeout: vars.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 1000)?,
                 statement_timeout: vars.millis("DATABASE_STATEMENT_TIMEOUT_MS", 3000)?,
@@ -247,8 +275,8 @@ impl Settings {
                 connect_timeout: vars.millis("REDIS_CONNECT_TIMEOUT_MS", 500)?,
                 command_timeout: vars.millis("REDIS_COMMAND_TIMEOUT_MS", 250)?,
                 pool_timeout: vars.millis("REDIS_POOL_TIMEOUT_MS", 300)?,
-                pool_size: vars.parse("REDIS_POOL_SIZE", 8, "a positive number")?,
-                breaker_threshold: vars.parse("REDIS_BREAKER_THRESHOLD", 3, "a positive number")?,
+                pool_size: vars.positive("REDIS_POOL_SIZE", 8, "a positive number")?,
+                breaker_threshold: vars.positive("REDIS_BREAKER_THRESHOLD", 3, "a positive number")?,
                 breaker_cooldown: vars.millis("REDIS_BREAKER_COOLDOWN_MS", 1000)?,
             },
             cache: CacheSettings {
@@ -277,7 +305,8 @@ impl Settings {
                 auth_ip: vars.quotas("RATE_LIMIT_AUTH_IP", "20, 1000/1d", window)?,
                 auth_email: vars.quotas("RATE_LIMIT_AUTH_EMAIL", "5, 100/1d", window)?,
                 lease: vars.positive("RATE_LIMIT_LEASE", 100, "a number of tokens > 0")?,
-                trust_proxy: vars.parse("TRUST_PROXY", 0, "a number of proxy hops (0 = trust none)")?,
+                lease_lifetime: vars.millis("RATE_LIMIT_LEASE_LIFETIME_MS", 1000)?,
+                trust_proxy: vars.networks("TRUST_PROXY")?,
                 instances: vars.positive("APP_INSTANCES", 1, "a number of instances > 0")?,
             },
             passwords: PasswordSettings {
@@ -287,6 +316,7 @@ impl Settings {
                 },
                 wait: vars.millis("PASSWORD_HASH_WAIT_MS", 500)?,
             },
+            cors: vars.cors()?,
         })
     }
 }
@@ -346,6 +376,31 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         quotas.filter(|q| !q.is_empty()).ok_or_else(error)
     }
 
+    /// Addresses and CIDRs, comma-separated: `10.0.0.0/8, 127.0.0.1` (a bare address is one host).
+    /// A bare number was once a hop count, which trusts whoever connects: it is refused, not read
+    /// as something else.
+    fn networks(&self, name: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        let value = self.string(name, "");
+        let network = |item: &str| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .ok()
+                .map(|network| network.trunc())
+        };
+        let networks: Option<Vec<ipnet::IpNet>> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(network)
+            .collect();
+        networks.ok_or(ConfigError {
+            name,
+            expected: "addresses or CIDRs of the trusted proxies, like 10.0.0.0/8,127.0.0.1 (empty: trust none; a \
+                       hop count is no longer accepted)",
+            value,
+        })
+    }
+
     /// A size: `65536`, `512KiB`, `128MiB`, `2GiB`.
     fn bytes(&self, name: &'static str, default: &str) -> Result<u64, ConfigError> {
         let value = self.string(name, default);
@@ -368,9 +423,50 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         })
     }
 
-    fn positive(&self, name: &'static str, default: u64, expected: &'static str) -> Result<u64, ConfigError> {
-        let value: u64 = self.parse(name, default, expected)?;
-        if value == 0 {
+    /// `CORS_ALLOWED_ORIGINS` (exact origins, or `*`), `CORS_ALLOW_CREDENTIALS`, `CORS_MAX_AGE`.
+    fn cors(&self) -> Result<CorsSettings, ConfigError> {
+        const ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
+        let value = self.string(ORIGINS, "");
+        let origins: Vec<&str> = value.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+        let any_origin = origins == ["*"];
+        // A browser sends `Origin` as scheme://host[:port] in lower case, compared byte for byte:
+        // `https://app.example.com/` or `*` among others would never match, silently.
+        if !any_origin && !origins.iter().all(|origin| is_exact_origin(origin)) {
+            return Err(ConfigError {
+                name: ORIGINS,
+                expected: "exact origins like https://app.example.com (scheme://host[:port], lower case, no path), comma-separated, or * alone",
+                value,
+            });
+        }
+        let allow_credentials = self.parse("CORS_ALLOW_CREDENTIALS", false, "true or false")?;
+        // Any site could then act with its visitors' credentials; browsers refuse `*` with them anyway.
+        if any_origin && allow_credentials {
+            return Err(ConfigError {
+                name: ORIGINS,
+                expected: "exact origins, not *, while CORS_ALLOW_CREDENTIALS=true",
+                value,
+            });
+        }
+        Ok(CorsSettings {
+            allowed_origins: if any_origin {
+                Vec::new()
+            } else {
+                origins.into_iter().map(str::to_owned).collect()
+            },
+            any_origin,
+            allow_credentials,
+            max_age: Duration::from_secs(self.parse("CORS_MAX_AGE", 600, "a whole number of seconds")?),
+        })
+    }
+
+    fn positive<T: FromStr + Display + Default + PartialEq>(
+        &self,
+        name: &'static str,
+        default: T,
+        expected: &'static str,
+    ) -> Result<T, ConfigError> {
+        let value: T = self.parse(name, default, expected)?;
+        if value == T::default() {
             return Err(ConfigError {
                 name,
                 expected,
@@ -379,6 +475,22 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         }
         Ok(value)
     }
+}
+
+/// `scheme://host[:port]` as a browser serialises it in `Origin`: lower case, no path, no slash.
+fn is_exact_origin(origin: &str) -> bool {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    let authority_ok = !authority.is_empty()
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:[]".contains(c));
+    scheme_ok && authority_ok
 }
 
 fn parse_quota(item: &str, window: Duration) -> Option<Quota> {
@@ -457,6 +569,11 @@ mod tests {
             ("CACHE_L1_MAX_BYTES", "0"),
             ("CACHE_L1_MAX_BYTES", "12MB"),
             ("CACHE_L1_MAX_BYTES", "MiB"),
+            // A hop count trusts whoever connects directly; refused rather than misread.
+            ("TRUST_PROXY", "1"),
+            ("TRUST_PROXY", "0"),
+            ("TRUST_PROXY", "10.0.0.0/33"),
+            ("TRUST_PROXY", "10.0.0.0/8,proxy"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);
@@ -501,8 +618,85 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_size_of_zero_is_refused_naming_the_variable() {
+        // Each would start and then panic in its pool (or be quietly taken as 1).
+        for name in ["DATABASE_MAX_CONNECTIONS", "REDIS_POOL_SIZE", "REDIS_BREAKER_THRESHOLD"] {
+            let err = settings(&[(name, "0")]).expect_err(name);
+            assert_eq!(err.name, name);
+            assert_eq!(
+                err.to_string(),
+                format!("invalid value for {name}: expected a positive number, got \"0\"")
+            );
+        }
+    }
+
+    #[test]
+    fn cors_is_off_by_default_and_reads_exact_origins() {
+        let off = settings(&[]).unwrap().cors;
+        assert!(!off.enabled());
+        assert!(!off.allow_credentials);
+        assert_eq!(off.max_age, Duration::from_secs(600));
+        let on = settings(&[
+            (
+                "CORS_ALLOWED_ORIGINS",
+                " https://app.example.com, http://localhost:5173 ,",
+            ),
+            ("CORS_ALLOW_CREDENTIALS", "true"),
+            ("CORS_MAX_AGE", "0"),
+        ])
+        .unwrap()
+        .cors;
+        assert!(on.enabled() && !on.any_origin && on.allow_credentials);
+        assert_eq!(on.allowed_origins, ["https://app.example.com", "http://localhost:5173"]);
+        assert_eq!(on.max_age, Duration::ZERO);
+        let any = settings(&[("CORS_ALLOWED_ORIGINS", "*")]).unwrap().cors;
+        assert!(any.enabled() && any.any_origin && any.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn an_origin_a_browser_would_never_send_is_refused_naming_the_variable() {
+        for (name, value) in [
+            ("CORS_ALLOWED_ORIGINS", "https://app.example.com/"),
+            ("CORS_ALLOWED_ORIGINS", "app.example.com"),
+            ("CORS_ALLOWED_ORIGINS", "https://App.example.com"),
+            ("CORS_ALLOWED_ORIGINS", "https://app.example.com/path"),
+            ("CORS_ALLOWED_ORIGINS", "null"),
+            ("CORS_ALLOWED_ORIGINS", "*, https://app.example.com"),
+            ("CORS_ALLOW_CREDENTIALS", "yes"),
+            ("CORS_MAX_AGE", "-1"),
+        ] {
+            let err = settings(&[(name, value)]).expect_err(value);
+            assert_eq!(err.name, name, "{value}");
+        }
+    }
+
+    #[test]
+    fn any_origin_with_credentials_is_refused_in_one_line_naming_the_variable() {
+        let err = settings(&[("CORS_ALLOWED_ORIGINS", "*"), ("CORS_ALLOW_CREDENTIALS", "true")]).unwrap_err();
+        assert_eq!(err.name, "CORS_ALLOWED_ORIGINS");
+        let line = err.to_string();
+        assert!(
+            !line.contains('\n') && line.contains("CORS_ALLOW_CREDENTIALS=true"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn an_explicit_database_url_is_not_the_default() {
         let s = settings(&[("DATABASE_URL", DEFAULT_DATABASE_URL)]).unwrap();
         assert!(!s.database.url_is_default);
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_and_cidrs_and_none_by_default() {
+        assert!(settings(&[]).unwrap().rate_limit.trust_proxy.is_empty());
+        assert!(settings(&[("TRUST_PROXY", " ")])
+            .unwrap()
+            .rate_limit
+            .trust_proxy
+            .is_empty());
+        let s = settings(&[("TRUST_PROXY", "10.0.0.0/8, 127.0.0.1,fd00::/8, 172.29.80.9/24")]).unwrap();
+        let shown: Vec<String> = s.rate_limit.trust_proxy.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8", "172.29.80.0/24"]);
     }
 }

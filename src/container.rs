@@ -95,6 +95,8 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         .with_component_parameters::<Auth>(AuthParameters {
             token_ttl: settings.ttl.auth_token,
             sessions: Default::default(),
+            sliding: settings.app.auth_token_sliding,
+            last_use: Default::default(),
         })
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),

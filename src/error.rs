@@ -307,14 +307,121 @@ impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonBo
     type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
-        // Read as an object first (size limit, content type and errors from `json_config`).
-        let object = web::Json::<serde_json::Map<String, serde_json::Value>>::from_request(req, payload);
+        use actix_web::HttpMessage;
+        let handed_on = req.extensions_mut().remove::<JsonObject>();
+        let parse = handed_on.is_none().then(|| JsonObject::parse(req, payload));
         Box::pin(async move {
-            let object = serde_json::Value::Object(object.await?.into_inner());
-            serde_json::from_value(object)
+            let object = match (handed_on, parse) {
+                (Some(object), _) => object,
+                (None, Some(parse)) => parse.await?,
+                (None, None) => unreachable!("parsed when not handed on"),
+            };
+            serde_json::from_value(serde_json::Value::Object(object.0))
                 .map(JsonBody)
                 .map_err(|err| AppError::bad_request("invalid_body", err.to_string()).into())
         })
+    }
+}
+
+/// The request's JSON object, read once: decompressed, size- and type-checked (`json_config`),
+/// and refused when a key repeats. A middleware that needs the body (the login limit reads the
+/// email) parses it and hands it on in the request's extensions, where `JsonBody` takes it: the
+/// limiter and the handler read the same object, never two readings of the same bytes.
+pub struct JsonObject(pub serde_json::Map<String, serde_json::Value>);
+
+impl JsonObject {
+    pub fn parse(
+        req: &HttpRequest,
+        payload: &mut actix_web::dev::Payload,
+    ) -> impl std::future::Future<Output = Result<JsonObject, actix_web::Error>> + 'static {
+        use actix_web::FromRequest;
+        let parse = web::Json::<UniqueKeys>::from_request(req, payload);
+        async move { Ok(JsonObject(parse.await?.into_inner().0)) }
+    }
+
+    /// Leaves the object for the handler's `JsonBody`.
+    pub fn hand_on(self, req: &HttpRequest) {
+        use actix_web::HttpMessage;
+        req.extensions_mut().insert(self);
+    }
+}
+
+/// Prefix of the error a repeated key raises (serde_json would keep the last value silently, so
+/// two readers of one body could each take a different one).
+const REPEATED_KEY: &str = "repeated key: ";
+
+/// A JSON object whose objects, at any depth, have no repeated key.
+struct UniqueKeys(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match deserializer.deserialize_map(UniqueKeysVisitor)? {
+            serde_json::Value::Object(object) => Ok(UniqueKeys(object)),
+            _ => unreachable!("deserialize_map visits a map"),
+        }
+    }
+}
+
+struct UniqueKeysValue(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeysValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeysValue)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeysValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let UniqueKeysValue(value) = map.next_value()?;
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("{REPEATED_KEY}{key}")));
+            }
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
     }
 }
 
@@ -324,10 +431,20 @@ fn json_error(err: JsonPayloadError) -> AppError {
             AppError::UnsupportedMediaType("request body must be JSON (Content-Type: application/json)".into())
         }
         JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => AppError::PayloadTooLarge,
-        JsonPayloadError::Deserialize(e) if e.is_data() => AppError::bad_request("invalid_body", e.to_string()),
+        JsonPayloadError::Deserialize(e) if e.is_data() => match repeated_key(&e) {
+            Some(key) => AppError::invalid_field(&key, "appears more than once in the object"),
+            None => AppError::bad_request("invalid_body", e.to_string()),
+        },
         JsonPayloadError::Deserialize(e) => AppError::bad_request("malformed_json", e.to_string()),
         other => AppError::bad_request("invalid_body", other.to_string()),
     }
+}
+
+/// The key a `REPEATED_KEY` error names (serde_json appends " at line L column C").
+fn repeated_key(err: &serde_json::Error) -> Option<String> {
+    let message = err.to_string();
+    let key = message.strip_prefix(REPEATED_KEY)?;
+    Some(key[..key.rfind(" at line ").unwrap_or(key.len())].to_owned())
 }
 
 pub fn path_config() -> web::PathConfig {

@@ -1,5 +1,5 @@
 //! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`,
-//! `nestling redis check`, `nestling health`.
+//! `nestling admin end-sessions <email>`, `nestling redis check`, `nestling health`.
 
 use std::process::ExitCode;
 
@@ -64,6 +64,9 @@ enum AdminAction {
     Grant { email: String },
     /// Revoke it.
     Revoke { email: String },
+    /// End every session of the user with this email: on every running instance within a
+    /// second when `REDIS_URL` is set (the instances hear it as they hear a logout).
+    EndSessions { email: String },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +105,7 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
             let (email, grant) = match action {
                 AdminAction::Grant { email } => (email, true),
                 AdminAction::Revoke { email } => (email, false),
+                AdminAction::EndSessions { email } => return end_sessions(settings, &email).await,
             };
             let pool = database::prepare(&mut settings, true).await?;
             let deadline = settings.database.statement_timeout;
@@ -150,6 +154,55 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
             println!("usable");
         }
     }
+    Ok(())
+}
+
+/// Ends the sessions through the app's own services, so the invalidations take the path of a
+/// logout: Redis, then every instance. Redis trouble is waited out briefly (the cache replays
+/// what it queued), then reported: Postgres no longer knows the tokens, so running this again
+/// could not name them.
+async fn end_sessions(mut settings: Settings, email: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use nestling::error::AppError;
+    use nestling::infra::cache::CacheService;
+    use nestling::infra::redis::RedisService;
+    use nestling::modules::admin::service::AdminService;
+    use shaku::HasComponent;
+    use std::sync::Arc;
+
+    let pool = database::prepare(&mut settings, true).await?;
+    let module = nestling::container::builder(&settings, pool).build();
+    let admin: Arc<dyn AdminService> = module.resolve();
+    let cache: Arc<dyn CacheService> = module.resolve();
+    let redis: Arc<dyn RedisService> = module.resolve();
+    let ended = admin.end_sessions_by_email(email).await.map_err(|err| match err {
+        AppError::NotFound { .. } => format!("no user has the email {email}"),
+        err => err.to_string(),
+    })?;
+    if !redis.is_syncing() {
+        log::warn!(
+            "{email}: {} session(s) ended; without REDIS_URL the running instances cannot be told: \
+             each stops honouring them when its cached copy expires (CACHE_L1_MAX_TTL)",
+            ended.ended
+        );
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    if redis.synced().is_some() && cache.status().pending_invalidations > 0 {
+        // The subscriber replays queued invalidations once Redis answers.
+        cache.start();
+        while cache.status().pending_invalidations > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    if redis.synced().is_none() || cache.status().pending_invalidations > 0 {
+        return Err(format!(
+            "{email}: {} session(s) ended in Postgres, but Redis did not take the invalidations: \
+             instances that reach it may honour those tokens until their cached sessions expire",
+            ended.ended
+        )
+        .into());
+    }
+    log::info!("{email}: {} session(s) ended on every instance", ended.ended);
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
     paths(
         health::controller::live, health::controller::ready, health::controller::health, health::controller::metrics,
         auth::controller::register, auth::controller::login, auth::controller::logout,
+        auth::controller::list_sessions, auth::controller::delete_session, auth::controller::delete_sessions,
         users::controller::get_me, users::controller::update_me, users::controller::list_my_tasks,
         workspaces::controller::create_workspace, workspaces::controller::list_workspaces,
         workspaces::controller::get_workspace, workspaces::controller::update_workspace,
@@ -26,12 +27,12 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         metrics::controller::get_daily_metrics,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
-        admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
+        admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, admin::controller::delete_user_sessions, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth, &RateLimitResponses, &ExtractorErrors),
     tags(
-        (name = "auth", description = "Register, log in, log out"),
+        (name = "auth", description = "Register, log in, log out, sessions"),
         (name = "users", description = "The signed-in user"),
         (name = "workspaces", description = "Workspaces and members"),
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),

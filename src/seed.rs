@@ -54,8 +54,10 @@ pub async fn run(pool: &PgPool) -> Result<(), SeedError> {
     let mut tx = pool.begin().await?;
 
     let user = |email: &'static str, name: &'static str| {
-        sqlx::query_scalar::<_, Uuid>("INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING id")
+        let sql = "INSERT INTO users (email, email_key, name, password_hash) VALUES ($1, $2, $3, $4) RETURNING id";
+        sqlx::query_scalar::<_, Uuid>(sql)
             .bind(email)
+            .bind(crate::modules::users::model::email_key(email))
             .bind(name)
             .bind(hash.clone())
     };

@@ -10,10 +10,11 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::config::Settings;
+use crate::config::{AppEnv, Settings};
 use crate::container::{self, AppModule};
 use crate::error;
 use crate::infra::cache::CacheService;
+use crate::infra::cors::Cors;
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::edge::Edge;
 use crate::infra::telemetry::MetricsRegistry;
@@ -67,13 +68,18 @@ impl Application {
         let port = listener.local_addr().map_err(bind_error)?.port();
         let openapi = ApiDoc::openapi();
         let request_log = log::log_enabled!(target: "actix_web::middleware::logger", log::Level::Info);
+        let cors = settings.cors.clone();
+        let hsts = settings.app.env == AppEnv::Production;
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(module.clone())
                 .app_data(error::json_config())
                 .app_data(error::path_config())
                 .app_data(error::query_config())
-                .wrap(Edge::new(telemetry.clone()))
+                // Inside `Edge` (its answers get the request id and security headers), outside
+                // every scope's rate limit: a preflight costs no token (wraps run last-added first).
+                .wrap(Cors::new(&cors))
+                .wrap(Edge::new(telemetry.clone(), hsts))
                 // The logger renders its fields for every request; mount it only when it will print.
                 .wrap(Condition::new(
                     request_log,

@@ -6,7 +6,9 @@
 //! - HTTP caching: `Cache-Control: no-cache` reads everything fresh from Postgres (`X-Cache:
 //!   BYPASS`) and leaves the cache as it is; a GET whose `If-None-Match` names the answer's `ETag`
 //!   gets `304 Not Modified` without the body. The handler still runs, so authentication and
-//!   authorization are checked as for any read.
+//!   authorization are checked as for any read;
+//! - security headers: `X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer` and, in
+//!   production, `Strict-Transport-Security` (what helmet gives NestJS apps).
 //!
 //! One middleware rather than three: each layer of actix middleware costs the cached read a boxed
 //! future and a copy of the inner ones (BENCHMARKS.md, [6/6]).
@@ -29,13 +31,20 @@ use crate::infra::telemetry::Telemetry;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+const NO_REFERRER: HeaderValue = HeaderValue::from_static("no-referrer");
+/// A year, subdomains included: browsers then refuse plain HTTP to this host.
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000; includeSubDomains");
+
 pub struct Edge {
     telemetry: Arc<Telemetry>,
+    hsts: bool,
 }
 
 impl Edge {
-    pub fn new(telemetry: Arc<Telemetry>) -> Self {
-        Self { telemetry }
+    /// `hsts`: send `Strict-Transport-Security` (production, served over HTTPS by its proxy).
+    pub fn new(telemetry: Arc<Telemetry>, hsts: bool) -> Self {
+        Self { telemetry, hsts }
     }
 }
 
@@ -53,6 +62,7 @@ where
     fn new_transform(&self, service: S) -> Self::Future {
         ready(Ok(EdgeService {
             service: Rc::new(service),
+            hsts: self.hsts,
             metrics: Rc::new(RouteMetrics {
                 telemetry: self.telemetry.clone(),
                 children: RefCell::default(),
@@ -63,6 +73,7 @@ where
 
 pub struct EdgeService<S> {
     service: Rc<S>,
+    hsts: bool,
     metrics: Rc<RouteMetrics>,
 }
 
@@ -120,14 +131,21 @@ where
         };
         let service = self.service.clone();
         let metrics = self.metrics.clone();
+        let hsts = self.hsts;
         Box::pin(async move {
             let mut response = if no_cache {
                 bypassing_cache(service.call(req)).await?
             } else {
                 service.call(req).await?
             };
-            // Handler and extractor errors arrive here as responses already: they get it too.
-            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            // Handler and extractor errors arrive here as responses already: they get these too.
+            let headers = response.headers_mut();
+            headers.insert(X_REQUEST_ID, request_id);
+            headers.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF);
+            headers.insert(header::REFERRER_POLICY, NO_REFERRER);
+            if hsts {
+                headers.insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
+            }
             let unchanged = if_none_match.is_some_and(|wanted| {
                 response.status() == StatusCode::OK
                     && response

@@ -1,7 +1,9 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, rate limiting, the app-wide middleware (`edge`), Prometheus telemetry.
+//! breaker), the two-tier cache, rate limiting, the app-wide middleware (`edge`, `cors`),
+//! Prometheus telemetry.
 
 pub mod cache;
+pub mod cors;
 pub mod database;
 pub mod edge;
 pub mod rate_limit;

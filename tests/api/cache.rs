@@ -597,6 +597,45 @@ async fn a_removed_member_and_a_deleted_project_lose_the_task_list_at_once() {
         .assert_error(404, "project_not_found");
 }
 
+/// What is kept beside the cache entries (a session, a member's access) lives no longer than
+/// `CACHE_L1_MAX_TTL`, like the entries, not for the TTL table's 7200 s of a token: a change
+/// made where no invalidation is sent (by SQL) ends it within that bound.
+#[tokio::test]
+async fn a_session_and_a_membership_deleted_in_sql_end_within_cache_l1_max_ttl() {
+    let app = TestApp::builder()
+        .settings(|s| s.cache.l1_max_ttl = Duration::from_secs(1))
+        .spawn()
+        .await;
+    let (owner, member, _, tasks, _) = a_project_with_a_member(&app).await;
+    app.read_until_l1_hit(&tasks, &member.token, "the member's task list")
+        .await;
+    app.get("/api/users/me", &owner.token).await.assert_status(200);
+
+    let removed = sqlx::query("DELETE FROM workspace_members WHERE user_id = $1")
+        .bind(member.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(removed.rows_affected(), 1);
+    let logged_out = sqlx::query("DELETE FROM auth_tokens WHERE user_id = $1")
+        .bind(owner.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(logged_out.rows_affected(), 1);
+    // `read_until` gives up after 2 s: past the 1 s bound, far short of the 7200 s.
+    app.read_until(&tasks, &member.token, "the removed member is refused", |r| {
+        r.status == 404
+    })
+    .await
+    .assert_error(404, "project_not_found");
+    app.read_until("/api/users/me", &owner.token, "the deleted token is refused", |r| {
+        r.status == 401
+    })
+    .await
+    .assert_error(401, "invalid_token");
+}
+
 #[tokio::test]
 async fn a_member_removed_on_one_instance_loses_the_task_list_on_every_instance() {
     a_member_removed_on_one_instance_loses_the_task_list_on_every_instance_on(Backend::redis().await).await;

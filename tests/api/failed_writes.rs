@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use nestling::modules::auth::model::StoredSession;
 use nestling::modules::auth::repository::TokenRepository;
 use nestling::modules::projects::model::Project;
 use nestling::modules::projects::repository::ProjectRepository;
@@ -103,6 +104,28 @@ impl TokenRepository for TokensCommitThenTimeOut {
     }
     async fn delete(&self, token_hash: &[u8]) -> Result<(), sqlx::Error> {
         committed_then_timed_out(self.0.delete(token_hash)).await
+    }
+    async fn sessions(&self, user_id: Uuid) -> Result<Vec<StoredSession>, sqlx::Error> {
+        self.0.sessions(user_id).await
+    }
+    async fn session_hash(&self, user_id: Uuid, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        self.0.session_hash(user_id, id).await
+    }
+    async fn hashes(&self, user_id: Uuid) -> Result<Vec<Vec<u8>>, sqlx::Error> {
+        self.0.hashes(user_id).await
+    }
+    async fn delete_session(&self, user_id: Uuid, id: Uuid) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        committed_then_timed_out(self.0.delete_session(user_id, id)).await
+    }
+    async fn delete_all(&self, user_id: Uuid, except: Option<&[u8]>) -> Result<Vec<Vec<u8>>, sqlx::Error> {
+        committed_then_timed_out(self.0.delete_all(user_id, except)).await
+    }
+    async fn touch(
+        &self,
+        hashes: &[Vec<u8>],
+        extend: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> Result<Vec<Vec<u8>>, sqlx::Error> {
+        self.0.touch(hashes, extend).await
     }
 }
 
@@ -203,6 +226,40 @@ async fn a_token_logged_out_by_a_write_that_timed_out_after_its_commit_stops_wor
         .get("/api/users/me", &user.token)
         .await
         .assert_error(401, "invalid_token");
+}
+
+#[tokio::test]
+async fn sessions_ended_by_writes_that_timed_out_after_their_commit_stop_working() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let (second, third) = (
+        app.login(&user.email, &user.password).await,
+        app.login(&user.email, &user.password).await,
+    );
+    let failing = commit_then_time_out(&app).await;
+    for token in [&user.token, &second, &third] {
+        failing.get("/api/users/me", token).await.assert_status(200);
+    }
+    let sessions = failing.get("/api/auth/sessions", &user.token).await;
+    let other = sessions.body.as_array().unwrap().iter().find(|s| s["current"] == false);
+    let other = other.unwrap()["id"].as_str().unwrap().to_owned();
+
+    failing
+        .delete(&format!("/api/auth/sessions/{other}"), &user.token)
+        .await
+        .assert_error(503, "database_unavailable");
+    failing
+        .delete("/api/auth/sessions", &user.token)
+        .await
+        .assert_error(503, "database_unavailable");
+
+    for token in [&second, &third] {
+        failing
+            .get("/api/users/me", token)
+            .await
+            .assert_error(401, "invalid_token");
+    }
+    failing.get("/api/users/me", &user.token).await.assert_status(200);
 }
 
 #[tokio::test]

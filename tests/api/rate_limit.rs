@@ -285,7 +285,8 @@ pub(crate) async fn a_new_x_forwarded_for_per_request_does_not_reset_the_limit_u
 
     let behind_proxy = on(backend, |s| {
         s.rate_limit.auth_ip = per(3, 3600);
-        s.rate_limit.trust_proxy = 1;
+        // The test client connects from loopback: that is the proxy here.
+        s.rate_limit.trust_proxy = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     for n in 0..6 {
@@ -570,6 +571,11 @@ pub(crate) async fn the_rate_limit_policy_endpoint_shows_every_policy_in_force_o
     assert_eq!(body["policies"][0]["identity"], "user-or-ip");
     assert_eq!(body["policies"][0]["lease"], app.settings.rate_limit.lease);
     assert_eq!(body["policies"][2]["identity"], "email");
+    assert_eq!(
+        body["trustedProxies"],
+        json!([]),
+        "TRUST_PROXY trusts nothing by default"
+    );
 }
 
 #[tokio::test]

@@ -107,13 +107,14 @@ async fn world(app: &TestApp) -> (TestUser, String, String) {
     (user, project, task["id"].as_str().unwrap().to_owned())
 }
 
-/// Waits until /health shows Redis up with the breaker closed and the subscriber connected.
+/// Waits until /health shows the breaker closed and the subscriber connected: both are read live,
+/// while its `status` comes from a PING reused for up to `PROBE_TTL`, which would be measured too.
 async fn time_until_redis_is_used_again(app: &TestApp) -> Duration {
     let started = Instant::now();
     loop {
         let health = app.request(Method::GET, "/health", None, None).await;
         let redis = &health.body["details"]["redis"];
-        if redis["status"] == "up" && redis["breaker"] == "closed" && redis["subscriber"] == "connected" {
+        if redis["breaker"] == "closed" && redis["subscriber"] == "connected" {
             return started.elapsed();
         }
         assert!(

@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::redis::{make_test_ca, private_redis_with, RedisOptions};
-use crate::helpers::{test_settings, TestApp, TestRedis, World};
+use crate::helpers::{shared_cluster, test_settings, TestApp, TestRedis, World};
 
 async fn health(app: &TestApp) -> Value {
     app.request(Method::GET, "/health", None, None).await.body
@@ -293,6 +293,73 @@ fn the_readme_acl_user_lists_exactly_the_commands_the_app_uses() {
         .filter_map(|word| word.strip_prefix('+'))
         .collect();
     assert_eq!(listed, ACL_COMMANDS, "README ACL block vs ACL_COMMANDS");
+}
+
+/// The README's `ACL SETUSER` line, as written.
+fn readme_acl_line() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .skip_while(|line| !line.contains("<!-- acl:start -->"))
+        .find(|line| line.starts_with("ACL SETUSER "))
+        .expect("the README's ACL block has an ACL SETUSER line");
+    line.to_owned()
+}
+
+/// A cluster client sends more on connect than a single server's (`CLUSTER SLOTS`, for the slot
+/// map), and the admin endpoints go to each master: the README's line, applied to every node
+/// (ACL users are per node), with only the user, password and prefix changed.
+#[tokio::test]
+async fn the_readme_acl_user_runs_the_cache_the_limiter_and_the_admin_endpoints_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(shared_cluster).await.unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (user, password, prefix) = (format!("nestling-{id}"), format!("secret-{id}"), format!("acl-{id}:"));
+    let line = readme_acl_line()
+        .replace("nestling:", &prefix)
+        .replace(">CHANGE-ME", &format!(">{password}"))
+        .replacen("ACL SETUSER nestling ", &format!("ACL SETUSER {user} "), 1);
+    tokio::task::spawn_blocking(move || cluster.on_every_node(&line.split_whitespace().collect::<Vec<_>>()))
+        .await
+        .unwrap();
+    let nodes: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://{user}:{password}@127.0.0.1:{port}"))
+        .collect();
+    let (key_prefix, admin_token) = (prefix.clone(), "acl-cluster-admin");
+    let app = TestApp::builder()
+        .cluster(cluster)
+        .settings(move |s| {
+            s.redis.cluster_nodes = nodes;
+            s.redis.key_prefix = key_prefix;
+            s.app.admin_token = Some(admin_token.into());
+        })
+        .spawn()
+        .await;
+    let report = health(&app).await;
+    assert_eq!(report["details"]["redis"]["status"], "up", "{report}");
+    assert_cached_through_redis(&app).await;
+    let world = World::create(&app).await;
+    let status = app.get("/api/rate-limit/policy", &world.user.token).await;
+    assert_eq!(status.body["mode"], "redis", "{}", status.text);
+    // The credentials policy's script, as this user.
+    let body = json!({ "email": world.user.email, "password": "wrong password" });
+    app.request(Method::POST, "/api/auth/login", None, Some(body))
+        .await
+        .assert_status(401);
+    for path in ["/admin/redis/health", "/admin/redis/metrics", "/admin/redis/slowlog"] {
+        app.get(path, admin_token).await.assert_status(200);
+    }
+    // A SCAN on each master, found with CLUSTER SLOTS.
+    let flush = format!("/admin/cache?pattern={prefix}tasks:*");
+    app.request(Method::DELETE, &flush, Some(admin_token), None)
+        .await
+        .assert_status(200);
+    let metrics = app.request(Method::GET, "/metrics", None, None).await.text;
+    assert!(
+        !metrics.contains("nestling_redis_errors_total{kind=\"error\"}"),
+        "some Redis calls failed:\n{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -412,6 +412,8 @@ pub struct Inner {
     synced_at_ms: AtomicU64,
     clock_base: Instant,
     unsynced_ttl: Duration,
+    /// `CACHE_L1_MAX_TTL`: derived values are kept no longer than L1 entries.
+    l1_max_ttl: Duration,
     max_variants: u32,
     pending: Mutex<Pending>,
     /// One replay at a time (the subscriber's; a second caller finds it taken and goes on).
@@ -498,6 +500,7 @@ impl Inner {
             synced_at_ms: AtomicU64::new(0),
             clock_base: Instant::now(),
             unsynced_ttl: cache.l1_unsynced_ttl,
+            l1_max_ttl: cache.l1_max_ttl,
             max_variants: cache.max_variants,
             pending: Mutex::new(Pending::default()),
             replaying: tokio::sync::Mutex::new(()),
@@ -754,7 +757,9 @@ impl Inner {
             generation: self.generation.load(Ordering::Acquire),
             epochs: smallvec::smallvec![(shard as u32, self.epochs[shard].load(Ordering::Acquire))],
             filled_at: now,
-            expires_at: now + self.keys.ttl(key.namespace),
+            // Like an L1 entry: a lost invalidation (or a change made behind the app's back)
+            // is served at most this long, not for the namespace's TTL.
+            expires_at: now + self.keys.ttl(key.namespace).min(self.l1_max_ttl),
         })
     }
 
@@ -859,6 +864,11 @@ impl Inner {
     /// Deletes keys in Redis (bumping their fill versions) and publishes them; what fails is
     /// queued. Returns whether Redis took them.
     async fn invalidate_l2(&self, redis_keys: Vec<String>) -> bool {
+        // Nothing to send (a write that made nothing stale): an empty pipeline is an error on a
+        // cluster.
+        if redis_keys.is_empty() {
+            return true;
+        }
         let Some(redis) = self.sync_redis() else {
             return false;
         };

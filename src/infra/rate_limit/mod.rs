@@ -4,10 +4,11 @@
 //!
 //! - `/api` (every route but login and register): per user when the bearer token is valid, else
 //!   per client IP. It sits on every request, so an instance takes tokens from Redis
-//!   `RATE_LIMIT_LEASE` at a time and spends them locally: across the fleet the policy may be off
-//!   by at most instances × lease (README, "Rate limiting").
+//!   `RATE_LIMIT_LEASE` at a time and spends them locally; what a lease did not spend goes back
+//!   with the next call. Across the fleet the policy admits at most the exact figure and at least
+//!   that less instances × lease (README, "Rate limiting").
 //! - login and register: per client IP and per email, exact across instances (one script call
-//!   decides both identities and every quota).
+//!   decides both identities and every quota); a success gives its email token back.
 //! - Without Redis (memory mode, breaker open, or a call that exceeds the command timeout) the
 //!   same policies are enforced per instance at 1/`APP_INSTANCES` of each quota; the state lives
 //!   in bounded moka caches, so a flood of new identities cannot grow memory without bound.
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::HeaderValue;
 use async_trait::async_trait;
 use bb8_redis::redis::{self, Script};
+use ipnet::IpNet;
 use moka::sync::Cache;
 use serde::Serialize;
 use shaku::{Component, Interface};
@@ -40,7 +42,8 @@ use gcra::Cell;
 pub enum Identity {
     User(Uuid),
     Ip(IpAddr),
-    /// The SHA-256 of the trimmed, lower-cased email.
+    /// The SHA-256 of the email's one matching form (`users::model::email_key`), so two
+    /// spellings of one account share one bucket.
     Email([u8; 32]),
 }
 
@@ -54,10 +57,26 @@ impl Identity {
         }
     }
 
+    /// An account's email as seen from one address that logged in to it before: it has the email
+    /// quota to itself, so strangers elsewhere cannot spend it.
+    pub fn email_at(email: &Identity, ip: &Identity) -> Self {
+        Self::Email(known_address(email, ip))
+    }
+
     pub fn email(email: &str) -> Self {
         use sha2::{Digest, Sha256};
-        Self::Email(Sha256::digest(email.trim().to_lowercase().as_bytes()).into())
+        Self::Email(Sha256::digest(crate::modules::users::model::email_key(email).as_bytes()).into())
     }
+}
+
+/// The digest an (email, address) pair is known by.
+fn known_address(email: &Identity, ip: &Identity) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::new()
+        .chain_update(email.key_material())
+        .chain_update(ip.key_material())
+        .finalize()
+        .into()
 }
 
 /// The route groups that carry policies.
@@ -230,17 +249,27 @@ pub struct RateLimitStatus {
     /// `redis` (decided in Redis) or `local` (memory mode, or Redis failing).
     pub mode: &'static str,
     pub instances: u64,
-    pub trust_proxy_hops: usize,
+    /// `TRUST_PROXY`: the proxies whose `X-Forwarded-For` is believed (empty: none).
+    #[schema(example = json!(["172.29.80.10/32"]))]
+    pub trusted_proxies: Vec<String>,
     pub policies: Vec<PolicyView>,
 }
 
 #[async_trait]
 pub trait RateLimiter: Interface {
     fn enabled(&self) -> bool;
-    /// `TRUST_PROXY`: how many proxy hops' `X-Forwarded-For` entries to trust for the client IP.
-    fn trust_proxy_hops(&self) -> usize;
+    /// `TRUST_PROXY`: the proxies whose `X-Forwarded-For` entries are believed for the client IP.
+    fn trusted_proxies(&self) -> &[IpNet];
     /// Decides one request of `group` for these identities (one per policy, in policy order).
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision;
+    /// Gives back the token `decision` took from the policy at `policy` (a login that succeeded:
+    /// only failures count against an account), where it was taken.
+    async fn give_back(&self, group: RouteGroup, decision: &Decision, identities: &[Identity], policy: usize);
+    /// Remembers that `ip` logged in to the account behind `email` (`KNOWN_ADDRESS_TTL`).
+    async fn remember_address(&self, email: &Identity, ip: &Identity);
+    /// Whether `ip` logged in to the account behind `email` before: then it is judged by
+    /// `Identity::email_at`, not by the email's quota that anyone can spend.
+    async fn is_known_address(&self, email: &Identity, ip: &Identity) -> bool;
     /// Writes the RateLimit headers of a decision (`Retry-After` comes with the 429 itself).
     fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap);
     fn status(&self) -> RateLimitStatus;
@@ -277,10 +306,11 @@ fn identity_cache<V: Clone + Send + Sync + 'static>(capacity: u64) -> IdentityCa
         .build_with_hasher(foldhash::fast::RandomState::default())
 }
 
-/// Tokens may be spent this long after they were taken; older ones are dropped (never lent on).
-const LEASE_LIFETIME: Duration = Duration::from_secs(1);
 /// Identities whose state one policy keeps in process at most.
 const LOCAL_CAPACITY: u64 = 100_000;
+/// How long an address an account logged in from stays known (let through that account's email
+/// quota).
+const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 86_400);
 
 pub struct RedisRateLimiter {
     redis: Arc<dyn RedisService>,
@@ -290,6 +320,8 @@ pub struct RedisRateLimiter {
     /// In-process GCRA state per (group, policy index): identity → TATs of its quotas.
     local: Vec<IdentityCache<Arc<Mutex<Vec<u64>>>>>,
     leases: IdentityCache<Arc<Lease>>,
+    /// (email, address) pairs that logged in, by digest; Redis holds the fleet's copy.
+    known_addresses: Cache<[u8; 32], (), foldhash::fast::RandomState>,
     /// The local clock's zero, so TATs are microseconds since start.
     epoch: Instant,
     /// `rate_limit_decisions_total` children, resolved once: [group][allowed, denied][by].
@@ -317,20 +349,21 @@ impl<M: shaku::Module + shaku::HasComponent<dyn RedisService>> Component<M> for 
 }
 
 /// GCRA over several quotas in one atomic step, timed by Redis. KEYS: one hash per (policy,
-/// identity); ARGV[1]: tokens wanted; then per quota: key index, field, interval and period (µs).
-/// Returns granted, retry-after (µs), then remaining and reset (µs) per quota. Same rule as
-/// `gcra::decide`.
+/// identity); ARGV[1]: tokens wanted; ARGV[2]: tokens given back first (a lease's unspent ones, a
+/// login that succeeded); then per quota: key index, field (the quota's index in its policy),
+/// interval and period (µs). Returns granted, retry-after (µs), then remaining and reset (µs) per
+/// quota. Same rule as `gcra::decide`.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local wanted = tonumber(ARGV[1])
-local n = (#ARGV - 1) / 4
+local wanted, returned = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n = (#ARGV - 2) / 4
 local granted, retry = wanted, 0
 local tats, available = {}, {}
 for i = 1, n do
-  local b = 1 + (i - 1) * 4
+  local b = 2 + (i - 1) * 4
   local interval, period = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local tat = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[b + 1])], ARGV[b + 2]) or 0)
+  local tat = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[b + 1])], ARGV[b + 2]) or 0) - returned * interval
   if tat < now then tat = now end
   tats[i] = tat
   available[i] = math.floor((now + period - tat) / interval)
@@ -340,10 +373,10 @@ end
 if granted > 0 then retry = 0 end
 local result, expiry = {granted, retry}, {}
 for i = 1, n do
-  local b = 1 + (i - 1) * 4
+  local b = 2 + (i - 1) * 4
   local key = KEYS[tonumber(ARGV[b + 1])]
   local tat = tats[i] + granted * tonumber(ARGV[b + 3])
-  if granted > 0 then
+  if granted > 0 or returned > 0 then
     redis.call('HSET', key, ARGV[b + 2], tat)
     expiry[key] = math.max(expiry[key] or 0, tat - now)
   end
@@ -396,6 +429,10 @@ impl RedisRateLimiter {
         Self {
             redis,
             leases: identity_cache(capacity),
+            known_addresses: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(KNOWN_ADDRESS_TTL)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             settings,
             api,
             credentials,
@@ -465,6 +502,10 @@ impl RedisRateLimiter {
                     .is_ok();
             return Some((decision, top_up.then(|| (lease, size - left))));
         }
+        if lease.tokens.load(Ordering::Acquire) > 0 {
+            // Lapsed tokens: ask Redis, which takes them back first.
+            return None;
+        }
         let denied_until = lease.denied_until.load(Ordering::Acquire);
         (now < denied_until).then(|| {
             let decision = Decision {
@@ -477,6 +518,15 @@ impl RedisRateLimiter {
             };
             (decision, None)
         })
+    }
+
+    /// Takes the tokens of a lease that lapsed unspent, to give them back to Redis.
+    fn reclaim_lapsed(&self, lease: &Lease) -> u64 {
+        if self.now() >= lease.expires.load(Ordering::Acquire) {
+            lease.tokens.swap(0, Ordering::AcqRel)
+        } else {
+            0
+        }
     }
 
     /// Keeps what Redis granted beyond the `used` tokens of this request (or its denial) for the
@@ -494,23 +544,29 @@ impl RedisRateLimiter {
         lease.remaining.store(decision.remaining, Ordering::Relaxed);
         lease.reset_at.store(now + micros(decision.reset), Ordering::Relaxed);
         lease.tightest.store(decision.tightest.1 as u64, Ordering::Relaxed);
-        if now >= lease.expires.load(Ordering::Acquire) {
-            // Stale tokens are dropped, never lent on.
-            lease.tokens.store(granted - used, Ordering::Release);
-        } else {
-            lease.tokens.fetch_add(granted - used, Ordering::AcqRel);
-        }
-        lease.expires.store(now + micros(LEASE_LIFETIME), Ordering::Release);
+        // Tokens that lapsed while this call was out are lent on with the new ones: each was
+        // granted once, and dropping them would charge the client for nothing.
+        lease.tokens.fetch_add(granted - used, Ordering::AcqRel);
+        lease
+            .expires
+            .store(now + micros(self.settings.lease_lifetime), Ordering::Release);
     }
 
-    /// One script call for every quota of every identity; `None` when Redis could not decide.
-    /// On a Redis Cluster, identities live on different slots: each policy is decided by its
-    /// own call, in order, and a denial stops there (the policies decided before it have spent).
-    async fn in_redis(&self, group: RouteGroup, identities: &[Identity], wanted: u64) -> Option<gcra::Outcome> {
+    /// One script call for every quota of every identity, after giving `returned` tokens back to
+    /// each; `None` when Redis could not decide. On a Redis Cluster, identities live on different
+    /// slots: each policy is decided by its own call, in order, and a denial stops there (the
+    /// policies decided before it have spent).
+    async fn in_redis(
+        &self,
+        group: RouteGroup,
+        identities: &[Identity],
+        wanted: u64,
+        returned: u64,
+    ) -> Option<gcra::Outcome> {
         let on_cluster = self.redis.active().is_some_and(|redis| redis.is_cluster());
         if !on_cluster || identities.len() < 2 {
             let all: SmallVec<[usize; 2]> = (0..identities.len()).collect();
-            return self.run_script(group, identities, &all, wanted).await;
+            return self.run_script(group, identities, &all, wanted, returned).await;
         }
         let spec = self.group(group);
         let mut merged = gcra::Outcome {
@@ -529,7 +585,9 @@ impl RedisRateLimiter {
                 }
                 continue;
             }
-            let outcome = self.run_script(group, identities, &[index], merged.granted).await?;
+            let outcome = self
+                .run_script(group, identities, &[index], merged.granted, returned)
+                .await?;
             merged.granted = merged.granted.min(outcome.granted);
             merged.retry_after = merged.retry_after.max(outcome.retry_after);
             merged.cells.extend(outcome.cells);
@@ -538,25 +596,27 @@ impl RedisRateLimiter {
     }
 
     /// The GCRA script over the policies at `indices` (each one key: the policy's state for its
-    /// identity).
+    /// identity). Each quota is a field named by its index, so two quotas with the same period
+    /// (`"5, 50/1m"`) are two states, as they are in process.
     async fn run_script(
         &self,
         group: RouteGroup,
         identities: &[Identity],
         indices: &[usize],
         wanted: u64,
+        returned: u64,
     ) -> Option<gcra::Outcome> {
         let spec = self.group(group);
         let keys = self.redis.keys();
         let mut redis_keys = Vec::with_capacity(indices.len());
-        let mut args: Vec<Vec<u8>> = vec![wanted.to_string().into_bytes()];
+        let mut args: Vec<Vec<u8>> = vec![wanted.to_string().into_bytes(), returned.to_string().into_bytes()];
         for (position, &index) in indices.iter().enumerate() {
             let policy = &spec.policies[index];
             redis_keys.push(keys.rate_limit(policy.name, &identities[index].key_material()));
-            for quota in &policy.quotas {
+            for (field, quota) in policy.quotas.iter().enumerate() {
                 let period = micros(quota.period);
                 args.push((position + 1).to_string().into_bytes());
-                args.push(quota.period.as_secs().to_string().into_bytes());
+                args.push(field.to_string().into_bytes());
                 args.push((period / quota.limit).to_string().into_bytes());
                 args.push(period.to_string().into_bytes());
             }
@@ -634,7 +694,7 @@ impl RedisRateLimiter {
                     if let Some((state, lacking)) = top_up {
                         // One request per lease waits a round trip, to top it up; the others never
                         // do, and the lease never holds more than its size.
-                        if let Some(outcome) = self.in_redis(group, identities, lacking).await {
+                        if let Some(outcome) = self.in_redis(group, identities, lacking, 0).await {
                             let topped = self.decision(group, &outcome, DecidedBy::Redis);
                             self.record_lease(&identities[0], outcome.granted, 0, &topped);
                         }
@@ -643,7 +703,26 @@ impl RedisRateLimiter {
                     return decision;
                 }
             }
-            if let Some(outcome) = self.in_redis(group, identities, lease).await {
+            // One request per identity at a time takes a lease; the others take their own token, so
+            // an instance never holds more than a lease. And a lease that lapsed with tokens left
+            // gives them back in the same call: a client calling now and then is charged for what
+            // it used, not a lease per request.
+            let (wanted, returned, taking) = if lease > 1 {
+                let state = self.leases.get_with(identities[0], || Arc::new(Lease::default()));
+                let returned = self.reclaim_lapsed(&state);
+                let taking = state
+                    .refilling
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+                (if taking { lease } else { 1 }, returned, taking.then_some(state))
+            } else {
+                (1, 0, None)
+            };
+            let outcome = self.in_redis(group, identities, wanted, returned).await;
+            if let Some(state) = taking {
+                state.refilling.store(false, Ordering::Release);
+            }
+            if let Some(outcome) = outcome {
                 let mut decision = self.decision(group, &outcome, DecidedBy::Redis);
                 if lease > 1 {
                     if outcome.granted == 0 {
@@ -693,14 +772,58 @@ impl RateLimiter for RedisRateLimiter {
         self.settings.enabled
     }
 
-    fn trust_proxy_hops(&self) -> usize {
-        self.settings.trust_proxy
+    fn trusted_proxies(&self) -> &[IpNet] {
+        &self.settings.trust_proxy
     }
 
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
         let decision = self.decide(group, identities).await;
         self.decisions[group as usize][usize::from(!decision.allowed)][decision.decided_by as usize].inc();
         decision
+    }
+
+    async fn give_back(&self, group: RouteGroup, decision: &Decision, identities: &[Identity], policy: usize) {
+        match decision.decided_by {
+            DecidedBy::Redis => {
+                self.run_script(group, identities, &[policy], 0, 1).await;
+            }
+            DecidedBy::Local => {
+                let spec = &self.group(group).policies[policy];
+                let instances = self.settings.instances.max(1);
+                if let Some(state) = self.local[self.local_index(group, policy)].get(&identities[policy]) {
+                    let mut tats = state.lock().unwrap();
+                    for (tat, quota) in tats.iter_mut().zip(&spec.quotas) {
+                        let limit = (quota.limit / instances).max(1);
+                        *tat = tat.saturating_sub(micros(quota.period) / limit);
+                    }
+                }
+            }
+            // Leases are for the `/api` policy, which gives nothing back.
+            DecidedBy::Lease => {}
+        }
+    }
+
+    async fn remember_address(&self, email: &Identity, ip: &Identity) {
+        let digest = known_address(email, ip);
+        self.known_addresses.insert(digest, ());
+        if self.redis.active().is_some_and(|redis| redis.accepting()) {
+            let key = self.redis.keys().rate_limit("known-address", &digest);
+            if let Err(err) = self.redis.set(&key, b"1", KNOWN_ADDRESS_TTL).await {
+                log::debug!("rate limit: known address kept in process only, Redis failed: {err}");
+            }
+        }
+    }
+
+    async fn is_known_address(&self, email: &Identity, ip: &Identity) -> bool {
+        let digest = known_address(email, ip);
+        if self.known_addresses.contains_key(&digest) {
+            return true;
+        }
+        if !self.redis.active().is_some_and(|redis| redis.accepting()) {
+            return false;
+        }
+        let key = self.redis.keys().rate_limit("known-address", &digest);
+        matches!(self.redis.get(&key).await, Ok(Some(_)))
     }
 
     fn headers(&self, group: RouteGroup, decision: &Decision, headers: &mut actix_web::http::header::HeaderMap) {
@@ -753,7 +876,7 @@ impl RateLimiter for RedisRateLimiter {
             enabled: self.settings.enabled,
             mode: if self.redis.status().usable() { "redis" } else { "local" },
             instances,
-            trust_proxy_hops: self.settings.trust_proxy,
+            trusted_proxies: self.settings.trust_proxy.iter().map(ToString::to_string).collect(),
             policies: vec![
                 view(RouteGroup::Api, &self.api.policies[0], "user-or-ip", self.api.lease),
                 view(RouteGroup::Credentials, &self.credentials.policies[0], "ip", 1),

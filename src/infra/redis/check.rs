@@ -128,24 +128,36 @@ fn judge_server(info: &HashMap<String, String>, report: &mut Report) {
     } else {
         report.add(Verdict::Ok, format!("maxmemory: {} bytes", maxmemory));
     }
+    // Every key nestling writes has a TTL, so `volatile-*` and `allkeys-*` evict alike, and
+    // nothing here keeps rate limits from being evicted (docs/REDIS.md, "Memory").
     let policy = field("maxmemory_policy");
-    if policy.starts_with("allkeys-") {
-        report.add(
+    match policy {
+        "allkeys-lru" | "volatile-lru" | "allkeys-lfu" | "volatile-lfu" => report.add(
+            Verdict::Ok,
+            format!(
+                "maxmemory-policy: {policy} (when full, the keys used least go first, rate limits among them: \
+                 size maxmemory so that nothing is evicted; docs/REDIS.md)"
+            ),
+        ),
+        "volatile-ttl" => report.add(
+            Verdict::Warn,
+            "maxmemory-policy: volatile-ttl: when full, the keys nearest their expiry go first, and those are \
+             the short rate limits (their quotas start over) before any cache entry; use allkeys-lru \
+             (docs/REDIS.md)",
+        ),
+        "allkeys-random" | "volatile-random" => report.add(
             Verdict::Warn,
             format!(
-                "maxmemory-policy: {policy}: sessions and rate limits share one eviction domain with the cache, so a \
-                 full Redis evicts rate limits (quotas start over) as readily as cache entries; use volatile-lru \
-                 (every key nestling writes has a TTL) or a Redis of their own (docs/REDIS.md)"
+                "maxmemory-policy: {policy}: when full, the rate limits of clients being limited right now go \
+                 (their quotas start over) as readily as idle cache entries; use allkeys-lru (docs/REDIS.md)"
             ),
-        );
-    } else if policy == "noeviction" {
-        report.add(
+        ),
+        "noeviction" => report.add(
             Verdict::Warn,
             "maxmemory-policy: noeviction: when Redis is full, every write fails (the app then serves without \
-             Redis); volatile-lru evicts cache entries instead",
-        );
-    } else {
-        report.add(Verdict::Ok, format!("maxmemory-policy: {policy}"));
+             Redis); allkeys-lru evicts the least recently used keys instead",
+        ),
+        _ => report.add(Verdict::Ok, format!("maxmemory-policy: {policy}")),
     }
     let aof = if field("aof_enabled") == "1" { "on" } else { "off" };
     report.add(

@@ -33,7 +33,8 @@ use keys::{KeyRegistry, RedisKey};
 
 /// Every command nestling sends (scripts' own calls included): a least-privilege ACL user needs
 /// these and no others, on keys and channels under `REDIS_KEY_PREFIX` (README, "Redis").
-/// `scan`, `info` and `slowlog` serve the admin endpoints only. (The client also sends `CLIENT
+/// `scan`, `info` and `slowlog` serve the admin endpoints only; `cluster|slots` is how the cluster
+/// client learns the slot map, on connect and after a failover. (The client also sends `CLIENT
 /// SETINFO` when it connects; its answer is ignored, so it need not be allowed.)
 pub const ACL_COMMANDS: &[&str] = &[
     "ping",
@@ -59,6 +60,7 @@ pub const ACL_COMMANDS: &[&str] = &[
     "scan",
     "info",
     "slowlog",
+    "cluster|slots",
 ];
 
 /// Why a Redis call did not happen or did not succeed; callers degrade, they never fail a request.

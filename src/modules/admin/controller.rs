@@ -10,6 +10,7 @@ use super::service::{
 };
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody, JsonBody};
+use crate::modules::auth::dto::EndedSessions;
 use crate::modules::auth::extractor::bearer_token;
 use crate::modules::resource;
 
@@ -22,7 +23,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/redis/health").route(web::get().to(get_redis_health)))
         .service(resource("/redis/metrics").route(web::get().to(get_redis_metrics)))
         .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)))
-        .service(resource("/redis/keys").route(web::get().to(get_redis_keys)));
+        .service(resource("/redis/keys").route(web::get().to(get_redis_keys)))
+        .service(resource("/users/{id}/sessions").route(web::delete().to(delete_user_sessions)));
 }
 
 /// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`, or
@@ -153,4 +155,23 @@ pub async fn get_redis_keys(_admin: AdminAuth, admin: Inject<dyn AdminService>) 
 )]
 pub async fn get_redis_slowlog(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.redis_slowlog().await?))
+}
+
+/// End every session of a user (a lost laptop, a compromised account): each of their tokens
+/// stops working on every instance. `nestling admin end-sessions <email>` does the same.
+#[utoipa::path(
+    delete, path = "/admin/users/{id}/sessions", tag = "admin", operation_id = "delete_user_sessions", security(("admin" = [])),
+    params(("id" = uuid::Uuid, Path, description = "User id")),
+    responses(
+        (status = 200, body = EndedSessions), (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+    )
+)]
+pub async fn delete_user_sessions(
+    _admin: AdminAuth,
+    admin: Inject<dyn AdminService>,
+    id: web::Path<uuid::Uuid>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.end_user_sessions(*id).await?))
 }

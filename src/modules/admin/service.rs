@@ -9,6 +9,7 @@ use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
 use crate::infra::redis::keys::Namespace;
 use crate::infra::redis::{info_field, Redis, RedisFailure, RedisService, ScanCursor};
+use crate::modules::auth::dto::EndedSessions;
 use crate::modules::auth::extractor::MISSING_TOKEN;
 use crate::modules::auth::service::AuthService;
 use crate::modules::projects::model::Project;
@@ -169,6 +170,10 @@ pub trait AdminService: Interface {
     async fn redis_slowlog(&self) -> AppResult<Vec<SlowlogEntry>>;
     async fn redis_keys(&self) -> AppResult<KeyDistribution>;
     async fn warm(&self, request: WarmRequest) -> AppResult<WarmResponse>;
+    /// Ends every session of the user on every instance; 404 for an unknown user.
+    async fn end_user_sessions(&self, user_id: uuid::Uuid) -> AppResult<EndedSessions>;
+    /// The same, for the user with this email (`nestling admin end-sessions`).
+    async fn end_sessions_by_email(&self, email: &str) -> AppResult<EndedSessions>;
 }
 
 fn redis_unavailable(err: RedisFailure) -> AppError {
@@ -428,5 +433,18 @@ impl AdminService for Admin {
             entries += 2;
         }
         Ok(WarmResponse { entries })
+    }
+
+    async fn end_user_sessions(&self, user_id: uuid::Uuid) -> AppResult<EndedSessions> {
+        self.users.find(user_id).await?.ok_or(AppError::not_found("user"))?;
+        let ended = self.auth.end_sessions(user_id, None).await?;
+        log::info!("admin: ended {ended} session(s) of user {user_id}");
+        Ok(EndedSessions { ended })
+    }
+
+    async fn end_sessions_by_email(&self, email: &str) -> AppResult<EndedSessions> {
+        let user = self.users.find_by_email(email).await?;
+        let user = user.ok_or(AppError::not_found("user"))?;
+        self.end_user_sessions(user.id).await
     }
 }

@@ -1,7 +1,8 @@
 use actix_web::{web, HttpResponse};
+use uuid::Uuid;
 use validator::Validate;
 
-use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
+use super::dto::{EndSessionsQuery, EndedSessions, LoginRequest, LoginResponse, RegisterRequest, SessionResponse};
 use super::service::AuthService;
 use super::AuthUser;
 use crate::container::Inject;
@@ -11,7 +12,7 @@ use crate::modules::resource;
 use crate::modules::users::model::User;
 
 /// Mounted under `/api/auth`. Login and register are limited per client IP and per email,
-/// logout by the `/api` policy.
+/// logout and sessions by the `/api` policy.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         resource("/register")
@@ -23,7 +24,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(RateLimit::credentials())
             .route(web::post().to(login)),
     )
-    .service(resource("/logout").wrap(RateLimit::api()).route(web::post().to(logout)));
+    .service(resource("/logout").wrap(RateLimit::api()).route(web::post().to(logout)))
+    .service(
+        resource("/sessions")
+            .wrap(RateLimit::api())
+            .route(web::get().to(list_sessions))
+            .route(web::delete().to(delete_sessions)),
+    )
+    .service(
+        resource("/sessions/{id}")
+            .wrap(RateLimit::api())
+            .route(web::delete().to(delete_session)),
+    );
 }
 
 /// Create an account.
@@ -67,4 +79,47 @@ pub async fn login(auth: Inject<dyn AuthService>, body: JsonBody<LoginRequest>) 
 pub async fn logout(me: AuthUser, auth: Inject<dyn AuthService>) -> AppResult<HttpResponse> {
     auth.logout(&me.token).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// My sessions (live tokens), newest first: `current` is the one this request is made with.
+#[utoipa::path(
+    get, path = "/api/auth/sessions", tag = "auth", operation_id = "list_sessions", security(("bearer" = [])),
+    responses((status = 200, body = Vec<SessionResponse>), (status = 401, body = ErrorBody))
+)]
+pub async fn list_sessions(me: AuthUser, auth: Inject<dyn AuthService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(auth.sessions(me.id, &me.token).await?))
+}
+
+/// End one of my sessions: its token stops working on every instance.
+#[utoipa::path(
+    delete, path = "/api/auth/sessions/{id}", tag = "auth", operation_id = "delete_session", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Session id")),
+    responses(
+        (status = 204, description = "Session ended"), (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, description = "No such session of mine", body = ErrorBody),
+    )
+)]
+pub async fn delete_session(
+    me: AuthUser,
+    auth: Inject<dyn AuthService>,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    auth.end_session(me.id, *id).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// End all my other sessions ("log out everywhere else"); with `all=true`, this one too.
+#[utoipa::path(
+    delete, path = "/api/auth/sessions", tag = "auth", operation_id = "delete_sessions", security(("bearer" = [])),
+    params(EndSessionsQuery),
+    responses((status = 200, body = EndedSessions), (status = 401, body = ErrorBody))
+)]
+pub async fn delete_sessions(
+    me: AuthUser,
+    auth: Inject<dyn AuthService>,
+    query: web::Query<EndSessionsQuery>,
+) -> AppResult<HttpResponse> {
+    let keep = (!query.all).then_some(me.token.as_str());
+    let ended = auth.end_sessions(me.id, keep).await?;
+    Ok(HttpResponse::Ok().json(EndedSessions { ended }))
 }

@@ -1,6 +1,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
 use validator::Validate;
 
 use crate::error::{no_nul, not_blank};
@@ -47,4 +48,34 @@ pub struct LoginResponse {
     #[schema(example = "Bearer")]
     pub token_type: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// One session: a token issued at login, until it expires or is ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionResponse {
+    /// The session's public id (not the token, nor anything derived from it).
+    pub id: Uuid,
+    pub created_at: DateTime<Utc>,
+    /// Written at most once a minute: up to a minute behind.
+    pub last_used_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Whether this request was made with it.
+    pub current: bool,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EndSessionsQuery {
+    /// `true`: this session too (the token of this request stops working).
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndedSessions {
+    /// Sessions ended.
+    pub ended: u64,
 }

@@ -3,15 +3,18 @@ use chrono::Utc;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use shaku::{Component, Interface};
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-use super::dto::{LoginRequest, LoginResponse, RegisterRequest};
+use super::dto::{LoginRequest, LoginResponse, RegisterRequest, SessionResponse};
+use super::last_use::{LastUse, Writer};
 use super::password::PasswordHasher;
 use super::repository::TokenRepository;
 use crate::error::{is_unique_violation, AppError, AppResult};
 use crate::infra::cache::{CacheService, Derived};
+use crate::infra::redis::keys::CacheKey;
 use crate::modules::users::model::User;
 use crate::modules::users::repository::{UserRepository, EMAIL_UNIQUE};
 
@@ -31,6 +34,12 @@ pub trait AuthService: Interface {
     async fn logout(&self, token: &str) -> AppResult<()>;
     /// The id of the user behind a bearer token; 401 when it is unknown or expired.
     async fn authenticate(&self, token: &str) -> AppResult<Uuid>;
+    /// The user's live sessions, newest first; `current` marks the one of `token`.
+    async fn sessions(&self, user_id: Uuid, token: &str) -> AppResult<Vec<SessionResponse>>;
+    /// Ends one of the user's sessions on every instance; 404 for an unknown id or another user's.
+    async fn end_session(&self, user_id: Uuid, id: Uuid) -> AppResult<()>;
+    /// Ends every session of the user on every instance, but the one of `keep`; returns how many.
+    async fn end_sessions(&self, user_id: Uuid, keep: Option<&str>) -> AppResult<u64>;
 }
 
 #[derive(Component)]
@@ -49,6 +58,10 @@ pub struct Auth {
     /// session's key and lookup. Logout ends it on every instance, as it ends the cache entry.
     #[shaku(default)]
     sessions: Derived<[u8; 32], Session>,
+    /// `AUTH_TOKEN_SLIDING`: a token used in the last half of its life is extended.
+    sliding: bool,
+    #[shaku(default)]
+    last_use: LastUse,
 }
 
 /// What the cache keeps for a token: whose it is and until when (Unix ms). Read on every request,
@@ -57,13 +70,15 @@ pub struct Auth {
 pub struct Session {
     user_id: Uuid,
     expires_at_ms: i64,
+    /// When this token's use is next written (see `LastUse`); not cached.
+    last_use_due: Arc<AtomicI64>,
 }
 
 impl Session {
-    fn to_bytes(&self) -> bytes::Bytes {
+    fn encode(user_id: Uuid, expires_at_ms: i64) -> bytes::Bytes {
         let mut bytes = Vec::with_capacity(24);
-        bytes.extend_from_slice(self.user_id.as_bytes());
-        bytes.extend_from_slice(&self.expires_at_ms.to_be_bytes());
+        bytes.extend_from_slice(user_id.as_bytes());
+        bytes.extend_from_slice(&expires_at_ms.to_be_bytes());
         bytes.into()
     }
 
@@ -71,12 +86,16 @@ impl Session {
         bytes.len() == 24
     }
 
-    fn from_bytes(bytes: &[u8]) -> AppResult<Self> {
+    fn from_bytes(bytes: &[u8], last_use_due: Arc<AtomicI64>) -> AppResult<Self> {
         let (user_id, expires_at_ms) = bytes
             .split_first_chunk::<16>()
             .and_then(|(id, rest)| Some((Uuid::from_bytes(*id), i64::from_be_bytes(rest.try_into().ok()?))))
             .ok_or_else(|| AppError::internal(format!("cached session has {} bytes, not 24", bytes.len())))?;
-        Ok(Self { user_id, expires_at_ms })
+        Ok(Self {
+            user_id,
+            expires_at_ms,
+            last_use_due,
+        })
     }
 }
 
@@ -146,30 +165,94 @@ impl AuthService for Auth {
             None => self.session(&hash).await?,
         };
         // The cache entry may outlive the token: its own expiry decides.
-        if session.expires_at_ms <= Utc::now().timestamp_millis() {
+        let now_ms = Utc::now().timestamp_millis();
+        if session.expires_at_ms <= now_ms {
             return Err(INVALID_TOKEN);
         }
+        let due = &session.last_use_due;
+        self.last_use.used(&hash, due, now_ms, || self.last_use_writer());
         Ok(session.user_id)
+    }
+
+    async fn sessions(&self, user_id: Uuid, token: &str) -> AppResult<Vec<SessionResponse>> {
+        let current = token_hash(token);
+        let stored = self.tokens.sessions(user_id).await?;
+        Ok(stored
+            .into_iter()
+            .map(|session| SessionResponse {
+                current: session.token_hash == current,
+                id: session.id,
+                created_at: session.created_at,
+                last_used_at: session.last_used_at,
+                expires_at: session.expires_at,
+            })
+            .collect())
+    }
+
+    async fn end_session(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
+        // The key is known before the delete: should its outcome be unknown (a timeout while the
+        // COMMIT is on the wire), the token is still dropped from every cache.
+        let hash = self
+            .tokens
+            .session_hash(user_id, id)
+            .await?
+            .ok_or(AppError::not_found("session"))?;
+        let stale = self.token_keys(&[hash]);
+        let ended = self
+            .cache
+            .write(stale, self.tokens.delete_session(user_id, id), |_| Vec::new())
+            .await?;
+        ended.map(|_| ()).ok_or(AppError::not_found("session"))
+    }
+
+    async fn end_sessions(&self, user_id: Uuid, keep: Option<&str>) -> AppResult<u64> {
+        let keep = keep.map(token_hash);
+        let keep = keep.as_ref().map(|hash| hash.as_slice());
+        let mut known = self.tokens.hashes(user_id).await?;
+        known.retain(|hash| Some(hash.as_slice()) != keep);
+        // Known before (see `end_session`), and what the delete returns: a login in between too.
+        let ended = self
+            .cache
+            .write(
+                self.token_keys(&known),
+                self.tokens.delete_all(user_id, keep),
+                |ended| self.token_keys(ended),
+            )
+            .await?;
+        Ok(ended.len() as u64)
     }
 }
 
 impl Auth {
+    fn last_use_writer(&self) -> Writer {
+        Writer {
+            tokens: self.tokens.clone(),
+            cache: self.cache.clone(),
+            extend_by: self.sliding.then_some(self.token_ttl),
+        }
+    }
+
+    /// The cache keys of stored token hashes: every instance drops them, and the sessions
+    /// derived from them, as logout does.
+    fn token_keys(&self, hashes: &[Vec<u8>]) -> Vec<CacheKey> {
+        hashes
+            .iter()
+            .filter_map(|hash| <[u8; 32]>::try_from(hash.as_slice()).ok())
+            .map(|hash| self.cache.keys().auth_token(&hash))
+            .collect()
+    }
+
     /// The token's session from the cache (or Postgres), kept in `sessions`.
     async fn session(&self, hash: &[u8; 32]) -> AppResult<Session> {
         let key = self.cache.keys().auth_token(hash);
         let stamp = self.cache.stamp(&key);
         let load = async {
             let found = self.tokens.find_user(hash).await?;
-            Ok(found.map(|(user_id, expires_at)| {
-                Session {
-                    user_id,
-                    expires_at_ms: expires_at.timestamp_millis(),
-                }
-                .to_bytes()
-            }))
+            Ok(found.map(|(user_id, expires_at)| Session::encode(user_id, expires_at.timestamp_millis())))
         };
         let found = self.cache.get_or_load_found(key, Box::pin(load), Session::decodes);
-        let session = Session::from_bytes(&found.await?.ok_or(INVALID_TOKEN)?.bytes)?;
+        let bytes = found.await?.ok_or(INVALID_TOKEN)?.bytes;
+        let session = Session::from_bytes(&bytes, self.last_use.due(hash))?;
         self.sessions.keep(*hash, session.clone(), stamp);
         Ok(session)
     }

@@ -2,8 +2,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use shaku::{Component, Interface};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use utoipa::ToSchema;
 
 use crate::infra::cache::{CacheMode, CacheService};
@@ -77,6 +78,34 @@ impl HealthReport {
     }
 }
 
+/// How long the answer of a round trip (a Postgres or a Redis ping) is reused: `/health` and
+/// `/health/ready` then cost at most one round trip per server per second, however often they
+/// are called. What the instance knows without asking (breaker, subscriber, cache mode) is live.
+pub const PROBE_TTL: Duration = Duration::from_secs(1);
+
+/// The last answer of one probe, reused for `PROBE_TTL`. One probe runs at a time: callers
+/// arriving meanwhile wait for its answer instead of asking the server again.
+#[derive(Default)]
+struct Probe {
+    last: tokio::sync::Mutex<Option<(Instant, ComponentHealth)>>,
+}
+
+impl Probe {
+    async fn answer(&self, ask: impl Future<Output = ComponentHealth>) -> ComponentHealth {
+        let mut last = self.last.lock().await;
+        if let Some((answered, health)) = last.as_ref() {
+            if answered.elapsed() < PROBE_TTL {
+                return health.clone();
+            }
+        }
+        let health = ask.await;
+        // Timed from the answer: a probe that waited out its timeout is reused for a whole
+        // second too, so a dead server is asked once a second, not once per call.
+        *last = Some((Instant::now(), health.clone()));
+        health
+    }
+}
+
 #[async_trait]
 pub trait HealthService: Interface {
     /// Database only: what a load balancer needs to route traffic here.
@@ -95,10 +124,18 @@ pub struct HealthChecks {
     #[shaku(inject)]
     redis: Arc<dyn RedisService>,
     started: Instant,
+    #[shaku(force_default)]
+    database_probe: Probe,
+    #[shaku(force_default)]
+    redis_probe: Probe,
 }
 
 impl HealthChecks {
     async fn database(&self) -> ComponentHealth {
+        self.database_probe.answer(self.ping_database()).await
+    }
+
+    async fn ping_database(&self) -> ComponentHealth {
         match self.db.ping().await {
             Ok(latency) => ComponentHealth {
                 latency_ms: Some(latency.as_secs_f64() * 1000.0),
@@ -122,30 +159,8 @@ impl HealthChecks {
         let redis = match self.redis.is_syncing() {
             false => ComponentHealth::new(ComponentStatus::Disabled),
             true => {
-                let ping = self.redis.ping().await;
-                let after = self.redis.status();
-                let mut health = match ping {
-                    Ok(latency) => ComponentHealth {
-                        latency_ms: Some(latency.as_secs_f64() * 1000.0),
-                        ..ComponentHealth::new(ComponentStatus::Up)
-                    },
-                    Err(err) => {
-                        // When the breaker refused the ping, the last real failure tells why.
-                        let (class, message) = match err {
-                            RedisFailure::CircuitOpen => after
-                                .failure
-                                .clone()
-                                .unwrap_or((FailureClass::CircuitOpen, err.to_string())),
-                            err => (err.class(), err.to_string()),
-                        };
-                        ComponentHealth {
-                            reason: Some(class),
-                            message: Some(format!("serving without Redis: {message}")),
-                            ..ComponentHealth::new(ComponentStatus::Down)
-                        }
-                    }
-                };
-                health.breaker = after.breaker;
+                let mut health = self.redis_probe.answer(self.ping_redis()).await;
+                health.breaker = self.redis.status().breaker;
                 health.subscriber = Some(
                     if status.subscriber_connected {
                         "connected"
@@ -168,6 +183,32 @@ impl HealthChecks {
             })
         };
         (redis, cache)
+    }
+
+    async fn ping_redis(&self) -> ComponentHealth {
+        let ping = self.redis.ping().await;
+        match ping {
+            Ok(latency) => ComponentHealth {
+                latency_ms: Some(latency.as_secs_f64() * 1000.0),
+                ..ComponentHealth::new(ComponentStatus::Up)
+            },
+            Err(err) => {
+                // When the breaker refused the ping, the last real failure tells why.
+                let (class, message) = match err {
+                    RedisFailure::CircuitOpen => self
+                        .redis
+                        .status()
+                        .failure
+                        .unwrap_or((FailureClass::CircuitOpen, err.to_string())),
+                    err => (err.class(), err.to_string()),
+                };
+                ComponentHealth {
+                    reason: Some(class),
+                    message: Some(format!("serving without Redis: {message}")),
+                    ..ComponentHealth::new(ComponentStatus::Down)
+                }
+            }
+        }
     }
 
     fn assemble(&self, components: Vec<(&str, ComponentHealth)>) -> HealthReport {

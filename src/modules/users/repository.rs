@@ -3,10 +3,10 @@ use shaku::{Component, Interface};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use super::model::User;
+use super::model::{email_key, User};
 use crate::infra::database::Database;
 
-/// The unique index on `lower(email)`, named so a duplicate becomes a 409.
+/// The unique index on `email_key` (see `email_key`), named so a duplicate becomes a 409.
 pub const EMAIL_UNIQUE: &str = "users_email_key";
 
 const COLUMNS: &str = "id, email, name, created_at, updated_at";
@@ -31,8 +31,8 @@ pub async fn set_admin(
     is_admin: bool,
     deadline: std::time::Duration,
 ) -> Result<bool, sqlx::Error> {
-    let update = sqlx::query("UPDATE users SET is_admin = $2 WHERE lower(email) = lower($1)")
-        .bind(email)
+    let update = sqlx::query("UPDATE users SET is_admin = $2 WHERE email_key = $1")
+        .bind(email_key(email))
         .bind(is_admin)
         .execute(pool);
     Ok(crate::infra::database::within(deadline, update).await?.rows_affected() > 0)
@@ -48,8 +48,14 @@ pub struct PgUserRepository {
 #[async_trait]
 impl UserRepository for PgUserRepository {
     async fn create(&self, email: &str, name: &str, password_hash: &str) -> Result<User, sqlx::Error> {
-        let sql = format!("INSERT INTO users (email, name, password_hash) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
-        let query = sqlx::query_as(&sql).bind(email).bind(name).bind(password_hash);
+        let sql = format!(
+            "INSERT INTO users (email, email_key, name, password_hash) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
+        );
+        let query = sqlx::query_as(&sql)
+            .bind(email)
+            .bind(email_key(email))
+            .bind(name)
+            .bind(password_hash);
         self.db.run(query.fetch_one(self.db.pool())).await
     }
 
@@ -61,14 +67,18 @@ impl UserRepository for PgUserRepository {
     }
 
     async fn find_by_email(&self, email: &str) -> Result<Option<User>, sqlx::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM users WHERE lower(email) = lower($1)");
+        let sql = format!("SELECT {COLUMNS} FROM users WHERE email_key = $1");
         self.db
-            .run(sqlx::query_as(&sql).bind(email).fetch_optional(self.db.pool()))
+            .run(
+                sqlx::query_as(&sql)
+                    .bind(email_key(email))
+                    .fetch_optional(self.db.pool()),
+            )
             .await
     }
 
     async fn find_credentials(&self, email: &str) -> Result<Option<(Uuid, String)>, sqlx::Error> {
-        let query = sqlx::query_as("SELECT id, password_hash FROM users WHERE lower(email) = lower($1)").bind(email);
+        let query = sqlx::query_as("SELECT id, password_hash FROM users WHERE email_key = $1").bind(email_key(email));
         self.db.run(query.fetch_optional(self.db.pool())).await
     }
 

@@ -241,6 +241,14 @@ impl TestCluster {
         }
     }
 
+    /// `redis-cli <args>` on every node, each answering `OK` (ACL users, for one, are per node).
+    pub fn on_every_node(&self, args: &[&str]) {
+        for port in self.ports() {
+            let reply = cli(port, args);
+            assert_eq!(reply.as_deref().map(str::trim), Some("OK"), "node {port}: {args:?}");
+        }
+    }
+
     /// A cluster connection for assertions, as the default user.
     pub async fn connection(&self) -> redis::cluster_async::ClusterConnection {
         redis::cluster::ClusterClient::new(self.nodes_from(0))

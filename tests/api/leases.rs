@@ -1,0 +1,139 @@
+//! Leases charge what is used: tokens a lease did not spend go back to Redis with the identity's
+//! next call, so a client calling now and then pays one token per request, and across the fleet
+//! the accepted count stays within instances × lease of the exact figure. And every quota of a
+//! policy is its own state in Redis, whatever its period.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use nestling::config::{Quota, Settings};
+
+use crate::helpers::{Backend, TestApp, TestResponse, TestUser};
+
+fn per(limit: u64, secs: u64) -> Quota {
+    Quota {
+        limit,
+        period: Duration::from_secs(secs),
+    }
+}
+
+/// Longer than the lease lifetime these tests set: what the test is about is the lease lapsing.
+const PAUSE: Duration = Duration::from_millis(80);
+
+fn short_leases(limit: u64) -> impl FnOnce(&mut Settings) + 'static {
+    move |s| {
+        s.rate_limit.api = vec![per(limit, 3600)];
+        s.rate_limit.lease_lifetime = Duration::from_millis(50);
+        // Hundreds of requests at once queue on a debug build for longer than the 250 ms default.
+        s.redis.command_timeout = Duration::from_secs(5);
+        s.redis.pool_timeout = Duration::from_secs(5);
+    }
+}
+
+fn remaining(response: &TestResponse) -> u64 {
+    response.assert_status(200);
+    response.header("x-ratelimit-remaining").unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_client_calling_now_and_then_is_charged_one_token_per_request() {
+    let app = TestApp::builder()
+        .backend(Backend::redis().await)
+        .settings(short_leases(10_000))
+        .spawn()
+        .await;
+    assert_eq!(app.settings.rate_limit.lease, 100, "the default lease");
+    let user = app.register_user().await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(remaining(&app.get("/api/users/me", &user.token).await));
+        tokio::time::sleep(PAUSE).await;
+    }
+    // One token per request; a token refills every 360 ms, so a step may also show none.
+    for pair in seen.windows(2) {
+        assert!(pair[0].abs_diff(pair[1]) <= 1, "remaining went {seen:?}");
+    }
+    assert!(seen[0] >= seen[4] + 3, "remaining went {seen:?}");
+}
+
+#[tokio::test]
+async fn across_two_instances_busy_and_sporadic_clients_are_accepted_within_instances_times_lease() {
+    const LIMIT: u64 = 500;
+    let a = TestApp::builder()
+        .backend(Backend::redis().await)
+        .settings(short_leases(LIMIT))
+        .spawn()
+        .await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let lease = a.settings.rate_limit.lease.min(LIMIT / 100);
+    let bound = 2 * lease;
+    let busy = a.register_user().await;
+    let sporadic: Vec<TestUser> = join_all((0..3).map(|_| a.register_user())).await;
+
+    // The busy client: 700 requests at once over both instances, more than its quota.
+    let busy_requests = async {
+        let requests = (0..700).map(|n| {
+            let app = if n % 2 == 0 { &a } else { &b };
+            app.get("/api/users/me", &busy.token)
+        });
+        join_all(requests).await.iter().filter(|r| r.status == 200).count() as u64
+    };
+    // Sporadic clients: twelve requests each, alternating instances, each lease lapsing between.
+    let sporadic_requests = join_all(sporadic.iter().map(|user| {
+        let (a, b) = (&a, &b);
+        async move {
+            let mut accepted = 0;
+            for n in 0..12 {
+                let app = if n % 2 == 0 { a } else { b };
+                accepted += u64::from(app.get("/api/users/me", &user.token).await.status == 200);
+                tokio::time::sleep(PAUSE).await;
+            }
+            accepted
+        }
+    }));
+    let (busy_accepted, sporadic_accepted) = tokio::join!(busy_requests, sporadic_requests);
+
+    // Never more than the quota (plus what refills during the test: one token per 7.2 s), never
+    // fewer than the quota less what leases may hold on other instances.
+    assert!(
+        busy_accepted + bound >= LIMIT && busy_accepted <= LIMIT + 1,
+        "busy: accepted {busy_accepted} of {LIMIT} (bound {bound})"
+    );
+    for (user, accepted) in sporadic.iter().zip(sporadic_accepted) {
+        assert_eq!(accepted, 12, "a sporadic client is never refused");
+        // What Redis charged them: the twelve requests, the thirteenth's token and at most the
+        // leases the two instances may still hold.
+        tokio::time::sleep(PAUSE).await;
+        let left = remaining(&a.get("/api/users/me", &user.token).await);
+        assert!(
+            left + 13 + bound >= LIMIT,
+            "a sporadic client was charged {} for 13 requests (bound {bound})",
+            LIMIT - left
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_quotas_with_the_same_period_are_both_enforced_in_redis() {
+    two_quotas_with_the_same_period_are_both_enforced(Backend::redis().await).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_two_quotas_with_the_same_period_are_both_enforced() {
+    two_quotas_with_the_same_period_are_both_enforced(Backend::cluster().await).await;
+}
+
+async fn two_quotas_with_the_same_period_are_both_enforced(backend: Backend) {
+    // RATE_LIMIT_API="5, 50/1m" with the default 60 s window: both quotas last a minute.
+    let app = TestApp::builder()
+        .backend(backend)
+        .settings(|s| s.rate_limit.api = vec![per(5, 60), per(50, 60)])
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(app.get("/api/users/me", &user.token).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+}
