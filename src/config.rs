@@ -486,11 +486,34 @@ fn is_exact_origin(origin: &str) -> bool {
         && scheme
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
-    let authority_ok = !authority.is_empty()
-        && authority
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:[]".contains(c));
-    scheme_ok && authority_ok
+    // host[:port]; the host a name (`app.example.com`), an IPv4 address or a bracketed IPv6 one.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, port)) if !address.contains(|c: char| c.is_ascii_uppercase()) => {
+                match address.parse::<std::net::Ipv6Addr>() {
+                    Ok(_) => (None, port),
+                    Err(_) => return false,
+                }
+            }
+            _ => return false,
+        },
+        None => authority
+            .find(':')
+            .map_or((Some(authority), ""), |at| (Some(&authority[..at]), &authority[at..])),
+    };
+    let host_ok = host.is_none_or(|host| {
+        host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+    });
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|port| {
+            port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+    scheme_ok && host_ok && port_ok
 }
 
 fn parse_quota(item: &str, window: Duration) -> Option<Quota> {
@@ -649,6 +672,10 @@ mod tests {
         assert!(on.enabled() && !on.any_origin && on.allow_credentials);
         assert_eq!(on.allowed_origins, ["https://app.example.com", "http://localhost:5173"]);
         assert_eq!(on.max_age, Duration::ZERO);
+        for origin in ["http://[::1]:3000", "http://127.0.0.1:8080", "capacitor://localhost"] {
+            let read = settings(&[("CORS_ALLOWED_ORIGINS", origin)]).expect(origin).cors;
+            assert_eq!(read.allowed_origins, [origin]);
+        }
         let any = settings(&[("CORS_ALLOWED_ORIGINS", "*")]).unwrap().cors;
         assert!(any.enabled() && any.any_origin && any.allowed_origins.is_empty());
     }
@@ -662,6 +689,11 @@ mod tests {
             ("CORS_ALLOWED_ORIGINS", "https://app.example.com/path"),
             ("CORS_ALLOWED_ORIGINS", "null"),
             ("CORS_ALLOWED_ORIGINS", "*, https://app.example.com"),
+            ("CORS_ALLOWED_ORIGINS", "https://app.example.com:"),
+            ("CORS_ALLOWED_ORIGINS", "https://app.example.com:99999"),
+            ("CORS_ALLOWED_ORIGINS", "https://app..example.com"),
+            ("CORS_ALLOWED_ORIGINS", "http://[zz]:3000"),
+            ("CORS_ALLOWED_ORIGINS", "https://user@app.example.com"),
             ("CORS_ALLOW_CREDENTIALS", "yes"),
             ("CORS_MAX_AGE", "-1"),
         ] {

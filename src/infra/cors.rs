@@ -24,13 +24,15 @@ use crate::infra::edge::X_REQUEST_ID;
 const METHODS: [Method; 4] = [Method::GET, Method::POST, Method::PATCH, Method::DELETE];
 
 /// The request headers the app reads. (`Idempotency-Key` is not among them: nothing reads it.)
-const REQUEST_HEADERS: [HeaderName; 5] = [
+const REQUEST_HEADERS: [HeaderName; 6] = [
     header::AUTHORIZATION,
     header::CONTENT_TYPE,
     header::IF_NONE_MATCH,
     // `no-cache` reads past the cache (see `edge`).
     header::CACHE_CONTROL,
     X_REQUEST_ID,
+    // Allowed ahead of the idempotency keys of writes, so browsers need no new CORS policy then.
+    HeaderName::from_static("idempotency-key"),
 ];
 
 /// The response headers a page may read besides the safelisted ones: the rate limit's, the
@@ -95,6 +97,8 @@ where
     }
 }
 
+/// On: actix-cors (its answers' refusals put in the envelope). Off: straight through, without
+/// a boxed future of its own, but for preflights, which are refused.
 pub enum CorsService<S> {
     On(CorsMiddleware<S>),
     Off(S),
@@ -111,7 +115,6 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = actix_web::Error;
-    #[allow(clippy::type_complexity)]
     type Future = Either<
         futures_util::future::MapOk<LocalBoxFuture<'static, Answer<B>>, Mapped<B>>,
         Either<Ready<Answer<B>>, futures_util::future::MapOk<S::Future, Passed<B>>>,

@@ -287,8 +287,12 @@ async fn health_exits_0_when_the_app_is_healthy_and_1_naming_the_component_that_
     redis.kill();
     // /health reuses the PING start-up made for up to a second: wait for it to tell the kill.
     let by = Instant::now() + nestling::modules::health::service::PROBE_TTL * 2;
-    while with_redis.request(reqwest::Method::GET, "/health", None, None).await.status != 503 {
-        assert!(Instant::now() < by, "/health never told the kill");
+    loop {
+        let health = with_redis.request(reqwest::Method::GET, "/health", None, None).await;
+        if health.status == 503 {
+            break;
+        }
+        assert!(Instant::now() < by, "/health never told the kill: {}", health.text);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (code, stdout, took) = health_command(&with_redis.address).await;

@@ -84,7 +84,7 @@ async fn a_preflight_from_an_allowed_origin_is_answered_with_its_origin_methods_
         &path,
         ORIGIN,
         "PATCH",
-        "authorization, content-type, if-none-match, cache-control, x-request-id",
+        "authorization, content-type, if-none-match, cache-control, x-request-id, idempotency-key",
     )
     .await;
     assert!(answer.status == 200 || answer.status == 204, "{answer:?}");
@@ -100,6 +100,7 @@ async fn a_preflight_from_an_allowed_origin_is_answered_with_its_origin_methods_
         "if-none-match",
         "cache-control",
         "x-request-id",
+        "idempotency-key",
     ] {
         assert!(headers.contains(&header.to_owned()), "{header} in {headers:?}");
     }

@@ -328,9 +328,9 @@ async fn without_the_unsynced_bound_the_other_instance_honours_an_ended_session_
 #[tokio::test]
 async fn a_sessions_last_use_is_recorded_after_the_request_at_most_once_a_minute() {
     let app = TestApp::spawn().await;
+    // Logging in is not a use: no write is on its way yet.
     let user = app.register_user().await;
     let second = app.login(&user.email, &user.password).await;
-    let (mine, theirs) = (session_id(&app, &user.token).await, session_id(&app, &second).await);
     // Both sessions last used ten minutes ago: a state only time could reach otherwise.
     let back_in_time = || async {
         sqlx::query("UPDATE auth_tokens SET last_used_at = now() - interval '10 minutes' WHERE user_id = $1")
@@ -339,39 +339,33 @@ async fn a_sessions_last_use_is_recorded_after_the_request_at_most_once_a_minute
             .await
             .unwrap();
     };
-    let last_used = |list: &TestResponse, id: &str| {
-        let session = sessions_of(list).iter().find(|s| s["id"] == id).cloned();
-        time(&session.unwrap_or_else(|| panic!("{id} in {}", list.text))["lastUsedAt"])
+    let last_used = |list: &TestResponse, current: bool| {
+        let session = sessions_of(list).iter().find(|s| s["current"] == current).cloned();
+        time(&session.unwrap_or_else(|| panic!("current = {current} in {}", list.text))["lastUsedAt"])
     };
     let recent = |at: DateTime<Utc>| Utc::now() - at < chrono::Duration::seconds(60);
     back_in_time().await;
 
-    // A fresh instance: neither token has been used on it.
-    let fresh = TestApp::builder().sibling_of(&app).spawn().await;
-    assert_works(&fresh.get("/api/users/me", &user.token).await, "first use");
-    let list = fresh
-        .read_until("/api/auth/sessions", &user.token, "the use is recorded", |list| {
-            list.status == 200 && recent(last_used(list, &mine))
+    let list = app
+        .read_until("/api/auth/sessions", &user.token, "the first use is recorded", |list| {
+            list.status == 200 && recent(last_used(list, true))
         })
         .await;
-    assert!(!recent(last_used(&list, &theirs)), "an unused session: {}", list.text);
+    assert!(!recent(last_used(&list, false)), "an unused session: {}", list.text);
 
     back_in_time().await;
-    assert_works(&fresh.get("/api/users/me", &user.token).await, "second use");
-    assert_works(
-        &fresh.get("/api/users/me", &second).await,
-        "the other token's first use",
-    );
-    let list = fresh
+    assert_works(&app.get("/api/users/me", &user.token).await, "a second use");
+    assert_works(&app.get("/api/users/me", &second).await, "the other token's first use");
+    let list = app
         .read_until(
             "/api/auth/sessions",
             &second,
             "the other token's use is recorded",
-            |list| list.status == 200 && recent(last_used(list, &theirs)),
+            |list| list.status == 200 && recent(last_used(list, true)),
         )
         .await;
     assert!(
-        !recent(last_used(&list, &mine)),
+        !recent(last_used(&list, false)),
         "a second use within the minute is not written: {}",
         list.text
     );

@@ -109,8 +109,11 @@ where
             let Some(Resolved { limiter, auth }) = resolved.get() else {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             };
-            // Login and register stay limited whatever the switch says.
-            if group == RouteGroup::Api && !limiter.enabled() {
+            // Login and register stay limited whatever the switch says; their other methods are
+            // answered 405 and read no body.
+            if (group == RouteGroup::Api && !limiter.enabled())
+                || (group == RouteGroup::Credentials && req.method() != actix_web::http::Method::POST)
+            {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             }
             let ip = |req: &ServiceRequest| Identity::Ip(client_ip(req.request(), limiter.trusted_proxies()));

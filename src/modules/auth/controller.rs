@@ -56,6 +56,11 @@ pub async fn register(auth: Inject<dyn AuthService>, body: JsonBody<RegisterRequ
 }
 
 /// Exchange email and password for a bearer token.
+///
+/// Limited per client address and per email (`GET /api/rate-limit/policy`). Only failed attempts
+/// count against an email, and an address that logged in to the account before has an allowance
+/// of its own, so others' guesses do not lock the owner out there. A body with a repeated key is
+/// refused (400) before any password is checked.
 #[utoipa::path(
     post, path = "/api/auth/login", tag = "auth", operation_id = "login",
     request_body = LoginRequest,

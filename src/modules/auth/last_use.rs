@@ -1,10 +1,11 @@
 //! When each session was last used (and, with `AUTH_TOKEN_SLIDING`, its extension): written at
 //! most once a minute per token on each instance, and never while a request waits. A request
-//! whose token is not due costs one atomic load and compare; one whose token is due queues its
-//! hash, and one task per instance writes the queue, one statement per batch, until it is empty.
-//! The queue is bounded: a use that finds it full is recorded a minute later instead.
+//! whose token is not due costs one atomic load and compare, of a word written once a minute (no
+//! reference count: both cores keep it cached when one token is used from both); one whose token
+//! is due queues its hash, and one task per instance writes the queue, one statement per batch,
+//! until it is empty. The queue is bounded: a use that finds it full is recorded a minute later.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,23 +20,32 @@ pub const EVERY: Duration = Duration::from_secs(60);
 const MAX_QUEUED: usize = 10_000;
 /// Most tokens one statement writes.
 const BATCH: usize = 1_000;
-/// Tokens whose due time is kept: past that (or two minutes unused), a token's next use is
-/// written again at once (Postgres skips the write if it is recent).
-const TRACKED: u64 = 100_000;
+/// Tokens tracked at once (512 KiB of due times). A token unused for two minutes, or pushed out
+/// by more tokens than this, gets a new slot: its next use is written at once (Postgres skips the
+/// write if it is recent). Slots are handed out in turn, so two tokens share one only when more
+/// than this many were seen since; one of them is then written up to a minute late.
+const SLOTS: usize = 1 << 16;
 
 /// When each token's last use is next written, and the queue of those to write.
 pub struct LastUse {
-    due: moka::sync::Cache<[u8; 32], Arc<AtomicI64>>,
+    /// Per slot, when its token's next use is due to be written (Unix ms).
+    due: Box<[AtomicI64; SLOTS]>,
+    /// Token → its slot; looked up only when a session is loaded, not on every request.
+    slots: moka::sync::Cache<[u8; 32], u32>,
+    next_slot: AtomicU32,
     queue: Arc<Queue>,
 }
 
 impl Default for LastUse {
     fn default() -> Self {
+        let due: Box<[AtomicI64]> = (0..SLOTS).map(|_| AtomicI64::new(0)).collect();
         Self {
-            due: moka::sync::Cache::builder()
-                .max_capacity(TRACKED)
+            due: due.try_into().expect("SLOTS due times"),
+            slots: moka::sync::Cache::builder()
+                .max_capacity(SLOTS as u64)
                 .time_to_idle(EVERY * 2)
                 .build(),
+            next_slot: AtomicU32::new(0),
             queue: Arc::default(),
         }
     }
@@ -57,16 +67,18 @@ pub struct Writer {
 }
 
 impl LastUse {
-    /// When `hash`'s next use is due to be written (Unix ms), shared by every value derived for
-    /// the token: a session loaded again (after an invalidation, or with L1 off) keeps it.
-    pub fn due(&self, hash: &[u8; 32]) -> Arc<AtomicI64> {
-        self.due.get_with(*hash, Arc::default)
+    /// The token's slot, kept with its session: a session loaded again (after an invalidation,
+    /// or with L1 off) finds the same one.
+    pub fn slot(&self, hash: &[u8; 32]) -> u32 {
+        self.slots
+            .get_with(*hash, || self.next_slot.fetch_add(1, Ordering::Relaxed) % SLOTS as u32)
     }
 
-    /// Records a use of the token at `now_ms`: queues it when its last write here is `EVERY`
-    /// old, and starts the writer (made by `writer`) if none is running.
+    /// Records a use of the token (in `slot`) at `now_ms`: queues it when its last write here is
+    /// `EVERY` old, and starts the writer (made by `writer`) if none is running.
     #[inline]
-    pub fn used(&self, hash: &[u8; 32], due: &AtomicI64, now_ms: i64, writer: impl FnOnce() -> Writer) {
+    pub fn used(&self, hash: &[u8; 32], slot: u32, now_ms: i64, writer: impl FnOnce() -> Writer) {
+        let due = &self.due[slot as usize % SLOTS];
         let next = due.load(Ordering::Relaxed);
         if now_ms < next {
             return;

@@ -3,7 +3,6 @@ use chrono::Utc;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use shaku::{Component, Interface};
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -70,8 +69,8 @@ pub struct Auth {
 pub struct Session {
     user_id: Uuid,
     expires_at_ms: i64,
-    /// When this token's use is next written (see `LastUse`); not cached.
-    last_use_due: Arc<AtomicI64>,
+    /// Where this token's next write of its last use is timed (see `LastUse`); not cached.
+    last_use_slot: u32,
 }
 
 impl Session {
@@ -86,7 +85,7 @@ impl Session {
         bytes.len() == 24
     }
 
-    fn from_bytes(bytes: &[u8], last_use_due: Arc<AtomicI64>) -> AppResult<Self> {
+    fn from_bytes(bytes: &[u8], last_use_slot: u32) -> AppResult<Self> {
         let (user_id, expires_at_ms) = bytes
             .split_first_chunk::<16>()
             .and_then(|(id, rest)| Some((Uuid::from_bytes(*id), i64::from_be_bytes(rest.try_into().ok()?))))
@@ -94,7 +93,7 @@ impl Session {
         Ok(Self {
             user_id,
             expires_at_ms,
-            last_use_due,
+            last_use_slot,
         })
     }
 }
@@ -169,8 +168,8 @@ impl AuthService for Auth {
         if session.expires_at_ms <= now_ms {
             return Err(INVALID_TOKEN);
         }
-        let due = &session.last_use_due;
-        self.last_use.used(&hash, due, now_ms, || self.last_use_writer());
+        let slot = session.last_use_slot;
+        self.last_use.used(&hash, slot, now_ms, || self.last_use_writer());
         Ok(session.user_id)
     }
 
@@ -252,7 +251,7 @@ impl Auth {
         };
         let found = self.cache.get_or_load_found(key, Box::pin(load), Session::decodes);
         let bytes = found.await?.ok_or(INVALID_TOKEN)?.bytes;
-        let session = Session::from_bytes(&bytes, self.last_use.due(hash))?;
+        let session = Session::from_bytes(&bytes, self.last_use.slot(hash))?;
         self.sessions.keep(*hash, session.clone(), stamp);
         Ok(session)
     }
