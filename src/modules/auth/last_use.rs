@@ -38,9 +38,11 @@ pub struct LastUse {
 
 impl Default for LastUse {
     fn default() -> Self {
-        let due: Box<[AtomicI64]> = (0..SLOTS).map(|_| AtomicI64::new(0)).collect();
+        // SAFETY: an AtomicI64 has the representation of an i64, so zeroed memory holds zeros.
+        // Zeroed, not written: its pages take no memory until tokens use them.
+        let due = unsafe { Box::<[AtomicI64; SLOTS]>::new_zeroed().assume_init() };
         Self {
-            due: due.try_into().expect("SLOTS due times"),
+            due,
             slots: moka::sync::Cache::builder()
                 .max_capacity(SLOTS as u64)
                 .time_to_idle(EVERY * 2)
@@ -163,5 +165,33 @@ impl Writer {
                 self.cache.invalidate(keys(&batch)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No runtime here, so no writer starts: what is queued stays queued.
+    fn no_writer() -> Writer {
+        unreachable!("a writer is only made to be spawned")
+    }
+
+    #[test]
+    fn a_token_is_queued_once_a_minute_however_often_it_is_used() {
+        let last_use = LastUse::default();
+        let (mine, theirs) = ([1; 32], [2; 32]);
+        let (slot, other) = (last_use.slot(&mine), last_use.slot(&theirs));
+        assert_eq!(last_use.slot(&mine), slot, "a token keeps its slot");
+        assert_ne!(slot, other, "tokens have slots of their own");
+        let queued = || last_use.queue.hashes.lock().unwrap().clone();
+        let start = 1_000_000;
+        for ms in [0, 1, 30_000, 59_999] {
+            last_use.used(&mine, slot, start + ms, no_writer);
+        }
+        assert_eq!(queued(), vec![mine], "one write for the first minute");
+        last_use.used(&theirs, other, start + 59_999, no_writer);
+        last_use.used(&mine, slot, start + 60_000, no_writer);
+        assert_eq!(queued(), vec![mine, theirs, mine], "then one a minute");
     }
 }

@@ -27,7 +27,8 @@ pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// 200 when Postgres answers within `DATABASE_HEALTH_TIMEOUT_MS`, 503 otherwise.
+/// 200 when Postgres answers within `DATABASE_HEALTH_TIMEOUT_MS`, 503 otherwise (a ping's answer
+/// is reused for a second).
 #[utoipa::path(
     get, path = "/health/ready", tag = "health", operation_id = "get_readiness",
     responses((status = 200, body = HealthReport), (status = 503, description = "Database down", body = HealthReport))
@@ -36,7 +37,8 @@ pub async fn ready(checks: Inject<dyn HealthService>) -> HttpResponse {
     respond(checks.readiness().await)
 }
 
-/// Every component with its status and latency, plus version and uptime.
+/// Every component with its status and latency, plus version and uptime (a ping's answer is reused
+/// for a second; breaker, subscriber and cache mode are live).
 #[utoipa::path(
     get, path = "/health", tag = "health", operation_id = "get_health",
     responses((status = 200, body = HealthReport), (status = 503, description = "A component is down", body = HealthReport))
