@@ -82,7 +82,7 @@ async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
     let (post, patch) = (Method::POST, Method::PATCH);
     let (tasks, task) = ("/api/projects/{project}/tasks", "/api/tasks/{task}");
     #[rustfmt::skip]
-    let cases: [BodyCase; 14] = [
+    let cases: [BodyCase; 17] = [
         ("body over 64 KiB",           &post,  tasks, JSON,               &too_large,                        413, "payload_too_large"),
         ("text/plain content type",    &post,  tasks, Some("text/plain"), br#"{"title":"ok"}"#,              415, "unsupported_media_type"),
         ("form content type",          &post,  tasks, Some("application/x-www-form-urlencoded"), b"title=ok", 415, "unsupported_media_type"),
@@ -97,6 +97,9 @@ async fn every_body_the_json_extractor_refuses_answers_with_the_envelope() {
         ("unknown enum value",         &patch, task,  JSON,               br#"{"status":"archived"}"#,       400, "invalid_body"),
         ("not a date",                 &patch, task,  JSON,               br#"{"dueDate":"tomorrow"}"#,      400, "invalid_body"),
         ("not a uuid in the body",     &patch, task,  JSON,               br#"{"assigneeId":"nobody"}"#,     400, "invalid_body"),
+        ("a repeated key",             &post,  tasks, JSON,               br#"{"title":"a","title":"b"}"#,   400, "validation_failed"),
+        ("a repeated key in a patch",  &patch, task,  JSON,               br#"{"title":"a","title":"b"}"#,   400, "validation_failed"),
+        ("a repeated nested key",      &post,  tasks, JSON,               br#"{"title":"a","x":{"k":1,"k":2}}"#, 400, "validation_failed"),
     ];
     let before = app.fingerprint().await;
     for (name, method, path, content_type, body, status, code) in cases {
