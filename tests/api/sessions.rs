@@ -46,25 +46,6 @@ fn assert_works(response: &TestResponse, what: &str) {
     assert_eq!(response.status, 200, "{what}: {}", response.text);
 }
 
-/// Reads `/api/users/me` with `token` on `app` until it is refused and returns how long that
-/// took; `None` if it was still served after `give_up`. Polling: nothing signals the moment an
-/// instance stops honouring a token.
-async fn refused_after(app: &TestApp, token: &str, give_up: Duration) -> Option<Duration> {
-    let since = Instant::now();
-    loop {
-        let me = app.get("/api/users/me", token).await;
-        if me.status == 401 {
-            me.assert_error(401, "invalid_token");
-            return Some(since.elapsed());
-        }
-        assert_works(&me, "before it is refused");
-        if since.elapsed() > give_up {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_session_list_shows_each_login_with_the_one_in_use_marked_current() {
     let app = TestApp::spawn().await;
@@ -246,7 +227,7 @@ async fn admin_end_sessions_on_the_command_line_ends_them_on_the_running_instanc
     let done = end_sessions(user.email.to_uppercase()).await;
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     for token in [&user.token, &second] {
-        refused_after(&app, token, Duration::from_secs(1))
+        app.refused_after(token, Duration::from_secs(1))
             .await
             .expect("the instance stops honouring the token within 1 s");
     }
@@ -277,7 +258,7 @@ async fn ending_the_other_sessions_on_one_instance_refuses_their_tokens_on_anoth
     ended.assert_status(200);
     assert_eq!(ended.body, json!({ "ended": 1 }), "{}", ended.text);
 
-    let took = refused_after(&b, &other, Duration::from_secs(1)).await;
+    let took = b.refused_after(&other, Duration::from_secs(1)).await;
     assert!(took.is_some(), "B still served the ended token after 1 s");
     assert_works(&b.get("/api/users/me", &user.token).await, "the token kept");
 }
@@ -302,7 +283,7 @@ async fn end_other_sessions_while_redis_is_frozen(unsynced_ttl: Duration, give_u
     b.wait_for_lost_subscription().await;
     assert_works(&b.get("/api/users/me", &other).await, "B keeps the session");
     a.delete("/api/auth/sessions", &user.token).await.assert_status(200);
-    let took = refused_after(&b, &other, give_up).await;
+    let took = b.refused_after(&other, give_up).await;
     redis.thaw();
     took
 }

@@ -443,6 +443,25 @@ impl TestApp {
         }
     }
 
+    /// Reads `/api/users/me` with `token` until it is refused (`401 invalid_token`) and returns
+    /// how long that took; `None` if it was still served after `give_up`. Polling: nothing
+    /// signals the moment an instance stops honouring a token.
+    pub async fn refused_after(&self, token: &str, give_up: Duration) -> Option<Duration> {
+        let since = std::time::Instant::now();
+        loop {
+            let me = self.get("/api/users/me", token).await;
+            if me.status == 401 {
+                me.assert_error(401, "invalid_token");
+                return Some(since.elapsed());
+            }
+            me.assert_status(200);
+            if since.elapsed() > give_up {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A GET with `Cache-Control: no-cache`: what Postgres holds now, past every cache tier.
     pub async fn get_fresh(&self, path: &str, token: &str) -> TestResponse {
         let request = self
