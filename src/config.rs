@@ -287,7 +287,7 @@ impl Settings {
                 negative_ttl: vars.millis("CACHE_NEGATIVE_TTL_MS", 5000)?,
                 max_pending_invalidations: vars.parse("CACHE_MAX_PENDING_INVALIDATIONS", 10_000, "a number of keys")?,
                 l1_max_ttl: vars.secs("CACHE_L1_MAX_TTL", 60)?,
-                l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 1000)?,
+                l1_unsynced_ttl: vars.millis("CACHE_L1_UNSYNCED_TTL_MS", 500)?,
                 ttl_jitter_percent: vars.parse("CACHE_TTL_JITTER_PERCENT", 5, "a percentage (0-100)")?,
             },
             ttl: TtlTable {
