@@ -289,9 +289,32 @@ struct Lease {
     remaining: AtomicU64,
     reset_at: AtomicU64,
     tightest: AtomicU64,
-    /// Set while one request tops the lease up: the others keep spending, none waits.
+    /// Set while one request takes or tops up the lease: the others keep spending what is left,
+    /// and those that find nothing wait for it (`refilled`) instead of each asking Redis.
     refilling: AtomicBool,
+    refill_done: tokio::sync::Notify,
 }
+
+impl Lease {
+    /// Returns once the request taking or topping up this lease has recorded what Redis granted
+    /// (at once if none is). That fetch is bounded by the Redis command timeout; `REFILL_WAIT`
+    /// only guards against a missed wake-up.
+    async fn refilled(&self) {
+        let done = self.refill_done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if self.refilling.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(REFILL_WAIT, done).await;
+        }
+    }
+
+    fn finish_refill(&self) {
+        self.refilling.store(false, Ordering::Release);
+        self.refill_done.notify_waiters();
+    }
+}
+
+const REFILL_WAIT: Duration = Duration::from_secs(1);
 
 /// A lease this request is to top up, and how many tokens it lacks.
 type TopUp = (Arc<Lease>, u64);
@@ -690,55 +713,65 @@ impl RedisRateLimiter {
         if self.redis.active().is_some_and(|redis| redis.accepting()) {
             let lease = self.group(group).lease;
             if lease > 1 {
-                if let Some((decision, top_up)) = self.spend_lease(&identities[0], lease) {
-                    if let Some((state, lacking)) = top_up {
-                        // One request per lease waits a round trip, to top it up; the others never
-                        // do, and the lease never holds more than its size.
-                        if let Some(outcome) = self.in_redis(group, identities, lacking, 0).await {
-                            let topped = self.decision(group, &outcome, DecidedBy::Redis);
-                            self.record_lease(&identities[0], outcome.granted, 0, &topped);
-                        }
-                        state.refilling.store(false, Ordering::Release);
-                    }
+                if let Some(decision) = self.decide_by_lease(group, identities, lease).await {
                     return decision;
                 }
             }
-            // One request per identity at a time takes a lease; the others take their own token, so
-            // an instance never holds more than a lease. And a lease that lapsed with tokens left
-            // gives them back in the same call: a client calling now and then is charged for what
-            // it used, not a lease per request.
-            let (wanted, returned, taking) = if lease > 1 {
+            // One request per identity at a time takes a lease, so an instance never holds more
+            // than one; the others wait for it, as long as a call of their own would take, rather
+            // than each asking Redis (and take their own token if it brought none). A lease that
+            // lapsed with tokens left gives them back in the same call: a client calling now and
+            // then is charged for what it used, not a lease per request.
+            let mut taking = None;
+            if lease > 1 {
                 let state = self.leases.get_with(identities[0], || Arc::new(Lease::default()));
-                let returned = self.reclaim_lapsed(&state);
-                let taking = state
+                if state
                     .refilling
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                (if taking { lease } else { 1 }, returned, taking.then_some(state))
-            } else {
-                (1, 0, None)
-            };
-            let outcome = self.in_redis(group, identities, wanted, returned).await;
-            if let Some(state) = taking {
-                state.refilling.store(false, Ordering::Release);
+                    .is_ok()
+                {
+                    taking = Some(state);
+                } else {
+                    state.refilled().await;
+                    if let Some(decision) = self.decide_by_lease(group, identities, lease).await {
+                        return decision;
+                    }
+                }
             }
-            if let Some(outcome) = outcome {
+            let returned = taking.as_ref().map_or(0, |state| self.reclaim_lapsed(state));
+            let wanted = if taking.is_some() { lease } else { 1 };
+            let decided = self.in_redis(group, identities, wanted, returned).await.map(|outcome| {
                 let mut decision = self.decision(group, &outcome, DecidedBy::Redis);
                 if lease > 1 {
-                    if outcome.granted == 0 {
-                        // A request that refilled the lease meanwhile may have left a token.
-                        if let Some((decision, _)) = self.spend_lease(&identities[0], lease) {
-                            return decision;
-                        }
-                    }
                     self.record_lease(&identities[0], outcome.granted, 1, &decision);
                     decision.remaining += outcome.granted.saturating_sub(1);
                 }
+                decision
+            });
+            if let Some(state) = taking {
+                state.finish_refill();
+            }
+            if let Some(decision) = decided {
                 return decision;
             }
         }
         let outcome = self.in_process(group, identities);
         self.decision(group, &outcome, DecidedBy::Local)
+    }
+
+    /// A decision from this instance's lease (`spend_lease`); the one request whose token left
+    /// it under a quarter full tops it up, waiting a round trip for that, so the others never
+    /// wait and the lease never holds more than its size.
+    async fn decide_by_lease(&self, group: RouteGroup, identities: &[Identity], lease: u64) -> Option<Decision> {
+        let (decision, top_up) = self.spend_lease(&identities[0], lease)?;
+        if let Some((state, lacking)) = top_up {
+            if let Some(outcome) = self.in_redis(group, identities, lacking, 0).await {
+                let topped = self.decision(group, &outcome, DecidedBy::Redis);
+                self.record_lease(&identities[0], outcome.granted, 0, &topped);
+            }
+            state.finish_refill();
+        }
+        Some(decision)
     }
 
     fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: DecidedBy) -> Decision {
