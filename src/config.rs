@@ -37,6 +37,14 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub passwords: PasswordSettings,
     pub cors: CorsSettings,
+    pub idempotency: IdempotencySettings,
+}
+
+/// `Idempotency-Key` (README, "Idempotency keys").
+#[derive(Debug, Clone)]
+pub struct IdempotencySettings {
+    /// `IDEMPOTENCY_TTL`: how long a key's first answer is kept and replayed.
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +325,9 @@ impl Settings {
                 wait: vars.millis("PASSWORD_HASH_WAIT_MS", 500)?,
             },
             cors: vars.cors()?,
+            idempotency: IdempotencySettings {
+                ttl: vars.secs("IDEMPOTENCY_TTL", 86_400)?,
+            },
         })
     }
 }

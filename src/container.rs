@@ -9,11 +9,13 @@ use sqlx::PgPool;
 use crate::config::Settings;
 use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::infra::idempotency::{PgIdempotencyStore, PgIdempotencyStoreParameters};
 use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
 use crate::infra::redis::keys::KeyRegistry;
 use crate::infra::redis::{RedisModule, RedisModuleParameters};
 use crate::infra::telemetry::{PrometheusMetrics, PrometheusMetricsParameters, Telemetry};
 use crate::modules::admin::service::{Admin, AdminParameters};
+use crate::modules::auth::caller::BearerCaller;
 use crate::modules::auth::password::{Argon2Hasher, Argon2HasherParameters};
 use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
@@ -34,11 +36,12 @@ module! {
         components = [
             // infrastructure
             PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
+            PgIdempotencyStore,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
             // services: rules
-            Auth, Users, Workspaces, Projects, Tasks, Metrics, HealthChecks,
+            Auth, BearerCaller, Users, Workspaces, Projects, Tasks, Metrics, HealthChecks,
             Admin,
         ],
         providers = []
@@ -72,6 +75,15 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             pool,
             statement_timeout: settings.database.statement_timeout,
             health_timeout: settings.database.health_timeout,
+        })
+        .with_component_parameters::<PgIdempotencyStore>(PgIdempotencyStoreParameters {
+            ttl: settings.idempotency.ttl,
+            // Half the pool: the other half serves the reads these requests make meanwhile.
+            turns: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                (settings.database.max_connections as usize / 2).max(1),
+            )),
+            turn_wait: settings.database.acquire_timeout,
+            last_prune: Default::default(),
         })
         .with_component_parameters::<RedisModule>(RedisModuleParameters {
             settings: settings.redis.clone(),

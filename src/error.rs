@@ -29,6 +29,13 @@ pub enum AppError {
     NotFound { entity: &'static str },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// An `Idempotency-Key` whose first request is still being answered.
+    #[error("a request with this Idempotency-Key is still in progress: retry in {retry_after_secs} s")]
+    IdempotencyKeyInFlight { retry_after_secs: u64 },
+    /// 422: well-formed, but cannot be processed as sent (an `Idempotency-Key` reused with
+    /// another request).
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error("this path does not accept the {method} method")]
     MethodNotAllowed {
         method: actix_web::http::Method,
@@ -97,9 +104,11 @@ impl AppError {
     pub fn code(&self) -> String {
         match self {
             Self::Validation(_) => "validation_failed".into(),
-            Self::BadRequest { code, .. } | Self::Unauthorized { code, .. } | Self::Conflict { code, .. } => {
-                (*code).into()
-            }
+            Self::BadRequest { code, .. }
+            | Self::Unauthorized { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Unprocessable { code, .. } => (*code).into(),
+            Self::IdempotencyKeyInFlight { .. } => "idempotency_key_in_flight".into(),
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
             Self::MethodNotAllowed { .. } => "method_not_allowed".into(),
@@ -136,7 +145,8 @@ impl ResponseError for AppError {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Conflict { .. } | Self::IdempotencyKeyInFlight { .. } => StatusCode::CONFLICT,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -155,7 +165,9 @@ impl ResponseError for AppError {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
         match self {
-            Self::RateLimited { retry_after_secs } | Self::ServiceBusy { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs }
+            | Self::ServiceBusy { retry_after_secs }
+            | Self::IdempotencyKeyInFlight { retry_after_secs } => {
                 response.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
             Self::DatabaseUnavailable(_) => {

@@ -30,7 +30,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, admin::controller::delete_user_sessions, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
     ),
     components(schemas(ErrorBody)),
-    modifiers(&BearerAuth, &RateLimitResponses, &ExtractorErrors),
+    modifiers(&BearerAuth, &IdempotencyKeys, &RateLimitResponses, &ExtractorErrors),
     tags(
         (name = "auth", description = "Register, log in, log out, sessions"),
         (name = "users", description = "The signed-in user"),
@@ -140,6 +140,101 @@ impl Modify for ExtractorErrors {
                 if protected {
                     document("401", "No valid bearer token");
                 }
+            }
+        }
+    }
+}
+
+/// The operations wrapped in `Idempotent` (`infra::idempotency`): the creating POSTs and every
+/// PATCH. A test sends each documented one an invalid key, and every other operation too, so
+/// this list and the routes cannot drift apart.
+pub const IDEMPOTENT_OPERATIONS: [&str; 8] = [
+    "create_workspace",
+    "update_workspace",
+    "add_member",
+    "create_project",
+    "update_project",
+    "create_task",
+    "update_task",
+    "update_me",
+];
+
+/// The `Idempotency-Key` header, and the answers it adds: 409 while the key's first request is
+/// running (`Retry-After`), 422 for the key reused with another request, and
+/// `Idempotent-Replayed` on a replayed answer.
+struct IdempotencyKeys;
+
+impl Modify for IdempotencyKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use crate::infra::idempotency::{HEADER, MAX_KEY_LENGTH, REPLAYED_HEADER};
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Required, ResponseBuilder, Type};
+        let key = ParameterBuilder::new()
+            .name(HEADER)
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(
+                "Makes the write safe to retry: the first answer to this key (per user) is replayed for \
+                 IDEMPOTENCY_TTL (24 h by default) with `Idempotent-Replayed: true`",
+            ))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(MAX_KEY_LENGTH))
+                    .pattern(Some("^[ -~]+$")),
+            ))
+            .build();
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+        };
+        let header = |description: &str, kind: Type| {
+            HeaderBuilder::new()
+                .schema(ObjectBuilder::new().schema_type(kind))
+                .description(Some(description))
+                .build()
+        };
+        const IN_FLIGHT: &str =
+            "A request with this Idempotency-Key is still running: retry after `Retry-After` seconds \
+                                 (`idempotency_key_in_flight`)";
+        for item in openapi.paths.paths.values_mut() {
+            for operation in operations_mut(item) {
+                let idempotent = operation
+                    .operation_id
+                    .as_deref()
+                    .is_some_and(|id| IDEMPOTENT_OPERATIONS.contains(&id));
+                if !idempotent {
+                    continue;
+                }
+                operation.parameters.get_or_insert_with(Vec::new).push(key.clone());
+                let responses = &mut operation.responses.responses;
+                for (status, response) in responses.iter_mut() {
+                    if let (true, RefOr::T(response)) = (status.starts_with('2'), response) {
+                        let replayed = header("`true` when this is the recorded first answer to the key", Type::String);
+                        response.headers.insert(REPLAYED_HEADER.to_owned(), replayed);
+                    }
+                }
+                let retry_after = header("Seconds to wait before retrying", Type::Integer);
+                match responses.get_mut("409") {
+                    // add_member documents its own 409 already: one status, both reasons.
+                    Some(RefOr::T(conflict)) => {
+                        conflict.description = format!("{}; or: {IN_FLIGHT}", conflict.description);
+                        conflict.headers.insert("Retry-After".to_owned(), retry_after);
+                    }
+                    _ => {
+                        let in_flight = error(IN_FLIGHT).header("Retry-After", retry_after).build();
+                        responses.insert("409".to_owned(), RefOr::T(in_flight));
+                    }
+                }
+                let reused =
+                    "This Idempotency-Key was used with another method, path or body (`idempotency_key_reused`)";
+                responses.insert("422".to_owned(), RefOr::T(error(reused).build()));
             }
         }
     }

@@ -14,6 +14,7 @@ mod database_faults;
 mod errors;
 mod failed_writes;
 mod health;
+mod idempotency;
 mod isolation;
 mod leases;
 mod login_limit;

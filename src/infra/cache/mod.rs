@@ -252,9 +252,29 @@ impl dyn CacheService {
         }
         stale.sort_unstable_by(|a, b| a.l1_key().cmp(b.l1_key()));
         stale.dedup();
+        // Inside an open transaction the write is not committed yet: a read between now and the
+        // commit may cache the old row, so the owner invalidates these again after its commit.
+        let _ = AFTER_COMMIT.try_with(|after| after.borrow_mut().extend(stale.iter().cloned()));
         self.invalidate(stale).await;
         outcome
     }
+}
+
+tokio::task_local! {
+    /// The keys writes made stale inside an open transaction (`invalidating_after_commit`).
+    static AFTER_COMMIT: std::cell::RefCell<Vec<CacheKey>>;
+}
+
+/// Runs `work` (writes that join an open transaction, see `infra::database::transaction`) and
+/// returns, with its output, the keys its writes made stale: the transaction's owner invalidates
+/// them again once it has committed or rolled back.
+pub async fn invalidating_after_commit<F: std::future::Future>(work: F) -> (F::Output, Vec<CacheKey>) {
+    AFTER_COMMIT
+        .scope(std::cell::RefCell::new(Vec::new()), async {
+            let output = work.await;
+            (output, AFTER_COMMIT.with(|after| after.take()))
+        })
+        .await
 }
 
 #[derive(Clone)]

@@ -1,8 +1,10 @@
 //! The Postgres pool with explicit timeouts, the `Database` component every repository injects,
-//! start-up preparation (dev service, create database, migrations).
+//! start-up preparation (dev service, create database, migrations), and the writes that join a
+//! caller's open transaction (`transaction`).
 
 pub mod dev_service;
 pub mod local_server;
+pub mod transaction;
 
 use std::future::Future;
 use std::io;
@@ -49,6 +51,18 @@ impl dyn Database {
     /// and a frozen server never answers: without this a request would hang forever.
     pub async fn run<T>(&self, work: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
         within(self.statement_timeout(), work).await
+    }
+
+    /// The connection a one-statement write runs on: the open transaction of the request when
+    /// there is one (see `transaction`), else a pooled connection. End it with `commit`.
+    pub async fn writer(&self) -> Result<transaction::Write, sqlx::Error> {
+        transaction::write(self.pool(), false).await
+    }
+
+    /// `writer` for several statements that must commit together: a transaction of its own
+    /// when the request has none open.
+    pub async fn begin(&self) -> Result<transaction::Write, sqlx::Error> {
+        transaction::write(self.pool(), true).await
     }
 
     /// Round-trip time of `SELECT 1`, under the (shorter) health deadline.

@@ -1,7 +1,9 @@
 //! Authentication: registration, login/logout with opaque bearer tokens (32 random bytes, only
 //! their SHA-256 stored, expiring after `AUTH_TOKEN_TTL`), the sessions a user lists and ends,
-//! and the `AuthUser` extractor.
+//! the `AuthUser` extractor, and `BearerCaller` (who calls, for infrastructure such as
+//! idempotency keys).
 
+pub mod caller;
 pub mod controller;
 pub mod dto;
 pub mod extractor;

@@ -7,6 +7,7 @@ use super::model::Project;
 use super::service::ProjectService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
+use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::resource;
@@ -17,7 +18,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         resource("/{id}")
             .route(web::get().to(get_project))
             .route(web::patch().to(update_project))
-            .route(web::delete().to(delete_project)),
+            .route(web::delete().to(delete_project))
+            .wrap(Idempotent),
     );
 }
 
@@ -26,7 +28,8 @@ pub fn configure_in_workspace(cfg: &mut web::ServiceConfig) {
     cfg.service(
         resource("/{id}/projects")
             .route(web::get().to(list_projects))
-            .route(web::post().to(create_project)),
+            .route(web::post().to(create_project))
+            .wrap(Idempotent),
     );
 }
 

@@ -31,7 +31,13 @@ impl ProjectRepository for PgProjectRepository {
         let sql =
             format!("INSERT INTO projects (workspace_id, name, description) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
         let query = sqlx::query_as(&sql).bind(workspace_id).bind(name).bind(description);
-        self.db.run(query.fetch_one(self.db.pool())).await
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let created = query.fetch_one(write.conn()).await?;
+            write.commit().await?;
+            Ok(created)
+        };
+        self.db.run(write).await
     }
 
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error> {
@@ -56,7 +62,13 @@ impl ProjectRepository for PgProjectRepository {
             .bind(project.id)
             .bind(&project.name)
             .bind(&project.description);
-        self.db.run(query.fetch_optional(self.db.pool())).await
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let saved = query.fetch_optional(write.conn()).await?;
+            write.commit().await?;
+            Ok(saved)
+        };
+        self.db.run(write).await
     }
 
     async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {

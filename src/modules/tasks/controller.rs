@@ -7,6 +7,7 @@ use super::model::Task;
 use super::service::TaskService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
+use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
@@ -18,7 +19,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         resource("/{id}")
             .route(web::get().to(get_task))
             .route(web::patch().to(update_task))
-            .route(web::delete().to(delete_task)),
+            .route(web::delete().to(delete_task))
+            .wrap(Idempotent),
     );
 }
 
@@ -27,7 +29,8 @@ pub fn configure_in_project(cfg: &mut web::ServiceConfig) {
     cfg.service(
         resource("/{id}/tasks")
             .route(web::get().to(list_tasks))
-            .route(web::post().to(create_task)),
+            .route(web::post().to(create_task))
+            .wrap(Idempotent),
     );
 }
 

@@ -85,7 +85,13 @@ impl TaskRepository for PgTaskRepository {
             .bind(task.due_date)
             // The service's clock; a task created as done is completed when it is created.
             .bind(task.created_at);
-        self.db.run(query.fetch_one(self.db.pool())).await
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let created = query.fetch_one(write.conn()).await?;
+            write.commit().await?;
+            Ok(created)
+        };
+        self.db.run(write).await
     }
 
     async fn find(&self, id: Uuid) -> Result<Option<Task>, sqlx::Error> {
@@ -206,7 +212,13 @@ impl TaskRepository for PgTaskRepository {
             .bind(change.assignee_id.flatten())
             .bind(change.due_date.is_some())
             .bind(change.due_date.flatten());
-        let mut rows: Vec<Task> = self.db.run(query.fetch_all(self.db.pool())).await?;
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let rows: Vec<Task> = query.fetch_all(write.conn()).await?;
+            write.commit().await?;
+            Ok(rows)
+        };
+        let mut rows = self.db.run(write).await?;
         let (Some(after), Some(before)) = (rows.pop(), rows.pop()) else {
             return Ok(None);
         };

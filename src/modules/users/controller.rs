@@ -6,6 +6,7 @@ use super::model::User;
 use super::service::UserService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
+use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::paging::Page;
@@ -19,7 +20,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         resource("")
             .route(web::get().to(get_me))
-            .route(web::patch().to(update_me)),
+            .route(web::patch().to(update_me))
+            .wrap(Idempotent),
     )
     .service(resource("/tasks").route(web::get().to(list_my_tasks)));
 }

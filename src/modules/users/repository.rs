@@ -84,9 +84,17 @@ impl UserRepository for PgUserRepository {
 
     async fn update_name(&self, id: Uuid, name: &str) -> Result<Option<User>, sqlx::Error> {
         let sql = format!("UPDATE users SET name = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}");
-        self.db
-            .run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool()))
-            .await
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let updated = sqlx::query_as(&sql)
+                .bind(id)
+                .bind(name)
+                .fetch_optional(write.conn())
+                .await?;
+            write.commit().await?;
+            Ok(updated)
+        };
+        self.db.run(write).await
     }
 
     async fn is_admin(&self, id: Uuid) -> Result<bool, sqlx::Error> {

@@ -7,6 +7,7 @@ use super::model::{Member, Workspace};
 use super::service::WorkspaceService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
+use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
 use crate::modules::cached_response;
 use crate::modules::resource;
@@ -16,18 +17,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         resource("")
             .route(web::get().to(list_workspaces))
-            .route(web::post().to(create_workspace)),
+            .route(web::post().to(create_workspace))
+            .wrap(Idempotent),
     )
     .service(
         resource("/{id}")
             .route(web::get().to(get_workspace))
             .route(web::patch().to(update_workspace))
-            .route(web::delete().to(delete_workspace)),
+            .route(web::delete().to(delete_workspace))
+            .wrap(Idempotent),
     )
     .service(
         resource("/{id}/members")
             .route(web::get().to(list_members))
-            .route(web::post().to(add_member)),
+            .route(web::post().to(add_member))
+            .wrap(Idempotent),
     )
     .service(resource("/{id}/members/{userId}").route(web::delete().to(remove_member)));
 }

@@ -52,18 +52,18 @@ const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.name, m.role, m.joined
 impl WorkspaceRepository for PgWorkspaceRepository {
     async fn create(&self, name: &str, owner: Uuid) -> Result<Workspace, sqlx::Error> {
         let work = async {
-            let mut tx = self.db.pool().begin().await?;
+            let mut tx = self.db.begin().await?;
             let workspace: Workspace = sqlx::query_as(&format!(
                 "INSERT INTO workspaces AS w (name, created_by) VALUES ($1, $2) RETURNING {COLUMNS}"
             ))
             .bind(name)
             .bind(owner)
-            .fetch_one(&mut *tx)
+            .fetch_one(tx.conn())
             .await?;
             sqlx::query("INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, 'owner')")
                 .bind(workspace.id)
                 .bind(owner)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             tx.commit().await?;
             Ok(workspace)
@@ -90,9 +90,17 @@ impl WorkspaceRepository for PgWorkspaceRepository {
 
     async fn rename(&self, id: Uuid, name: &str) -> Result<Option<Workspace>, sqlx::Error> {
         let sql = format!("UPDATE workspaces w SET name = $2, updated_at = now() WHERE w.id = $1 RETURNING {COLUMNS}");
-        self.db
-            .run(sqlx::query_as(&sql).bind(id).bind(name).fetch_optional(self.db.pool()))
-            .await
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let renamed = sqlx::query_as(&sql)
+                .bind(id)
+                .bind(name)
+                .fetch_optional(write.conn())
+                .await?;
+            write.commit().await?;
+            Ok(renamed)
+        };
+        self.db.run(write).await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
@@ -123,17 +131,17 @@ impl WorkspaceRepository for PgWorkspaceRepository {
 
     async fn add_member(&self, workspace_id: Uuid, user_id: Uuid, role: Role) -> Result<Member, sqlx::Error> {
         let work = async {
-            let mut tx = self.db.pool().begin().await?;
+            let mut tx = self.db.begin().await?;
             sqlx::query("INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3)")
                 .bind(workspace_id)
                 .bind(user_id)
                 .bind(role)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             let member = sqlx::query_as(&format!("{MEMBER_SELECT} WHERE m.workspace_id = $1 AND m.user_id = $2"))
                 .bind(workspace_id)
                 .bind(user_id)
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await?;
             tx.commit().await?;
             Ok(member)
