@@ -37,6 +37,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub passwords: PasswordSettings,
     pub cors: CorsSettings,
+    pub locks: LockSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +190,15 @@ impl CorsSettings {
     }
 }
 
+/// Locks and semaphores (see `infra::locks`).
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    /// Deadline of one Postgres round trip of a lock or a permit (Redis calls keep
+    /// `REDIS_COMMAND_TIMEOUT_MS`): below 1 s, so that `acquire` fails within a second when its
+    /// store cannot answer, where the statement deadline would wait 3.
+    pub store_timeout: Duration,
+}
+
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TtlTable {
@@ -317,6 +327,9 @@ impl Settings {
                 wait: vars.millis("PASSWORD_HASH_WAIT_MS", 500)?,
             },
             cors: vars.cors()?,
+            locks: LockSettings {
+                store_timeout: vars.millis("LOCK_STORE_TIMEOUT_MS", 500)?,
+            },
         })
     }
 }
@@ -597,6 +610,7 @@ mod tests {
             ("TRUST_PROXY", "0"),
             ("TRUST_PROXY", "10.0.0.0/33"),
             ("TRUST_PROXY", "10.0.0.0/8,proxy"),
+            ("LOCK_STORE_TIMEOUT_MS", "0"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use crate::config::Settings;
 use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::infra::locks::{FencedLocks, FencedLocksParameters, LeasedSemaphore, LeasedSemaphoreParameters};
 use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
 use crate::infra::redis::keys::KeyRegistry;
 use crate::infra::redis::{RedisModule, RedisModuleParameters};
@@ -34,6 +35,7 @@ module! {
         components = [
             // infrastructure
             PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
+            FencedLocks, LeasedSemaphore,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -84,7 +86,15 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         })
         .with_component_parameters::<RedisRateLimiter>(RedisRateLimiterParameters {
             settings: settings.rate_limit.clone(),
+            telemetry: telemetry.clone(),
+        })
+        .with_component_parameters::<FencedLocks>(FencedLocksParameters {
+            telemetry: telemetry.clone(),
+            store_timeout: settings.locks.store_timeout,
+        })
+        .with_component_parameters::<LeasedSemaphore>(LeasedSemaphoreParameters {
             telemetry,
+            store_timeout: settings.locks.store_timeout,
         })
         .with_component_parameters::<Argon2Hasher>(Argon2HasherParameters {
             settings: settings.passwords.clone(),

@@ -1,11 +1,12 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, rate limiting, the app-wide middleware (`edge`, `cors`),
-//! Prometheus telemetry.
+//! breaker), the two-tier cache, rate limiting, locks and semaphores, the app-wide middleware
+//! (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
 pub mod cors;
 pub mod database;
 pub mod edge;
+pub mod locks;
 pub mod rate_limit;
 pub mod redis;
 pub mod telemetry;

@@ -16,6 +16,7 @@ mod failed_writes;
 mod health;
 mod isolation;
 mod leases;
+mod locks;
 mod login_limit;
 mod metrics;
 mod migration;
