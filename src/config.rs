@@ -190,13 +190,15 @@ impl CorsSettings {
     }
 }
 
-/// Locks and semaphores (see `infra::locks`).
+/// Locks and semaphores (see `infra::locks`), and what uses them.
 #[derive(Debug, Clone)]
 pub struct LockSettings {
     /// Deadline of one Postgres round trip of a lock or a permit (Redis calls keep
     /// `REDIS_COMMAND_TIMEOUT_MS`): below 1 s, so that `acquire` fails within a second when its
     /// store cannot answer, where the statement deadline would wait 3.
     pub store_timeout: Duration,
+    /// Daily-metrics rebuilds that may run at once across the fleet (a semaphore).
+    pub metrics_rebuild_concurrency: u32,
 }
 
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
@@ -329,6 +331,11 @@ impl Settings {
             cors: vars.cors()?,
             locks: LockSettings {
                 store_timeout: vars.millis("LOCK_STORE_TIMEOUT_MS", 500)?,
+                metrics_rebuild_concurrency: vars.positive(
+                    "METRICS_REBUILD_CONCURRENCY",
+                    2,
+                    "a number of concurrent rebuilds > 0",
+                )?,
             },
         })
     }
@@ -611,6 +618,7 @@ mod tests {
             ("TRUST_PROXY", "10.0.0.0/33"),
             ("TRUST_PROXY", "10.0.0.0/8,proxy"),
             ("LOCK_STORE_TIMEOUT_MS", "0"),
+            ("METRICS_REBUILD_CONCURRENCY", "0"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);

@@ -20,7 +20,7 @@ use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
 use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
 use crate::modules::metrics::repository::PgMetricsRepository;
-use crate::modules::metrics::service::Metrics;
+use crate::modules::metrics::service::{Metrics, MetricsParameters};
 use crate::modules::projects::repository::PgProjectRepository;
 use crate::modules::projects::service::Projects;
 use crate::modules::tasks::repository::PgTaskRepository;
@@ -107,6 +107,9 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             sessions: Default::default(),
             sliding: settings.app.auth_token_sliding,
             last_use: Default::default(),
+        })
+        .with_component_parameters::<Metrics>(MetricsParameters {
+            rebuild_concurrency: settings.locks.metrics_rebuild_concurrency,
         })
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),

@@ -43,6 +43,16 @@ pub enum AppError {
     RateLimited { retry_after_secs: u64 },
     #[error("the server is busy: retry in {retry_after_secs} s")]
     ServiceBusy { retry_after_secs: u64 },
+    /// Something with a fleet-wide cap on how many may run at once is at its cap (429).
+    #[error("{message}: retry in {retry_after_secs} s")]
+    AtCapacity {
+        code: &'static str,
+        message: &'static str,
+        retry_after_secs: u64,
+    },
+    /// The store of locks and semaphores did not answer: nothing was done (503).
+    #[error("locks are unavailable")]
+    LocksUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database unavailable")]
     DatabaseUnavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -97,9 +107,10 @@ impl AppError {
     pub fn code(&self) -> String {
         match self {
             Self::Validation(_) => "validation_failed".into(),
-            Self::BadRequest { code, .. } | Self::Unauthorized { code, .. } | Self::Conflict { code, .. } => {
-                (*code).into()
-            }
+            Self::BadRequest { code, .. }
+            | Self::Unauthorized { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::AtCapacity { code, .. } => (*code).into(),
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
             Self::MethodNotAllowed { .. } => "method_not_allowed".into(),
@@ -107,6 +118,7 @@ impl AppError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
             Self::RateLimited { .. } => "rate_limited".into(),
             Self::ServiceBusy { .. } => "server_busy".into(),
+            Self::LocksUnavailable(_) => "locks_unavailable".into(),
             Self::DatabaseUnavailable(_) => "database_unavailable".into(),
             Self::Internal(_) => "internal_error".into(),
         }
@@ -140,8 +152,10 @@ impl ResponseError for AppError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::ServiceBusy { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } | Self::AtCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ServiceBusy { .. } | Self::DatabaseUnavailable(_) | Self::LocksUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -155,10 +169,12 @@ impl ResponseError for AppError {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
         match self {
-            Self::RateLimited { retry_after_secs } | Self::ServiceBusy { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs }
+            | Self::ServiceBusy { retry_after_secs }
+            | Self::AtCapacity { retry_after_secs, .. } => {
                 response.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
-            Self::DatabaseUnavailable(_) => {
+            Self::DatabaseUnavailable(_) | Self::LocksUnavailable(_) => {
                 response.insert_header(("Retry-After", "1"));
             }
             Self::MethodNotAllowed { allow, .. } => {
