@@ -31,20 +31,24 @@ CREATE FUNCTION daily_metrics_lock_key(workspace_id uuid) RETURNS bigint
 
 -- A task counts on the day it was created, the day it was completed, and is open on every day in
 -- between: a change moves the counts of its earliest day and of every day after it.
+CREATE FUNCTION daily_metrics_forget_from(workspace uuid, since timestamptz) RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(daily_metrics_lock_key(workspace));
+    DELETE FROM daily_metrics
+    WHERE workspace_id = workspace AND date >= (since AT TIME ZONE 'UTC')::date;
+END
+$$;
+
+-- Both the task as it was and as it is: a task moved to another day forgets both days' rows.
 CREATE FUNCTION daily_metrics_forget() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        PERFORM pg_advisory_xact_lock_shared(daily_metrics_lock_key(OLD.workspace_id));
-        DELETE FROM daily_metrics
-        WHERE workspace_id = OLD.workspace_id
-          AND date >= (least(OLD.created_at, OLD.completed_at) AT TIME ZONE 'UTC')::date;
+        PERFORM daily_metrics_forget_from(OLD.workspace_id, least(OLD.created_at, OLD.completed_at));
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        PERFORM pg_advisory_xact_lock_shared(daily_metrics_lock_key(NEW.workspace_id));
-        DELETE FROM daily_metrics
-        WHERE workspace_id = NEW.workspace_id
-          AND date >= (least(NEW.created_at, NEW.completed_at) AT TIME ZONE 'UTC')::date;
+        PERFORM daily_metrics_forget_from(NEW.workspace_id, least(NEW.created_at, NEW.completed_at));
     END IF;
     RETURN NULL;
 END

@@ -63,15 +63,15 @@ async fn task_at(
     task
 }
 
-#[tokio::test]
-async fn daily_metrics_count_created_completed_and_open_tasks_per_utc_day() {
-    let app = TestApp::spawn().await;
+/// A workspace's history around 2024-03-01..05, the range the first test reads, and a task
+/// created today; (user, workspace, project).
+async fn history(app: &TestApp) -> (TestUser, Value, Value) {
     let (user, workspace, project) = app.user_with_project().await;
     // Created before the range and still open: open on every day.
-    task_at(&app, &user, &project, "2024-02-20T10:00:00Z", None).await;
+    task_at(app, &user, &project, "2024-02-20T10:00:00Z", None).await;
     // Completed exactly at the first midnight: completed on day one, never open inside the range.
     task_at(
-        &app,
+        app,
         &user,
         &project,
         "2024-02-25T08:00:00Z",
@@ -80,7 +80,7 @@ async fn daily_metrics_count_created_completed_and_open_tasks_per_utc_day() {
     .await;
     // Created and completed inside the range.
     task_at(
-        &app,
+        app,
         &user,
         &project,
         "2024-03-02T09:00:00Z",
@@ -88,23 +88,32 @@ async fn daily_metrics_count_created_completed_and_open_tasks_per_utc_day() {
     )
     .await;
     // The last second of a day still belongs to it.
-    task_at(&app, &user, &project, "2024-03-02T23:59:59Z", None).await;
+    task_at(app, &user, &project, "2024-03-02T23:59:59Z", None).await;
     // The first instant of the last day.
-    task_at(&app, &user, &project, "2024-03-05T00:00:00Z", None).await;
+    task_at(app, &user, &project, "2024-03-05T00:00:00Z", None).await;
     // Outside the range: completed before it, and created after it.
     task_at(
-        &app,
+        app,
         &user,
         &project,
         "2024-02-01T00:00:00Z",
         Some("2024-02-10T00:00:00Z"),
     )
     .await;
-    task_at(&app, &user, &project, "2024-03-06T00:00:00Z", None).await;
+    task_at(app, &user, &project, "2024-03-06T00:00:00Z", None).await;
     // Another workspace's task, even the same user's, does not count.
     let other_workspace = app.create_workspace(&user).await;
     let other_project = app.create_project(&user, id(&other_workspace)).await;
-    task_at(&app, &user, &other_project, "2024-03-03T12:00:00Z", None).await;
+    task_at(app, &user, &other_project, "2024-03-03T12:00:00Z", None).await;
+    // And one today, through the API.
+    app.create_task(&user, id(&project), json!({ "title": "today" })).await;
+    (user, workspace, project)
+}
+
+#[tokio::test]
+async fn daily_metrics_count_created_completed_and_open_tasks_per_utc_day() {
+    let app = TestApp::spawn().await;
+    let (user, workspace, _) = history(&app).await;
 
     let response = daily(&app, &user, &workspace, "?from=2024-03-01&to=2024-03-05").await;
 
@@ -354,44 +363,6 @@ async fn stored_days(app: &TestApp, workspace: &Value) -> i64 {
         .fetch_one(&app.db)
         .await
         .unwrap()
-}
-
-/// The history of the first test: a task open before the range, one completed at midnight, the
-/// last second of a day, another workspace's task.
-async fn history(app: &TestApp) -> (TestUser, Value, Value) {
-    let (user, workspace, project) = app.user_with_project().await;
-    task_at(app, &user, &project, "2024-02-20T10:00:00Z", None).await;
-    task_at(
-        app,
-        &user,
-        &project,
-        "2024-02-25T08:00:00Z",
-        Some("2024-03-01T00:00:00Z"),
-    )
-    .await;
-    task_at(
-        app,
-        &user,
-        &project,
-        "2024-03-02T09:00:00Z",
-        Some("2024-03-04T15:00:00Z"),
-    )
-    .await;
-    task_at(app, &user, &project, "2024-03-02T23:59:59Z", None).await;
-    task_at(app, &user, &project, "2024-03-05T00:00:00Z", None).await;
-    task_at(
-        app,
-        &user,
-        &project,
-        "2024-02-01T00:00:00Z",
-        Some("2024-02-10T00:00:00Z"),
-    )
-    .await;
-    app.create_task(&user, id(&project), json!({ "title": "today" })).await;
-    let other_workspace = app.create_workspace(&user).await;
-    let other_project = app.create_project(&user, id(&other_workspace)).await;
-    task_at(app, &user, &other_project, "2024-03-03T12:00:00Z", None).await;
-    (user, workspace, project)
 }
 
 /// Ranges over the stored days, around their start, and up to today and beyond.
