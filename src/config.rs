@@ -38,6 +38,7 @@ pub struct Settings {
     pub passwords: PasswordSettings,
     pub cors: CorsSettings,
     pub idempotency: IdempotencySettings,
+    pub locks: LockSettings,
 }
 
 /// `Idempotency-Key` (README, "Idempotency keys").
@@ -197,6 +198,17 @@ impl CorsSettings {
     }
 }
 
+/// Locks and semaphores (see `infra::locks`), and what uses them.
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    /// Deadline of one Postgres round trip of a lock or a permit (Redis calls keep
+    /// `REDIS_COMMAND_TIMEOUT_MS`): below 1 s, so that `acquire` fails within a second when its
+    /// store cannot answer, where the statement deadline would wait 3.
+    pub store_timeout: Duration,
+    /// Daily-metrics rebuilds that may run at once across the fleet (a semaphore).
+    pub metrics_rebuild_concurrency: u32,
+}
+
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TtlTable {
@@ -327,6 +339,14 @@ impl Settings {
             cors: vars.cors()?,
             idempotency: IdempotencySettings {
                 ttl: vars.secs("IDEMPOTENCY_TTL", 86_400)?,
+            },
+            locks: LockSettings {
+                store_timeout: vars.millis("LOCK_STORE_TIMEOUT_MS", 500)?,
+                metrics_rebuild_concurrency: vars.positive(
+                    "METRICS_REBUILD_CONCURRENCY",
+                    2,
+                    "a number of concurrent rebuilds > 0",
+                )?,
             },
         })
     }
@@ -608,6 +628,8 @@ mod tests {
             ("TRUST_PROXY", "0"),
             ("TRUST_PROXY", "10.0.0.0/33"),
             ("TRUST_PROXY", "10.0.0.0/8,proxy"),
+            ("LOCK_STORE_TIMEOUT_MS", "0"),
+            ("METRICS_REBUILD_CONCURRENCY", "0"),
         ];
         for (name, value) in cases {
             let err = settings(&[(name, value)]).expect_err(name);

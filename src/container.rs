@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
 use crate::infra::idempotency::{PgIdempotencyStore, PgIdempotencyStoreParameters};
+use crate::infra::locks::{FencedLocks, FencedLocksParameters, LeasedSemaphore, LeasedSemaphoreParameters};
 use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
 use crate::infra::redis::keys::KeyRegistry;
 use crate::infra::redis::{RedisModule, RedisModuleParameters};
@@ -21,7 +22,7 @@ use crate::modules::auth::repository::PgTokenRepository;
 use crate::modules::auth::service::{Auth, AuthParameters};
 use crate::modules::health::service::{HealthChecks, HealthChecksParameters};
 use crate::modules::metrics::repository::PgMetricsRepository;
-use crate::modules::metrics::service::Metrics;
+use crate::modules::metrics::service::{Metrics, MetricsParameters};
 use crate::modules::projects::repository::PgProjectRepository;
 use crate::modules::projects::service::Projects;
 use crate::modules::tasks::repository::PgTaskRepository;
@@ -37,6 +38,7 @@ module! {
             // infrastructure
             PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
             PgIdempotencyStore,
+            FencedLocks, LeasedSemaphore,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -96,7 +98,15 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         })
         .with_component_parameters::<RedisRateLimiter>(RedisRateLimiterParameters {
             settings: settings.rate_limit.clone(),
+            telemetry: telemetry.clone(),
+        })
+        .with_component_parameters::<FencedLocks>(FencedLocksParameters {
+            telemetry: telemetry.clone(),
+            store_timeout: settings.locks.store_timeout,
+        })
+        .with_component_parameters::<LeasedSemaphore>(LeasedSemaphoreParameters {
             telemetry,
+            store_timeout: settings.locks.store_timeout,
         })
         .with_component_parameters::<Argon2Hasher>(Argon2HasherParameters {
             settings: settings.passwords.clone(),
@@ -109,6 +119,9 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             sessions: Default::default(),
             sliding: settings.app.auth_token_sliding,
             last_use: Default::default(),
+        })
+        .with_component_parameters::<Metrics>(MetricsParameters {
+            rebuild_concurrency: settings.locks.metrics_rebuild_concurrency,
         })
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),

@@ -50,6 +50,16 @@ pub enum AppError {
     RateLimited { retry_after_secs: u64 },
     #[error("the server is busy: retry in {retry_after_secs} s")]
     ServiceBusy { retry_after_secs: u64 },
+    /// Something with a fleet-wide cap on how many may run at once is at its cap (429).
+    #[error("{message}: retry in {retry_after_secs} s")]
+    AtCapacity {
+        code: &'static str,
+        message: &'static str,
+        retry_after_secs: u64,
+    },
+    /// The store of locks and semaphores did not answer: nothing was done (503).
+    #[error("locks are unavailable")]
+    LocksUnavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("database unavailable")]
     DatabaseUnavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -107,7 +117,8 @@ impl AppError {
             Self::BadRequest { code, .. }
             | Self::Unauthorized { code, .. }
             | Self::Conflict { code, .. }
-            | Self::Unprocessable { code, .. } => (*code).into(),
+            | Self::Unprocessable { code, .. }
+            | Self::AtCapacity { code, .. } => (*code).into(),
             Self::IdempotencyKeyInFlight { .. } => "idempotency_key_in_flight".into(),
             Self::Forbidden(_) => "forbidden".into(),
             Self::NotFound { entity } => format!("{entity}_not_found"),
@@ -116,6 +127,7 @@ impl AppError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type".into(),
             Self::RateLimited { .. } => "rate_limited".into(),
             Self::ServiceBusy { .. } => "server_busy".into(),
+            Self::LocksUnavailable(_) => "locks_unavailable".into(),
             Self::DatabaseUnavailable(_) => "database_unavailable".into(),
             Self::Internal(_) => "internal_error".into(),
         }
@@ -150,8 +162,10 @@ impl ResponseError for AppError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::ServiceBusy { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } | Self::AtCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ServiceBusy { .. } | Self::DatabaseUnavailable(_) | Self::LocksUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -167,10 +181,11 @@ impl ResponseError for AppError {
         match self {
             Self::RateLimited { retry_after_secs }
             | Self::ServiceBusy { retry_after_secs }
-            | Self::IdempotencyKeyInFlight { retry_after_secs } => {
+            | Self::IdempotencyKeyInFlight { retry_after_secs }
+            | Self::AtCapacity { retry_after_secs, .. } => {
                 response.insert_header(("Retry-After", retry_after_secs.to_string()));
             }
-            Self::DatabaseUnavailable(_) => {
+            Self::DatabaseUnavailable(_) | Self::LocksUnavailable(_) => {
                 response.insert_header(("Retry-After", "1"));
             }
             Self::MethodNotAllowed { allow, .. } => {

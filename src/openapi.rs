@@ -24,7 +24,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         projects::controller::delete_project,
         tasks::controller::create_task, tasks::controller::list_tasks, tasks::controller::get_task,
         tasks::controller::update_task, tasks::controller::delete_task,
-        metrics::controller::get_daily_metrics,
+        metrics::controller::get_daily_metrics, metrics::controller::rebuild_metrics,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
         admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, admin::controller::delete_user_sessions, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,

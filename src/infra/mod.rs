@@ -1,5 +1,6 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, rate limiting, idempotency keys, the app-wide middleware
+//! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, the
+//! app-wide middleware
 //! (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
@@ -7,6 +8,7 @@ pub mod cors;
 pub mod database;
 pub mod edge;
 pub mod idempotency;
+pub mod locks;
 pub mod rate_limit;
 pub mod redis;
 pub mod telemetry;

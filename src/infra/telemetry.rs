@@ -1,6 +1,7 @@
 //! Prometheus metrics of one app instance (its own registry, so several instances in one process,
 //! as in the tests, do not mix): HTTP, cache tiers per namespace, loaders, Redis commands, the
-//! breaker, the pool, pub/sub, invalidations and rate-limit decisions. Served as text at `GET /metrics`.
+//! breaker, the pool, pub/sub, invalidations, rate-limit decisions and lock waits.
+//! Served as text at `GET /metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub struct Telemetry {
     pub l1_entries: IntGauge,
     /// `group` = `api` | `credentials`, `outcome` = `allowed` | `denied`, `by` = `redis` | `lease` | `local`.
     pub rate_limit_decisions: IntCounterVec,
+    /// Time to get a lock or a semaphore permit, waiting included: `kind` = `lock` | `semaphore`,
+    /// `outcome` = `acquired` | `busy` (the wait ran out) | `error` (the store did not answer).
+    pub lock_wait: HistogramVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -116,7 +120,19 @@ impl Telemetry {
                 "Rate-limit decisions by route group, outcome and where they were made",
                 &["group", "outcome", "by"],
             ),
+            lock_wait: histogram(
+                "lock_wait_seconds",
+                "Time to get a lock or a semaphore permit, by kind and outcome",
+                &["kind", "outcome"],
+            ),
         };
+        // Every series exists from the start (at zero), so dashboards and alerts see them before
+        // the first lock is taken.
+        for kind in ["lock", "semaphore"] {
+            for outcome in ["acquired", "busy", "error"] {
+                telemetry.lock_wait.with_label_values(&[kind, outcome]);
+            }
+        }
         let registry = &telemetry.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(telemetry.http_requests.clone()),
@@ -138,6 +154,7 @@ impl Telemetry {
             Box::new(telemetry.invalidations_pending.clone()),
             Box::new(telemetry.l1_entries.clone()),
             Box::new(telemetry.rate_limit_decisions.clone()),
+            Box::new(telemetry.lock_wait.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");

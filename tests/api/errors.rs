@@ -395,6 +395,14 @@ async fn a_server_error_answers_with_a_generic_body_that_leaks_nothing() {
         ) -> Result<Vec<DailyMetric>, sqlx::Error> {
             Err(sqlx::Error::ColumnNotFound("secret_internal_column".into()))
         }
+
+        async fn rebuild(
+            &self,
+            _: Uuid,
+            _: nestling::infra::locks::Fence,
+        ) -> Result<nestling::modules::metrics::repository::Rebuild, sqlx::Error> {
+            Err(sqlx::Error::ColumnNotFound("secret_internal_column".into()))
+        }
     }
 
     let app = TestApp::builder()

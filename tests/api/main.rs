@@ -17,6 +17,7 @@ mod health;
 mod idempotency;
 mod isolation;
 mod leases;
+mod locks;
 mod login_limit;
 mod metrics;
 mod migration;

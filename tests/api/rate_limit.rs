@@ -541,10 +541,10 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
         .await
         .unwrap();
     let calls = evalsha(&info) - calls_before;
-    // A lease is topped up when under a quarter of it is left, by what it lacks: at most one
-    // call per three quarters of a lease.
+    // A lease is topped up when under half of it is left, by what it lacks: at most one call
+    // per half a lease.
     assert!(
-        calls <= 100 * 4 / (3 * LEASE) + 1,
+        calls <= 100 * 2 / LEASE + 1,
         "{calls} script calls for 100 requests with a lease of {LEASE}"
     );
 }

@@ -104,7 +104,7 @@ async fn rediss_without_the_tls_feature_would_say_disabled_but_now_never_does() 
 }
 
 /// `user <name> on ><password> ~<prefix>* &<prefix>* -@all +<each command the app uses>`.
-fn least_privilege_user(prefix: &str) -> String {
+pub(crate) fn least_privilege_user(prefix: &str) -> String {
     let commands: Vec<String> = ACL_COMMANDS.iter().map(|c| format!("+{c}")).collect();
     format!(
         "nestling on >app-secret resetkeys ~{prefix}* resetchannels &{prefix}* -@all {}",

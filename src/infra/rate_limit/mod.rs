@@ -494,7 +494,7 @@ impl RedisRateLimiter {
 
     /// Answers from this instance's lease: a token of it, or the denial Redis gave until it
     /// expires. `None`: ask Redis. With the decision come the lease and the tokens it lacks when
-    /// this request is the one to top it up (under a quarter of a lease left, nobody else at it).
+    /// this request is the one to top it up (under half a lease left, nobody else at it).
     fn spend_lease(&self, identity: &Identity, size: u64) -> Option<(Decision, Option<TopUp>)> {
         let lease = self.leases.get(identity)?;
         let now = self.now();
@@ -518,7 +518,9 @@ impl RedisRateLimiter {
                 decided_by: DecidedBy::Lease,
             };
             let left = before - 1;
-            let top_up = left * 4 < size
+            // Under half a lease left: a top-up must arrive before the rest is spent, or the
+            // requests that find it empty wait for it.
+            let top_up = left * 2 < size
                 && lease
                     .refilling
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -760,7 +762,7 @@ impl RedisRateLimiter {
     }
 
     /// A decision from this instance's lease (`spend_lease`); the one request whose token left
-    /// it under a quarter full tops it up, waiting a round trip for that, so the others never
+    /// it under half full tops it up, waiting a round trip for that, so the others never
     /// wait and the lease never holds more than its size.
     async fn decide_by_lease(&self, group: RouteGroup, identities: &[Identity], lease: u64) -> Option<Decision> {
         let (decision, top_up) = self.spend_lease(&identities[0], lease)?;

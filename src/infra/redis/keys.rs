@@ -260,8 +260,19 @@ impl KeyRegistry {
         RedisKey(format!("{}counter:{name}:{id}", self.prefix))
     }
 
+    /// A lock's lease (`infra::locks`): `<prefix>lock:{<name>}`, holding the owner's token.
+    pub fn lock(&self, name: &str) -> RedisKey {
+        RedisKey(format!("{}lock:{{{name}}}", self.prefix))
+    }
+
+    /// A semaphore's holders (`infra::locks`): `<prefix>semaphore:{<name>}`, a sorted set of
+    /// owner tokens scored by when their lease ends.
+    pub fn semaphore(&self, name: &str) -> RedisKey {
+        RedisKey(format!("{}semaphore:{{{name}}}", self.prefix))
+    }
+
     /// What a key under the prefix is: its cache namespace, `rate-limits`, `versions` (fill
-    /// versions), or `other`.
+    /// versions), `locks`, `semaphores`, or `other`.
     pub fn kind_of(&self, redis_key: &str) -> &'static str {
         let Some(rest) = redis_key.strip_prefix(&self.prefix) else {
             return "other";
@@ -270,6 +281,8 @@ impl KeyRegistry {
         match head {
             "rl" => "rate-limits",
             "version" => "versions",
+            "lock" => "locks",
+            "semaphore" => "semaphores",
             _ => Namespace::parse(head).map_or("other", Namespace::as_str),
         }
     }

@@ -33,9 +33,10 @@ use keys::{KeyRegistry, RedisKey};
 
 /// Every command nestling sends (scripts' own calls included): a least-privilege ACL user needs
 /// these and no others, on keys and channels under `REDIS_KEY_PREFIX` (README, "Redis").
-/// `scan`, `info` and `slowlog` serve the admin endpoints only; `cluster|slots` is how the cluster
-/// client learns the slot map, on connect and after a failover. (The client also sends `CLIENT
-/// SETINFO` when it connects; its answer is ignored, so it need not be allowed.)
+/// The sorted-set commands keep semaphores (`infra::locks`). `scan`, `info` and `slowlog` serve
+/// the admin endpoints only; `cluster|slots` is how the cluster client learns the slot map, on
+/// connect and after a failover. (The client also sends `CLIENT SETINFO` when it connects; its
+/// answer is ignored, so it need not be allowed.)
 pub const ACL_COMMANDS: &[&str] = &[
     "ping",
     "get",
@@ -49,6 +50,11 @@ pub const ACL_COMMANDS: &[&str] = &[
     "pexpire",
     "incr",
     "incrby",
+    "zadd",
+    "zrem",
+    "zscore",
+    "zcard",
+    "zremrangebyscore",
     "time",
     "multi",
     "exec",

@@ -36,3 +36,20 @@ pub struct DailyMetrics {
     pub to: NaiveDate,
     pub days: Vec<DailyMetric>,
 }
+
+/// What a rebuild wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsRebuild {
+    pub workspace_id: Uuid,
+    /// First day stored: the earliest day of a task (null when the workspace has none).
+    #[schema(value_type = Option<String>, format = Date)]
+    pub from: Option<NaiveDate>,
+    /// Last day stored: today (UTC).
+    #[schema(value_type = Option<String>, format = Date)]
+    pub to: Option<NaiveDate>,
+    /// Days stored.
+    pub days: i64,
+    /// The fencing token the rebuild wrote under: higher than every earlier rebuild's.
+    pub fence: i64,
+}

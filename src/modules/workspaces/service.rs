@@ -20,6 +20,8 @@ pub trait WorkspaceService: Interface {
     /// `require_member`, answering `not_member` instead of `workspace_not_found`: a project or task
     /// the user may not see gets its own 404 (or an assignee check its own 400).
     async fn require_member_or(&self, user_id: Uuid, workspace_id: Uuid, not_member: AppError) -> AppResult<Role>;
+    /// `require_member`, and 403 `forbidden` for a member who is not an owner.
+    async fn require_owner(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<()>;
     async fn create(&self, user_id: Uuid, request: CreateWorkspaceRequest) -> AppResult<Workspace>;
     async fn list(&self, user_id: Uuid) -> AppResult<Cached>;
     async fn get(&self, user_id: Uuid, id: Uuid) -> AppResult<Cached>;
@@ -45,13 +47,6 @@ const NOT_FOUND: AppError = AppError::NotFound { entity: "workspace" };
 const OWNERS_ONLY: AppError = AppError::Forbidden("only workspace owners can do this");
 
 impl Workspaces {
-    async fn require_owner(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<()> {
-        match self.require_member(user_id, workspace_id).await? {
-            Role::Owner => Ok(()),
-            Role::Member => Err(OWNERS_ONLY),
-        }
-    }
-
     /// Keys that change with the workspace itself: it, its member data, its members' lists.
     async fn workspace_keys(&self, id: Uuid) -> AppResult<Vec<CacheKey>> {
         let keys = self.cache.keys();
@@ -79,6 +74,13 @@ impl WorkspaceService for Workspaces {
         match self.require_member(user_id, workspace_id).await {
             Err(AppError::NotFound { .. }) => Err(not_member),
             other => other,
+        }
+    }
+
+    async fn require_owner(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<()> {
+        match self.require_member(user_id, workspace_id).await? {
+            Role::Owner => Ok(()),
+            Role::Member => Err(OWNERS_ONLY),
         }
     }
 
