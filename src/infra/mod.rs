@@ -1,7 +1,6 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
 //! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, the
-//! app-wide middleware
-//! (`edge`, `cors`), Prometheus telemetry.
+//! app-wide middleware (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
 pub mod cors;
