@@ -517,3 +517,27 @@ async fn writes_without_a_key_are_neither_recorded_nor_replayed() {
         .unwrap();
     assert_eq!(records, 0);
 }
+
+/// A method the path does not serve is answered 405 with or without a key: the key must not turn
+/// it into a 422 (the contract fuzzer found that, a PATCH on a project's task list).
+#[tokio::test]
+async fn a_method_the_path_does_not_serve_answers_405_whatever_the_key() {
+    let app = TestApp::spawn().await;
+    let (user, _, project) = app.user_with_project().await;
+    let path = format!("/api/projects/{}/tasks", project["id"].as_str().unwrap());
+    let key = new_key();
+    send(
+        &app,
+        Method::POST,
+        &path,
+        &user.token,
+        &key,
+        json!({ "title": "First" }),
+    )
+    .await
+    .assert_status(201);
+    for body in [json!({ "title": "First" }), json!({ "title": "Other" })] {
+        let patch = send(&app, Method::PATCH, &path, &user.token, &key, body).await;
+        patch.assert_error(405, "method_not_allowed");
+    }
+}

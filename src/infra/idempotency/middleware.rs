@@ -78,7 +78,15 @@ where
         let service = self.service.clone();
         let resolved = self.resolved.clone();
         Box::pin(async move {
-            let applies = matches!(*req.method(), Method::POST | Method::PATCH) && req.headers().contains_key(HEADER);
+            // Only on the writes the resource serves: any other method is answered 405 as without
+            // a key.
+            let applies = matches!(*req.method(), Method::POST | Method::PATCH)
+                && req.headers().contains_key(HEADER)
+                && req.match_pattern().is_some_and(|pattern| {
+                    crate::openapi::allowed_methods(&pattern)
+                        .split(", ")
+                        .any(|method| method == req.method().as_str())
+                });
             let (Some(Resolved { store, caller, cache }), true) = (resolved.get(), applies) else {
                 return service.call(req).await.map(ServiceResponse::map_into_boxed_body);
             };
