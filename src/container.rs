@@ -86,6 +86,7 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
             )),
             turn_wait: settings.database.acquire_timeout,
             last_prune: Default::default(),
+            telemetry: telemetry.clone(),
         })
         .with_component_parameters::<RedisModule>(RedisModuleParameters {
             settings: settings.redis.clone(),

@@ -46,6 +46,9 @@ pub struct Telemetry {
     /// Time to get a lock or a semaphore permit, waiting included: `kind` = `lock` | `semaphore`,
     /// `outcome` = `acquired` | `busy` (the wait ran out) | `error` (the store did not answer).
     pub lock_wait: HistogramVec,
+    /// Requests with an `Idempotency-Key` answered from its record or refused because of it:
+    /// `outcome` = `recorded` (a first answer kept) | `replayed` | `reused` (422) | `in_flight` (409).
+    pub idempotency_requests: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -125,6 +128,11 @@ impl Telemetry {
                 "Time to get a lock or a semaphore permit, by kind and outcome",
                 &["kind", "outcome"],
             ),
+            idempotency_requests: counter(
+                "idempotency_requests_total",
+                "Requests with an Idempotency-Key by outcome: recorded, replayed, reused, in_flight",
+                &["outcome"],
+            ),
         };
         // Every series exists from the start (at zero), so dashboards and alerts see them before
         // the first lock is taken.
@@ -132,6 +140,9 @@ impl Telemetry {
             for outcome in ["acquired", "busy", "error"] {
                 telemetry.lock_wait.with_label_values(&[kind, outcome]);
             }
+        }
+        for outcome in ["recorded", "replayed", "reused", "in_flight"] {
+            telemetry.idempotency_requests.with_label_values(&[outcome]);
         }
         let registry = &telemetry.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -155,6 +166,7 @@ impl Telemetry {
             Box::new(telemetry.l1_entries.clone()),
             Box::new(telemetry.rate_limit_decisions.clone()),
             Box::new(telemetry.lock_wait.clone()),
+            Box::new(telemetry.idempotency_requests.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");

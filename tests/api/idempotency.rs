@@ -541,3 +541,33 @@ async fn a_method_the_path_does_not_serve_answers_405_whatever_the_key() {
         patch.assert_error(405, "method_not_allowed");
     }
 }
+
+/// `idempotency_requests_total` counts each outcome, for the dashboard's panel.
+#[tokio::test]
+async fn each_outcome_of_a_key_is_counted_in_the_metrics() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let key = new_key();
+    let body = json!({ "name": "Counted" });
+    send(&app, Method::POST, "/api/workspaces", &user.token, &key, body.clone())
+        .await
+        .assert_status(201);
+    assert!(replayed(
+        &send(&app, Method::POST, "/api/workspaces", &user.token, &key, body).await
+    ));
+    send(
+        &app,
+        Method::POST,
+        "/api/workspaces",
+        &user.token,
+        &key,
+        json!({ "name": "Other" }),
+    )
+    .await
+    .assert_error(422, "idempotency_key_reused");
+    let metrics = app.request(Method::GET, "/metrics", None, None).await.text;
+    for (outcome, count) in [("recorded", 1), ("replayed", 1), ("reused", 1), ("in_flight", 0)] {
+        let line = format!("nestling_idempotency_requests_total{{outcome=\"{outcome}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in:\n{metrics}");
+    }
+}

@@ -371,7 +371,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "nestling_cache_requests_total", "nestling_redis_command_duration_seconds_bucket",
         "nestling_redis_errors_total", "nestling_redis_breaker_state",
         "nestling_rate_limit_decisions_total", "nestling_db_pool_connections",
-        "nestling_lock_wait_seconds_bucket",
+        "nestling_lock_wait_seconds_bucket", "nestling_idempotency_requests_total",
     ];
     for metric in watched {
         assert!(

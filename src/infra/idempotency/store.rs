@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::error::{AppError, AppResult};
 use crate::infra::database::transaction::OpenTransaction;
 use crate::infra::database::Database;
+use crate::infra::telemetry::Telemetry;
 
 /// The first answer to a key, as replayed.
 #[derive(Debug, Clone)]
@@ -70,6 +71,8 @@ pub struct PgIdempotencyStore {
     turn_wait: Duration,
     #[shaku(default)]
     last_prune: LastPrune,
+    /// `idempotency_requests_total`.
+    telemetry: Arc<Telemetry>,
 }
 
 /// Unix seconds of this instance's last prune.
@@ -100,38 +103,8 @@ fn unix_secs() -> u64 {
 }
 
 impl PgIdempotencyStore {
-    /// Deletes expired records, at most `PRUNE_ROWS`, in the background.
-    fn prune_if_due(&self) {
-        let now = unix_secs();
-        let last = self.last_prune.0.load(Ordering::Relaxed);
-        let due = now >= last + PRUNE_EVERY.as_secs();
-        if !due
-            || self
-                .last_prune
-                .0
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        let db = self.db.clone();
-        tokio::spawn(async move {
-            let prune = sqlx::query(
-                "DELETE FROM idempotency_keys WHERE (user_id, key) IN
-                   (SELECT user_id, key FROM idempotency_keys WHERE expires_at < now() LIMIT $1)",
-            )
-            .bind(PRUNE_ROWS)
-            .execute(db.pool());
-            if let Err(err) = db.run(prune).await {
-                log::warn!("pruning idempotency keys failed (next try in a minute): {err}");
-            }
-        });
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for PgIdempotencyStore {
-    async fn claim(&self, user_id: Uuid, key: &str, fingerprint: [u8; 32]) -> AppResult<Claim> {
+    /// `claim`, uncounted.
+    async fn look_up(&self, user_id: Uuid, key: &str, fingerprint: [u8; 32]) -> AppResult<Claim> {
         let turn = tokio::time::timeout(self.turn_wait, self.turns.clone().acquire_owned())
             .await
             .map_err(|_| AppError::ServiceBusy { retry_after_secs: 1 })?
@@ -180,6 +153,49 @@ impl IdempotencyStore for PgIdempotencyStore {
         }
     }
 
+    /// Deletes expired records, at most `PRUNE_ROWS`, in the background.
+    fn prune_if_due(&self) {
+        let now = unix_secs();
+        let last = self.last_prune.0.load(Ordering::Relaxed);
+        let due = now >= last + PRUNE_EVERY.as_secs();
+        if !due
+            || self
+                .last_prune
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            let prune = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE (user_id, key) IN
+                   (SELECT user_id, key FROM idempotency_keys WHERE expires_at < now() LIMIT $1)",
+            )
+            .bind(PRUNE_ROWS)
+            .execute(db.pool());
+            if let Err(err) = db.run(prune).await {
+                log::warn!("pruning idempotency keys failed (next try in a minute): {err}");
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgIdempotencyStore {
+    async fn claim(&self, user_id: Uuid, key: &str, fingerprint: [u8; 32]) -> AppResult<Claim> {
+        let claim = self.look_up(user_id, key, fingerprint).await;
+        let outcome = match &claim {
+            Ok(Claim::Replay(_)) => "replayed",
+            Ok(Claim::Reused) => "reused",
+            Ok(Claim::InFlight) => "in_flight",
+            Ok(Claim::Open(_)) | Err(_) => return claim,
+        };
+        self.telemetry.idempotency_requests.with_label_values(&[outcome]).inc();
+        claim
+    }
+
     async fn complete(&self, claim: OpenClaim, answer: &Recorded) -> AppResult<()> {
         let db = &self.db;
         let commit = async {
@@ -213,6 +229,10 @@ impl IdempotencyStore for PgIdempotencyStore {
         if !db.run(commit).await? {
             return Err(AppError::IdempotencyKeyInFlight { retry_after_secs: 1 });
         }
+        self.telemetry
+            .idempotency_requests
+            .with_label_values(&["recorded"])
+            .inc();
         self.prune_if_due();
         Ok(())
     }
