@@ -39,6 +39,7 @@ pub struct Settings {
     pub cors: CorsSettings,
     pub idempotency: IdempotencySettings,
     pub locks: LockSettings,
+    pub events: EventSettings,
 }
 
 /// `Idempotency-Key` (README, "Idempotency keys").
@@ -209,6 +210,30 @@ pub struct LockSettings {
     pub metrics_rebuild_concurrency: u32,
 }
 
+/// Durable events and their streams (see `infra::events`).
+#[derive(Debug, Clone)]
+pub struct EventSettings {
+    /// How long event rows are kept: how far back a reconnecting client can catch up.
+    pub retention: Duration,
+    /// The relay looks for unpublished events this often (and at once after a local commit).
+    pub relay_every: Duration,
+    /// Each instance reads what its streams may have missed from the table this often, whatever
+    /// pub/sub delivered: the bound on delivery when a message is lost.
+    pub catch_up_every: Duration,
+    /// A comment line on idle streams, so proxies keep them open.
+    pub heartbeat: Duration,
+    /// How often a stream checks its token and its membership again.
+    pub recheck_every: Duration,
+    /// Open streams per instance, and per user on an instance.
+    pub max_streams: usize,
+    pub max_streams_per_user: usize,
+    /// Events a stream may have waiting for a slow client before it is ended (it resumes with
+    /// `Last-Event-ID`).
+    pub stream_buffer: usize,
+    /// Deadline of one attempt of an in-app subscriber.
+    pub handler_timeout: Duration,
+}
+
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TtlTable {
@@ -347,6 +372,17 @@ impl Settings {
                     2,
                     "a number of concurrent rebuilds > 0",
                 )?,
+            },
+            events: EventSettings {
+                retention: vars.secs("EVENTS_RETENTION", 86_400)?,
+                relay_every: vars.millis("EVENTS_RELAY_EVERY_MS", 500)?,
+                catch_up_every: vars.millis("EVENTS_CATCH_UP_MS", 1000)?,
+                heartbeat: vars.secs("EVENTS_HEARTBEAT", 15)?,
+                recheck_every: vars.millis("EVENTS_RECHECK_MS", 500)?,
+                max_streams: vars.positive("EVENTS_MAX_STREAMS", 10_000, "a number of streams > 0")?,
+                max_streams_per_user: vars.positive("EVENTS_MAX_STREAMS_PER_USER", 8, "a number of streams > 0")?,
+                stream_buffer: vars.positive("EVENTS_STREAM_BUFFER", 256, "a number of events > 0")?,
+                handler_timeout: vars.millis("EVENTS_HANDLER_TIMEOUT_MS", 2000)?,
             },
         })
     }

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use crate::config::Settings;
 use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
+use crate::infra::events::{OutboxEventBus, OutboxEventBusParameters};
 use crate::infra::idempotency::{PgIdempotencyStore, PgIdempotencyStoreParameters};
 use crate::infra::locks::{FencedLocks, FencedLocksParameters, LeasedSemaphore, LeasedSemaphoreParameters};
 use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
@@ -38,7 +39,7 @@ module! {
             // infrastructure
             PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
             PgIdempotencyStore,
-            FencedLocks, LeasedSemaphore,
+            FencedLocks, LeasedSemaphore, OutboxEventBus,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -104,6 +105,10 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         .with_component_parameters::<FencedLocks>(FencedLocksParameters {
             telemetry: telemetry.clone(),
             store_timeout: settings.locks.store_timeout,
+        })
+        .with_component_parameters::<OutboxEventBus>(OutboxEventBusParameters {
+            settings: settings.events.clone(),
+            telemetry: telemetry.clone(),
         })
         .with_component_parameters::<LeasedSemaphore>(LeasedSemaphoreParameters {
             telemetry,

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
-use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks, users, workspaces};
+use crate::modules::{admin, auth, cache_policy, events, health, metrics, projects, tasks, users, workspaces};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         tasks::controller::create_task, tasks::controller::list_tasks, tasks::controller::get_task,
         tasks::controller::update_task, tasks::controller::delete_task,
         metrics::controller::get_daily_metrics, metrics::controller::rebuild_metrics,
+        events::controller::stream_events,
         admin::controller::get_cache_stats, admin::controller::set_cache_mode, admin::controller::flush_cache,
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
         admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, admin::controller::delete_user_sessions, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
@@ -36,6 +37,7 @@ use crate::modules::{admin, auth, cache_policy, health, metrics, projects, tasks
         (name = "users", description = "The signed-in user"),
         (name = "workspaces", description = "Workspaces and members"),
         (name = "projects"), (name = "tasks"), (name = "metrics", description = "Daily task metrics"),
+        (name = "events", description = "A workspace's changes as Server-Sent Events"),
         (name = "health", description = "Liveness, readiness, components"),
         (name = "admin", description = "Operator endpoints (ADMIN_TOKEN or a user with the admin role)"),
         (name = "cache", description = "The TTL table and the rate-limit policies in force"),

@@ -17,6 +17,7 @@ use crate::infra::cache::CacheService;
 use crate::infra::cors::Cors;
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::edge::Edge;
+use crate::infra::events::EventBus;
 use crate::infra::telemetry::MetricsRegistry;
 use crate::modules;
 use crate::openapi::ApiDoc;
@@ -57,6 +58,8 @@ impl Application {
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
         let cache: Arc<dyn CacheService> = module.resolve();
         cache.start();
+        let events: Arc<dyn EventBus> = module.resolve();
+        events.start();
         let metrics: Arc<dyn MetricsRegistry> = module.resolve();
         let telemetry = metrics.telemetry();
         let address = format!("{}:{}", settings.app.host, settings.app.port);
@@ -90,7 +93,10 @@ impl Application {
                 .route("/docs", web::get().to(|| async { redirect("/docs/") }))
                 .default_service(web::to(error::route_not_found))
         })
-        .shutdown_timeout(settings.app.shutdown_timeout.as_secs());
+        .shutdown_timeout(settings.app.shutdown_timeout.as_secs())
+        // A client that closes its side is gone: end its connection at once. Otherwise an idle
+        // event stream would hold its place (and its user's share) until the next heartbeat.
+        .h1_allow_half_closed(false);
         if settings.app.workers > 0 {
             server = server.workers(settings.app.workers);
         }

@@ -1,11 +1,12 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
-//! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, the
-//! app-wide middleware (`edge`, `cors`), Prometheus telemetry.
+//! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, durable
+//! events, the app-wide middleware (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
 pub mod cors;
 pub mod database;
 pub mod edge;
+pub mod events;
 pub mod idempotency;
 pub mod locks;
 pub mod rate_limit;

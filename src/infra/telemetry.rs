@@ -49,6 +49,15 @@ pub struct Telemetry {
     /// Requests with an `Idempotency-Key` answered from its record or refused because of it:
     /// `outcome` = `recorded` (a first answer kept) | `replayed` | `reused` (422) | `in_flight` (409).
     pub idempotency_requests: IntCounterVec,
+    /// From an event's commit (its `occurred_at`) to `stage` = `relayed` (published by the relay)
+    /// | `delivered` (handed to this instance's streams).
+    pub event_lag: HistogramVec,
+    /// Events the relay published, by `via` = `redis` | `postgres`.
+    pub events_published: IntCounterVec,
+    /// Events an in-app subscriber failed after every attempt (the log names the type).
+    pub event_handler_failures: IntCounter,
+    /// Open event streams (SSE) on this instance.
+    pub event_streams: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -133,6 +142,22 @@ impl Telemetry {
                 "Requests with an Idempotency-Key by outcome: recorded, replayed, reused, in_flight",
                 &["outcome"],
             ),
+            event_lag: histogram(
+                "event_lag_seconds",
+                "Time from an event's commit to its relay (stage=relayed) and to this instance's streams (stage=delivered)",
+                &["stage"],
+            ),
+            events_published: counter(
+                "events_published_total",
+                "Events the relay published, by channel: redis or postgres",
+                &["via"],
+            ),
+            event_handler_failures: IntCounter::new(
+                "event_handler_failures_total",
+                "Events an in-app subscriber failed after every attempt",
+            )
+            .expect("counter"),
+            event_streams: IntGauge::new("event_streams", "Open event streams (SSE) on this instance").expect("gauge"),
         };
         // Every series exists from the start (at zero), so dashboards and alerts see them before
         // the first lock is taken.
@@ -143,6 +168,12 @@ impl Telemetry {
         }
         for outcome in ["recorded", "replayed", "reused", "in_flight"] {
             telemetry.idempotency_requests.with_label_values(&[outcome]);
+        }
+        for stage in ["relayed", "delivered"] {
+            telemetry.event_lag.with_label_values(&[stage]);
+        }
+        for via in ["redis", "postgres"] {
+            telemetry.events_published.with_label_values(&[via]);
         }
         let registry = &telemetry.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -167,6 +198,10 @@ impl Telemetry {
             Box::new(telemetry.rate_limit_decisions.clone()),
             Box::new(telemetry.lock_wait.clone()),
             Box::new(telemetry.idempotency_requests.clone()),
+            Box::new(telemetry.event_lag.clone()),
+            Box::new(telemetry.events_published.clone()),
+            Box::new(telemetry.event_handler_failures.clone()),
+            Box::new(telemetry.event_streams.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cache_policy;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod projects;
@@ -36,7 +37,8 @@ pub fn configure(cfg: &mut ServiceConfig) {
                 .wrap(RateLimit::api())
                 .configure(workspaces::configure)
                 .configure(projects::configure_in_workspace)
-                .configure(metrics::configure),
+                .configure(metrics::configure)
+                .configure(events::configure),
         )
         .service(
             web::scope("/api/projects")

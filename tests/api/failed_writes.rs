@@ -27,11 +27,12 @@ fn deadline_passed() -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline (test)"))
 }
 
-/// Runs the write for real, then reports the timeout.
+/// Runs the write for real and commits it (on its own, outside the service's transaction: the
+/// fault is a COMMIT that landed), then reports the timeout.
 async fn committed_then_timed_out<T>(
     write: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, sqlx::Error> {
-    write.await?;
+    nestling::infra::database::transaction::outside(write).await?;
     Err(deadline_passed())
 }
 
@@ -87,7 +88,7 @@ impl ProjectRepository for ProjectsCommitThenTimeOut {
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error> {
         committed_then_timed_out(self.0.save(project)).await
     }
-    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
+    async fn delete(&self, id: Uuid) -> Result<Option<Vec<(Uuid, Option<Uuid>)>>, sqlx::Error> {
         committed_then_timed_out(self.0.delete(id)).await
     }
 }

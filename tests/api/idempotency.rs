@@ -163,7 +163,7 @@ impl ProjectRepository for ProjectsFailAfterWrite {
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error> {
         self.0.save(project).await
     }
-    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
+    async fn delete(&self, id: Uuid) -> Result<Option<Vec<(Uuid, Option<Uuid>)>>, sqlx::Error> {
         self.0.delete(id).await
     }
 }

@@ -12,6 +12,7 @@ mod compose;
 mod cors;
 mod database_faults;
 mod errors;
+mod events;
 mod failed_writes;
 mod health;
 mod idempotency;

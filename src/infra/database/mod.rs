@@ -65,6 +65,13 @@ impl dyn Database {
         transaction::write(self.pool(), true).await
     }
 
+    /// Runs `work` with its writes in one transaction (see `transaction`): the request's open
+    /// one, or one of its own, committed when `work` succeeds. BEGIN and COMMIT run under the
+    /// statement deadline, as each write does.
+    pub async fn transaction<T, E: From<sqlx::Error>>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        transaction::run_in_transaction(self.pool(), self.statement_timeout(), work).await
+    }
+
     /// Round-trip time of `SELECT 1`, under the (shorter) health deadline.
     pub async fn ping(&self) -> Result<Duration, sqlx::Error> {
         let started = Instant::now();

@@ -229,6 +229,7 @@ impl IdempotencyStore for PgIdempotencyStore {
         if !db.run(commit).await? {
             return Err(AppError::IdempotencyKeyInFlight { retry_after_secs: 1 });
         }
+        claim.transaction.committed().await;
         self.telemetry
             .idempotency_requests
             .with_label_values(&["recorded"])

@@ -303,6 +303,11 @@ impl KeyRegistry {
         format!("{}version:{unprefixed}", self.prefix)
     }
 
+    /// The pub/sub channel the event relay publishes on (see `infra::events`).
+    pub fn event_channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
     /// The pub/sub channel invalidations travel on.
     pub fn invalidation_channel(&self) -> String {
         format!("{}invalidations", self.prefix)

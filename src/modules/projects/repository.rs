@@ -14,8 +14,9 @@ pub trait ProjectRepository: Interface {
     async fn list(&self, workspace_id: Uuid) -> Result<Vec<Project>, sqlx::Error>;
     async fn find(&self, id: Uuid) -> Result<Option<Project>, sqlx::Error>;
     async fn save(&self, project: &Project) -> Result<Option<Project>, sqlx::Error>;
-    /// Deletes the project and its tasks; returns (task id, assignee) of every deleted task.
-    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error>;
+    /// Deletes the project and its tasks; returns (task id, assignee) of every deleted task, or
+    /// `None` when there was no such project.
+    async fn delete(&self, id: Uuid) -> Result<Option<Vec<(Uuid, Option<Uuid>)>>, sqlx::Error>;
 }
 
 #[derive(Component)]
@@ -71,19 +72,20 @@ impl ProjectRepository for PgProjectRepository {
         self.db.run(write).await
     }
 
-    async fn delete(&self, id: Uuid) -> Result<Vec<(Uuid, Option<Uuid>)>, sqlx::Error> {
+    async fn delete(&self, id: Uuid) -> Result<Option<Vec<(Uuid, Option<Uuid>)>>, sqlx::Error> {
         let work = async {
-            let mut tx = self.db.pool().begin().await?;
+            let mut tx = self.db.begin().await?;
             let tasks = sqlx::query_as("DELETE FROM tasks WHERE project_id = $1 RETURNING id, assignee_id")
                 .bind(id)
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn())
                 .await?;
-            sqlx::query("DELETE FROM projects WHERE id = $1")
+            let deleted = sqlx::query("DELETE FROM projects WHERE id = $1")
                 .bind(id)
-                .execute(&mut *tx)
-                .await?;
+                .execute(tx.conn())
+                .await?
+                .rows_affected();
             tx.commit().await?;
-            Ok(tasks)
+            Ok((deleted == 1).then_some(tasks))
         };
         self.db.run(work).await
     }

@@ -8,6 +8,9 @@ use super::model::Project;
 use super::repository::ProjectRepository;
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{json, CacheService, Cached, Derived, Stamp};
+use crate::infra::database::Database;
+use crate::infra::events::EventBus;
+use crate::modules::events::model::WorkspaceEvent;
 use crate::modules::workspaces::model::InWorkspace;
 use crate::modules::workspaces::service::WorkspaceService;
 use crate::modules::{from_json_bytes, to_json_bytes};
@@ -37,6 +40,11 @@ pub struct Projects {
     workspaces: Arc<dyn WorkspaceService>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    /// Writes and their events commit together (`Database::transaction`).
+    #[shaku(inject)]
+    db: Arc<dyn Database>,
+    #[shaku(inject)]
+    events: Arc<dyn EventBus>,
     #[shaku(default)]
     seen_workspaces: SeenWorkspaces,
     /// (user, project) → the project's workspace, for members: every task request authorizes
@@ -123,9 +131,14 @@ impl ProjectService for Projects {
     async fn create(&self, user_id: Uuid, workspace_id: Uuid, request: CreateProjectRequest) -> AppResult<Project> {
         self.workspaces.require_member(user_id, workspace_id).await?;
         let stale = vec![self.cache.keys().project_list(workspace_id)];
-        let create = self
-            .projects
-            .create(workspace_id, request.name.trim(), request.description.as_deref());
+        let create = self.db.transaction(async {
+            let created = self
+                .projects
+                .create(workspace_id, request.name.trim(), request.description.as_deref())
+                .await?;
+            WorkspaceEvent::ProjectCreated(&created).record(&*self.events).await?;
+            Ok::<_, sqlx::Error>(created)
+        });
         Ok(self.cache.write(stale, create, |_| Vec::new()).await?)
     }
 
@@ -146,7 +159,13 @@ impl ProjectService for Projects {
         }
         let keys = self.cache.keys();
         let stale = vec![keys.project(id), keys.project_list(project.workspace_id)];
-        let save = self.projects.save(&project);
+        let save = self.db.transaction(async {
+            let saved = self.projects.save(&project).await?;
+            if let Some(saved) = &saved {
+                WorkspaceEvent::ProjectUpdated(saved).record(&*self.events).await?;
+            }
+            Ok::<_, sqlx::Error>(saved)
+        });
         self.cache.write(stale, save, |_| Vec::new()).await?.ok_or(NOT_FOUND)
     }
 
@@ -161,15 +180,24 @@ impl ProjectService for Projects {
         ];
         // The deleted tasks are known only from the write; on an error the project's keys still go
         // (its tasks cannot be reached without it).
-        let deleted_tasks = |deleted: &Vec<(Uuid, Option<Uuid>)>| {
+        let deleted_tasks = |deleted: &Option<Vec<(Uuid, Option<Uuid>)>>| {
             let mut stale = Vec::new();
-            for (task_id, assignee) in deleted {
+            for (task_id, assignee) in deleted.iter().flatten() {
                 stale.push(keys.task(*task_id));
                 stale.extend(assignee.map(|user| keys.assigned_task_lists(user)));
             }
             stale
         };
-        self.cache.write(stale, self.projects.delete(id), deleted_tasks).await?;
+        let delete = self.db.transaction(async {
+            let deleted = self.projects.delete(id).await?;
+            if deleted.is_some() {
+                WorkspaceEvent::ProjectDeleted { workspace_id, id }
+                    .record(&*self.events)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(deleted)
+        });
+        self.cache.write(stale, delete, deleted_tasks).await?;
         Ok(())
     }
 }

@@ -227,6 +227,12 @@ impl TaskRepository for PgTaskRepository {
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM tasks WHERE id = $1").bind(id);
-        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let deleted = query.execute(write.conn()).await?.rows_affected() == 1;
+            write.commit().await?;
+            Ok(deleted)
+        };
+        self.db.run(write).await
     }
 }

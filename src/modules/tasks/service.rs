@@ -9,7 +9,10 @@ use super::model::{Task, TaskPriority, TaskStatus};
 use super::repository::{TaskListFilter, TaskRepository};
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{json, CacheService, Cached};
+use crate::infra::database::Database;
+use crate::infra::events::EventBus;
 use crate::infra::redis::keys::CacheKey;
+use crate::modules::events::model::WorkspaceEvent;
 use crate::modules::paging::Page;
 use crate::modules::projects::service::ProjectService;
 use crate::modules::workspaces::model::InWorkspace;
@@ -39,6 +42,11 @@ pub struct Tasks {
     workspaces: Arc<dyn WorkspaceService>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    /// Writes and their events commit together (`Database::transaction`).
+    #[shaku(inject)]
+    db: Arc<dyn Database>,
+    #[shaku(inject)]
+    events: Arc<dyn EventBus>,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
@@ -118,7 +126,11 @@ impl TaskService for Tasks {
             updated_at: now,
         };
         let stale = self.stale_keys(&[&task]);
-        let create = self.tasks.create(&task);
+        let create = self.db.transaction(async {
+            let created = self.tasks.create(&task).await?;
+            WorkspaceEvent::TaskCreated(&created).record(&*self.events).await?;
+            Ok::<_, sqlx::Error>(created)
+        });
         Ok(self
             .cache
             .write(stale, create, |created| self.stale_keys(&[created]))
@@ -203,16 +215,28 @@ impl TaskService for Tasks {
             Some((locked, saved)) => self.stale_keys(&[locked, saved]),
             None => Vec::new(),
         };
-        let updated = self
-            .cache
-            .write(stale, self.tasks.update(id, &change), as_locked_and_saved);
+        let update = self.db.transaction(async {
+            let outcome = self.tasks.update(id, &change).await?;
+            if let Some((_, saved)) = &outcome {
+                WorkspaceEvent::TaskUpdated(saved).record(&*self.events).await?;
+            }
+            Ok::<_, sqlx::Error>(outcome)
+        });
+        let updated = self.cache.write(stale, update, as_locked_and_saved);
         Ok(updated.await?.ok_or(NOT_FOUND)?.1)
     }
 
     async fn delete(&self, user_id: Uuid, id: Uuid) -> AppResult<()> {
         let task = self.find_for_write(user_id, id).await?;
         let stale = self.stale_keys(&[&task]);
-        self.cache.write(stale, self.tasks.delete(id), |_| Vec::new()).await?;
+        let delete = self.db.transaction(async {
+            let deleted = self.tasks.delete(id).await?;
+            if deleted {
+                WorkspaceEvent::TaskDeleted(&task).record(&*self.events).await?;
+            }
+            Ok::<_, sqlx::Error>(deleted)
+        });
+        self.cache.write(stale, delete, |_| Vec::new()).await?;
         Ok(())
     }
 }

@@ -105,7 +105,13 @@ impl WorkspaceRepository for PgWorkspaceRepository {
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {
         let query = sqlx::query("DELETE FROM workspaces WHERE id = $1").bind(id);
-        Ok(self.db.run(query.execute(self.db.pool())).await?.rows_affected() == 1)
+        let write = async {
+            let mut write = self.db.writer().await?;
+            let deleted = query.execute(write.conn()).await?.rows_affected() == 1;
+            write.commit().await?;
+            Ok(deleted)
+        };
+        self.db.run(write).await
     }
 
     async fn role_of(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, sqlx::Error> {
@@ -151,24 +157,28 @@ impl WorkspaceRepository for PgWorkspaceRepository {
 
     async fn remove_member(&self, workspace_id: Uuid, user_id: Uuid) -> Result<RemoveOutcome, sqlx::Error> {
         let work = async {
-            let mut tx = self.db.pool().begin().await?;
+            let mut tx = self.db.begin().await?;
             // Lock the membership rows so two concurrent removals cannot both remove "the other" owner.
             let roles: Vec<(Uuid, Role)> =
                 sqlx::query_as("SELECT user_id, role FROM workspace_members WHERE workspace_id = $1 FOR UPDATE")
                     .bind(workspace_id)
-                    .fetch_all(&mut *tx)
+                    .fetch_all(tx.conn())
                     .await?;
-            let Some((_, role)) = roles.iter().find(|(id, _)| *id == user_id) else {
-                return Ok(RemoveOutcome::NotAMember);
-            };
             let owners = roles.iter().filter(|(_, r)| *r == Role::Owner).count();
-            if *role == Role::Owner && owners == 1 {
-                return Ok(RemoveOutcome::LastOwner);
+            let refused = match roles.iter().find(|(id, _)| *id == user_id) {
+                None => Some(RemoveOutcome::NotAMember),
+                Some((_, Role::Owner)) if owners == 1 => Some(RemoveOutcome::LastOwner),
+                Some(_) => None,
+            };
+            if let Some(refused) = refused {
+                // Ended, not dropped: a refusal is an answer, not a failed write of the unit.
+                tx.commit().await?;
+                return Ok(refused);
             }
             sqlx::query("DELETE FROM workspace_members WHERE workspace_id = $1 AND user_id = $2")
                 .bind(workspace_id)
                 .bind(user_id)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             let unassigned = sqlx::query_as(
                 "UPDATE tasks SET assignee_id = NULL, updated_at = now() WHERE workspace_id = $1 AND assignee_id = $2
@@ -176,7 +186,7 @@ impl WorkspaceRepository for PgWorkspaceRepository {
             )
             .bind(workspace_id)
             .bind(user_id)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn())
             .await?;
             tx.commit().await?;
             Ok(RemoveOutcome::Removed { unassigned })

@@ -8,7 +8,10 @@ use super::model::{Member, Role, Workspace};
 use super::repository::{RemoveOutcome, WorkspaceRepository, MEMBER_UNIQUE};
 use crate::error::{is_unique_violation, AppError, AppResult};
 use crate::infra::cache::{json, CacheService, Cached};
+use crate::infra::database::Database;
+use crate::infra::events::EventBus;
 use crate::infra::redis::keys::CacheKey;
+use crate::modules::events::model::WorkspaceEvent;
 use crate::modules::users::repository::UserRepository;
 use crate::modules::{from_json_bytes, to_json_bytes};
 
@@ -41,6 +44,11 @@ pub struct Workspaces {
     users: Arc<dyn UserRepository>,
     #[shaku(inject)]
     cache: Arc<dyn CacheService>,
+    /// Writes and their events commit together (`Database::transaction`).
+    #[shaku(inject)]
+    db: Arc<dyn Database>,
+    #[shaku(inject)]
+    events: Arc<dyn EventBus>,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "workspace" };
@@ -108,7 +116,13 @@ impl WorkspaceService for Workspaces {
     async fn update(&self, user_id: Uuid, id: Uuid, request: UpdateWorkspaceRequest) -> AppResult<Workspace> {
         self.require_owner(user_id, id).await?;
         let stale = self.workspace_keys(id).await?;
-        let rename = self.workspaces.rename(id, request.name.trim());
+        let rename = self.db.transaction(async {
+            let renamed = self.workspaces.rename(id, request.name.trim()).await?;
+            if let Some(renamed) = &renamed {
+                WorkspaceEvent::WorkspaceUpdated(renamed).record(&*self.events).await?;
+            }
+            Ok::<_, sqlx::Error>(renamed)
+        });
         self.cache.write(stale, rename, |_| Vec::new()).await?.ok_or(NOT_FOUND)
     }
 
@@ -123,9 +137,16 @@ impl WorkspaceService for Workspaces {
         stale.extend([keys.project_list(id), keys.all_daily_metrics(id)]);
         // Projects and tasks of the workspace stay cached until their TTL, but nobody can reach
         // them: every read of them checks membership, and the memberships are gone.
-        self.cache
-            .write(stale, self.workspaces.delete(id), |_| Vec::new())
-            .await?;
+        let delete = self.db.transaction(async {
+            let deleted = self.workspaces.delete(id).await?;
+            if deleted {
+                WorkspaceEvent::WorkspaceDeleted { workspace_id: id }
+                    .record(&*self.events)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(deleted)
+        });
+        self.cache.write(stale, delete, |_| Vec::new()).await?;
         Ok(())
     }
 
@@ -146,7 +167,15 @@ impl WorkspaceService for Workspaces {
         let role = request.role.unwrap_or(Role::Member);
         let keys = self.cache.keys();
         let stale = vec![keys.members(id), keys.workspace_list(user.id)];
-        let add = self.workspaces.add_member(id, user.id, role);
+        let add = self.db.transaction(async {
+            let member = self.workspaces.add_member(id, user.id, role).await?;
+            let added = WorkspaceEvent::MemberAdded {
+                workspace_id: id,
+                member: &member,
+            };
+            added.record(&*self.events).await?;
+            Ok::<_, sqlx::Error>(member)
+        });
         self.cache.write(stale, add, |_| Vec::new()).await.map_err(|err| {
             if is_unique_violation(&err, MEMBER_UNIQUE) {
                 AppError::conflict("member_exists", "this user is already a member")
@@ -174,7 +203,17 @@ impl WorkspaceService for Workspaces {
             keys.workspace_list(member_id),
             keys.assigned_task_lists(member_id),
         ]);
-        let remove = self.workspaces.remove_member(id, member_id);
+        let remove = self.db.transaction(async {
+            let outcome = self.workspaces.remove_member(id, member_id).await?;
+            if let RemoveOutcome::Removed { .. } = outcome {
+                let removed = WorkspaceEvent::MemberRemoved {
+                    workspace_id: id,
+                    user_id: member_id,
+                };
+                removed.record(&*self.events).await?;
+            }
+            Ok::<_, sqlx::Error>(outcome)
+        });
         let unassigned = |outcome: &RemoveOutcome| match outcome {
             RemoveOutcome::Removed { unassigned } => task_keys(unassigned),
             _ => Vec::new(),

@@ -8,6 +8,7 @@ pub mod instance;
 pub mod partition;
 pub mod redis;
 pub mod servers;
+pub mod sse;
 
 use std::sync::Once;
 use std::time::Duration;

@@ -192,16 +192,18 @@ impl TestPostgres {
     /// process-group signal would miss them: they are found through /proc instead.
     fn signal_server(&self, signal: i32, postmaster_first: bool) {
         let postmaster = self.postmaster_pid();
-        let children = children_of(postmaster);
-        let mut targets = vec![postmaster];
+        // SAFETY: signalling processes of a server this handle started.
+        let send = |pid: i32| unsafe {
+            libc::kill(pid, signal);
+        };
+        // The children are listed after the postmaster stopped: one it forked just before (a new
+        // connection) would otherwise go on answering.
         if postmaster_first {
-            targets.extend(children);
+            send(postmaster);
+            children_of(postmaster).into_iter().for_each(send);
         } else {
-            targets.splice(0..0, children);
-        }
-        for pid in targets {
-            // SAFETY: signalling processes of a server this handle started.
-            unsafe { libc::kill(pid, signal) };
+            children_of(postmaster).into_iter().for_each(send);
+            send(postmaster);
         }
     }
 

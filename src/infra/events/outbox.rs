@@ -1,0 +1,134 @@
+//! The SQL of the outbox: record an event, read a workspace's events, take the relay's batch,
+//! prune.
+
+use std::time::Duration;
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{Event, BATCH};
+use crate::infra::database::Database;
+
+const COLUMNS: &str = "workspace_id, seq, type, data, occurred_at";
+
+/// Takes the workspace's next number and inserts the event, in one statement in the current
+/// transaction: the counter's row stays locked until it ends, so numbers follow commit order.
+pub(super) async fn insert(
+    db: &dyn Database,
+    workspace_id: Uuid,
+    event_type: &str,
+    data: &serde_json::Value,
+) -> Result<i64, sqlx::Error> {
+    let query = sqlx::query_scalar(
+        "WITH next AS (
+            INSERT INTO event_streams AS s (workspace_id, head) VALUES ($1, 1)
+            ON CONFLICT (workspace_id) DO UPDATE SET head = s.head + 1
+            RETURNING head)
+         INSERT INTO events (workspace_id, seq, type, data) SELECT $1, head, $2, $3 FROM next RETURNING seq",
+    )
+    .bind(workspace_id)
+    .bind(event_type)
+    .bind(data);
+    let write = async {
+        let mut write = db.writer().await?;
+        let seq = query.fetch_one(write.conn()).await?;
+        write.commit().await?;
+        Ok(seq)
+    };
+    db.run(write).await
+}
+
+/// The workspace's last number (0 before its first event).
+pub(super) async fn head(db: &dyn Database, workspace_id: Uuid) -> Result<i64, sqlx::Error> {
+    let query = sqlx::query_scalar("SELECT head FROM event_streams WHERE workspace_id = $1").bind(workspace_id);
+    Ok(db.run(query.fetch_optional(db.pool())).await?.unwrap_or(0))
+}
+
+pub(super) async fn read(
+    db: &dyn Database,
+    workspace_id: Uuid,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE workspace_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+    );
+    let query = sqlx::query_as(&sql)
+        .bind(workspace_id)
+        .bind(after)
+        .bind(upto)
+        .bind(limit);
+    db.run(query.fetch_all(db.pool())).await
+}
+
+/// Every followed workspace's events after its cursor, in one statement (at most `BATCH`).
+pub(super) async fn read_many(db: &dyn Database, cursors: &[(Uuid, i64)]) -> Result<Vec<Event>, sqlx::Error> {
+    let (workspaces, afters): (Vec<Uuid>, Vec<i64>) = cursors.iter().copied().unzip();
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events e
+         JOIN unnest($1::uuid[], $2::bigint[]) AS c (workspace_id, after) USING (workspace_id)
+         WHERE e.seq > c.after ORDER BY workspace_id, seq LIMIT $3"
+    );
+    let query = sqlx::query_as(&sql).bind(workspaces).bind(afters).bind(BATCH);
+    db.run(query.fetch_all(db.pool())).await
+}
+
+/// The relay's lock, as a transaction's advisory lock (released by COMMIT, ROLLBACK, or Postgres
+/// ending a transaction left idle for longer than `idle`).
+pub(super) async fn lock_relay(conn: &mut PgConnection, idle: Duration) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('events-relay', 0))
+         FROM set_config('idle_in_transaction_session_timeout', $1, true)",
+    )
+    .bind(idle.as_millis().to_string())
+    .fetch_one(conn)
+    .await
+}
+
+/// Unpublished events in order per workspace, the oldest first.
+pub(super) async fn unpublished(conn: &mut PgConnection) -> Result<Vec<Event>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM events WHERE published_at IS NULL ORDER BY workspace_id, seq LIMIT $1");
+    sqlx::query_as(&sql).bind(BATCH).fetch_all(conn).await
+}
+
+pub(super) async fn notify(conn: &mut PgConnection, channel: &str, payloads: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) WITH ORDINALITY AS p (payload, n) ORDER BY n")
+        .bind(channel)
+        .bind(payloads)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub(super) async fn mark_published(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+    let workspaces: Vec<Uuid> = events.iter().map(|e| e.workspace_id).collect();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    sqlx::query(
+        "UPDATE events e SET published_at = now() FROM unnest($1::uuid[], $2::bigint[]) AS p (workspace_id, seq)
+         WHERE e.workspace_id = p.workspace_id AND e.seq = p.seq",
+    )
+    .bind(workspaces)
+    .bind(seqs)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Deletes published rows older than `retention`, and the counters of deleted workspaces that
+/// have no rows left.
+pub(super) async fn prune(db: &dyn Database, retention: Duration) -> Result<u64, sqlx::Error> {
+    let rows = sqlx::query(
+        "DELETE FROM events WHERE ctid = ANY (ARRAY(
+            SELECT ctid FROM events WHERE occurred_at < now() - make_interval(secs => $1)
+              AND published_at IS NOT NULL LIMIT 10000))",
+    )
+    .bind(retention.as_secs_f64());
+    let pruned = db.run(rows.execute(db.pool())).await?.rows_affected();
+    let streams = sqlx::query(
+        "DELETE FROM event_streams s WHERE NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = s.workspace_id)
+           AND NOT EXISTS (SELECT 1 FROM events e WHERE e.workspace_id = s.workspace_id)",
+    );
+    db.run(streams.execute(db.pool())).await?;
+    Ok(pruned)
+}
