@@ -34,6 +34,7 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
+    module: Arc<AppModule>,
 }
 
 impl Application {
@@ -56,6 +57,7 @@ impl Application {
 
     /// Binds and starts serving an already built container (tests build theirs with overrides).
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
+        let container = module.clone();
         let cache: Arc<dyn CacheService> = module.resolve();
         cache.start();
         let events: Arc<dyn EventBus> = module.resolve();
@@ -102,11 +104,20 @@ impl Application {
         }
         let server = server.listen(listener).map_err(bind_error)?.run();
         log::info!("listening on http://{}:{port} (API docs at /docs)", settings.app.host);
-        Ok(Self { port, server })
+        Ok(Self {
+            port,
+            server,
+            module: container,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The running container (tests subscribe to events through it).
+    pub fn module(&self) -> Arc<AppModule> {
+        self.module.clone()
     }
 
     /// Stops the server from elsewhere (tests stop theirs when they end).

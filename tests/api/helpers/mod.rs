@@ -35,6 +35,8 @@ pub struct TestApp {
     pub db_name: String,
     /// The settings this instance runs with (Redis key prefix included).
     pub settings: Settings,
+    /// The running instance's container: its components, as its requests see them.
+    pub module: std::sync::Arc<AppModule>,
     admin_url: String,
     server: actix_web::dev::ServerHandle,
     /// Siblings share the first instance's database; only the first drops it.
@@ -272,6 +274,7 @@ async fn start(
         .expect("app builds");
     let port = app.port();
     let server = app.server_handle();
+    let module = app.module();
     tokio::spawn(app.run_until_stopped());
     let app = TestApp {
         address: format!("http://127.0.0.1:{port}"),
@@ -280,6 +283,7 @@ async fn start(
         db,
         db_name,
         settings,
+        module,
         admin_url,
         server,
         owns_database,
