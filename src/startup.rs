@@ -98,7 +98,9 @@ impl Application {
         .shutdown_timeout(settings.app.shutdown_timeout.as_secs())
         // A client that closes its side is gone: end its connection at once. Otherwise an idle
         // event stream would hold its place (and its user's share) until the next heartbeat.
-        .h1_allow_half_closed(false);
+        .h1_allow_half_closed(false)
+        // `run_until_stopped` handles SIGTERM and Ctrl-C: it ends the event streams first.
+        .disable_signals();
         if settings.app.workers > 0 {
             server = server.workers(settings.app.workers);
         }
@@ -125,9 +127,35 @@ impl Application {
         self.server.handle()
     }
 
+    /// Serves until SIGTERM or Ctrl-C, then stops gracefully: event streams are ended first (their
+    /// clients reconnect elsewhere with `Last-Event-ID`), so that they do not hold the shutdown
+    /// for `APP_SHUTDOWN_TIMEOUT`; requests in flight finish.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let events: Arc<dyn EventBus> = self.module.resolve();
+        tokio::spawn(async move {
+            stop_requested().await;
+            log::info!("stopping: ending event streams, finishing requests in flight");
+            events.end_streams();
+            handle.stop(true).await;
+        });
         self.server.await
     }
+}
+
+async fn stop_requested() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn redirect(to: &'static str) -> HttpResponse {

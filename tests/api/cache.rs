@@ -184,8 +184,18 @@ pub(crate) async fn a_second_instance_reads_from_redis_and_sees_the_first_instan
         b.read_until_l1_hit(&path, token, &format!("trial {trial}")).await;
     }
     delays.sort();
-    let p99 = delays[delays.len() * 99 / 100 - 1];
-    assert!(p99 <= Duration::from_millis(50), "p99 propagation {p99:?}");
+    let (p50, p99) = (delays[delays.len() / 2], delays[delays.len() * 99 / 100 - 1]);
+    // Invalidation travels by pub/sub: typically a few milliseconds. The bounds leave room for a
+    // loaded machine (the whole suite runs beside this) and still fail if B waited for its L1
+    // entry to age out instead (CACHE_L1_UNSYNCED_TTL_MS, 500 ms, or the TTL itself).
+    assert!(
+        p50 <= Duration::from_millis(50),
+        "median propagation {p50:?} (p99 {p99:?})"
+    );
+    assert!(
+        p99 < Duration::from_millis(400),
+        "p99 propagation {p99:?} (median {p50:?})"
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,8 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Hub {
     feeds: Mutex<HashMap<Uuid, Feed>>,
+    /// Set when the instance shuts down: no new streams.
+    ending: std::sync::atomic::AtomicBool,
     streams: Mutex<StreamCounts>,
     next_id: AtomicU64,
     max_streams: usize,
@@ -59,6 +61,8 @@ pub enum FollowError {
     TooManyForUser(usize),
     #[error("this instance has {0} event streams open already")]
     TooMany(usize),
+    #[error("this instance is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -99,6 +103,7 @@ impl Hub {
     pub(super) fn new(settings: &EventSettings, telemetry: Arc<Telemetry>) -> Self {
         Self {
             feeds: Mutex::default(),
+            ending: Default::default(),
             streams: Mutex::default(),
             next_id: AtomicU64::new(0),
             max_streams: settings.max_streams,
@@ -106,6 +111,12 @@ impl Hub {
             buffer: settings.stream_buffer,
             telemetry,
         }
+    }
+
+    /// Ends every stream (their channels close once drained) and refuses new ones.
+    pub(super) fn end_all(&self) {
+        self.ending.store(true, Ordering::Release);
+        self.feeds.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn cursors(&self, only: Option<&[Uuid]>) -> Vec<(Uuid, i64)> {
@@ -151,6 +162,9 @@ impl Hub {
 impl Inner {
     pub(super) async fn follow(self: &Arc<Self>, workspace_id: Uuid, user_id: Uuid) -> Result<Follow, FollowError> {
         let hub = &self.hub;
+        if hub.ending.load(Ordering::Acquire) {
+            return Err(FollowError::ShuttingDown);
+        }
         {
             let mut streams = hub.streams.lock().unwrap_or_else(|e| e.into_inner());
             if streams.total >= hub.max_streams {
@@ -179,6 +193,11 @@ impl Inner {
         };
         let (sender, events) = mpsc::channel(hub.buffer);
         let mut feeds = hub.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        // `end_all` may have run while the head was read.
+        if hub.ending.load(Ordering::Acquire) {
+            drop(feeds);
+            return Err(FollowError::ShuttingDown);
+        }
         let feed = feeds.entry(workspace_id).or_insert_with(|| Feed {
             cursor: head,
             followers: Vec::new(),

@@ -12,12 +12,14 @@
 //!   keeps the fleet in sync through Redis, else (or when Redis fails) with Postgres `NOTIFY`,
 //!   and marks them published after. It runs at once after a local commit and every
 //!   `EVENTS_RELAY_EVERY_MS`, so an event whose writer died before waking it goes out too.
-//! - **In-app subscribers** (`subscribe`) run in the relay, before the event is marked published:
-//!   once per event across the fleet, in order per workspace, at least once (a crash in between
-//!   runs them again, so they must be idempotent). A subscriber that fails or times out
-//!   (`EVENTS_HANDLER_TIMEOUT_MS`) is tried three times; after that the failure is logged and
-//!   counted (`nestling_event_handler_failures_total`; the log names the event) and the event goes on, rather than holding back
-//!   every workspace's events behind it.
+//! - **In-app subscribers** (`subscribe`) run in a pass of their own (one at a time across the
+//!   fleet, like the relay, but apart from it, so a slow subscriber never delays what clients
+//!   see): once per event across the fleet, in order per workspace, at least once (a crash before
+//!   the pass commits runs them again, so they must be idempotent). A subscriber that fails or
+//!   times out (`EVENTS_HANDLER_TIMEOUT_MS`) is tried three times; after that the failure is
+//!   logged (naming the event) and counted (`nestling_event_handler_failures_total`), and the
+//!   events behind it go on. Subscribe at start-up, on every instance alike: an event recorded
+//!   while nobody subscribed to its type is recorded as handled.
 //! - **Streams miss nothing.** Every instance hears both channels and hands each workspace's
 //!   events to its streams in order, deduplicated by number. A gap (a message lost while Redis
 //!   restarted) is read from the table, and every `EVENTS_CATCH_UP_MS` each followed workspace is
@@ -87,6 +89,8 @@ pub trait EventBus: Interface {
     /// Starts the relay, the listeners and the catch-up on this instance.
     fn start(&self);
     fn settings(&self) -> &EventSettings;
+    /// Ends every stream on this instance and refuses new ones (shutting down).
+    fn end_streams(&self);
 }
 
 pub struct OutboxEventBus {
@@ -99,8 +103,9 @@ pub(crate) struct Inner {
     settings: EventSettings,
     telemetry: Arc<Telemetry>,
     subscribers: Mutex<Vec<(Vec<&'static str>, Handler)>>,
-    /// Wakes the relay after a local commit.
+    /// Wake the relay and the subscriber pass after a local commit.
     relay_wake: Notify,
+    handlers_wake: Notify,
     hub: hub::Hub,
 }
 
@@ -129,6 +134,7 @@ impl<M: shaku::Module + shaku::HasComponent<dyn Database> + shaku::HasComponent<
                 telemetry: params.telemetry,
                 subscribers: Mutex::new(Vec::new()),
                 relay_wake: Notify::new(),
+                handlers_wake: Notify::new(),
                 hub,
             }),
         })
@@ -143,9 +149,16 @@ impl EventBus for OutboxEventBus {
         event_type: &'static str,
         data: serde_json::Value,
     ) -> Result<i64, sqlx::Error> {
-        let seq = outbox::insert(&*self.inner.db, workspace_id, event_type, &data).await?;
+        let subscribed = !self.inner.subscribers_of(event_type).is_empty();
+        let seq = outbox::insert(&*self.inner.db, workspace_id, event_type, &data, subscribed).await?;
         let inner = self.inner.clone();
-        crate::infra::database::transaction::after_commit(move || inner.relay_wake.notify_one()).await;
+        let wake = move || {
+            inner.relay_wake.notify_one();
+            if subscribed {
+                inner.handlers_wake.notify_one();
+            }
+        };
+        crate::infra::database::transaction::after_commit(wake).await;
         Ok(seq)
     }
 
@@ -164,11 +177,16 @@ impl EventBus for OutboxEventBus {
 
     fn start(&self) {
         tokio::spawn(relay::run(self.inner.clone()));
+        tokio::spawn(relay::run_subscribers(self.inner.clone()));
         hub::start(self.inner.clone());
     }
 
     fn settings(&self) -> &EventSettings {
         &self.inner.settings
+    }
+
+    fn end_streams(&self) {
+        self.inner.hub.end_all();
     }
 }
 
@@ -181,6 +199,14 @@ impl Inner {
             .filter(|(types, _)| types.contains(&event_type))
             .map(|(_, handler)| handler.clone())
             .collect()
+    }
+
+    fn has_subscribers(&self) -> bool {
+        self.subscriber_count() > 0
+    }
+
+    fn subscriber_count(&self) -> usize {
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 

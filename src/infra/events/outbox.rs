@@ -13,22 +13,26 @@ const COLUMNS: &str = "workspace_id, seq, type, data, occurred_at";
 
 /// Takes the workspace's next number and inserts the event, in one statement in the current
 /// transaction: the counter's row stays locked until it ends, so numbers follow commit order.
+/// `subscribed`: whether in-app subscribers must handle it (otherwise it is recorded as handled).
 pub(super) async fn insert(
     db: &dyn Database,
     workspace_id: Uuid,
     event_type: &str,
     data: &serde_json::Value,
+    subscribed: bool,
 ) -> Result<i64, sqlx::Error> {
     let query = sqlx::query_scalar(
         "WITH next AS (
             INSERT INTO event_streams AS s (workspace_id, head) VALUES ($1, 1)
             ON CONFLICT (workspace_id) DO UPDATE SET head = s.head + 1
             RETURNING head)
-         INSERT INTO events (workspace_id, seq, type, data) SELECT $1, head, $2, $3 FROM next RETURNING seq",
+         INSERT INTO events (workspace_id, seq, type, data, handled_at)
+         SELECT $1, head, $2, $3, CASE WHEN NOT $4 THEN now() END FROM next RETURNING seq",
     )
     .bind(workspace_id)
     .bind(event_type)
-    .bind(data);
+    .bind(data)
+    .bind(subscribed);
     let write = async {
         let mut write = db.writer().await?;
         let seq = query.fetch_one(write.conn()).await?;
@@ -74,22 +78,56 @@ pub(super) async fn read_many(db: &dyn Database, cursors: &[(Uuid, i64)]) -> Res
     db.run(query.fetch_all(db.pool())).await
 }
 
-/// The relay's lock, as a transaction's advisory lock (released by COMMIT, ROLLBACK, or Postgres
-/// ending a transaction left idle for longer than `idle`).
-pub(super) async fn lock_relay(conn: &mut PgConnection, idle: Duration) -> Result<bool, sqlx::Error> {
+/// The lock of one of the queues (`Queue`), as a transaction's advisory lock: released by COMMIT,
+/// ROLLBACK, or Postgres ending the transaction once it has been idle for longer than `idle`.
+pub(super) async fn lock(conn: &mut PgConnection, queue: Queue, idle: Duration) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended('events-relay', 0))
-         FROM set_config('idle_in_transaction_session_timeout', $1, true)",
+        "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))
+         FROM set_config('idle_in_transaction_session_timeout', $2, true)",
     )
+    .bind(queue.lock_name())
     .bind(idle.as_millis().to_string())
     .fetch_one(conn)
     .await
 }
 
-/// Unpublished events in order per workspace, the oldest first.
-pub(super) async fn unpublished(conn: &mut PgConnection) -> Result<Vec<Event>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM events WHERE published_at IS NULL ORDER BY workspace_id, seq LIMIT $1");
-    sqlx::query_as(&sql).bind(BATCH).fetch_all(conn).await
+/// The two queues of the table: events to publish, and events for the in-app subscribers.
+#[derive(Clone, Copy)]
+pub(super) enum Queue {
+    Unpublished,
+    Unhandled,
+}
+
+impl Queue {
+    fn lock_name(self) -> &'static str {
+        match self {
+            Queue::Unpublished => "events-relay",
+            Queue::Unhandled => "events-subscribers",
+        }
+    }
+
+    fn column(self) -> &'static str {
+        match self {
+            Queue::Unpublished => "published_at",
+            Queue::Unhandled => "handled_at",
+        }
+    }
+}
+
+/// Whether any event waits in `queue`: one index probe, so an idle queue costs one round trip per
+/// pass and no transaction.
+pub(super) async fn any_waiting(db: &dyn Database, queue: Queue) -> Result<bool, sqlx::Error> {
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM events WHERE {} IS NULL)", queue.column());
+    db.run(sqlx::query_scalar(&sql).fetch_one(db.pool())).await
+}
+
+/// Events waiting in `queue`, in order per workspace, at most `limit`.
+pub(super) async fn waiting(conn: &mut PgConnection, queue: Queue, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM events WHERE {} IS NULL ORDER BY workspace_id, seq LIMIT $1",
+        queue.column()
+    );
+    sqlx::query_as(&sql).bind(limit).fetch_all(conn).await
 }
 
 pub(super) async fn notify(conn: &mut PgConnection, channel: &str, payloads: &[String]) -> Result<(), sqlx::Error> {
@@ -101,27 +139,30 @@ pub(super) async fn notify(conn: &mut PgConnection, channel: &str, payloads: &[S
         .map(|_| ())
 }
 
-pub(super) async fn mark_published(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+/// Takes `events` out of `queue`.
+pub(super) async fn mark(conn: &mut PgConnection, queue: Queue, events: &[Event]) -> Result<(), sqlx::Error> {
     let workspaces: Vec<Uuid> = events.iter().map(|e| e.workspace_id).collect();
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    sqlx::query(
-        "UPDATE events e SET published_at = now() FROM unnest($1::uuid[], $2::bigint[]) AS p (workspace_id, seq)
+    let sql = format!(
+        "UPDATE events e SET {} = now() FROM unnest($1::uuid[], $2::bigint[]) AS p (workspace_id, seq)
          WHERE e.workspace_id = p.workspace_id AND e.seq = p.seq",
-    )
-    .bind(workspaces)
-    .bind(seqs)
-    .execute(conn)
-    .await
-    .map(|_| ())
+        queue.column()
+    );
+    sqlx::query(&sql)
+        .bind(workspaces)
+        .bind(seqs)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
-/// Deletes published rows older than `retention`, and the counters of deleted workspaces that
+/// Deletes rows older than `retention`, and the counters of deleted workspaces that
 /// have no rows left.
 pub(super) async fn prune(db: &dyn Database, retention: Duration) -> Result<u64, sqlx::Error> {
     let rows = sqlx::query(
         "DELETE FROM events WHERE ctid = ANY (ARRAY(
             SELECT ctid FROM events WHERE occurred_at < now() - make_interval(secs => $1)
-              AND published_at IS NOT NULL LIMIT 10000))",
+              AND published_at IS NOT NULL AND handled_at IS NOT NULL LIMIT 10000))",
     )
     .bind(retention.as_secs_f64());
     let pruned = db.run(rows.execute(db.pool())).await?.rows_affected();

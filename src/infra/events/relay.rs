@@ -1,26 +1,36 @@
-//! The relay: one pass at a time across the fleet (a transaction's advisory lock) takes the
-//! unpublished events in order, publishes them, runs the in-app subscribers, and marks them
-//! published in the same transaction. A crash anywhere before the commit leaves them unpublished
-//! for the next pass: at least once.
+//! The two queues of the event table, each worked by one pass at a time across the fleet (a
+//! transaction's advisory lock):
+//! - the relay takes unpublished events in order, publishes them and marks them published in the
+//!   same transaction;
+//! - the subscriber pass takes the events in-app subscribers have not handled, runs them in order,
+//!   and marks each event handled as soon as its subscribers ran.
+//!
+//! A crash before a commit leaves the events in their queue for the next pass: at least once. The
+//! queues are apart so that a slow or failing subscriber never delays what clients see.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
-use super::{outbox, Event, Inner, HANDLER_ATTEMPTS, NOTIFY_CHANNEL, NOTIFY_MAX_PAYLOAD, PRUNE_EVERY};
+use super::outbox::{self, Queue};
+use super::{Event, Inner, BATCH, HANDLER_ATTEMPTS, NOTIFY_CHANNEL, NOTIFY_MAX_PAYLOAD, PRUNE_EVERY};
 use crate::infra::database::within;
 
 /// While another instance's pass holds the lock: how often, and how many times, to try again
 /// before waiting for the next wake-up.
 const BUSY_RETRY: Duration = Duration::from_millis(50);
 const BUSY_TRIES: u32 = 10;
+/// Events a subscriber pass takes at once (each is marked as soon as it is handled).
+const HANDLER_BATCH: i64 = 100;
+/// The pause before a subscriber's second and third attempts: 100 ms, then 200 ms.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 enum Pass {
-    /// Published a full batch: there may be more.
+    /// Took a full batch: there may be more.
     Full,
     Done,
-    /// Another relay holds the lock.
+    /// Another instance holds the queue's lock.
     Busy,
 }
 
@@ -31,22 +41,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
             _ = inner.relay_wake.notified() => {}
             _ = tokio::time::sleep(inner.settings.relay_every) => {}
         }
-        let mut busy = 0;
-        loop {
-            match pass(&inner).await {
-                Ok(Pass::Full) => continue,
-                Ok(Pass::Done) => break,
-                Ok(Pass::Busy) if busy < BUSY_TRIES => {
-                    busy += 1;
-                    tokio::time::sleep(BUSY_RETRY).await;
-                }
-                Ok(Pass::Busy) => break,
-                Err(err) => {
-                    log::warn!("events: relay pass failed (the events stay queued): {err}");
-                    break;
-                }
-            }
-        }
+        work_queue("relay", || publish_pass(&inner)).await;
         if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             pruned_at = Some(Instant::now());
             match outbox::prune(&*inner.db, inner.settings.retention).await {
@@ -58,25 +53,57 @@ pub(super) async fn run(inner: Arc<Inner>) {
     }
 }
 
-async fn pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
+pub(super) async fn run_subscribers(inner: Arc<Inner>) {
+    loop {
+        tokio::select! {
+            _ = inner.handlers_wake.notified() => {}
+            _ = tokio::time::sleep(inner.settings.relay_every) => {}
+        }
+        if inner.has_subscribers() {
+            work_queue("subscriber", || handler_pass(&inner)).await;
+        }
+    }
+}
+
+/// Passes until the queue is empty, another instance holds it, or a pass fails.
+async fn work_queue<F: std::future::Future<Output = Result<Pass, sqlx::Error>>>(what: &str, pass: impl Fn() -> F) {
+    let mut busy = 0;
+    loop {
+        match pass().await {
+            Ok(Pass::Full) => continue,
+            Ok(Pass::Done) => return,
+            Ok(Pass::Busy) if busy < BUSY_TRIES => {
+                busy += 1;
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+            Ok(Pass::Busy) => return,
+            Err(err) => {
+                log::warn!("events: {what} pass failed (the events stay queued): {err}");
+                return;
+            }
+        }
+    }
+}
+
+async fn publish_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
+    if !outbox::any_waiting(&*inner.db, Queue::Unpublished).await? {
+        return Ok(Pass::Done);
+    }
     let deadline = inner.db.statement_timeout();
-    // Postgres ends the transaction (and frees the lock) if this instance stops answering for
-    // longer than a pass may take: the subscribers' attempts plus one statement.
-    let idle = inner.settings.handler_timeout * HANDLER_ATTEMPTS + deadline;
     let mut tx = within(deadline, inner.db.pool().begin()).await?;
-    if !within(deadline, outbox::lock_relay(&mut tx, idle)).await? {
+    // Postgres ends the transaction, and frees the lock, if this instance stops answering (frozen)
+    // for longer than one publication may take.
+    let idle = deadline + inner.redis.settings().command_timeout;
+    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished, idle)).await? {
         return Ok(Pass::Busy);
     }
-    let events = within(deadline, outbox::unpublished(&mut tx)).await?;
+    let events = within(deadline, outbox::waiting(&mut tx, Queue::Unpublished, BATCH)).await?;
     if events.is_empty() {
         within(deadline, tx.commit()).await?;
         return Ok(Pass::Done);
     }
     let via = publish(inner, &mut tx, &events).await?;
-    for event in &events {
-        run_subscribers(inner, event).await;
-    }
-    within(deadline, outbox::mark_published(&mut tx, &events)).await?;
+    within(deadline, outbox::mark(&mut tx, Queue::Unpublished, &events)).await?;
     within(deadline, tx.commit()).await?;
     let now = chrono::Utc::now();
     let lag = inner.telemetry.event_lag.with_label_values(&["relayed"]);
@@ -88,11 +115,15 @@ async fn pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
         .events_published
         .with_label_values(&[via])
         .inc_by(events.len() as u64);
-    Ok(if events.len() as i64 == super::BATCH {
+    Ok(full_if(events.len(), BATCH))
+}
+
+fn full_if(taken: usize, batch: i64) -> Pass {
+    if taken as i64 == batch {
         Pass::Full
     } else {
         Pass::Done
-    })
+    }
 }
 
 pub(super) fn seconds_since(event: &Event, now: chrono::DateTime<chrono::Utc>) -> f64 {
@@ -140,7 +171,34 @@ async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Resu
     Ok("postgres")
 }
 
-async fn run_subscribers(inner: &Inner, event: &Event) {
+async fn handler_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
+    if !outbox::any_waiting(&*inner.db, Queue::Unhandled).await? {
+        return Ok(Pass::Done);
+    }
+    let deadline = inner.db.statement_timeout();
+    let mut tx = within(deadline, inner.db.pool().begin()).await?;
+    // Each event is marked right after its subscribers ran, and each statement restarts Postgres'
+    // idle clock: the bound only has to cover one event's subscribers, every attempt included.
+    let attempts = inner.settings.handler_timeout * HANDLER_ATTEMPTS + RETRY_PAUSE * 3;
+    let idle = attempts * inner.subscriber_count() as u32 + deadline;
+    if !within(deadline, outbox::lock(&mut tx, Queue::Unhandled, idle)).await? {
+        return Ok(Pass::Busy);
+    }
+    let events = within(deadline, outbox::waiting(&mut tx, Queue::Unhandled, HANDLER_BATCH)).await?;
+    for event in &events {
+        handle(inner, event).await;
+        within(
+            deadline,
+            outbox::mark(&mut tx, Queue::Unhandled, std::slice::from_ref(event)),
+        )
+        .await?;
+    }
+    within(deadline, tx.commit()).await?;
+    Ok(full_if(events.len(), HANDLER_BATCH))
+}
+
+/// Runs the event's subscribers in turn, each up to `HANDLER_ATTEMPTS` times.
+async fn handle(inner: &Inner, event: &Event) {
     let handlers = inner.subscribers_of(&event.event_type);
     if handlers.is_empty() {
         return;
@@ -158,7 +216,7 @@ async fn run_subscribers(inner: &Inner, event: &Event) {
                 break;
             }
             if attempt < HANDLER_ATTEMPTS {
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                tokio::time::sleep(RETRY_PAUSE * attempt).await;
             }
         }
         if let Some(failure) = failure {

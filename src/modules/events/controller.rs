@@ -64,6 +64,7 @@ pub async fn stream_events(req: HttpRequest, me: AuthUser, id: web::Path<Uuid>) 
     let last_event_id = last_event_id(&req)?;
     let follow = events.follow(workspace_id, me.id).await.map_err(|err| match err {
         FollowError::Database(err) => AppError::from(err),
+        FollowError::ShuttingDown => AppError::ServiceBusy { retry_after_secs: 1 },
         too_many => {
             log::debug!("events: stream refused: {too_many}");
             AppError::AtCapacity {

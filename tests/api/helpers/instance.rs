@@ -85,6 +85,20 @@ impl Instance {
         }
     }
 
+    /// The process id (for reading `/proc/<pid>/…`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("nestling is running")
+    }
+
+    /// Sends SIGTERM and waits for the process to exit (at most `within`): how long it took.
+    pub async fn terminate(&mut self, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        // SAFETY: signalling the process this handle spawned.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        tokio::time::timeout(within, self.child.wait()).await.ok()?.ok()?;
+        Some(started.elapsed())
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

@@ -29,7 +29,18 @@ impl SseClient {
     /// Opens the workspace's stream (asserting a 200 `text/event-stream`) and waits for its first
     /// chunk, so the stream is following the workspace when this returns.
     pub async fn open(app: &TestApp, workspace_id: &str, token: &str, last_event_id: Option<i64>) -> SseClient {
-        let response = Self::request(app, workspace_id, token, last_event_id).await;
+        Self::open_at(&app.client, &app.address, workspace_id, token, last_event_id).await
+    }
+
+    /// `open`, on any server (`base_url` such as `http://127.0.0.1:8080`) with the caller's client.
+    pub async fn open_at(
+        client: &reqwest::Client,
+        base_url: &str,
+        workspace_id: &str,
+        token: &str,
+        last_event_id: Option<i64>,
+    ) -> SseClient {
+        let response = Self::request_at(client, base_url, workspace_id, token, last_event_id).await;
         assert_eq!(response.status(), 200, "opening the stream");
         assert_eq!(
             response.headers()["content-type"].to_str().unwrap(),
@@ -56,9 +67,18 @@ impl SseClient {
         token: &str,
         last_event_id: Option<i64>,
     ) -> reqwest::Response {
-        let mut request = app
-            .client
-            .get(app.url(&format!("/api/workspaces/{workspace_id}/events")))
+        Self::request_at(&app.client, &app.address, workspace_id, token, last_event_id).await
+    }
+
+    async fn request_at(
+        client: &reqwest::Client,
+        base_url: &str,
+        workspace_id: &str,
+        token: &str,
+        last_event_id: Option<i64>,
+    ) -> reqwest::Response {
+        let mut request = client
+            .get(format!("{base_url}/api/workspaces/{workspace_id}/events"))
             .bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id.to_string());
