@@ -96,9 +96,6 @@ impl Application {
                 .default_service(web::to(error::route_not_found))
         })
         .shutdown_timeout(settings.app.shutdown_timeout.as_secs())
-        // A client that closes its side is gone: end its connection at once. Otherwise an idle
-        // event stream would hold its place (and its user's share) until the next heartbeat.
-        .h1_allow_half_closed(false)
         // `run_until_stopped` handles SIGTERM and Ctrl-C: it ends the event streams first.
         .disable_signals();
         if settings.app.workers > 0 {
@@ -135,9 +132,13 @@ impl Application {
         let events: Arc<dyn EventBus> = self.module.resolve();
         tokio::spawn(async move {
             stop_requested().await;
-            log::info!("stopping: ending event streams, finishing requests in flight");
+            log::info!("stopping: ending event streams, finishing requests in flight (again to stop at once)");
             events.end_streams();
-            handle.stop(true).await;
+            let graceful = handle.stop(true);
+            tokio::select! {
+                _ = graceful => {}
+                _ = stop_requested() => handle.stop(false).await,
+            }
         });
         self.server.await
     }

@@ -376,7 +376,11 @@ async fn a_write_that_fails_leaves_no_event() {
 #[tokio::test]
 async fn streams_are_bounded_per_user_and_answer_429_beyond() {
     let app = TestApp::builder()
-        .settings(|s| s.events.max_streams_per_user = 2)
+        .settings(|s| {
+            s.events.max_streams_per_user = 2;
+            // A client that went away is noticed when the next heartbeat cannot be written.
+            s.events.heartbeat = Duration::from_millis(100);
+        })
         .spawn()
         .await;
     let (owner, workspace, _) = app.user_with_project().await;
@@ -804,6 +808,8 @@ async fn a_thousand_idle_streams_cost_one_instance_under_50_mib() {
     let env: Vec<(String, String)> = [
         ("DATABASE_URL", db.url.as_str()),
         ("EVENTS_MAX_STREAMS_PER_USER", "2000"),
+        // The warm-up's closed streams are noticed at their next heartbeat.
+        ("EVENTS_HEARTBEAT", "1"),
         // 1,000 opens from one user and one address are not what the limiter is measured on here.
         ("RATE_LIMIT_ENABLED", "false"),
     ]
@@ -1008,4 +1014,134 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("/proc/<pid>/fd")
         .count()
+}
+
+/// A client that reconnects to an instance whose feed lags behind the one it came from (here: cut
+/// off from Redis, its periodic catch-up off) gets neither a `resync` nor the events it already
+/// has: its `Last-Event-ID` is below the workspace's last number, so the instance skips up to it.
+#[tokio::test]
+async fn a_client_reconnecting_to_a_lagging_instance_gets_no_duplicate_and_no_resync() {
+    let (a, b, link) = b_cut_off_from_redis(Duration::from_secs(3600)).await;
+    let (owner, workspace, project) = a.user_with_project().await;
+    let workspace_id = workspace["id"].as_str().unwrap();
+    // B follows the workspace (another client of B's), so its feed has a cursor, which stops
+    // moving while B cannot hear Redis.
+    let mut on_b = SseClient::open(&b, workspace_id, &owner.token, None).await;
+    task_in(&a, &owner, &project, "heard by both").await;
+    assert_eq!(on_b.expect_event(SECOND).await.data["data"]["title"], "heard by both");
+    let mut on_a = SseClient::open(&a, workspace_id, &owner.token, None).await;
+    link.cut();
+    for n in 0..3 {
+        task_in(&a, &owner, &project, &format!("on A {n}")).await;
+    }
+    let (_, seen) = read_events(&mut on_a, 3, 5 * SECOND).await;
+    let last = *seen.last().unwrap();
+    drop(on_a);
+
+    // Back on B, whose feed is three events behind the client.
+    let mut back = SseClient::open(&b, workspace_id, &owner.token, Some(last)).await;
+    link.heal();
+    task_in(&a, &owner, &project, "after the reconnect").await;
+    let event = back.expect_event(5 * SECOND).await;
+    assert_eq!(event.event, "task.created", "no resync first: {event:?}");
+    assert_eq!(event.id, Some(last + 1), "nothing the client had, nothing skipped");
+    assert_eq!(event.data["data"]["title"], "after the reconnect");
+}
+
+/// A subscriber that panics fails its attempt like one that returns an error: the pass goes on,
+/// later events and other subscribers run, and the failure is counted.
+#[tokio::test]
+async fn a_subscriber_that_panics_fails_its_attempts_and_the_others_go_on() {
+    let app = TestApp::builder()
+        .settings(|s| s.events.handler_timeout = Duration::from_millis(500))
+        .spawn()
+        .await;
+    let bus = bus(&app);
+    let calls = Calls::default();
+    for (name, panics) in [("panics", true), ("healthy", false)] {
+        let calls = calls.clone();
+        bus.subscribe(
+            &["task.created"],
+            handler(move |event: Arc<Event>| {
+                calls.count(name, event.seq);
+                async move {
+                    assert!(!panics, "a subscriber bug");
+                    Ok(())
+                }
+            }),
+        );
+    }
+    let (owner, _, project) = app.user_with_project().await;
+    for n in 0..2 {
+        task_in(&app, &owner, &project, &format!("task {n}")).await;
+    }
+    until_settled(&app, 10 * SECOND).await;
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM events WHERE type = 'task.created' ORDER BY seq")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    for seq in seqs {
+        assert_eq!(calls.of("panics", seq), 3, "three attempts at {seq}");
+        assert_eq!(calls.of("healthy", seq), 1, "the next subscriber ran at {seq}");
+    }
+    assert_eq!(metric(&app, "nestling_event_handler_failures_total").await, 2.0);
+}
+
+/// The prune deletes only a prefix of each workspace's events: an old event still waiting for
+/// its subscribers keeps itself and every later one, so a stream never meets a hole.
+#[tokio::test]
+async fn the_prune_never_leaves_a_hole_behind_an_event_still_queued() {
+    let app = TestApp::builder()
+        .settings(|s| s.events.retention = Duration::from_secs(3600))
+        .spawn()
+        .await;
+    let (owner, workspace, project) = app.user_with_project().await;
+    let workspace_id: Uuid = workspace["id"].as_str().unwrap().parse().unwrap();
+    for n in 2..=5 {
+        task_in(&app, &owner, &project, &format!("task {n}")).await;
+    }
+    until_settled(&app, 5 * SECOND).await;
+    // All five are past the retention; the third still waits for its subscribers (no instance
+    // here has any, so it stays queued).
+    sqlx::query(
+        "UPDATE events SET occurred_at = now() - interval '2 days',
+                handled_at = CASE WHEN seq = 3 THEN NULL ELSE handled_at END
+         WHERE workspace_id = $1",
+    )
+    .bind(workspace_id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // A starting instance prunes on its first pass.
+    let _restarted = TestApp::builder().sibling_of(&app).spawn().await;
+    until_pruned(&app, workspace_id, 2).await;
+    let left: Vec<i64> = sqlx::query_scalar("SELECT seq FROM events WHERE workspace_id = $1 ORDER BY seq")
+        .bind(workspace_id)
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(left, [3, 4, 5], "only what came before the queued event goes");
+}
+
+/// A member added later reads the workspace's events from their own `member.added` on, even
+/// with `Last-Event-ID: 0`: not its history from before they joined.
+#[tokio::test]
+async fn a_member_reads_events_from_when_they_joined_not_before() {
+    let app = TestApp::spawn().await;
+    let (owner, workspace, project) = app.user_with_project().await;
+    let workspace_id = workspace["id"].as_str().unwrap();
+    task_in(&app, &owner, &project, "before they joined").await;
+    let member = app.register_user().await;
+    app.add_member(&owner, workspace_id, &member).await;
+    task_in(&app, &owner, &project, "after they joined").await;
+
+    let mut stream = SseClient::open(&app, workspace_id, &member.token, Some(0)).await;
+    let first = stream.expect_event(5 * SECOND).await;
+    assert_eq!(first.event, "member.added");
+    assert_eq!(first.data["data"]["userId"], json!(member.id));
+    let next = stream.expect_event(5 * SECOND).await;
+    assert_eq!(next.data["data"]["title"], "after they joined");
+    // The owner, there from the start, reads it all.
+    let mut owners = SseClient::open(&app, workspace_id, &owner.token, Some(0)).await;
+    assert_eq!(owners.expect_event(5 * SECOND).await.event, "project.created");
 }

@@ -252,10 +252,14 @@ impl dyn CacheService {
         }
         stale.sort_unstable_by(|a, b| a.l1_key().cmp(b.l1_key()));
         stale.dedup();
-        // Inside an open transaction the write is not committed yet: a read between now and the
-        // commit may cache the old row, so the owner invalidates these again after its commit.
-        let _ = AFTER_COMMIT.try_with(|after| after.borrow_mut().extend(stale.iter().cloned()));
-        self.invalidate(stale).await;
+        // Inside an open transaction the write is not committed yet: invalidating now would not
+        // stop a read before the commit from caching the old row, so the owner invalidates once
+        // it has committed (or rolled back), and nothing waits on Redis while the transaction
+        // holds its row locks.
+        let deferred = AFTER_COMMIT.try_with(|after| after.borrow_mut().extend(stale.iter().cloned()));
+        if deferred.is_err() {
+            self.invalidate(stale).await;
+        }
         outcome
     }
 }
@@ -267,7 +271,7 @@ tokio::task_local! {
 
 /// Runs `work` (writes that join an open transaction, see `infra::database::transaction`) and
 /// returns, with its output, the keys its writes made stale: the transaction's owner invalidates
-/// them again once it has committed or rolled back.
+/// them once it has committed or rolled back.
 pub async fn invalidating_after_commit<F: std::future::Future>(work: F) -> (F::Output, Vec<CacheKey>) {
     AFTER_COMMIT
         .scope(std::cell::RefCell::new(Vec::new()), async {

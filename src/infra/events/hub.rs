@@ -19,8 +19,11 @@ use crate::config::EventSettings;
 use crate::infra::telemetry::Telemetry;
 
 const RETRY_EVERY: Duration = Duration::from_millis(250);
-/// A subscription that answers no PING within this is dropped and made again.
+/// A subscription is pinged this often; one that hears nothing (not even a ping) for twice as long
+/// is dropped and made again.
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// What each instance NOTIFYs every `PING_EVERY`, so that a LISTEN that hears nothing is known dead.
+const PING: &str = "ping";
 
 pub(super) struct Hub {
     feeds: Mutex<HashMap<Uuid, Feed>>,
@@ -258,6 +261,7 @@ impl Inner {
 pub(super) fn start(inner: Arc<Inner>) {
     tokio::spawn(listen_to_redis(inner.clone()));
     tokio::spawn(listen_to_postgres(inner.clone()));
+    tokio::spawn(ping_postgres_listeners(inner.clone()));
     tokio::spawn(async move {
         let mut every = tokio::time::interval(inner.settings.catch_up_every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -315,6 +319,17 @@ async fn subscribe_on_redis(inner: &Inner) -> Result<(), String> {
     }
 }
 
+async fn ping_postgres_listeners(inner: Arc<Inner>) {
+    let mut every = tokio::time::interval(PING_EVERY);
+    loop {
+        every.tick().await;
+        let ping = sqlx::query("SELECT pg_notify($1, $2)").bind(NOTIFY_CHANNEL).bind(PING);
+        if let Err(err) = inner.db.run(ping.execute(inner.db.pool())).await {
+            log::debug!("events: pinging the listeners failed: {err}");
+        }
+    }
+}
+
 async fn listen_to_postgres(inner: Arc<Inner>) {
     // A pool of its own, of one connection: LISTEN holds its connection for good.
     let options = inner.db.pool().connect_options().as_ref().clone();
@@ -331,12 +346,19 @@ async fn listen_to_postgres(inner: Arc<Inner>) {
                     Ok(()) => {
                         inner.catch_up(None).await;
                         loop {
-                            match listener.try_recv().await {
-                                Ok(Some(notification)) => inner.heard(notification.payload()).await,
+                            // A server cut off without a reset never answers: the pings (ours, or
+                            // any instance's) stop, and the listener is dropped and made again.
+                            match tokio::time::timeout(PING_EVERY * 2, listener.try_recv()).await {
+                                Ok(Ok(Some(notification))) if notification.payload() == PING => {}
+                                Ok(Ok(Some(notification))) => inner.heard(notification.payload()).await,
                                 // Reconnected: what was sent meanwhile is lost to LISTEN.
-                                Ok(None) => inner.catch_up(None).await,
-                                Err(err) => {
+                                Ok(Ok(None)) => inner.catch_up(None).await,
+                                Ok(Err(err)) => {
                                     log::debug!("events: LISTEN: {err}");
+                                    break;
+                                }
+                                Err(_) => {
+                                    log::debug!("events: LISTEN heard nothing, not even a ping: listening afresh");
                                     break;
                                 }
                             }

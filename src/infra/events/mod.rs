@@ -14,9 +14,10 @@
 //!   `EVENTS_RELAY_EVERY_MS`, so an event whose writer died before waking it goes out too.
 //! - **In-app subscribers** (`subscribe`) run in a pass of their own (one at a time across the
 //!   fleet, like the relay, but apart from it, so a slow subscriber never delays what clients
-//!   see): once per event across the fleet, in order per workspace, at least once (a crash before
-//!   the pass commits runs them again, so they must be idempotent). A subscriber that fails or
-//!   times out (`EVENTS_HANDLER_TIMEOUT_MS`) is tried three times; after that the failure is
+//!   see), in order per workspace, each event in a transaction of its own: at least once across
+//!   the fleet (once, unless an instance dies or freezes between running an event's subscribers
+//!   and committing its mark; they must be idempotent). A subscriber that fails, panics or times
+//!   out (`EVENTS_HANDLER_TIMEOUT_MS`) is tried three times; after that the failure is
 //!   logged (naming the event) and counted (`nestling_event_handler_failures_total`), and the
 //!   events behind it go on. Subscribe at start-up, on every instance alike: an event recorded
 //!   while nobody subscribed to its type is recorded as handled.
@@ -24,6 +25,9 @@
 //!   events to its streams in order, deduplicated by number. A gap (a message lost while Redis
 //!   restarted) is read from the table, and every `EVENTS_CATCH_UP_MS` each followed workspace is
 //!   read from the table anyway: pub/sub only makes delivery fast, the table makes it complete.
+//!   The prune deletes a prefix of each workspace's rows (never one behind a row still queued),
+//!   so what a stream reads has no holes. A LISTEN that hears nothing for two ping periods (each
+//!   instance NOTIFYs a ping every 5 s) is made again: a silently cut connection cannot stall it.
 //!
 //! What it does not:
 //! - Keep events forever: rows older than `EVENTS_RETENTION` are pruned; a client further behind
@@ -86,6 +90,16 @@ pub trait EventBus: Interface {
     async fn follow(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Follow, FollowError>;
     /// The workspace's events after `after`, up to `upto` (inclusive), at most `limit`, in order.
     async fn read(&self, workspace_id: Uuid, after: i64, upto: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error>;
+    /// The workspace's last number (0 before its first event).
+    async fn head(&self, workspace_id: Uuid) -> Result<i64, sqlx::Error>;
+    /// The number of the workspace's latest retained event of this type whose data contains
+    /// `data` (JSON containment), if any.
+    async fn latest(
+        &self,
+        workspace_id: Uuid,
+        event_type: &str,
+        data: serde_json::Value,
+    ) -> Result<Option<i64>, sqlx::Error>;
     /// Starts the relay, the listeners and the catch-up on this instance.
     fn start(&self);
     fn settings(&self) -> &EventSettings;
@@ -173,6 +187,19 @@ impl EventBus for OutboxEventBus {
 
     async fn read(&self, workspace_id: Uuid, after: i64, upto: i64, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
         outbox::read(&*self.inner.db, workspace_id, after, upto, limit).await
+    }
+
+    async fn head(&self, workspace_id: Uuid) -> Result<i64, sqlx::Error> {
+        outbox::head(&*self.inner.db, workspace_id).await
+    }
+
+    async fn latest(
+        &self,
+        workspace_id: Uuid,
+        event_type: &str,
+        data: serde_json::Value,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        outbox::latest(&*self.inner.db, workspace_id, event_type, &data).await
     }
 
     fn start(&self) {

@@ -48,6 +48,19 @@ pub(super) async fn head(db: &dyn Database, workspace_id: Uuid) -> Result<i64, s
     Ok(db.run(query.fetch_optional(db.pool())).await?.unwrap_or(0))
 }
 
+pub(super) async fn latest(
+    db: &dyn Database,
+    workspace_id: Uuid,
+    event_type: &str,
+    data: &serde_json::Value,
+) -> Result<Option<i64>, sqlx::Error> {
+    let query = sqlx::query_scalar("SELECT max(seq) FROM events WHERE workspace_id = $1 AND type = $2 AND data @> $3")
+        .bind(workspace_id)
+        .bind(event_type)
+        .bind(data);
+    db.run(query.fetch_one(db.pool())).await
+}
+
 pub(super) async fn read(
     db: &dyn Database,
     workspace_id: Uuid,
@@ -78,17 +91,35 @@ pub(super) async fn read_many(db: &dyn Database, cursors: &[(Uuid, i64)]) -> Res
     db.run(query.fetch_all(db.pool())).await
 }
 
-/// The lock of one of the queues (`Queue`), as a transaction's advisory lock: released by COMMIT,
+/// One of the fleet-wide passes' locks, as a transaction's advisory lock: released by COMMIT,
 /// ROLLBACK, or Postgres ending the transaction once it has been idle for longer than `idle`.
-pub(super) async fn lock(conn: &mut PgConnection, queue: Queue, idle: Duration) -> Result<bool, sqlx::Error> {
+pub(super) async fn lock(conn: &mut PgConnection, lock: Lock, idle: Duration) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))
          FROM set_config('idle_in_transaction_session_timeout', $2, true)",
     )
-    .bind(queue.lock_name())
+    .bind(lock.name())
     .bind(idle.as_millis().to_string())
     .fetch_one(conn)
     .await
+}
+
+/// The passes that run one at a time across the fleet.
+#[derive(Clone, Copy)]
+pub(super) enum Lock {
+    Relay,
+    Subscribers,
+    Prune,
+}
+
+impl Lock {
+    fn name(self) -> &'static str {
+        match self {
+            Lock::Relay => "events-relay",
+            Lock::Subscribers => "events-subscribers",
+            Lock::Prune => "events-prune",
+        }
+    }
 }
 
 /// The two queues of the table: events to publish, and events for the in-app subscribers.
@@ -99,10 +130,10 @@ pub(super) enum Queue {
 }
 
 impl Queue {
-    fn lock_name(self) -> &'static str {
+    pub(super) fn lock(self) -> Lock {
         match self {
-            Queue::Unpublished => "events-relay",
-            Queue::Unhandled => "events-subscribers",
+            Queue::Unpublished => Lock::Relay,
+            Queue::Unhandled => Lock::Subscribers,
         }
     }
 
@@ -156,20 +187,42 @@ pub(super) async fn mark(conn: &mut PgConnection, queue: Queue, events: &[Event]
         .map(|_| ())
 }
 
-/// Deletes rows older than `retention`, and the counters of deleted workspaces that
-/// have no rows left.
-pub(super) async fn prune(db: &dyn Database, retention: Duration) -> Result<u64, sqlx::Error> {
-    let rows = sqlx::query(
-        "DELETE FROM events WHERE ctid = ANY (ARRAY(
-            SELECT ctid FROM events WHERE occurred_at < now() - make_interval(secs => $1)
-              AND published_at IS NOT NULL AND handled_at IS NOT NULL LIMIT 10000))",
+/// Deletes up to `PRUNE_BATCH` rows older than `retention`, never one with an earlier row of its
+/// workspace still queued (so a stream never finds a hole: what is gone is a prefix), and the
+/// counters of deleted workspaces whose last rows went. Returns how many rows it deleted; in the
+/// caller's transaction, which holds the prune's lock.
+pub(super) async fn prune(conn: &mut PgConnection, retention: Duration) -> Result<u64, sqlx::Error> {
+    let pruned: Vec<Uuid> = sqlx::query_scalar(
+        "WITH doomed AS (
+            SELECT e.workspace_id, e.seq FROM events e
+            WHERE e.occurred_at < now() - make_interval(secs => $1)
+              AND e.published_at IS NOT NULL AND e.handled_at IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM events u WHERE u.workspace_id = e.workspace_id
+                              AND u.seq < e.seq AND u.published_at IS NULL)
+              AND NOT EXISTS (SELECT 1 FROM events u WHERE u.workspace_id = e.workspace_id
+                              AND u.seq < e.seq AND u.handled_at IS NULL)
+            LIMIT $2)
+         DELETE FROM events e USING doomed
+         WHERE e.workspace_id = doomed.workspace_id AND e.seq = doomed.seq
+         RETURNING e.workspace_id",
     )
-    .bind(retention.as_secs_f64());
-    let pruned = db.run(rows.execute(db.pool())).await?.rows_affected();
-    let streams = sqlx::query(
-        "DELETE FROM event_streams s WHERE NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = s.workspace_id)
+    .bind(retention.as_secs_f64())
+    .bind(PRUNE_BATCH)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut touched = pruned.clone();
+    touched.sort_unstable();
+    touched.dedup();
+    sqlx::query(
+        "DELETE FROM event_streams s WHERE s.workspace_id = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM workspaces w WHERE w.id = s.workspace_id)
            AND NOT EXISTS (SELECT 1 FROM events e WHERE e.workspace_id = s.workspace_id)",
-    );
-    db.run(streams.execute(db.pool())).await?;
-    Ok(pruned)
+    )
+    .bind(touched)
+    .execute(conn)
+    .await?;
+    Ok(pruned.len() as u64)
 }
+
+/// Rows one prune statement deletes at most.
+pub(super) const PRUNE_BATCH: i64 = 10_000;

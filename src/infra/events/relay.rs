@@ -2,8 +2,8 @@
 //! transaction's advisory lock):
 //! - the relay takes unpublished events in order, publishes them and marks them published in the
 //!   same transaction;
-//! - the subscriber pass takes the events in-app subscribers have not handled, runs them in order,
-//!   and marks each event handled as soon as its subscribers ran.
+//! - the subscriber pass takes the events in-app subscribers have not handled, one per
+//!   transaction, runs their subscribers in order, and marks it handled in that transaction.
 //!
 //! A crash before a commit leaves the events in their queue for the next pass: at least once. The
 //! queues are apart so that a slow or failing subscriber never delays what clients see.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
-use super::outbox::{self, Queue};
+use super::outbox::{self, Lock, Queue};
 use super::{Event, Inner, BATCH, HANDLER_ATTEMPTS, NOTIFY_CHANNEL, NOTIFY_MAX_PAYLOAD, PRUNE_EVERY};
 use crate::infra::database::within;
 
@@ -21,8 +21,11 @@ use crate::infra::database::within;
 /// before waiting for the next wake-up.
 const BUSY_RETRY: Duration = Duration::from_millis(50);
 const BUSY_TRIES: u32 = 10;
-/// Events a subscriber pass takes at once (each is marked as soon as it is handled).
-const HANDLER_BATCH: i64 = 100;
+/// PUBLISH commands per Redis round trip: a backlog goes out in several, each under the command
+/// deadline, rather than in one that could outlast it (and count against the shared breaker).
+const PUBLISH_CHUNK: usize = 50;
+/// How long one prune may go on deleting batches (every `PRUNE_EVERY`).
+const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 /// The pause before a subscriber's second and third attempts: 100 ms, then 200 ms.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -44,12 +47,41 @@ pub(super) async fn run(inner: Arc<Inner>) {
         work_queue("relay", || publish_pass(&inner)).await;
         if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
             pruned_at = Some(Instant::now());
-            match outbox::prune(&*inner.db, inner.settings.retention).await {
-                Ok(0) => {}
-                Ok(pruned) => log::debug!("events: pruned {pruned} events older than the retention"),
-                Err(err) => log::warn!("events: prune failed: {err}"),
+            prune(&inner).await;
+        }
+    }
+}
+
+/// Prunes in batches while there is more (within `PRUNE_BUDGET`), one instance at a time.
+async fn prune(inner: &Inner) {
+    let started = Instant::now();
+    let deadline = inner.db.statement_timeout();
+    let mut pruned = 0;
+    while started.elapsed() < PRUNE_BUDGET {
+        let batch = async {
+            let mut tx = within(deadline, inner.db.pool().begin()).await?;
+            if !within(deadline, outbox::lock(&mut tx, Lock::Prune, deadline)).await? {
+                return Ok(0);
+            }
+            let deleted = within(deadline, outbox::prune(&mut tx, inner.settings.retention)).await?;
+            within(deadline, tx.commit()).await?;
+            Ok::<_, sqlx::Error>(deleted)
+        };
+        match batch.await {
+            Ok(deleted) => {
+                pruned += deleted;
+                if deleted < outbox::PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(err) => {
+                log::warn!("events: prune failed: {err}");
+                break;
             }
         }
+    }
+    if pruned > 0 {
+        log::debug!("events: pruned {pruned} events older than the retention");
     }
 }
 
@@ -94,7 +126,7 @@ async fn publish_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
     // Postgres ends the transaction, and frees the lock, if this instance stops answering (frozen)
     // for longer than one publication may take.
     let idle = deadline + inner.redis.settings().command_timeout;
-    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished, idle)).await? {
+    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished.lock(), idle)).await? {
         return Ok(Pass::Busy);
     }
     let events = within(deadline, outbox::waiting(&mut tx, Queue::Unpublished, BATCH)).await?;
@@ -139,13 +171,20 @@ async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Resu
         .collect();
     if let Some(redis) = inner.redis.synced() {
         let channel = inner.redis.keys().event_channel();
-        let mut pipe = bb8_redis::redis::pipe();
-        for payload in &payloads {
-            pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+        let mut published = Ok(());
+        for chunk in payloads.chunks(PUBLISH_CHUNK) {
+            let mut pipe = bb8_redis::redis::pipe();
+            for payload in chunk {
+                pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
+            }
+            published = redis
+                .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await;
+            if published.is_err() {
+                break;
+            }
         }
-        let published = redis
-            .call(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await;
+        // Those published before a failure go out again with NOTIFY: at least once.
         match published {
             Ok(()) => return Ok("redis"),
             Err(err) => log::debug!("events: publishing on Redis failed, using NOTIFY: {err}"),
@@ -171,30 +210,31 @@ async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Resu
     Ok("postgres")
 }
 
+/// One event per transaction: its mark is durable as soon as its subscribers ran, and the
+/// transaction is idle only while they run.
 async fn handler_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
     if !outbox::any_waiting(&*inner.db, Queue::Unhandled).await? {
         return Ok(Pass::Done);
     }
     let deadline = inner.db.statement_timeout();
     let mut tx = within(deadline, inner.db.pool().begin()).await?;
-    // Each event is marked right after its subscribers ran, and each statement restarts Postgres'
-    // idle clock: the bound only has to cover one event's subscribers, every attempt included.
     let attempts = inner.settings.handler_timeout * HANDLER_ATTEMPTS + RETRY_PAUSE * 3;
     let idle = attempts * inner.subscriber_count() as u32 + deadline;
-    if !within(deadline, outbox::lock(&mut tx, Queue::Unhandled, idle)).await? {
+    if !within(deadline, outbox::lock(&mut tx, Queue::Unhandled.lock(), idle)).await? {
         return Ok(Pass::Busy);
     }
-    let events = within(deadline, outbox::waiting(&mut tx, Queue::Unhandled, HANDLER_BATCH)).await?;
-    for event in &events {
-        handle(inner, event).await;
-        within(
-            deadline,
-            outbox::mark(&mut tx, Queue::Unhandled, std::slice::from_ref(event)),
-        )
-        .await?;
-    }
+    let Some(event) = within(deadline, outbox::waiting(&mut tx, Queue::Unhandled, 1))
+        .await?
+        .pop()
+    else {
+        within(deadline, tx.commit()).await?;
+        return Ok(Pass::Done);
+    };
+    handle(inner, &event).await;
+    let marked = outbox::mark(&mut tx, Queue::Unhandled, std::slice::from_ref(&event));
+    within(deadline, marked).await?;
     within(deadline, tx.commit()).await?;
-    Ok(full_if(events.len(), HANDLER_BATCH))
+    Ok(Pass::Full)
 }
 
 /// Runs the event's subscribers in turn, each up to `HANDLER_ATTEMPTS` times.
@@ -207,10 +247,16 @@ async fn handle(inner: &Inner, event: &Event) {
     for handler in handlers {
         let mut failure = None;
         for attempt in 1..=HANDLER_ATTEMPTS {
-            failure = match tokio::time::timeout(inner.settings.handler_timeout, handler(event.clone())).await {
-                Ok(Ok(())) => None,
-                Ok(Err(err)) => Some(err),
-                Err(_) => Some(format!("timed out after {:?}", inner.settings.handler_timeout)),
+            // A task of its own: a subscriber that panics fails this attempt, not the pass.
+            let mut attempt_task = tokio::spawn(handler(event.clone()));
+            failure = match tokio::time::timeout(inner.settings.handler_timeout, &mut attempt_task).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(err))) => Some(err),
+                Ok(Err(panicked)) => Some(format!("panicked: {panicked}")),
+                Err(_) => {
+                    attempt_task.abort();
+                    Some(format!("timed out after {:?}", inner.settings.handler_timeout))
+                }
             };
             if failure.is_none() {
                 break;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use shaku::HasComponent;
 use uuid::Uuid;
 
-use super::model::{MEMBER_REMOVED, WORKSPACE_DELETED};
+use super::model::{MEMBER_ADDED, MEMBER_REMOVED, WORKSPACE_DELETED};
 use crate::container::AppModule;
 use crate::error::{AppError, AppResult, ErrorBody};
 use crate::infra::events::{Event, EventBus, Follow, FollowError};
@@ -61,7 +61,16 @@ pub async fn stream_events(req: HttpRequest, me: AuthUser, id: web::Path<Uuid>) 
     let settings = events.settings().clone();
     let workspace_id = *id;
     workspaces.require_member(me.id, workspace_id).await?;
-    let last_event_id = last_event_id(&req)?;
+    let mut last_event_id = last_event_id(&req)?;
+    if let Some(id) = last_event_id {
+        // A member reads from when they (last) joined, not the workspace's history before that.
+        let joined = events
+            .latest(workspace_id, MEMBER_ADDED, serde_json::json!({ "userId": me.id }))
+            .await?;
+        if let Some(joined) = joined {
+            last_event_id = Some(id.max(joined - 1));
+        }
+    }
     let follow = events.follow(workspace_id, me.id).await.map_err(|err| match err {
         FollowError::Database(err) => AppError::from(err),
         FollowError::ShuttingDown => AppError::ServiceBusy { retry_after_secs: 1 },
@@ -74,9 +83,23 @@ pub async fn stream_events(req: HttpRequest, me: AuthUser, id: web::Path<Uuid>) 
             }
         }
     })?;
+    let start = match last_event_id {
+        None => Start::Live,
+        // Ahead of this instance's feed: it may lag (another instance served the client). The
+        // workspace's last number tells a lagging feed from an id that is not this stream's.
+        Some(id) if id > follow.from => {
+            let head = events.head(workspace_id).await?;
+            if id <= head {
+                Start::After(id)
+            } else {
+                Start::Resync { client: id, head }
+            }
+        }
+        Some(id) => Start::After(id),
+    };
     let stream = EventStream::new(
         follow,
-        last_event_id,
+        start,
         Checks {
             events,
             auth,
@@ -114,6 +137,16 @@ fn last_event_id(req: &HttpRequest) -> AppResult<Option<i64>> {
             code: "invalid_last_event_id",
             message: "Last-Event-ID must be a whole number >= 0 (an id this stream sent)".into(),
         })
+}
+
+/// Where a stream starts.
+enum Start {
+    /// With the next event.
+    Live,
+    /// After the client's `Last-Event-ID`: what it missed is read from the table first.
+    After(i64),
+    /// The client's id is beyond the workspace's last number (not an id of this stream): reload.
+    Resync { client: i64, head: i64 },
 }
 
 /// What a stream needs besides its events: who it is for, and how to check they still may.
@@ -156,7 +189,7 @@ struct EventStream {
 }
 
 impl EventStream {
-    fn new(follow: Follow, last_event_id: Option<i64>, checks: Checks, heartbeat: Duration, recheck: Duration) -> Self {
+    fn new(follow: Follow, start: Start, checks: Checks, heartbeat: Duration, recheck: Duration) -> Self {
         let every = |period| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut stream = Self {
             last_sent: follow.from,
@@ -168,14 +201,18 @@ impl EventStream {
             recheck: every(recheck),
             ended: false,
         };
-        match last_event_id {
-            Some(id) if id < stream.last_sent => {
+        match start {
+            Start::Live => {}
+            Start::After(id) if id < stream.last_sent => {
                 stream.catch_up_to = Some(stream.last_sent);
                 stream.last_sent = id;
             }
-            // Ahead of the workspace's last event: not an id of this stream (another database?).
-            Some(id) if id > stream.last_sent => stream.pending.push_back(resync(id, stream.last_sent + 1)),
-            _ => {}
+            // The feed lags behind the client: what it hands on up to `id` is skipped.
+            Start::After(id) => stream.last_sent = id,
+            Start::Resync { client, head } => {
+                stream.pending.push_back(resync(client, head + 1));
+                stream.last_sent = stream.last_sent.max(head);
+            }
         }
         stream
     }
@@ -251,17 +288,19 @@ impl EventStream {
                 return;
             }
         };
-        let first = events.first().map_or(upto + 1, |event| event.seq);
-        if first > after + 1 {
-            // Pruned (older than EVENTS_RETENTION): the client cannot get these any more.
-            self.pending.push_back(resync(after, first.min(upto + 1)));
-            self.last_sent = first.min(upto + 1) - 1;
-        }
         for event in &events {
             if self.ended {
                 break;
             }
+            if event.seq > self.last_sent + 1 {
+                // Pruned (older than EVENTS_RETENTION): the client cannot get these any more.
+                self.pending.push_back(resync(self.last_sent, event.seq));
+            }
             self.send(event);
+        }
+        if events.is_empty() && self.last_sent < upto {
+            self.pending.push_back(resync(self.last_sent, upto + 1));
+            self.last_sent = upto;
         }
         if self.last_sent >= upto || events.is_empty() {
             self.catch_up_to = None;

@@ -37,6 +37,7 @@ pub enum WorkspaceEvent<'a> {
     },
 }
 
+pub const MEMBER_ADDED: &str = "member.added";
 pub const MEMBER_REMOVED: &str = "member.removed";
 pub const WORKSPACE_DELETED: &str = "workspace.deleted";
 
@@ -48,7 +49,7 @@ pub const EVENT_TYPES: [&str; 11] = [
     "project.created",
     "project.updated",
     "project.deleted",
-    "member.added",
+    MEMBER_ADDED,
     MEMBER_REMOVED,
     "workspace.updated",
     WORKSPACE_DELETED,
@@ -66,7 +67,7 @@ impl WorkspaceEvent<'_> {
             Self::ProjectCreated(_) => "project.created",
             Self::ProjectUpdated(_) => "project.updated",
             Self::ProjectDeleted { .. } => "project.deleted",
-            Self::MemberAdded { .. } => "member.added",
+            Self::MemberAdded { .. } => MEMBER_ADDED,
             Self::MemberRemoved { .. } => MEMBER_REMOVED,
             Self::WorkspaceUpdated(_) => "workspace.updated",
             Self::WorkspaceDeleted { .. } => WORKSPACE_DELETED,
