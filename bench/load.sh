@@ -3,7 +3,9 @@
 # logs in, then runs wrk against the cached task list (GET /api/projects/{id}/tasks?limit=20) and
 # a 90 % read / 10 % write mix (PATCH of one task's priority), and prints req/s, p50, p99, the
 # requests the rate limit refused (429: raise RATE_LIMIT_API to load past it) and the failed
-# ones (other 4xx, 5xx, socket errors) per scenario. Several base URLs (comma-separated) are loaded at once, the
+# ones (other 4xx, 5xx, socket errors) per scenario. LOAD_SCENARIOS=create (not run by default:
+# it adds rows) loads task creation alone (POST /api/projects/{id}/tasks: the row, its event, the
+# invalidations). Several base URLs (comma-separated) are loaded at once, the
 # connections split between them: req/s are summed, latencies are the slowest instance's.
 #
 # Usage: bench/load.sh BASE_URL[,BASE_URL...] [seconds, default 10] [connections, default 16]
@@ -40,9 +42,12 @@ trap 'rm -rf "$WORK"' EXIT
 cat >"$WORK/load.lua" <<LUA
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
-function init(args) mix = args[1] == "mix"; n = 0; limited = 0; failed = 0 end
+function init(args) mix = args[1] == "mix"; create = args[1] == "create"; n = 0; limited = 0; failed = 0 end
 request = function()
   n = n + 1
+  if create then
+    return wrk.format("POST", "/api/projects/$PROJECT/tasks", {["Authorization"] = "Bearer $TOKEN", ["Content-Type"] = "application/json"}, string.format('{"title":"load %d"}', n))
+  end
   if mix and n % 10 == 0 then
     local body = string.format('{"priority":"%s"}', (n % 20 == 0) and "high" or "low")
     return wrk.format("PATCH", "/api/tasks/$TASK", {["Authorization"] = "Bearer $TOKEN", ["Content-Type"] = "application/json"}, body)
@@ -82,11 +87,12 @@ for base in "${BASES[@]}"; do
 done
 echo "load: ${BASES[*]}; ${DURATION}s, $CONNECTIONS connections"
 printf 'scenario\treq/s\tp50 (ms)\tp99 (ms)\t429\tfailed\n'
-# LOAD_SCENARIOS picks some: "get", "mix" (default both).
+# LOAD_SCENARIOS picks some: "get", "mix" (default both), "create".
 for scenario in ${LOAD_SCENARIOS:-get mix}; do
   case $scenario in
     get) measure "cached GET" get ;;
     mix) measure "90% read / 10% write" mix ;;
+    create) measure "task create" create ;;
     *) echo "load test: unknown scenario $scenario" >&2; exit 1 ;;
   esac
 done

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::helpers::instance::{Instance, TestDatabase};
 use crate::helpers::partition::Partition;
-use crate::helpers::sse::{Next, SseClient, SseEvent};
+use crate::helpers::sse::{until_numbered, Next, SseClient, SseEvent};
 use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestUser};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -365,7 +365,7 @@ async fn a_write_that_fails_leaves_no_event() {
     .await
     .assert_error(409, "member_exists");
     let types: Vec<String> =
-        sqlx::query_scalar("SELECT type FROM events WHERE workspace_id = $1::text::uuid ORDER BY seq")
+        sqlx::query_scalar("SELECT type FROM events WHERE workspace_id = $1::text::uuid ORDER BY id")
             .bind(workspace_id)
             .fetch_all(&app.db)
             .await
@@ -692,6 +692,7 @@ async fn a_last_event_id_beyond_the_workspaces_last_event_gets_resync_first() {
     let (owner, workspace, project) = app.user_with_project().await;
     let workspace_id = workspace["id"].as_str().unwrap();
     task_in(&app, &owner, &project, "2").await;
+    until_numbered(&app).await;
     // An id of another database (restored from a backup, say): the workspace's last is 2.
     let mut stream = SseClient::open(&app, workspace_id, &owner.token, Some(99)).await;
     let resync = stream.expect_event(5 * SECOND).await;

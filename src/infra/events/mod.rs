@@ -4,13 +4,15 @@
 //! What it guarantees:
 //! - **Recorded with the change.** `record` inserts the event row in the caller's transaction
 //!   (`Database::transaction`), so an event exists exactly when its change committed.
-//! - **Ordered per workspace, without gaps.** Each event gets the next sequence number of its
-//!   workspace; taking it locks the workspace's counter until the commit, so numbers follow the
-//!   commit order and a reader that has seen number N can read every number below it.
+//! - **Ordered per workspace, without gaps.** The relay numbers events per workspace in the order
+//!   they were inserted, and marks them published in the same commit, so a reader that has seen
+//!   number N can read every number below it. A change that follows another (its transaction
+//!   began after the other committed) gets the higher number. Writers lock nothing to record, so
+//!   writes to one workspace do not wait for each other's commits.
 //! - **Published at least once.** The relay (one at a time across the fleet, under a Postgres
-//!   advisory lock) publishes unpublished rows in order on Redis pub/sub while this instance
-//!   keeps the fleet in sync through Redis, else (or when Redis fails) with Postgres `NOTIFY`,
-//!   and marks them published after. It runs at once after a local commit and every
+//!   advisory lock) numbers unpublished rows and commits, then sends them in order on Redis
+//!   pub/sub while this instance keeps the fleet in sync through Redis, else (or when Redis
+//!   fails) with Postgres `NOTIFY`. It runs at once after a local commit and every
 //!   `EVENTS_RELAY_EVERY_MS`, so an event whose writer died before waking it goes out too.
 //! - **In-app subscribers** (`subscribe`) run in a pass of their own (one at a time across the
 //!   fleet, like the relay, but apart from it, so a slow subscriber never delays what clients
@@ -77,13 +79,13 @@ pub type Handler = Arc<dyn Fn(Arc<Event>) -> BoxFuture<'static, Result<(), Strin
 #[async_trait]
 pub trait EventBus: Interface {
     /// Records an event of the workspace in the current transaction (`Database::transaction`),
-    /// and wakes the relay once it commits. Returns its sequence number.
+    /// and wakes the relay once it commits (the relay gives it its number).
     async fn record(
         &self,
         workspace_id: Uuid,
         event_type: &'static str,
         data: serde_json::Value,
-    ) -> Result<i64, sqlx::Error>;
+    ) -> Result<(), sqlx::Error>;
     /// Runs `handler` for every event of these types (see the module header).
     fn subscribe(&self, types: &[&'static str], handler: Handler);
     /// Follows a workspace's events on this instance for `user_id`, within the stream limits.
@@ -93,7 +95,8 @@ pub trait EventBus: Interface {
     /// The workspace's last number (0 before its first event).
     async fn head(&self, workspace_id: Uuid) -> Result<i64, sqlx::Error>;
     /// The number of the workspace's latest retained event of this type whose data contains
-    /// `data` (JSON containment), if any.
+    /// `data` (JSON containment), if any. One the relay has not numbered yet is waited for (it is
+    /// woken), up to a second; after that the workspace's last number stands in for it.
     async fn latest(
         &self,
         workspace_id: Uuid,
@@ -162,18 +165,13 @@ impl EventBus for OutboxEventBus {
         workspace_id: Uuid,
         event_type: &'static str,
         data: serde_json::Value,
-    ) -> Result<i64, sqlx::Error> {
+    ) -> Result<(), sqlx::Error> {
         let subscribed = !self.inner.subscribers_of(event_type).is_empty();
-        let seq = outbox::insert(&*self.inner.db, workspace_id, event_type, &data, subscribed).await?;
+        outbox::insert(&*self.inner.db, workspace_id, event_type, &data, subscribed).await?;
         let inner = self.inner.clone();
-        let wake = move || {
-            inner.relay_wake.notify_one();
-            if subscribed {
-                inner.handlers_wake.notify_one();
-            }
-        };
+        let wake = move || inner.relay_wake.notify_one();
         crate::infra::database::transaction::after_commit(wake).await;
-        Ok(seq)
+        Ok(())
     }
 
     fn subscribe(&self, types: &[&'static str], handler: Handler) {
@@ -199,7 +197,20 @@ impl EventBus for OutboxEventBus {
         event_type: &str,
         data: serde_json::Value,
     ) -> Result<Option<i64>, sqlx::Error> {
-        outbox::latest(&*self.inner.db, workspace_id, event_type, &data).await
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            match outbox::latest(&*self.inner.db, workspace_id, event_type, &data).await? {
+                None => return Ok(None),
+                Some(Some(seq)) => return Ok(Some(seq)),
+                Some(None) if std::time::Instant::now() >= deadline => {
+                    return outbox::head(&*self.inner.db, workspace_id).await.map(Some)
+                }
+                Some(None) => {
+                    self.inner.relay_wake.notify_one();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
     }
 
     fn start(&self) {

@@ -11,8 +11,8 @@ use crate::infra::database::Database;
 
 const COLUMNS: &str = "workspace_id, seq, type, data, occurred_at";
 
-/// Takes the workspace's next number and inserts the event, in one statement in the current
-/// transaction: the counter's row stays locked until it ends, so numbers follow commit order.
+/// Inserts the event in the current transaction, unnumbered: the relay numbers it. Nothing is
+/// locked, so writes to one workspace do not wait for each other's commits.
 /// `subscribed`: whether in-app subscribers must handle it (otherwise it is recorded as handled).
 pub(super) async fn insert(
     db: &dyn Database,
@@ -20,14 +20,9 @@ pub(super) async fn insert(
     event_type: &str,
     data: &serde_json::Value,
     subscribed: bool,
-) -> Result<i64, sqlx::Error> {
-    let query = sqlx::query_scalar(
-        "WITH next AS (
-            INSERT INTO event_streams AS s (workspace_id, head) VALUES ($1, 1)
-            ON CONFLICT (workspace_id) DO UPDATE SET head = s.head + 1
-            RETURNING head)
-         INSERT INTO events (workspace_id, seq, type, data, handled_at)
-         SELECT $1, head, $2, $3, CASE WHEN NOT $4 THEN now() END FROM next RETURNING seq",
+) -> Result<(), sqlx::Error> {
+    let query = sqlx::query(
+        "INSERT INTO events (workspace_id, type, data, handled_at) VALUES ($1, $2, $3, CASE WHEN NOT $4 THEN now() END)",
     )
     .bind(workspace_id)
     .bind(event_type)
@@ -35,9 +30,8 @@ pub(super) async fn insert(
     .bind(subscribed);
     let write = async {
         let mut write = db.writer().await?;
-        let seq = query.fetch_one(write.conn()).await?;
-        write.commit().await?;
-        Ok(seq)
+        query.execute(write.conn()).await?;
+        write.commit().await
     };
     db.run(write).await
 }
@@ -48,17 +42,20 @@ pub(super) async fn head(db: &dyn Database, workspace_id: Uuid) -> Result<i64, s
     Ok(db.run(query.fetch_optional(db.pool())).await?.unwrap_or(0))
 }
 
+/// The newest matching event: `Some(None)` while it waits for the relay to number it.
 pub(super) async fn latest(
     db: &dyn Database,
     workspace_id: Uuid,
     event_type: &str,
     data: &serde_json::Value,
-) -> Result<Option<i64>, sqlx::Error> {
-    let query = sqlx::query_scalar("SELECT max(seq) FROM events WHERE workspace_id = $1 AND type = $2 AND data @> $3")
-        .bind(workspace_id)
-        .bind(event_type)
-        .bind(data);
-    db.run(query.fetch_one(db.pool())).await
+) -> Result<Option<Option<i64>>, sqlx::Error> {
+    let query = sqlx::query_scalar(
+        "SELECT seq FROM events WHERE workspace_id = $1 AND type = $2 AND data @> $3 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(workspace_id)
+    .bind(event_type)
+    .bind(data);
+    db.run(query.fetch_optional(db.pool())).await
 }
 
 pub(super) async fn read(
@@ -137,10 +134,11 @@ impl Queue {
         }
     }
 
-    fn column(self) -> &'static str {
+    /// Which rows wait in the queue, and in what order they are taken.
+    fn waiting(self) -> (&'static str, &'static str) {
         match self {
-            Queue::Unpublished => "published_at",
-            Queue::Unhandled => "handled_at",
+            Queue::Unpublished => ("published_at IS NULL", "id"),
+            Queue::Unhandled => ("handled_at IS NULL AND published_at IS NOT NULL", "workspace_id, seq"),
         }
     }
 }
@@ -148,47 +146,64 @@ impl Queue {
 /// Whether any event waits in `queue`: one index probe, so an idle queue costs one round trip per
 /// pass and no transaction.
 pub(super) async fn any_waiting(db: &dyn Database, queue: Queue) -> Result<bool, sqlx::Error> {
-    let sql = format!("SELECT EXISTS (SELECT 1 FROM events WHERE {} IS NULL)", queue.column());
+    let sql = format!("SELECT EXISTS (SELECT 1 FROM events WHERE {})", queue.waiting().0);
     db.run(sqlx::query_scalar(&sql).fetch_one(db.pool())).await
 }
 
-/// Events waiting in `queue`, in order per workspace, at most `limit`.
-pub(super) async fn waiting(conn: &mut PgConnection, queue: Queue, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM events WHERE {} IS NULL ORDER BY workspace_id, seq LIMIT $1",
-        queue.column()
-    );
+/// The subscribers' queue: numbered events not handled yet, in order per workspace.
+pub(super) async fn unhandled(conn: &mut PgConnection, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+    let (condition, order) = Queue::Unhandled.waiting();
+    let sql = format!("SELECT {COLUMNS} FROM events WHERE {condition} ORDER BY {order} LIMIT $1");
     sqlx::query_as(&sql).bind(limit).fetch_all(conn).await
 }
 
-pub(super) async fn notify(conn: &mut PgConnection, channel: &str, payloads: &[String]) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) WITH ORDINALITY AS p (payload, n) ORDER BY n")
-        .bind(channel)
-        .bind(payloads)
-        .execute(conn)
-        .await
-        .map(|_| ())
-}
-
-/// Takes `events` out of `queue`.
-pub(super) async fn mark(conn: &mut PgConnection, queue: Queue, events: &[Event]) -> Result<(), sqlx::Error> {
-    let workspaces: Vec<Uuid> = events.iter().map(|e| e.workspace_id).collect();
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+/// Numbers the oldest unpublished events (at most `limit`) and marks them published, in the
+/// caller's transaction, which holds the relay's lock: each workspace's counter is raised by its
+/// count of rows, and its rows take the numbers in the order they were inserted. Returns them
+/// numbered, in order per workspace.
+pub(super) async fn number(conn: &mut PgConnection, limit: i64) -> Result<Vec<Event>, sqlx::Error> {
+    let (condition, order) = Queue::Unpublished.waiting();
     let sql = format!(
-        "UPDATE events e SET {} = now() FROM unnest($1::uuid[], $2::bigint[]) AS p (workspace_id, seq)
-         WHERE e.workspace_id = p.workspace_id AND e.seq = p.seq",
-        queue.column()
+        "WITH taken AS (
+            SELECT id, workspace_id, row_number() OVER (PARTITION BY workspace_id ORDER BY id) AS n
+            FROM (SELECT id, workspace_id FROM events WHERE {condition} ORDER BY {order} LIMIT $1) AS oldest),
+         counts AS (SELECT workspace_id, count(*) AS taken FROM taken GROUP BY workspace_id),
+         heads AS (
+            INSERT INTO event_streams AS s (workspace_id, head) SELECT workspace_id, taken FROM counts
+            ON CONFLICT (workspace_id) DO UPDATE SET head = s.head + EXCLUDED.head
+            RETURNING workspace_id, head)
+         UPDATE events e SET seq = heads.head - counts.taken + taken.n, published_at = now()
+         FROM taken JOIN counts USING (workspace_id) JOIN heads USING (workspace_id)
+         WHERE e.id = taken.id
+         RETURNING e.workspace_id, e.seq, e.type, e.data, e.occurred_at"
     );
-    sqlx::query(&sql)
-        .bind(workspaces)
-        .bind(seqs)
+    let mut numbered: Vec<Event> = sqlx::query_as(&sql).bind(limit).fetch_all(conn).await?;
+    numbered.sort_unstable_by_key(|event| (event.workspace_id, event.seq));
+    Ok(numbered)
+}
+
+/// NOTIFYs each payload on `channel`, in order, in one statement (autocommitted).
+pub(super) async fn notify(db: &dyn Database, channel: &str, payloads: &[String]) -> Result<(), sqlx::Error> {
+    let query = sqlx::query(
+        "SELECT pg_notify($1, payload) FROM unnest($2::text[]) WITH ORDINALITY AS p (payload, n) ORDER BY n",
+    )
+    .bind(channel)
+    .bind(payloads);
+    db.run(query.execute(db.pool())).await.map(|_| ())
+}
+
+/// Takes the event out of the subscribers' queue.
+pub(super) async fn mark_handled(conn: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE events SET handled_at = now() WHERE workspace_id = $1 AND seq = $2")
+        .bind(event.workspace_id)
+        .bind(event.seq)
         .execute(conn)
         .await
         .map(|_| ())
 }
 
-/// Deletes up to `PRUNE_BATCH` rows older than `retention`, never one with an earlier row of its
-/// workspace still queued (so a stream never finds a hole: what is gone is a prefix), and the
+/// Deletes up to `PRUNE_BATCH` numbered rows older than `retention`, never one with an earlier
+/// row of its workspace still waiting for its subscribers (so a stream never finds a hole: what is gone is a prefix), and the
 /// counters of deleted workspaces whose last rows went. Returns how many rows it deleted; in the
 /// caller's transaction, which holds the prune's lock.
 pub(super) async fn prune(conn: &mut PgConnection, retention: Duration) -> Result<u64, sqlx::Error> {
@@ -197,8 +212,6 @@ pub(super) async fn prune(conn: &mut PgConnection, retention: Duration) -> Resul
             SELECT e.workspace_id, e.seq FROM events e
             WHERE e.occurred_at < now() - make_interval(secs => $1)
               AND e.published_at IS NOT NULL AND e.handled_at IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM events u WHERE u.workspace_id = e.workspace_id
-                              AND u.seq < e.seq AND u.published_at IS NULL)
               AND NOT EXISTS (SELECT 1 FROM events u WHERE u.workspace_id = e.workspace_id
                               AND u.seq < e.seq AND u.handled_at IS NULL)
             LIMIT $2)

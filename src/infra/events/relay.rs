@@ -1,17 +1,16 @@
 //! The two queues of the event table, each worked by one pass at a time across the fleet (a
 //! transaction's advisory lock):
-//! - the relay takes unpublished events in order, publishes them and marks them published in the
-//!   same transaction;
+//! - the relay takes unpublished events in the order they were inserted, numbers them per
+//!   workspace and marks them published in one transaction, then sends them on pub/sub;
 //! - the subscriber pass takes the events in-app subscribers have not handled, one per
 //!   transaction, runs their subscribers in order, and marks it handled in that transaction.
 //!
-//! A crash before a commit leaves the events in their queue for the next pass: at least once. The
-//! queues are apart so that a slow or failing subscriber never delays what clients see.
+//! A crash before a commit leaves the events in their queue for the next pass; a message lost
+//! after it is read from the table by every instance's catch-up: at least once. The queues are
+//! apart so that a slow or failing subscriber never delays what clients see.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use sqlx::PgConnection;
 
 use super::outbox::{self, Lock, Queue};
 use super::{Event, Inner, BATCH, HANDLER_ATTEMPTS, NOTIFY_CHANNEL, NOTIFY_MAX_PAYLOAD, PRUNE_EVERY};
@@ -24,6 +23,9 @@ const BUSY_TRIES: u32 = 10;
 /// PUBLISH commands per Redis round trip: a backlog goes out in several, each under the command
 /// deadline, rather than in one that could outlast it (and count against the shared breaker).
 const PUBLISH_CHUNK: usize = 50;
+/// How long the relay waits after a commit woke it, gathering the commits that follow into one
+/// pass: under load one pass (six statements) numbers many events instead of one each.
+const RELAY_LINGER: Duration = Duration::from_millis(5);
 /// How long one prune may go on deleting batches (every `PRUNE_EVERY`).
 const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 /// The pause before a subscriber's second and third attempts: 100 ms, then 200 ms.
@@ -41,7 +43,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
     let mut pruned_at: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = inner.relay_wake.notified() => {}
+            // Woken by a commit: the commits of the next few milliseconds go in the same pass.
+            _ = inner.relay_wake.notified() => tokio::time::sleep(RELAY_LINGER).await,
             _ = tokio::time::sleep(inner.settings.relay_every) => {}
         }
         work_queue("relay", || publish_pass(&inner)).await;
@@ -124,19 +127,19 @@ async fn publish_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
     let deadline = inner.db.statement_timeout();
     let mut tx = within(deadline, inner.db.pool().begin()).await?;
     // Postgres ends the transaction, and frees the lock, if this instance stops answering (frozen)
-    // for longer than one publication may take.
-    let idle = deadline + inner.redis.settings().command_timeout;
-    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished.lock(), idle)).await? {
+    // for longer than a statement may take.
+    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished.lock(), deadline)).await? {
         return Ok(Pass::Busy);
     }
-    let events = within(deadline, outbox::waiting(&mut tx, Queue::Unpublished, BATCH)).await?;
+    let events = within(deadline, outbox::number(&mut tx, BATCH)).await?;
+    within(deadline, tx.commit()).await?;
     if events.is_empty() {
-        within(deadline, tx.commit()).await?;
         return Ok(Pass::Done);
     }
-    let via = publish(inner, &mut tx, &events).await?;
-    within(deadline, outbox::mark(&mut tx, Queue::Unpublished, &events)).await?;
-    within(deadline, tx.commit()).await?;
+    // Numbered and committed: readable from the table from here on, whatever becomes of the
+    // messages below (a lost one is read by each instance's catch-up).
+    let via = publish(inner, &events).await;
+    inner.handlers_wake.notify_one();
     let now = chrono::Utc::now();
     let lag = inner.telemetry.event_lag.with_label_values(&["relayed"]);
     for event in &events {
@@ -162,9 +165,10 @@ pub(super) fn seconds_since(event: &Event, now: chrono::DateTime<chrono::Utc>) -
     (now - event.occurred_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
 }
 
-/// On Redis while this instance keeps the fleet in sync through it; with NOTIFY (sent when the
-/// pass commits) otherwise, or when Redis fails.
-async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Result<&'static str, sqlx::Error> {
+/// On Redis while this instance keeps the fleet in sync through it; with NOTIFY otherwise, or when
+/// Redis fails. Sent after the commit that numbered the events, so no message ever carries a
+/// number the table does not hold; a message that is lost costs only its latency.
+async fn publish(inner: &Inner, events: &[Event]) -> &'static str {
     let payloads: Vec<String> = events
         .iter()
         .map(|event| serde_json::to_string(event).expect("an event serialises"))
@@ -184,9 +188,9 @@ async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Resu
                 break;
             }
         }
-        // Those published before a failure go out again with NOTIFY: at least once.
+        // Those published before a failure go out again with NOTIFY: listeners skip them.
         match published {
-            Ok(()) => return Ok("redis"),
+            Ok(()) => return "redis",
             Err(err) => log::debug!("events: publishing on Redis failed, using NOTIFY: {err}"),
         }
     }
@@ -202,12 +206,10 @@ async fn publish(inner: &Inner, tx: &mut PgConnection, events: &[Event]) -> Resu
             }
         })
         .collect();
-    within(
-        inner.db.statement_timeout(),
-        outbox::notify(tx, NOTIFY_CHANNEL, &payloads),
-    )
-    .await?;
-    Ok("postgres")
+    if let Err(err) = outbox::notify(&*inner.db, NOTIFY_CHANNEL, &payloads).await {
+        log::debug!("events: NOTIFY failed (the catch-up reads them from the table): {err}");
+    }
+    "postgres"
 }
 
 /// One event per transaction: its mark is durable as soon as its subscribers ran, and the
@@ -223,16 +225,12 @@ async fn handler_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
     if !within(deadline, outbox::lock(&mut tx, Queue::Unhandled.lock(), idle)).await? {
         return Ok(Pass::Busy);
     }
-    let Some(event) = within(deadline, outbox::waiting(&mut tx, Queue::Unhandled, 1))
-        .await?
-        .pop()
-    else {
+    let Some(event) = within(deadline, outbox::unhandled(&mut tx, 1)).await?.pop() else {
         within(deadline, tx.commit()).await?;
         return Ok(Pass::Done);
     };
     handle(inner, &event).await;
-    let marked = outbox::mark(&mut tx, Queue::Unhandled, std::slice::from_ref(&event));
-    within(deadline, marked).await?;
+    within(deadline, outbox::mark_handled(&mut tx, &event)).await?;
     within(deadline, tx.commit()).await?;
     Ok(Pass::Full)
 }

@@ -61,16 +61,14 @@ pub async fn stream_events(req: HttpRequest, me: AuthUser, id: web::Path<Uuid>) 
     let settings = events.settings().clone();
     let workspace_id = *id;
     workspaces.require_member(me.id, workspace_id).await?;
-    let mut last_event_id = last_event_id(&req)?;
-    if let Some(id) = last_event_id {
-        // A member reads from when they (last) joined, not the workspace's history before that.
-        let joined = events
-            .latest(workspace_id, MEMBER_ADDED, serde_json::json!({ "userId": me.id }))
-            .await?;
-        if let Some(joined) = joined {
-            last_event_id = Some(id.max(joined - 1));
-        }
-    }
+    let last_event_id = last_event_id(&req)?;
+    // A member reads from when they (last) joined, not the workspace's history before that: with
+    // a `Last-Event-ID` from before it, and without one while the events recorded just before
+    // they joined are still being numbered.
+    let joined = events
+        .latest(workspace_id, MEMBER_ADDED, serde_json::json!({ "userId": me.id }))
+        .await?;
+    let not_before = joined.map(|joined| joined - 1);
     let follow = events.follow(workspace_id, me.id).await.map_err(|err| match err {
         FollowError::Database(err) => AppError::from(err),
         FollowError::ShuttingDown => AppError::ServiceBusy { retry_after_secs: 1 },
@@ -83,7 +81,12 @@ pub async fn stream_events(req: HttpRequest, me: AuthUser, id: web::Path<Uuid>) 
             }
         }
     })?;
-    let start = match last_event_id {
+    let start = match (last_event_id, not_before) {
+        (Some(id), Some(floor)) => Some(id.max(floor)),
+        (Some(id), None) => Some(id),
+        (None, floor) => floor.filter(|floor| *floor > follow.from),
+    };
+    let start = match start {
         None => Start::Live,
         // Ahead of this instance's feed: it may lag (another instance served the client). The
         // workspace's last number tells a lagging feed from an id that is not this stream's.

@@ -101,7 +101,7 @@ impl WorkspaceEvent<'_> {
     }
 
     /// Records the event in the current transaction (see `EventBus::record`).
-    pub async fn record(self, events: &dyn EventBus) -> Result<i64, sqlx::Error> {
+    pub async fn record(self, events: &dyn EventBus) -> Result<(), sqlx::Error> {
         events.record(self.workspace_id(), self.event_type(), self.data()).await
     }
 }

@@ -27,8 +27,13 @@ pub struct SseClient {
 
 impl SseClient {
     /// Opens the workspace's stream (asserting a 200 `text/event-stream`) and waits for its first
-    /// chunk, so the stream is following the workspace when this returns.
+    /// chunk, so the stream is following the workspace when this returns. Without a
+    /// `Last-Event-ID` a stream starts after the last numbered event: this first waits until the
+    /// relay has numbered every event committed so far, so that the stream starts after them.
     pub async fn open(app: &TestApp, workspace_id: &str, token: &str, last_event_id: Option<i64>) -> SseClient {
+        if last_event_id.is_none() {
+            until_numbered(app).await;
+        }
         Self::open_at(&app.client, &app.address, workspace_id, token, last_event_id).await
     }
 
@@ -126,6 +131,22 @@ impl SseClient {
                 Next::TimedOut => return None,
             }
         }
+    }
+}
+
+/// Until no committed event waits for the relay (5 s at most).
+pub async fn until_numbered(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE published_at IS NULL)")
+            .fetch_one(&app.db)
+            .await
+            .expect("reading the events table");
+        if !waiting {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "events not numbered within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
