@@ -40,6 +40,7 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
     pub locks: LockSettings,
     pub events: EventSettings,
+    pub jobs: JobSettings,
 }
 
 /// `Idempotency-Key` (README, "Idempotency keys").
@@ -234,6 +235,20 @@ pub struct EventSettings {
     pub handler_timeout: Duration,
 }
 
+/// Background jobs (see `infra::jobs`).
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    /// Jobs this instance runs at once (0: it runs none, only enqueues).
+    pub workers: usize,
+    /// Jobs of one queue this instance runs at once.
+    pub queue_concurrency: usize,
+    /// How often idle workers look for due jobs (an enqueue on this instance wakes them at once).
+    pub poll_every: Duration,
+    /// How long a claimed job is held without a renewal: after a worker dies, its jobs run again
+    /// within this.
+    pub lease: Duration,
+}
+
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TtlTable {
@@ -383,6 +398,12 @@ impl Settings {
                 max_streams_per_user: vars.positive("EVENTS_MAX_STREAMS_PER_USER", 8, "a number of streams > 0")?,
                 stream_buffer: vars.positive("EVENTS_STREAM_BUFFER", 256, "a number of events > 0")?,
                 handler_timeout: vars.millis("EVENTS_HANDLER_TIMEOUT_MS", 2000)?,
+            },
+            jobs: JobSettings {
+                workers: vars.parse("JOBS_WORKERS", 2, "a number of jobs at once (0 = none)")?,
+                queue_concurrency: vars.positive("JOBS_QUEUE_CONCURRENCY", 2, "a number of jobs at once > 0")?,
+                poll_every: vars.millis("JOBS_POLL_MS", 500)?,
+                lease: vars.millis("JOBS_LEASE_MS", 30_000)?,
             },
         })
     }

@@ -11,6 +11,7 @@ use crate::infra::cache::{TieredCache, TieredCacheParameters};
 use crate::infra::database::{PgDatabase, PgDatabaseParameters};
 use crate::infra::events::{OutboxEventBus, OutboxEventBusParameters};
 use crate::infra::idempotency::{PgIdempotencyStore, PgIdempotencyStoreParameters};
+use crate::infra::jobs::{PgJobQueue, PgJobQueueParameters};
 use crate::infra::locks::{FencedLocks, FencedLocksParameters, LeasedSemaphore, LeasedSemaphoreParameters};
 use crate::infra::rate_limit::{RedisRateLimiter, RedisRateLimiterParameters};
 use crate::infra::redis::keys::KeyRegistry;
@@ -39,7 +40,7 @@ module! {
             // infrastructure
             PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
             PgIdempotencyStore,
-            FencedLocks, LeasedSemaphore, OutboxEventBus,
+            FencedLocks, LeasedSemaphore, OutboxEventBus, PgJobQueue,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,
@@ -105,6 +106,10 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         .with_component_parameters::<FencedLocks>(FencedLocksParameters {
             telemetry: telemetry.clone(),
             store_timeout: settings.locks.store_timeout,
+        })
+        .with_component_parameters::<PgJobQueue>(PgJobQueueParameters {
+            settings: settings.jobs.clone(),
+            telemetry: telemetry.clone(),
         })
         .with_component_parameters::<OutboxEventBus>(OutboxEventBusParameters {
             settings: settings.events.clone(),

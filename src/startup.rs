@@ -18,6 +18,7 @@ use crate::infra::cors::Cors;
 use crate::infra::database::{self, DatabaseSetupError};
 use crate::infra::edge::Edge;
 use crate::infra::events::EventBus;
+use crate::infra::jobs::JobQueue;
 use crate::infra::telemetry::MetricsRegistry;
 use crate::modules;
 use crate::openapi::ApiDoc;
@@ -35,6 +36,7 @@ pub struct Application {
     port: u16,
     server: Server,
     module: Arc<AppModule>,
+    shutdown_timeout: std::time::Duration,
 }
 
 impl Application {
@@ -62,6 +64,8 @@ impl Application {
         cache.start();
         let events: Arc<dyn EventBus> = module.resolve();
         events.start();
+        let jobs: Arc<dyn JobQueue> = module.resolve();
+        jobs.start();
         let metrics: Arc<dyn MetricsRegistry> = module.resolve();
         let telemetry = metrics.telemetry();
         let address = format!("{}:{}", settings.app.host, settings.app.port);
@@ -107,6 +111,7 @@ impl Application {
             port,
             server,
             module: container,
+            shutdown_timeout: settings.app.shutdown_timeout,
         })
     }
 
@@ -130,11 +135,18 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let events: Arc<dyn EventBus> = self.module.resolve();
+        let jobs: Arc<dyn JobQueue> = self.module.resolve();
+        let within = self.shutdown_timeout;
         tokio::spawn(async move {
             stop_requested().await;
-            log::info!("stopping: ending event streams, finishing requests in flight (again to stop at once)");
+            log::info!("stopping: ending event streams, finishing requests and jobs in flight (again to stop at once)");
             events.end_streams();
-            let graceful = handle.stop(true);
+            // Jobs stop taking work, finish within the timeout, and hand the rest back.
+            let jobs_stopped = tokio::spawn(async move { jobs.stop(within).await });
+            let graceful = async {
+                handle.stop(true).await;
+                let _ = jobs_stopped.await;
+            };
             tokio::select! {
                 _ = graceful => {}
                 _ = stop_requested() => handle.stop(false).await,

@@ -1,6 +1,6 @@
 //! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
 //! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, durable
-//! events, the app-wide middleware (`edge`, `cors`), Prometheus telemetry.
+//! events, background jobs, the app-wide middleware (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
 pub mod cors;
@@ -8,6 +8,7 @@ pub mod database;
 pub mod edge;
 pub mod events;
 pub mod idempotency;
+pub mod jobs;
 pub mod locks;
 pub mod rate_limit;
 pub mod redis;

@@ -58,6 +58,11 @@ pub struct Telemetry {
     pub event_handler_failures: IntCounter,
     /// Open event streams (SSE) on this instance.
     pub event_streams: IntGauge,
+    /// Job attempts by kind and `outcome` = `done` | `retry` | `dead`.
+    pub job_runs: IntCounterVec,
+    pub job_duration: HistogramVec,
+    /// From a schedule's fire time to its job being enqueued.
+    pub scheduler_lag: prometheus::Histogram,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -158,6 +163,13 @@ impl Telemetry {
             )
             .expect("counter"),
             event_streams: IntGauge::new("event_streams", "Open event streams (SSE) on this instance").expect("gauge"),
+            job_runs: counter("job_runs_total", "Job attempts by kind and outcome: done, retry, dead", &["kind", "outcome"]),
+            job_duration: histogram("job_duration_seconds", "Time one job attempt took, by kind", &["kind"]),
+            scheduler_lag: prometheus::Histogram::with_opts(
+                HistogramOpts::new("scheduler_lag_seconds", "From a schedule's fire time to its job being enqueued")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("histogram"),
         };
         // Every series exists from the start (at zero), so dashboards and alerts see them before
         // the first lock is taken.
@@ -202,6 +214,9 @@ impl Telemetry {
             Box::new(telemetry.events_published.clone()),
             Box::new(telemetry.event_handler_failures.clone()),
             Box::new(telemetry.event_streams.clone()),
+            Box::new(telemetry.job_runs.clone()),
+            Box::new(telemetry.job_duration.clone()),
+            Box::new(telemetry.scheduler_lag.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");

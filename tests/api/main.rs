@@ -17,6 +17,7 @@ mod failed_writes;
 mod health;
 mod idempotency;
 mod isolation;
+mod jobs;
 mod leases;
 mod locks;
 mod login_limit;

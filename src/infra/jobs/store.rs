@@ -1,0 +1,229 @@
+//! The SQL of the queue: enqueue, claim, renew, finish, reap, hand back, and the operators' view.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::infra::database::Database;
+
+/// A job a worker holds: what it runs, and what proves it still holds it (`worker`, `attempt`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub id: i64,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    /// 1 on the first run.
+    pub attempt: i32,
+    pub max_attempts: i32,
+}
+
+/// Inserts the job in the current transaction; `None` when a queued job of its kind has its
+/// unique key already (coalesced).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn insert(
+    db: &dyn Database,
+    queue: &str,
+    kind: &str,
+    payload: &serde_json::Value,
+    max_attempts: i32,
+    run_at: Option<DateTime<Utc>>,
+    unique_key: Option<&str>,
+) -> Result<Option<i64>, sqlx::Error> {
+    let write = async {
+        let mut write = db.writer().await?;
+        let id = insert_on(write.conn(), queue, kind, payload, max_attempts, run_at, unique_key).await?;
+        write.commit().await?;
+        Ok(id)
+    };
+    db.run(write).await
+}
+
+/// `insert`, on a connection the caller holds (the scheduler's transaction).
+pub(super) async fn insert_on(
+    conn: &mut PgConnection,
+    queue: &str,
+    kind: &str,
+    payload: &serde_json::Value,
+    max_attempts: i32,
+    run_at: Option<DateTime<Utc>>,
+    unique_key: Option<&str>,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO jobs (queue, kind, payload, max_attempts, run_at, unique_key)
+         VALUES ($1, $2, $3, $4, coalesce($5, now()), $6)
+         ON CONFLICT (kind, unique_key) WHERE state = 'queued' AND unique_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(queue)
+    .bind(kind)
+    .bind(payload)
+    .bind(max_attempts)
+    .bind(run_at)
+    .bind(unique_key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Takes up to `limit` due jobs of the queue for `worker`, leased for `lease`.
+pub(super) async fn claim(
+    db: &dyn Database,
+    queue: &str,
+    worker: Uuid,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    let query = sqlx::query_as(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = $2,
+                lease_until = now() + make_interval(secs => $3), started_at = now()
+         WHERE id IN (SELECT id FROM jobs WHERE queue = $1 AND state = 'queued' AND run_at <= now()
+                      ORDER BY run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED)
+         RETURNING id, kind, payload, attempts AS attempt, max_attempts",
+    )
+    .bind(queue)
+    .bind(worker.to_string())
+    .bind(lease.as_secs_f64())
+    .bind(limit);
+    db.run(query.fetch_all(db.pool())).await
+}
+
+/// Extends the lease of a job this worker holds; `false` when it no longer holds it.
+pub(super) async fn renew(
+    db: &dyn Database,
+    job: &Claimed,
+    worker: Uuid,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    let query = sqlx::query(
+        "UPDATE jobs SET lease_until = now() + make_interval(secs => $4)
+         WHERE id = $1 AND worker = $2 AND attempts = $3 AND state = 'running'",
+    )
+    .bind(job.id)
+    .bind(worker.to_string())
+    .bind(job.attempt)
+    .bind(lease.as_secs_f64());
+    Ok(db.run(query.execute(db.pool())).await?.rows_affected() == 1)
+}
+
+pub(super) async fn complete(db: &dyn Database, job: &Claimed, worker: Uuid) -> Result<bool, sqlx::Error> {
+    let query = sqlx::query(
+        "UPDATE jobs SET state = 'done', finished_at = now(), lease_until = NULL
+         WHERE id = $1 AND worker = $2 AND attempts = $3 AND state = 'running'",
+    )
+    .bind(job.id)
+    .bind(worker.to_string())
+    .bind(job.attempt);
+    Ok(db.run(query.execute(db.pool())).await?.rows_affected() == 1)
+}
+
+/// Records a failed attempt: queued again after `retry_in`, or dead after its last attempt. A
+/// job whose key another queued job holds now is done instead of queued twice (that one runs).
+pub(super) async fn fail(
+    db: &dyn Database,
+    job: &Claimed,
+    worker: Uuid,
+    error: &str,
+    retry_in: Duration,
+) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "UPDATE jobs SET {AFTER_FAILURE}, run_at = now() + make_interval(secs => $5), last_error = $4
+         WHERE id = $1 AND worker = $2 AND attempts = $3 AND state = 'running'"
+    );
+    let query = sqlx::query(&sql)
+        .bind(job.id)
+        .bind(worker.to_string())
+        .bind(job.attempt)
+        .bind(error)
+        .bind(retry_in.as_secs_f64());
+    Ok(db.run(query.execute(db.pool())).await?.rows_affected() == 1)
+}
+
+/// The next state of a job whose attempt ended without success.
+const AFTER_FAILURE: &str = "state = CASE
+        WHEN attempts >= max_attempts THEN 'dead'
+        WHEN unique_key IS NOT NULL AND EXISTS (SELECT 1 FROM jobs q WHERE q.kind = jobs.kind
+             AND q.unique_key = jobs.unique_key AND q.state = 'queued') THEN 'done'
+        ELSE 'queued' END,
+    finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+    worker = NULL, lease_until = NULL";
+
+/// Jobs whose worker stopped renewing its lease (it died or froze) count the attempt as failed:
+/// queued again at once, or dead after the last one. Returns how many.
+pub(super) async fn reap(db: &dyn Database) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "UPDATE jobs SET {AFTER_FAILURE}, run_at = now(),
+                last_error = 'its worker stopped renewing the lease (died or froze)'
+         WHERE state = 'running' AND lease_until < now()"
+    );
+    Ok(db.run(sqlx::query(&sql).execute(db.pool())).await?.rows_affected())
+}
+
+/// Gives jobs this worker holds back to the queue, due now, without counting the attempt (the
+/// worker is stopping).
+pub(super) async fn hand_back(db: &dyn Database, jobs: &[Claimed], worker: Uuid) -> Result<u64, sqlx::Error> {
+    let ids: Vec<i64> = jobs.iter().map(|job| job.id).collect();
+    let query = sqlx::query(
+        "UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker = NULL, lease_until = NULL, run_at = now()
+         WHERE id = ANY($1) AND worker = $2 AND state = 'running'",
+    )
+    .bind(ids)
+    .bind(worker.to_string());
+    Ok(db.run(query.execute(db.pool())).await?.rows_affected())
+}
+
+/// Jobs by queue and state.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueCount {
+    pub queue: String,
+    pub state: String,
+    pub jobs: i64,
+    /// Seconds the oldest due job of the queue has waited (queued jobs only).
+    pub oldest_due_seconds: Option<f64>,
+}
+
+pub(super) async fn counts(db: &dyn Database) -> Result<Vec<QueueCount>, sqlx::Error> {
+    let query = sqlx::query_as(
+        "SELECT queue, state, count(*) AS jobs,
+                CASE WHEN state = 'queued' THEN
+                     extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 END
+                  AS oldest_due_seconds
+         FROM jobs GROUP BY queue, state ORDER BY queue, state",
+    );
+    db.run(query.fetch_all(db.pool())).await
+}
+
+/// A job that failed its last attempt.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadJob {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub(super) async fn dead(db: &dyn Database, limit: i64) -> Result<Vec<DeadJob>, sqlx::Error> {
+    let query = sqlx::query_as(
+        "SELECT id, queue, kind, payload, attempts, last_error, created_at, finished_at
+         FROM jobs WHERE state = 'dead' ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit);
+    db.run(query.fetch_all(db.pool())).await
+}
+
+/// Queues a dead job again with its attempts reset; `false` when there is no such dead job.
+pub(super) async fn retry(db: &dyn Database, id: i64) -> Result<bool, sqlx::Error> {
+    let query = sqlx::query(
+        "UPDATE jobs SET state = 'queued', attempts = 0, run_at = now(), finished_at = NULL
+         WHERE id = $1 AND state = 'dead'",
+    )
+    .bind(id);
+    Ok(db.run(query.execute(db.pool())).await?.rows_affected() == 1)
+}

@@ -1,0 +1,313 @@
+//! Background jobs (`infra::jobs`) on real Postgres: enqueued with the write, retried with
+//! backoff, dead after the last attempt, retried by an operator, coalesced, run again after a
+//! worker's lease ran out, handed back on stop. Each test registers kinds of its own on its app's
+//! running queue (its own database), as the app registers its kinds at start-up.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nestling::infra::database::Database;
+use nestling::infra::jobs::{Claimed, JobError, JobHandler, JobKind, JobQueue, NewJob};
+use serde_json::json;
+use shaku::HasComponent;
+
+use crate::helpers::TestApp;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn queue(app: &TestApp) -> Arc<dyn JobQueue> {
+    app.module.resolve()
+}
+
+fn kind(name: &'static str, max_attempts: u32, backoff: Duration) -> JobKind {
+    JobKind {
+        name,
+        queue: "test",
+        max_attempts,
+        backoff,
+        backoff_max: backoff * 8,
+        timeout: 60 * SECOND,
+    }
+}
+
+/// A handler that records when each attempt started and answers with `outcome(attempt)`.
+fn recording(
+    runs: Arc<Mutex<Vec<(i64, i32, Instant)>>>,
+    outcome: impl Fn(i32) -> Result<(), String> + Send + Sync + 'static,
+) -> JobHandler {
+    let outcome = Arc::new(outcome);
+    Arc::new(move |job: Claimed| {
+        runs.lock().unwrap().push((job.id, job.attempt, Instant::now()));
+        let result = outcome(job.attempt);
+        Box::pin(async move { result })
+    })
+}
+
+async fn state_of(app: &TestApp, id: i64) -> (String, i32, Option<String>) {
+    sqlx::query_as("SELECT state, attempts, last_error FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+/// Until the job is in `state` (at most `within`).
+async fn until_state(app: &TestApp, id: i64, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (now, attempts, error) = state_of(app, id).await;
+        if now == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} is {now} (attempts {attempts}, error {error:?}), not {state}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rolled_back_write_enqueues_nothing_and_a_committed_one_always_has_its_job() {
+    let app = TestApp::spawn().await;
+    let jobs = queue(&app);
+    // Registered, but never due: the test looks at the table, not at a run.
+    jobs.register(kind("test.held", 1, SECOND), recording(Arc::default(), |_| Ok(())));
+    let db: Arc<dyn Database> = app.module.resolve();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+
+    let rolled_back = db
+        .transaction(async {
+            jobs.enqueue(NewJob::new("test.held", json!({ "n": 1 })).at(later))
+                .await?;
+            // The write fails after the enqueue: the whole unit rolls back.
+            Err::<(), JobError>(JobError::Database(sqlx::Error::RowNotFound))
+        })
+        .await;
+    assert!(rolled_back.is_err());
+    let committed = db
+        .transaction(async {
+            jobs.enqueue(NewJob::new("test.held", json!({ "n": 2 })).at(later))
+                .await
+        })
+        .await
+        .unwrap()
+        .expect("a job id");
+
+    let kept: Vec<(i64, serde_json::Value)> = sqlx::query_as("SELECT id, payload FROM jobs")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(kept, [(committed, json!({ "n": 2 }))]);
+}
+
+#[tokio::test]
+async fn a_failing_job_waits_longer_before_each_attempt_then_is_dead_and_an_operator_retry_runs_it() {
+    let app = TestApp::spawn().await;
+    let jobs = queue(&app);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcome = {
+        let healed = healed.clone();
+        move |attempt: i32| {
+            if healed.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(format!("downstream refused attempt {attempt}"))
+            }
+        }
+    };
+    // Delays before attempts 2 and 3: from [300, 400] ms and from [600, 800] ms.
+    jobs.register(
+        kind("test.flaky", 3, Duration::from_millis(400)),
+        recording(runs.clone(), outcome),
+    );
+    let id = jobs
+        .enqueue(NewJob::new("test.flaky", json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+
+    until_state(&app, id, "dead", 10 * SECOND).await;
+    let (_, attempts, error) = state_of(&app, id).await;
+    assert_eq!(attempts, 3);
+    assert_eq!(error.as_deref(), Some("downstream refused attempt 3"));
+    let started: Vec<Instant> = runs.lock().unwrap().iter().map(|(_, _, at)| *at).collect();
+    assert_eq!(started.len(), 3);
+    let gaps = [started[1] - started[0], started[2] - started[1]];
+    assert!(gaps[0] >= Duration::from_millis(300), "first gap {:?}", gaps[0]);
+    assert!(gaps[1] >= Duration::from_millis(600), "second gap {:?}", gaps[1]);
+    assert!(gaps[1] > gaps[0], "the gaps grow: {gaps:?}");
+
+    let dead = jobs.dead(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].id, dead[0].kind.as_str()), (id, "test.flaky"));
+    assert_eq!(dead[0].last_error.as_deref(), Some("downstream refused attempt 3"));
+
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(jobs.retry(id).await.unwrap());
+    until_state(&app, id, "done", 5 * SECOND).await;
+    assert_eq!(runs.lock().unwrap().len(), 4);
+    assert!(!jobs.retry(id).await.unwrap(), "only a dead job is retried");
+}
+
+#[tokio::test]
+async fn a_job_with_a_unique_key_is_coalesced_while_one_is_queued_and_not_after_it_started() {
+    let app = TestApp::spawn().await;
+    let jobs = queue(&app);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    jobs.register(kind("test.rebuild", 1, SECOND), recording(runs.clone(), |_| Ok(())));
+    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(500);
+    let job = || NewJob::new("test.rebuild", json!({ "workspace": "w1" })).unique("w1");
+
+    let first = jobs.enqueue(job().at(soon)).await.unwrap();
+    assert!(first.is_some());
+    for _ in 0..5 {
+        assert_eq!(jobs.enqueue(job().at(soon)).await.unwrap(), None, "coalesced");
+    }
+    // Another key is another job.
+    let other = NewJob::new("test.rebuild", json!({ "workspace": "w2" })).unique("w2");
+    let other = jobs.enqueue(other.at(soon)).await.unwrap().expect("another key");
+
+    until_state(&app, first.unwrap(), "done", 5 * SECOND).await;
+    until_state(&app, other, "done", 5 * SECOND).await;
+    assert_eq!(runs.lock().unwrap().len(), 2, "one run per key");
+    // Once it ran, the key takes a new job.
+    assert!(jobs.enqueue(job()).await.unwrap().is_some());
+}
+
+/// What a worker killed mid-job leaves behind is a `running` row whose lease nobody renews. The
+/// row is written as such a worker would have left it (a fake of the process's death only: the
+/// queue, the lease and the reaper are the real ones).
+#[tokio::test]
+async fn a_job_whose_worker_died_runs_again_once_its_lease_has_run_out() {
+    let app = TestApp::builder()
+        .settings(|s| s.jobs.poll_every = Duration::from_millis(100))
+        .spawn()
+        .await;
+    let jobs = queue(&app);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    jobs.register(kind("test.orphan", 3, SECOND), recording(runs.clone(), |_| Ok(())));
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (queue, kind, payload, max_attempts, state, attempts, worker, lease_until, started_at)
+         VALUES ('test', 'test.orphan', '{}', 3, 'running', 1, 'a-worker-that-died', now() + interval '700 milliseconds', now())
+         RETURNING id",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let died = Instant::now();
+
+    until_state(&app, id, "done", 5 * SECOND).await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 1);
+    let (_, attempt, ran_at) = runs[0];
+    assert_eq!(attempt, 2, "the lost attempt counts");
+    assert!(
+        ran_at - died >= Duration::from_millis(700),
+        "not before the lease ran out"
+    );
+    assert!(
+        ran_at - died < Duration::from_millis(700) + SECOND,
+        "soon after: {:?}",
+        ran_at - died
+    );
+}
+
+#[tokio::test]
+async fn stopping_lets_a_short_job_finish_and_hands_a_long_one_back_without_counting_its_attempt() {
+    let app = TestApp::spawn().await;
+    let jobs = queue(&app);
+    let started = Arc::new(tokio::sync::Semaphore::new(0));
+    for (name, takes) in [("test.short", Duration::from_millis(300)), ("test.long", 30 * SECOND)] {
+        let started = started.clone();
+        let handler: JobHandler = Arc::new(move |_job: Claimed| {
+            started.add_permits(1);
+            Box::pin(async move {
+                tokio::time::sleep(takes).await;
+                Ok(())
+            })
+        });
+        jobs.register(kind(name, 3, SECOND), handler);
+    }
+    let short = jobs
+        .enqueue(NewJob::new("test.short", json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    let long = jobs
+        .enqueue(NewJob::new("test.long", json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    // Both running.
+    let _both = started.acquire_many(2).await.unwrap();
+
+    let stopping = Instant::now();
+    jobs.stop(SECOND).await;
+    assert!(stopping.elapsed() < 2 * SECOND, "stopped within its deadline");
+    assert_eq!(state_of(&app, short).await.0, "done", "the short job finished");
+    let (state, attempts, _) = state_of(&app, long).await;
+    assert_eq!(
+        (state.as_str(), attempts),
+        ("queued", 0),
+        "handed back, attempt not counted"
+    );
+}
+
+/// Three instances on one database, each with the same per-second schedule (as each would
+/// register it at start-up): for 20 s every tick runs exactly once across them, none skipped.
+#[tokio::test]
+async fn three_instances_run_every_tick_of_a_per_second_schedule_exactly_once() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::builder().sibling_of(&a).spawn().await;
+    let c = TestApp::builder().sibling_of(&a).spawn().await;
+    let ticks = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    for (name, app) in [("a", &a), ("b", &b), ("c", &c)] {
+        let jobs = queue(app);
+        let ticks = ticks.clone();
+        let handler: JobHandler = Arc::new(move |job: Claimed| {
+            let fired = job.payload["firedAt"].as_str().unwrap_or_default().to_owned();
+            ticks.lock().unwrap().push((fired, name.to_owned()));
+            Box::pin(async { Ok(()) })
+        });
+        jobs.register(kind("test.every-second", 3, SECOND), handler);
+        jobs.schedule("test.every-second", "* * * * * *").unwrap();
+    }
+    let started = chrono::Utc::now();
+    tokio::time::sleep(20 * SECOND).await;
+    let ended = chrono::Utc::now();
+    // The last tick's job may still be running: wait until every recorded tick ran.
+    let deadline = Instant::now() + 5 * SECOND;
+    let recorded: Vec<chrono::DateTime<chrono::Utc>> = loop {
+        let recorded: Vec<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT fire_at FROM job_ticks WHERE schedule = 'test.every-second' ORDER BY fire_at")
+                .fetch_all(&a.db)
+                .await
+                .unwrap();
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state <> 'done'")
+            .fetch_one(&a.db)
+            .await
+            .unwrap();
+        if pending == 0 {
+            break recorded;
+        }
+        assert!(Instant::now() < deadline, "{pending} tick jobs not done");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // One tick per second, none skipped, from the first to the last.
+    assert!(recorded.len() >= 19, "{} ticks in 20 s", recorded.len());
+    assert!(recorded
+        .windows(2)
+        .all(|pair| pair[1] - pair[0] == chrono::Duration::seconds(1)));
+    assert!(recorded[0] >= started - chrono::Duration::seconds(1) && *recorded.last().unwrap() <= ended);
+    // Each ran once, on one of the three.
+    let ticks = ticks.lock().unwrap().clone();
+    let mut fired: Vec<String> = ticks.iter().map(|(fired, _)| fired.clone()).collect();
+    fired.sort();
+    let runs = fired.len();
+    fired.dedup();
+    assert_eq!(runs, fired.len(), "a tick ran twice: {ticks:?}");
+    assert_eq!(runs, recorded.len(), "every recorded tick ran");
+}
