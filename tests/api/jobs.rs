@@ -188,6 +188,8 @@ async fn a_job_whose_worker_died_runs_again_once_its_lease_has_run_out() {
     let jobs = queue(&app);
     let runs = Arc::new(Mutex::new(Vec::new()));
     jobs.register(kind("test.orphan", 3, SECOND), recording(runs.clone(), |_| Ok(())));
+    // Before the row's `now()`: the lease runs out 700 ms after that at the earliest.
+    let died = Instant::now();
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO jobs (queue, kind, payload, max_attempts, state, attempts, worker, lease_until, started_at)
          VALUES ('test', 'test.orphan', '{}', 3, 'running', 1, 'a-worker-that-died', now() + interval '700 milliseconds', now())
@@ -196,7 +198,6 @@ async fn a_job_whose_worker_died_runs_again_once_its_lease_has_run_out() {
     .fetch_one(&app.db)
     .await
     .unwrap();
-    let died = Instant::now();
 
     until_state(&app, id, "done", 5 * SECOND).await;
     let runs = runs.lock().unwrap().clone();
