@@ -247,6 +247,9 @@ pub struct JobSettings {
     /// How long a claimed job is held without a renewal: after a worker dies, its jobs run again
     /// within this.
     pub lease: Duration,
+    /// Cron expressions (six fields, seconds first, UTC) of the app's schedules.
+    pub purge_schedule: String,
+    pub due_reminders_schedule: String,
 }
 
 /// How long each kind of entry lives: the one table the README, `/health` and the tests refer to.
@@ -404,6 +407,8 @@ impl Settings {
                 queue_concurrency: vars.positive("JOBS_QUEUE_CONCURRENCY", 2, "a number of jobs at once > 0")?,
                 poll_every: vars.millis("JOBS_POLL_MS", 500)?,
                 lease: vars.millis("JOBS_LEASE_MS", 30_000)?,
+                purge_schedule: vars.cron("JOBS_PURGE_SCHEDULE", "0 0 * * * *")?,
+                due_reminders_schedule: vars.cron("JOBS_DUE_REMINDERS_SCHEDULE", "0 0 8 * * *")?,
             },
         })
     }
@@ -439,6 +444,19 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         match (self.0)(name) {
             None => Ok(default),
             Some(value) => value.trim().parse().map_err(|_| ConfigError { name, expected, value }),
+        }
+    }
+
+    /// A cron expression of six fields, seconds first (`0 0 * * * *`: hourly).
+    fn cron(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let value = self.string(name, default);
+        match <cron::Schedule as std::str::FromStr>::from_str(&value) {
+            Ok(_) => Ok(value),
+            Err(_) => Err(ConfigError {
+                name,
+                expected: "a cron expression of six fields, seconds first (0 0 * * * * is hourly)",
+                value,
+            }),
         }
     }
 

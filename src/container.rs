@@ -38,9 +38,9 @@ module! {
     pub AppModule {
         components = [
             // infrastructure
-            PgDatabase, RedisModule, TieredCache, RedisRateLimiter, PrometheusMetrics, Argon2Hasher,
+            PgDatabase, RedisModule, TieredCache, RedisRateLimiter, Argon2Hasher,
             PgIdempotencyStore,
-            FencedLocks, LeasedSemaphore, OutboxEventBus, PgJobQueue,
+            FencedLocks, LeasedSemaphore, OutboxEventBus, PgJobQueue, PrometheusMetrics,
             // repositories: all SQL
             PgUserRepository, PgTokenRepository, PgWorkspaceRepository, PgProjectRepository,
             PgTaskRepository, PgMetricsRepository,

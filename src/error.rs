@@ -11,6 +11,15 @@ use utoipa::ToSchema;
 
 pub type AppResult<T> = Result<T, AppError>;
 
+impl From<crate::infra::jobs::JobError> for AppError {
+    fn from(err: crate::infra::jobs::JobError) -> Self {
+        match err {
+            crate::infra::jobs::JobError::Database(err) => err.into(),
+            other => AppError::internal(other.to_string()),
+        }
+    }
+}
+
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT_BYTES: usize = 64 * 1024;
 

@@ -1,5 +1,6 @@
 //! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`,
-//! `nestling admin end-sessions <email>`, `nestling redis check`, `nestling health`.
+//! `nestling admin end-sessions <email>`, `nestling jobs list [--dead]`, `nestling jobs retry <id>`,
+//! `nestling redis check`, `nestling health`.
 
 use std::process::ExitCode;
 
@@ -43,6 +44,14 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Run this configuration's job workers and scheduler without HTTP (SIGTERM: finish within
+    /// APP_SHUTDOWN_TIMEOUT, hand the rest back).
+    Worker,
+    /// The job queue in the configured database (as `GET /admin/jobs` shows it), without serving.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsAction,
+    },
     /// Operations on the configured Redis (`REDIS_URL`, whatever `REDIS_ENABLED` says).
     Redis {
         #[command(subcommand)]
@@ -56,6 +65,22 @@ enum RedisAction {
     /// SET/GET/PUBLISH/SUBSCRIBE round trip under the key prefix. Exits 0 when the app can use
     /// it (warnings are printed), 1 when it cannot.
     Check,
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// Jobs by queue and state, with the due backlog and how long its oldest job has waited.
+    List {
+        /// List the dead jobs instead, newest first: id, kind, attempts, last error.
+        #[arg(long)]
+        dead: bool,
+        /// With --dead: how many at most.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Queue a dead job again, its attempts reset (a running instance takes it at its next poll,
+    /// `JOBS_POLL_MS`). Exits 1 when no dead job has this id.
+    Retry { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -93,6 +118,7 @@ fn main() -> ExitCode {
 async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await?,
+        Command::Worker => nestling::startup::run_worker(settings).await?,
         Command::Migrate => {
             database::prepare(&mut settings, true).await?;
             log::info!("migrations applied");
@@ -114,6 +140,7 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
             }
             log::info!("{email}: admin role {}", if grant { "granted" } else { "revoked" });
         }
+        Command::Jobs { action } => return jobs(settings, action).await,
         Command::Health { url, timeout_ms } => {
             let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}", settings.app.port));
             let wait = std::time::Duration::from_millis(timeout_ms);
@@ -204,6 +231,88 @@ async fn end_sessions(mut settings: Settings, email: &str) -> Result<(), Box<dyn
     }
     log::info!("{email}: {} session(s) ended on every instance", ended.ended);
     Ok(())
+}
+
+/// `nestling jobs ...`: the container's job queue on the configured database; no server, no
+/// workers (the queue only answers `counts`, `dead` and `retry` here).
+async fn jobs(mut settings: Settings, action: JobsAction) -> Result<(), Box<dyn std::error::Error>> {
+    use nestling::infra::jobs::JobQueue;
+    use shaku::HasComponent;
+    use std::sync::Arc;
+
+    let pool = database::prepare(&mut settings, true).await?;
+    let module = nestling::container::builder(&settings, pool).build();
+    let queue: Arc<dyn JobQueue> = module.resolve();
+    match action {
+        JobsAction::List { dead: false, .. } => {
+            let counts = queue.counts().await?;
+            if counts.is_empty() {
+                println!("no jobs");
+            }
+            let rows = counts.into_iter().map(|count| {
+                let oldest = count.oldest_due_seconds.map(|s| format!("{s:.1}")).unwrap_or_default();
+                let due = if count.state == "queued" {
+                    count.due.to_string()
+                } else {
+                    String::new()
+                };
+                vec![count.queue, count.state, count.jobs.to_string(), due, oldest]
+            });
+            print_table(&["QUEUE", "STATE", "JOBS", "DUE", "OLDEST DUE (s)"], rows);
+        }
+        JobsAction::List { dead: true, limit } => {
+            let dead = queue.dead(limit).await?;
+            if dead.is_empty() {
+                println!("no dead jobs");
+            }
+            let rows = dead.into_iter().map(|job| {
+                // One line per job, whatever the error's text holds.
+                let error = job
+                    .last_error
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                vec![job.id.to_string(), job.kind, job.attempts.to_string(), error]
+            });
+            print_table(&["ID", "KIND", "ATTEMPTS", "LAST ERROR"], rows);
+        }
+        JobsAction::Retry { id } => {
+            if !queue.retry(id).await? {
+                return Err(
+                    format!("no dead job has the id {id} (or a queued job of its kind holds its unique key)").into(),
+                );
+            }
+            println!("job {id} queued again");
+        }
+    }
+    Ok(())
+}
+
+/// Left-aligned columns two spaces apart under `header`; nothing when there are no rows.
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    if rows.is_empty() {
+        return;
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
 }
 
 /// `GET <base><path>` over plain HTTP/1.1 (a local probe: no TLS, no redirects): (status, body).

@@ -65,6 +65,7 @@ impl Application {
         let events: Arc<dyn EventBus> = module.resolve();
         events.start();
         let jobs: Arc<dyn JobQueue> = module.resolve();
+        modules::register_jobs(&module, &settings.jobs);
         jobs.start();
         let metrics: Arc<dyn MetricsRegistry> = module.resolve();
         let telemetry = metrics.telemetry();
@@ -154,6 +155,34 @@ impl Application {
         });
         self.server.await
     }
+}
+
+/// `nestling worker`: this configuration's job workers and scheduler, with the event relay and
+/// the cache's fleet sync (the jobs write, and what they change must reach the fleet), and no
+/// HTTP. SIGTERM or Ctrl-C: no new jobs, running ones get `APP_SHUTDOWN_TIMEOUT`, the rest are
+/// handed back.
+pub async fn run_worker(mut settings: Settings) -> Result<(), StartupError> {
+    let migrate = settings.database.migrate_on_start;
+    let pool = database::prepare(&mut settings, migrate).await?;
+    let module = Arc::new(container::builder(&settings, pool).build());
+    let cache: Arc<dyn CacheService> = module.resolve();
+    cache.start();
+    let events: Arc<dyn EventBus> = module.resolve();
+    events.start();
+    let jobs: Arc<dyn JobQueue> = module.resolve();
+    modules::register_jobs(&module, &settings.jobs);
+    jobs.start();
+    if settings.jobs.workers == 0 {
+        log::warn!("worker: JOBS_WORKERS=0, so this process runs no job (only the scheduler)");
+    }
+    log::info!("worker: running up to {} jobs at once, no HTTP", settings.jobs.workers);
+    stop_requested().await;
+    log::info!(
+        "worker: stopping: no new jobs, running ones get {:?}",
+        settings.app.shutdown_timeout
+    );
+    jobs.stop(settings.app.shutdown_timeout).await;
+    Ok(())
 }
 
 async fn stop_requested() {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of one app instance (its own registry, so several instances in one process,
 //! as in the tests, do not mix): HTTP, cache tiers per namespace, loaders, Redis commands, the
-//! breaker, the pool, pub/sub, invalidations, rate-limit decisions and lock waits.
+//! breaker, the pool, pub/sub, invalidations, rate-limit decisions, lock waits, events and jobs.
 //! Served as text at `GET /metrics`.
 
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::infra::redis::info_field;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -63,6 +64,11 @@ pub struct Telemetry {
     pub job_duration: HistogramVec,
     /// From a schedule's fire time to its job being enqueued.
     pub scheduler_lag: prometheus::Histogram,
+    /// Read from Postgres at scrape time, so every instance shows the same figures: jobs queued and
+    /// due by queue, the age of each queue's oldest due job, and the dead jobs.
+    pub jobs_waiting: IntGaugeVec,
+    pub job_oldest_waiting: GaugeVec,
+    pub jobs_dead: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -170,6 +176,21 @@ impl Telemetry {
                     .buckets(LATENCY_BUCKETS.to_vec()),
             )
             .expect("histogram"),
+            jobs_waiting: IntGaugeVec::new(
+                Opts::new("jobs_waiting", "Jobs queued and due, by queue (read at scrape time)"),
+                &["queue"],
+            )
+            .expect("gauge"),
+            job_oldest_waiting: GaugeVec::new(
+                Opts::new(
+                    "job_oldest_waiting_seconds",
+                    "How long the oldest due job of the queue has waited (read at scrape time)",
+                ),
+                &["queue"],
+            )
+            .expect("gauge"),
+            jobs_dead: IntGauge::new("jobs_dead", "Jobs that failed their last attempt (read at scrape time)")
+                .expect("gauge"),
         };
         // Every series exists from the start (at zero), so dashboards and alerts see them before
         // the first lock is taken.
@@ -217,6 +238,9 @@ impl Telemetry {
             Box::new(telemetry.job_runs.clone()),
             Box::new(telemetry.job_duration.clone()),
             Box::new(telemetry.scheduler_lag.clone()),
+            Box::new(telemetry.jobs_waiting.clone()),
+            Box::new(telemetry.job_oldest_waiting.clone()),
+            Box::new(telemetry.jobs_dead.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric registered once");
@@ -251,7 +275,8 @@ impl Telemetry {
 #[async_trait::async_trait]
 pub trait MetricsRegistry: shaku::Interface {
     fn telemetry(&self) -> Arc<Telemetry>;
-    /// The exposition text; reads Redis' memory figures (bounded by the command timeout).
+    /// The exposition text; reads Redis' memory figures (bounded by the command timeout) and the
+    /// job queue's figures (bounded by the statement deadline).
     async fn render(&self) -> String;
 }
 
@@ -264,6 +289,8 @@ pub struct PrometheusMetrics {
     redis: Arc<dyn crate::infra::redis::RedisService>,
     #[shaku(inject)]
     database: Arc<dyn crate::infra::database::Database>,
+    #[shaku(inject)]
+    jobs: Arc<dyn crate::infra::jobs::JobQueue>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -314,6 +341,61 @@ impl MetricsRegistry for PrometheusMetrics {
                 t.pool.with_label_values(&[stat]).set(value);
             }
         }
+        self.refresh_jobs().await;
         t.render()
+    }
+}
+
+impl PrometheusMetrics {
+    /// The job gauges, from one `counts()` under the statement deadline (a frozen Postgres delays
+    /// the scrape by that much at most; the last values then stay). Every queue a registered
+    /// kind serves, that has jobs, or that was shown before gets a value, 0 when nothing in it is
+    /// due: a drained queue reads 0, not its last backlog. Each registered kind's runs and
+    /// durations exist at zero, so that its first run counts in `increase()`.
+    async fn refresh_jobs(&self) {
+        use prometheus::core::Collector;
+        let t = &self.telemetry;
+        let kinds = self.jobs.kinds();
+        for kind in &kinds {
+            for outcome in ["done", "retry", "dead"] {
+                t.job_runs.with_label_values(&[kind.name, outcome]);
+            }
+            t.job_duration.with_label_values(&[kind.name]);
+        }
+        let counts = match self.jobs.counts().await {
+            Ok(counts) => counts,
+            Err(err) => {
+                log::debug!("metrics: reading the job queue failed, its gauges keep their last values: {err}");
+                return;
+            }
+        };
+        let families = t.jobs_waiting.collect();
+        let shown = families
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|metric| {
+                let queue = metric.get_label().iter().find(|label| label.name() == "queue")?;
+                Some(queue.value().to_owned())
+            });
+        let mut queues: std::collections::BTreeMap<String, (i64, f64)> = kinds
+            .iter()
+            .map(|kind| kind.queue.to_owned())
+            .chain(shown)
+            .map(|queue| (queue, (0, 0.0)))
+            .collect();
+        let mut dead = 0;
+        for count in counts {
+            let queue = queues.entry(count.queue).or_default();
+            match count.state.as_str() {
+                "queued" => *queue = (count.due, count.oldest_due_seconds.unwrap_or(0.0)),
+                "dead" => dead += count.jobs,
+                _ => {}
+            }
+        }
+        for (queue, (due, oldest)) in queues {
+            t.jobs_waiting.with_label_values(&[&queue]).set(due);
+            t.job_oldest_waiting.with_label_values(&[&queue]).set(oldest);
+        }
+        t.jobs_dead.set(dead);
     }
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cache_policy;
 pub mod events;
 pub mod health;
+pub mod maintenance;
 pub mod metrics;
 pub mod projects;
 pub mod tasks;
@@ -53,6 +54,34 @@ pub fn configure(cfg: &mut ServiceConfig) {
         )
         .service(web::scope("/admin").configure(admin::configure))
         .configure(cache_policy::configure);
+}
+
+/// The app's job kinds and schedules, registered on every instance at start-up (before the
+/// workers start), whether it serves HTTP or only runs workers.
+pub fn register_jobs(module: &crate::container::AppModule, settings: &crate::config::JobSettings) {
+    use shaku::HasComponent;
+    let jobs: std::sync::Arc<dyn crate::infra::jobs::JobQueue> = module.resolve();
+    jobs.register(
+        metrics::jobs::rebuild_kind(),
+        metrics::jobs::rebuild_handler(module.resolve()),
+    );
+    jobs.register(maintenance::purge_kind(), maintenance::purge_handler(module.resolve()));
+    let reminders = tasks::reminders::Reminders {
+        tasks: module.resolve(),
+        events: module.resolve(),
+        db: module.resolve(),
+    };
+    jobs.register(tasks::reminders::kind(), tasks::reminders::handler(reminders));
+    let schedules = [
+        (maintenance::PURGE, &settings.purge_schedule),
+        (tasks::reminders::DUE_REMINDERS, &settings.due_reminders_schedule),
+    ];
+    for (kind, cron) in schedules {
+        // Checked when the settings were read: a bad expression never gets here.
+        if let Err(err) = jobs.schedule(kind, cron) {
+            log::error!("jobs: cannot schedule {kind}: {err}");
+        }
+    }
 }
 
 /// One path with all its methods; a method it has no route for answers 405 with the envelope.

@@ -309,3 +309,76 @@ async fn health_exits_1_at_once_when_no_app_answers() {
     assert_eq!(code, Some(1), "{stdout}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+/// `nestling jobs <args>` against the app's database: (exit code, stdout, stderr).
+async fn jobs_command(app: &TestApp, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = nestling()
+        .arg("jobs")
+        .args(args)
+        .env("DATABASE_URL", &app.settings.database.url)
+        .output()
+        .await
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+/// The lines of a table `nestling jobs list` printed, each split into its columns.
+fn table(stdout: &str) -> Vec<Vec<&str>> {
+    stdout.lines().map(|line| line.split_whitespace().collect()).collect()
+}
+
+#[tokio::test]
+async fn jobs_list_shows_counts_by_queue_and_state_and_with_dead_each_dead_job_on_one_line() {
+    let app = TestApp::spawn().await;
+    let (id, _, _) = crate::jobs_admin::dead_job(&app, "test.mail", "smtp refused:\n  554 no such user").await;
+    let jobs = crate::jobs::queue(&app);
+    jobs.register(
+        crate::jobs::kind("test.later", 1, crate::jobs::SECOND),
+        crate::jobs::recording(Default::default(), |_| Ok(())),
+    );
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let job = nestling::infra::jobs::NewJob::new("test.later", serde_json::json!({}));
+    jobs.enqueue(job.at(later)).await.unwrap();
+
+    let (code, stdout, stderr) = jobs_command(&app, &["list"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let rows = table(&stdout);
+    assert_eq!(rows[0][..4], ["QUEUE", "STATE", "JOBS", "DUE"], "{stdout}");
+    assert!(rows.contains(&vec!["test", "dead", "1"]), "{stdout}");
+    assert!(
+        rows.contains(&vec!["test", "queued", "1", "0"]),
+        "queued, none due yet:\n{stdout}"
+    );
+
+    let (code, stdout, stderr) = jobs_command(&app, &["list", "--dead"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one line per dead job:\n{stdout}");
+    let fields: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(fields[..3], [id.to_string().as_str(), "test.mail", "1"], "{stdout}");
+    assert!(lines[1].ends_with("smtp refused: 554 no such user"), "{stdout}");
+}
+
+#[tokio::test]
+async fn jobs_retry_queues_a_dead_job_for_the_running_instances_and_exits_1_naming_an_id_that_is_not_dead() {
+    let app = TestApp::spawn().await;
+    let (id, healed, runs) = crate::jobs_admin::dead_job(&app, "test.flaky", "downstream refused").await;
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let (code, stdout, stderr) = jobs_command(&app, &["retry", &id.to_string()]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), format!("job {id} queued again"));
+    // The running instance takes it at its next poll.
+    crate::jobs::until_state(&app, id, "done", 5 * crate::jobs::SECOND).await;
+    assert_eq!(runs.lock().unwrap().len(), 2);
+
+    for not_dead in [id, id + 1_000] {
+        let (code, _, stderr) = jobs_command(&app, &["retry", &not_dead.to_string()]).await;
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.trim().lines().count() == 1 && stderr.contains(&format!("no dead job has the id {not_dead}")),
+            "{stderr}"
+        );
+    }
+}

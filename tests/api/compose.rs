@@ -30,11 +30,12 @@ fn services(compose: &Value) -> Vec<(&str, &Value)> {
         .collect()
 }
 
-/// The instances of the app: the services built from this repository.
+/// The instances of the app that serve HTTP: the services built from this repository that run
+/// the image's command (the worker runs `nestling worker`).
 fn apps(compose: &Value) -> Vec<(&str, &Value)> {
     let apps: Vec<_> = services(compose)
         .into_iter()
-        .filter(|(_, service)| !service["build"].is_null())
+        .filter(|(_, service)| !service["build"].is_null() && service["command"].is_null())
         .collect();
     assert!(apps.len() >= 2, "two instances of the app");
     apps
@@ -267,4 +268,30 @@ fn the_proxy_keeps_admin_and_metrics_inside_where_prometheus_scrapes_every_insta
         assert_eq!(port, "8080", "{target}: the instance's own port, not a published one");
     }
     assert_eq!(targets.len(), apps.len(), "every instance is scraped");
+}
+
+#[test]
+fn jobs_run_in_the_worker_service_and_not_in_the_web_instances() {
+    let compose = yaml("docker-compose.yml");
+    let worker = &compose["services"]["worker"];
+    assert_eq!(worker["command"], serde_json::json!(["nestling", "worker"]));
+    assert_eq!(
+        worker["build"],
+        serde_json::json!("."),
+        "the same image as the instances"
+    );
+    assert!(worker["ports"].is_null(), "the worker publishes nothing");
+    assert_ne!(env(worker, "worker", "JOBS_WORKERS"), "0");
+    assert_eq!(
+        env(worker, "worker", "APP_MIGRATE_ON_START"),
+        "false",
+        "the first instance migrates"
+    );
+    for (name, app) in apps(&compose) {
+        assert_eq!(
+            env(app, name, "JOBS_WORKERS"),
+            "0",
+            "{name} leaves the jobs to the worker"
+        );
+    }
 }

@@ -202,3 +202,61 @@ async fn connections_dropped_while_idle_are_replaced_before_a_request_draws_them
         .assert_status(201);
     }
 }
+
+/// `/metrics` reads the job queue's figures from Postgres at scrape time, under the statement
+/// deadline: a frozen Postgres delays the scrape by that much at most, and the scrape still
+/// answers with every metric (the job gauges keep their last values).
+#[tokio::test]
+async fn a_frozen_postgres_delays_the_metrics_scrape_by_the_deadline_at_most() {
+    let postgres = private_postgres().await;
+    let app = TestApp::builder()
+        .postgres(&postgres)
+        .settings(short_timeouts)
+        .spawn()
+        .await;
+    let before = app.request(Method::GET, "/metrics", None, None).await;
+    before.assert_status(200);
+    assert!(
+        before.text.lines().any(|line| line == "nestling_jobs_dead 0"),
+        "{}",
+        before.text
+    );
+
+    postgres.freeze();
+    let started = Instant::now();
+    let scrape = tokio::time::timeout(DEADLINE * 3, app.request(Method::GET, "/metrics", None, None)).await;
+    let took = started.elapsed();
+    postgres.thaw();
+    let scrape = scrape.unwrap_or_else(|_| panic!("the scrape hung on the frozen Postgres ({took:?})"));
+    scrape.assert_status(200);
+    for line in ["nestling_jobs_dead 0", "nestling_redis_breaker_state 0"] {
+        assert!(
+            scrape.text.lines().any(|l| l == line),
+            "no {line:?} in:\n{}",
+            scrape.text
+        );
+    }
+}
+
+/// The control: without a statement deadline the same fault holds the scrape, which is what the
+/// test above would catch if the job gauges were read without it.
+#[tokio::test]
+async fn without_a_deadline_a_frozen_postgres_hangs_the_metrics_scrape() {
+    let postgres = private_postgres().await;
+    let app = TestApp::builder()
+        .postgres(&postgres)
+        .settings(|s| {
+            s.database.statement_timeout = Duration::from_secs(3600);
+            s.database.acquire_timeout = Duration::from_secs(30);
+        })
+        .spawn()
+        .await;
+    app.request(Method::GET, "/metrics", None, None)
+        .await
+        .assert_status(200);
+    postgres.freeze();
+    let scrape = app.request(Method::GET, "/metrics", None, None);
+    let hung = tokio::time::timeout(DEADLINE * 4, scrape).await;
+    postgres.thaw();
+    assert!(hung.is_err(), "without a deadline the scrape should still be waiting");
+}

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use nestling::infra::database::Database;
 use nestling::infra::jobs::{Claimed, JobError, JobHandler, JobKind, JobQueue, NewJob};
 use serde_json::json;
@@ -13,13 +14,13 @@ use shaku::HasComponent;
 
 use crate::helpers::TestApp;
 
-const SECOND: Duration = Duration::from_secs(1);
+pub(crate) const SECOND: Duration = Duration::from_secs(1);
 
-fn queue(app: &TestApp) -> Arc<dyn JobQueue> {
+pub(crate) fn queue(app: &TestApp) -> Arc<dyn JobQueue> {
     app.module.resolve()
 }
 
-fn kind(name: &'static str, max_attempts: u32, backoff: Duration) -> JobKind {
+pub(crate) fn kind(name: &'static str, max_attempts: u32, backoff: Duration) -> JobKind {
     JobKind {
         name,
         queue: "test",
@@ -31,7 +32,7 @@ fn kind(name: &'static str, max_attempts: u32, backoff: Duration) -> JobKind {
 }
 
 /// A handler that records when each attempt started and answers with `outcome(attempt)`.
-fn recording(
+pub(crate) fn recording(
     runs: Arc<Mutex<Vec<(i64, i32, Instant)>>>,
     outcome: impl Fn(i32) -> Result<(), String> + Send + Sync + 'static,
 ) -> JobHandler {
@@ -43,7 +44,7 @@ fn recording(
     })
 }
 
-async fn state_of(app: &TestApp, id: i64) -> (String, i32, Option<String>) {
+pub(crate) async fn state_of(app: &TestApp, id: i64) -> (String, i32, Option<String>) {
     sqlx::query_as("SELECT state, attempts, last_error FROM jobs WHERE id = $1")
         .bind(id)
         .fetch_one(&app.db)
@@ -52,7 +53,7 @@ async fn state_of(app: &TestApp, id: i64) -> (String, i32, Option<String>) {
 }
 
 /// Until the job is in `state` (at most `within`).
-async fn until_state(app: &TestApp, id: i64, state: &str, within: Duration) {
+pub(crate) async fn until_state(app: &TestApp, id: i64, state: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let (now, attempts, error) = state_of(app, id).await;
@@ -311,4 +312,194 @@ async fn three_instances_run_every_tick_of_a_per_second_schedule_exactly_once() 
     fired.dedup();
     assert_eq!(runs, fired.len(), "a tick ran twice: {ticks:?}");
     assert_eq!(runs, recorded.len(), "every recorded tick ran");
+}
+
+/// Task writes enqueue their workspace's metrics rebuild a moment later, coalesced: 100 writes in
+/// about a second cause at most two rebuilds, and the stored days are fresh after them.
+#[tokio::test]
+async fn a_hundred_task_writes_in_a_workspace_cause_at_most_two_metrics_rebuilds() {
+    let app = TestApp::spawn().await;
+    let (owner, workspace, project) = app.user_with_project().await;
+    let project_id = project["id"].as_str().unwrap();
+    let writes = (0..100).map(|n| {
+        let (app, owner) = (&app, &owner);
+        async move {
+            app.create_task(owner, project_id, json!({ "title": format!("task {n}") }))
+                .await
+        }
+    });
+    let writing = Instant::now();
+    futures_util::stream::iter(writes)
+        .buffer_unordered(10)
+        .collect::<Vec<_>>()
+        .await;
+    let wrote_in = writing.elapsed();
+
+    let deadline = Instant::now() + 15 * SECOND;
+    loop {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'metrics.rebuild' AND state <> 'done'")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{waiting} rebuilds still waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'metrics.rebuild'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(
+        (1..=2).contains(&rebuilds),
+        "{rebuilds} rebuilds for 100 writes in {wrote_in:?}"
+    );
+    // The stored day counts all 100 tasks: fresh without a rebuild per write.
+    let created_today: i64 = sqlx::query_scalar(
+        "SELECT created FROM daily_metrics
+         WHERE workspace_id = $1::text::uuid AND date = (now() AT TIME ZONE 'UTC')::date",
+    )
+    .bind(workspace["id"].as_str().unwrap())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(created_today, 100);
+}
+
+/// The hourly purge deletes what can no longer be used or is past keeping, and nothing else.
+#[tokio::test]
+async fn the_purge_deletes_expired_tokens_and_records_and_old_finished_jobs_only() {
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    for (hash, expires) in [(1u8, "now() - interval '1 minute'"), (2, "now() + interval '1 hour'")] {
+        sqlx::query(&format!(
+            "INSERT INTO auth_tokens (token_hash, user_id, expires_at) VALUES ($1, $2, {expires})"
+        ))
+        .bind(vec![hash; 32])
+        .bind(user.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO jobs (queue, kind, payload, max_attempts, state, finished_at) VALUES
+           ('old', 'test.old', '{}', 1, 'done', now() - interval '8 days'),
+           ('old', 'test.recent', '{}', 1, 'done', now() - interval '1 day'),
+           ('old', 'test.dead', '{}', 1, 'dead', now() - interval '8 days')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO job_ticks (schedule, fire_at) VALUES ('x', now() - interval '8 days'), ('x', now())")
+        .execute(&app.db)
+        .await
+        .unwrap();
+
+    let jobs = queue(&app);
+    let id = jobs
+        .enqueue(NewJob::new(nestling::modules::maintenance::PURGE, json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    until_state(&app, id, "done", 10 * SECOND).await;
+
+    let tokens: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT token_hash FROM auth_tokens WHERE user_id = $1 AND length(token_hash) = 32 AND token_hash IN ($2, $3)",
+    )
+    .bind(user.id)
+    .bind(vec![1u8; 32])
+    .bind(vec![2u8; 32])
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(tokens, [vec![2u8; 32]], "only the live token stays");
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM jobs WHERE queue = 'old' ORDER BY kind")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["test.dead", "test.recent"], "dead jobs stay for operators");
+    let ticks: i64 = sqlx::query_scalar("SELECT count(*) FROM job_ticks WHERE schedule = 'x'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(ticks, 1);
+}
+
+/// The morning reminder: each open, assigned task due that day gets a `task.due` event on its
+/// workspace's stream; done, unassigned or other days' tasks do not.
+#[tokio::test]
+async fn the_due_date_reminder_records_a_task_due_event_for_each_open_assigned_task_due_that_day() {
+    let app = TestApp::spawn().await;
+    let (owner, _, project) = app.user_with_project().await;
+    let project_id = project["id"].as_str().unwrap();
+    let today = chrono::Utc::now().date_naive();
+    let tomorrow = today.succ_opt().unwrap();
+    let mut ids = Vec::new();
+    for (title, due, assigned, status) in [
+        ("due today", today, true, "todo"),
+        ("done already", today, true, "done"),
+        ("nobody's", today, false, "todo"),
+        ("tomorrow", tomorrow, true, "todo"),
+    ] {
+        let mut body = json!({ "title": title, "dueDate": due, "status": status });
+        if assigned {
+            body["assigneeId"] = json!(owner.id);
+        }
+        ids.push(app.create_task(&owner, project_id, body).await["id"].clone());
+    }
+    let fired_at = chrono::Utc::now();
+    let jobs = queue(&app);
+    let id = jobs
+        .enqueue(NewJob::new(
+            nestling::modules::tasks::reminders::DUE_REMINDERS,
+            json!({ "firedAt": fired_at }),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    until_state(&app, id, "done", 10 * SECOND).await;
+
+    let due: Vec<serde_json::Value> = sqlx::query_scalar("SELECT data FROM events WHERE type = 'task.due' ORDER BY id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0]["task"]["id"], ids[0]);
+    assert_eq!(due[0]["assigneeId"], json!(owner.id));
+    assert_eq!(due[0]["day"], json!(today));
+}
+
+/// `nestling worker`: the app's jobs run in a process without HTTP (here the web instance runs
+/// none, `JOBS_WORKERS=0`), and SIGTERM stops it at once when it has nothing running.
+#[tokio::test]
+async fn nestling_worker_runs_the_apps_jobs_without_http_and_stops_on_sigterm() {
+    let app = TestApp::builder().settings(|s| s.jobs.workers = 0).spawn().await;
+    let mut worker = crate::cli::nestling()
+        .arg("worker")
+        .env("DATABASE_URL", &app.settings.database.url)
+        .env("JOBS_POLL_MS", "100")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = queue(&app)
+        .enqueue(NewJob::new(nestling::modules::maintenance::PURGE, json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    until_state(&app, id, "done", 15 * SECOND).await;
+
+    let stopping = Instant::now();
+    // SAFETY: signalling the process this test spawned.
+    unsafe { libc::kill(worker.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(5 * SECOND, worker.wait())
+        .await
+        .expect("the worker exits")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(stopping.elapsed() < 2 * SECOND, "stopped in {:?}", stopping.elapsed());
 }

@@ -18,6 +18,7 @@ mod health;
 mod idempotency;
 mod isolation;
 mod jobs;
+mod jobs_admin;
 mod leases;
 mod locks;
 mod login_limit;

@@ -212,6 +212,13 @@ async fn invented_methods_and_unknown_paths_do_not_grow_the_metric_series() {
     assert!(routes.len() <= 3, "route labels: {routes:?}");
 }
 
+/// Registers a job kind on the app's queue, as the app registers its own at start-up: the job
+/// metrics labelled by kind or queue have their series (at zero) from then on.
+fn with_a_job_kind(app: &TestApp) {
+    let kind = crate::jobs::kind("test.observed", 1, crate::jobs::SECOND);
+    crate::jobs::queue(app).register(kind, crate::jobs::recording(Default::default(), |_| Ok(())));
+}
+
 /// The metric names a PromQL expression refers to (`nestling_…`, histogram suffixes kept).
 /// Every one of `names` has a sample in the `/metrics` text `exported`.
 fn assert_exported(exported: &str, names: &[String], by: &str) {
@@ -245,6 +252,7 @@ fn metric_names(expression: &str) -> Vec<String> {
 async fn every_metric_the_alert_rules_name_is_exported() {
     let rules = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml")).unwrap();
     let app = TestApp::builder().redis(shared_redis()).spawn().await;
+    with_a_job_kind(&app);
     let world = World::create(&app).await;
     for _ in 0..2 {
         app.get(&world.fill("/api/projects/{project}/tasks"), &world.user.token)
@@ -269,7 +277,10 @@ async fn every_metric_the_alert_rules_name_is_exported() {
     let exported = memory_mode.request(Method::GET, "/metrics", None, None).await.text;
     assert!(exported.lines().any(|l| l == "nestling_redis_enabled 0"), "{exported}");
     let alerts = rules.matches("- alert:").count();
-    assert_eq!(alerts, 6, "down, breaker, hit rate, p99, error rate, memory");
+    assert_eq!(
+        alerts, 8,
+        "down, breaker, hit rate, p99, error rate, memory, dead jobs, lagging queue"
+    );
     if let Ok(output) = std::process::Command::new("promtool")
         .args(["check", "rules"])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml"))
@@ -372,6 +383,8 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "nestling_redis_errors_total", "nestling_redis_breaker_state",
         "nestling_rate_limit_decisions_total", "nestling_db_pool_connections",
         "nestling_lock_wait_seconds_bucket", "nestling_idempotency_requests_total",
+        "nestling_jobs_waiting", "nestling_job_oldest_waiting_seconds", "nestling_jobs_dead",
+        "nestling_job_runs_total", "nestling_job_duration_seconds_bucket", "nestling_scheduler_lag_seconds_bucket",
     ];
     for metric in watched {
         assert!(
@@ -380,6 +393,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         );
     }
     let app = TestApp::builder().redis(shared_redis()).spawn().await;
+    with_a_job_kind(&app);
     let world = World::create(&app).await;
     app.get(&world.fill("/api/projects/{project}/tasks"), &world.user.token)
         .await

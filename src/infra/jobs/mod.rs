@@ -100,6 +100,9 @@ impl NewJob {
     }
 }
 
+/// See `Inner::wake_at`.
+const DUE_MARGIN: Duration = Duration::from_millis(50);
+
 /// What a handler gets: the job as claimed (`attempt` is 1 on the first run).
 pub type JobHandler = Arc<dyn Fn(Claimed) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
@@ -130,6 +133,8 @@ pub trait JobQueue: Interface {
     async fn dead(&self, limit: i64) -> Result<Vec<DeadJob>, sqlx::Error>;
     /// Queues a dead job again; `false` when it is not dead (or a queued job holds its key).
     async fn retry(&self, id: i64) -> Result<bool, sqlx::Error>;
+    /// The registered kinds: the metrics show each kind and queue at zero before its first run.
+    fn kinds(&self) -> Vec<JobKind>;
 }
 
 pub struct PgJobQueue {
@@ -291,6 +296,11 @@ impl JobQueue for PgJobQueue {
         }
         Ok(retried)
     }
+
+    fn kinds(&self) -> Vec<JobKind> {
+        let kinds = self.inner.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.values().map(|(kind, _)| kind.clone()).collect()
+    }
 }
 
 impl Inner {
@@ -299,12 +309,13 @@ impl Inner {
         kinds.get(name).map(|(kind, _)| kind.clone())
     }
 
-    /// Wakes this instance's workers in `after` (a retry or a job coming due), rather than at the
-    /// next poll.
+    /// Wakes this instance's workers just after `after` (a retry or a job coming due), rather
+    /// than at the next poll. Just after: the due time is the database's `now()` plus `after`,
+    /// taken a moment after this timer starts.
     fn wake_at(self: &Arc<Self>, after: Duration) {
         let inner = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
+            tokio::time::sleep(after + DUE_MARGIN).await;
             inner.wake.notify_one();
         });
     }
@@ -317,32 +328,27 @@ impl Inner {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Each queue with room on this instance: (queue, free slots).
-    fn room(&self) -> Vec<(&'static str, i64)> {
-        let queues: Vec<&'static str> = {
-            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
-            let mut queues: Vec<&'static str> = kinds.values().map(|(kind, _)| kind.queue).collect();
-            queues.sort_unstable();
-            queues.dedup();
-            queues
-        };
+    /// The queues this instance serves: those of its registered kinds.
+    fn queues(&self) -> Vec<&'static str> {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues: Vec<&'static str> = kinds.values().map(|(kind, _)| kind.queue).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        queues
+    }
+
+    /// How many more jobs of `queue` this instance may start now.
+    fn room_in(&self, queue: &str) -> i64 {
         let running = self.running();
-        let mut free = self.settings.workers.saturating_sub(running.jobs.len());
-        let mut room = Vec::new();
-        for queue in queues {
-            let busy = running.per_queue.get(queue).copied().unwrap_or(0);
-            let take = self.settings.queue_concurrency.saturating_sub(busy).min(free);
-            if take > 0 {
-                free -= take;
-                room.push((queue, take as i64));
-            }
-        }
-        room
+        let free = self.settings.workers.saturating_sub(running.jobs.len());
+        let busy = running.per_queue.get(queue).copied().unwrap_or(0);
+        self.settings.queue_concurrency.saturating_sub(busy).min(free) as i64
     }
 }
 
 async fn worker_loop(inner: Arc<Inner>) {
     let mut reaped_at = tokio::time::Instant::now();
+    let mut round: usize = 0;
     loop {
         if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -355,7 +361,19 @@ async fn worker_loop(inner: Arc<Inner>) {
                 Err(err) => log::debug!("jobs: reaping expired leases failed: {err}"),
             }
         }
-        for (queue, room) in inner.room() {
+        // Each queue takes what it has due, up to its room and what the others left free; the
+        // first queue in the round turns, so a busy queue cannot keep the slots from the rest.
+        let mut queues = inner.queues();
+        if !queues.is_empty() {
+            let turn = round % queues.len();
+            queues.rotate_left(turn);
+        }
+        round = round.wrapping_add(1);
+        for queue in queues {
+            let room = inner.room_in(queue);
+            if room == 0 {
+                continue;
+            }
             match store::claim(&*inner.db, queue, inner.worker, inner.settings.lease, room).await {
                 Ok(jobs) => jobs.into_iter().for_each(|job| run(&inner, queue, job)),
                 Err(err) => log::debug!("jobs: claiming from {queue} failed: {err}"),

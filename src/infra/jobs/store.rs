@@ -180,6 +180,9 @@ pub struct QueueCount {
     pub queue: String,
     pub state: String,
     pub jobs: i64,
+    /// Of `jobs`, those due now: the backlog workers have not taken yet (queued jobs only; 0 in
+    /// other states).
+    pub due: i64,
     /// Seconds the oldest due job of the queue has waited (queued jobs only).
     pub oldest_due_seconds: Option<f64>,
 }
@@ -187,6 +190,7 @@ pub struct QueueCount {
 pub(super) async fn counts(db: &dyn Database) -> Result<Vec<QueueCount>, sqlx::Error> {
     let query = sqlx::query_as(
         "SELECT queue, state, count(*) AS jobs,
+                CASE WHEN state = 'queued' THEN count(*) FILTER (WHERE run_at <= now()) ELSE 0 END AS due,
                 CASE WHEN state = 'queued' THEN
                      extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 END
                   AS oldest_due_seconds

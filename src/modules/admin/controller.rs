@@ -5,8 +5,8 @@ use shaku::HasComponent;
 use std::sync::Arc;
 
 use super::service::{
-    AdminService, CacheModeRequest, CacheModeResponse, CacheStatsResponse, FlushQuery, FlushResponse, KeyDistribution,
-    RedisHealth, RedisMetrics, SlowlogEntry, WarmRequest, WarmResponse,
+    AdminService, CacheModeRequest, CacheModeResponse, CacheStatsResponse, FlushQuery, FlushResponse, JobsOverview,
+    KeyDistribution, RedisHealth, RedisMetrics, RetriedJob, SlowlogEntry, WarmRequest, WarmResponse,
 };
 use crate::container::{AppModule, Inject};
 use crate::error::{AppError, AppResult, ErrorBody, JsonBody};
@@ -24,7 +24,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/redis/metrics").route(web::get().to(get_redis_metrics)))
         .service(resource("/redis/slowlog").route(web::get().to(get_redis_slowlog)))
         .service(resource("/redis/keys").route(web::get().to(get_redis_keys)))
-        .service(resource("/users/{id}/sessions").route(web::delete().to(delete_user_sessions)));
+        .service(resource("/users/{id}/sessions").route(web::delete().to(delete_user_sessions)))
+        .service(resource("/jobs").route(web::get().to(list_jobs)))
+        .service(resource("/jobs/{id}/retry").route(web::post().to(retry_job)));
 }
 
 /// Put it in a handler's arguments and the route needs `Authorization: Bearer <ADMIN_TOKEN>`, or
@@ -174,4 +176,33 @@ pub async fn delete_user_sessions(
     id: web::Path<uuid::Uuid>,
 ) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(admin.end_user_sessions(*id).await?))
+}
+
+/// The job queue: jobs by queue and state (with the due backlog and its oldest job's wait), and
+/// the 100 most recent dead jobs with their errors. `nestling jobs list` shows the same.
+#[utoipa::path(
+    get, path = "/admin/jobs", tag = "admin", operation_id = "list_jobs", security(("admin" = [])),
+    responses((status = 200, body = JobsOverview), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody))
+)]
+pub async fn list_jobs(_admin: AdminAuth, admin: Inject<dyn AdminService>) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.jobs().await?))
+}
+
+/// Queue a dead job again, its attempts reset: this instance runs it at once if it serves the job's
+/// queue, the others take it at their next poll. `nestling jobs retry <id>` does the same.
+#[utoipa::path(
+    post, path = "/admin/jobs/{id}/retry", tag = "admin", operation_id = "retry_job", security(("admin" = [])),
+    params(("id" = i64, Path, description = "Job id")),
+    responses(
+        (status = 200, body = RetriedJob), (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No dead job has this id (`job_not_found`), or a queued job of its kind holds its unique key", body = ErrorBody),
+    )
+)]
+pub async fn retry_job(
+    _admin: AdminAuth,
+    admin: Inject<dyn AdminService>,
+    id: web::Path<i64>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(admin.retry_job(*id).await?))
 }

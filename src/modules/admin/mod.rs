@@ -1,6 +1,6 @@
 //! Operator endpoints under `/admin`: cache statistics, the runtime Redis switch (the instant
-//! rollback of the migration plan), cache flushes and ending a user's sessions. Guarded by
-//! `ADMIN_TOKEN` or a user with the admin role.
+//! rollback of the migration plan), cache flushes, ending a user's sessions, and the job queue
+//! (counts, dead jobs, retry). Guarded by `ADMIN_TOKEN` or a user with the admin role.
 
 pub mod controller;
 pub mod service;

@@ -7,6 +7,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{AppError, AppResult};
 use crate::infra::cache::{CacheService, CacheStatus, NamespaceStats};
+use crate::infra::jobs::{DeadJob, JobQueue, QueueCount};
 use crate::infra::redis::keys::Namespace;
 use crate::infra::redis::{info_field, Redis, RedisFailure, RedisService, ScanCursor};
 use crate::modules::auth::dto::EndedSessions;
@@ -157,6 +158,25 @@ pub struct WarmResponse {
     pub entries: u64,
 }
 
+/// The job queue as operators see it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobsOverview {
+    /// Jobs by queue and state (`queued`, `running`, `done` until purged, `dead`).
+    pub queues: Vec<QueueCount>,
+    /// The most recent dead jobs (at most 100), newest first, each with its error.
+    pub dead: Vec<DeadJob>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetriedJob {
+    pub retried: bool,
+}
+
+/// Dead jobs `GET /admin/jobs` lists.
+pub const DEAD_JOBS_SHOWN: i64 = 100;
+
 #[async_trait]
 pub trait AdminService: Interface {
     /// Lets `ADMIN_TOKEN` (compared in constant time) or a signed-in user with the admin role in:
@@ -174,6 +194,10 @@ pub trait AdminService: Interface {
     async fn end_user_sessions(&self, user_id: uuid::Uuid) -> AppResult<EndedSessions>;
     /// The same, for the user with this email (`nestling admin end-sessions`).
     async fn end_sessions_by_email(&self, email: &str) -> AppResult<EndedSessions>;
+    async fn jobs(&self) -> AppResult<JobsOverview>;
+    /// Queues a dead job again, its attempts reset; 404 when no dead job has this id (or a queued
+    /// job of its kind holds its unique key: that one will do the work).
+    async fn retry_job(&self, id: i64) -> AppResult<RetriedJob>;
 }
 
 fn redis_unavailable(err: RedisFailure) -> AppError {
@@ -199,6 +223,8 @@ pub struct Admin {
     auth: Arc<dyn AuthService>,
     #[shaku(inject)]
     users: Arc<dyn UserRepository>,
+    #[shaku(inject)]
+    job_queue: Arc<dyn JobQueue>,
     admin_token: Option<String>,
 }
 
@@ -446,5 +472,20 @@ impl AdminService for Admin {
         let user = self.users.find_by_email(email).await?;
         let user = user.ok_or(AppError::not_found("user"))?;
         self.end_user_sessions(user.id).await
+    }
+
+    async fn jobs(&self) -> AppResult<JobsOverview> {
+        Ok(JobsOverview {
+            queues: self.job_queue.counts().await?,
+            dead: self.job_queue.dead(DEAD_JOBS_SHOWN).await?,
+        })
+    }
+
+    async fn retry_job(&self, id: i64) -> AppResult<RetriedJob> {
+        if !self.job_queue.retry(id).await? {
+            return Err(AppError::not_found("job"));
+        }
+        log::info!("admin: dead job {id} queued again");
+        Ok(RetriedJob { retried: true })
     }
 }

@@ -14,6 +14,11 @@ pub enum WorkspaceEvent<'a> {
     TaskCreated(&'a Task),
     TaskUpdated(&'a Task),
     TaskDeleted(&'a Task),
+    /// The morning reminder: an open task due today, for its assignee.
+    TaskDue {
+        task: &'a Task,
+        day: chrono::NaiveDate,
+    },
     ProjectCreated(&'a Project),
     ProjectUpdated(&'a Project),
     /// Its tasks went with it (no `task.deleted` for each).
@@ -42,10 +47,11 @@ pub const MEMBER_REMOVED: &str = "member.removed";
 pub const WORKSPACE_DELETED: &str = "workspace.deleted";
 
 /// Every type a workspace's stream carries (the README and the OpenAPI description list them).
-pub const EVENT_TYPES: [&str; 11] = [
+pub const EVENT_TYPES: [&str; 12] = [
     "task.created",
     "task.updated",
     "task.deleted",
+    "task.due",
     "project.created",
     "project.updated",
     "project.deleted",
@@ -64,6 +70,7 @@ impl WorkspaceEvent<'_> {
             Self::TaskCreated(_) => "task.created",
             Self::TaskUpdated(_) => "task.updated",
             Self::TaskDeleted(_) => "task.deleted",
+            Self::TaskDue { .. } => "task.due",
             Self::ProjectCreated(_) => "project.created",
             Self::ProjectUpdated(_) => "project.updated",
             Self::ProjectDeleted { .. } => "project.deleted",
@@ -77,6 +84,7 @@ impl WorkspaceEvent<'_> {
     pub fn workspace_id(&self) -> Uuid {
         match self {
             Self::TaskCreated(task) | Self::TaskUpdated(task) | Self::TaskDeleted(task) => task.workspace_id,
+            Self::TaskDue { task, .. } => task.workspace_id,
             Self::ProjectCreated(project) | Self::ProjectUpdated(project) => project.workspace_id,
             Self::ProjectDeleted { workspace_id, .. }
             | Self::MemberAdded { workspace_id, .. }
@@ -91,6 +99,7 @@ impl WorkspaceEvent<'_> {
         match self {
             Self::TaskCreated(task) | Self::TaskUpdated(task) => entity(serde_json::to_value(task)),
             Self::TaskDeleted(task) => json!({ "id": task.id, "projectId": task.project_id }),
+            Self::TaskDue { task, day } => json!({ "task": task, "assigneeId": task.assignee_id, "day": day }),
             Self::ProjectCreated(project) | Self::ProjectUpdated(project) => entity(serde_json::to_value(project)),
             Self::ProjectDeleted { id, .. } => json!({ "id": id }),
             Self::MemberAdded { member, .. } => entity(serde_json::to_value(member)),

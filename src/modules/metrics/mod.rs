@@ -6,6 +6,7 @@
 
 pub mod controller;
 pub mod dto;
+pub mod jobs;
 pub mod repository;
 pub mod service;
 

@@ -35,6 +35,8 @@ pub trait MetricsService: Interface {
     /// Recomputes the workspace's stored days (owners only), under the workspace's lock and one of
     /// the fleet's rebuild permits, with a fenced write; the answers of `daily` do not change.
     async fn rebuild(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<MetricsRebuild>;
+    /// `rebuild`, for the app itself (the `metrics.rebuild` job): no caller to authorize.
+    async fn rebuild_workspace(&self, workspace_id: Uuid) -> AppResult<MetricsRebuild>;
 }
 
 #[derive(Component)]
@@ -88,6 +90,10 @@ impl MetricsService for Metrics {
 
     async fn rebuild(&self, user_id: Uuid, workspace_id: Uuid) -> AppResult<MetricsRebuild> {
         self.workspaces.require_owner(user_id, workspace_id).await?;
+        self.rebuild_workspace(workspace_id).await
+    }
+
+    async fn rebuild_workspace(&self, workspace_id: Uuid) -> AppResult<MetricsRebuild> {
         // The workspace's lock first, then a permit: waiting for another rebuild of the same
         // workspace holds none of the fleet's permits.
         let lock = rebuild_lock(workspace_id);

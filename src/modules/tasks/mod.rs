@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod dto;
 pub mod model;
+pub mod reminders;
 pub mod repository;
 pub mod service;
 

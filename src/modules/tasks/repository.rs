@@ -51,6 +51,8 @@ pub trait TaskRepository: Interface {
     /// updates never revert each other. Returns the row as locked and as written.
     async fn update(&self, id: Uuid, change: &UpdateTaskRequest) -> Result<Option<(Task, Task)>, sqlx::Error>;
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error>;
+    /// Open tasks with an assignee, due on `day`.
+    async fn due_on(&self, day: chrono::NaiveDate) -> Result<Vec<Task>, sqlx::Error>;
 }
 
 /// A page of a project's tasks (`$1`), filtered by status (`$2`) and assignee (`$3`), `$4` rows
@@ -223,6 +225,16 @@ impl TaskRepository for PgTaskRepository {
             return Ok(None);
         };
         Ok(Some((before, after)))
+    }
+
+    async fn due_on(&self, day: chrono::NaiveDate) -> Result<Vec<Task>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM tasks WHERE due_date = $1 AND assignee_id IS NOT NULL AND status <> 'done'
+             ORDER BY workspace_id, id"
+        );
+        self.db
+            .run(sqlx::query_as(&sql).bind(day).fetch_all(self.db.pool()))
+            .await
     }
 
     async fn delete(&self, id: Uuid) -> Result<bool, sqlx::Error> {

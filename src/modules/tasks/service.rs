@@ -11,8 +11,10 @@ use crate::error::{AppError, AppResult};
 use crate::infra::cache::{json, CacheService, Cached};
 use crate::infra::database::Database;
 use crate::infra::events::EventBus;
+use crate::infra::jobs::JobQueue;
 use crate::infra::redis::keys::CacheKey;
 use crate::modules::events::model::WorkspaceEvent;
+use crate::modules::metrics::jobs::rebuild_soon;
 use crate::modules::paging::Page;
 use crate::modules::projects::service::ProjectService;
 use crate::modules::workspaces::model::InWorkspace;
@@ -47,6 +49,9 @@ pub struct Tasks {
     db: Arc<dyn Database>,
     #[shaku(inject)]
     events: Arc<dyn EventBus>,
+    /// Task writes enqueue their workspace's metrics rebuild (coalesced).
+    #[shaku(inject)]
+    jobs: Arc<dyn JobQueue>,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
@@ -129,7 +134,8 @@ impl TaskService for Tasks {
         let create = self.db.transaction(async {
             let created = self.tasks.create(&task).await?;
             WorkspaceEvent::TaskCreated(&created).record(&*self.events).await?;
-            Ok::<_, sqlx::Error>(created)
+            self.jobs.enqueue(rebuild_soon(created.workspace_id)).await?;
+            Ok::<_, AppError>(created)
         });
         Ok(self
             .cache
@@ -217,10 +223,14 @@ impl TaskService for Tasks {
         };
         let update = self.db.transaction(async {
             let outcome = self.tasks.update(id, &change).await?;
-            if let Some((_, saved)) = &outcome {
+            if let Some((before, saved)) = &outcome {
                 WorkspaceEvent::TaskUpdated(saved).record(&*self.events).await?;
+                // Completion moves the daily counts; other fields do not.
+                if before.completed_at != saved.completed_at {
+                    self.jobs.enqueue(rebuild_soon(saved.workspace_id)).await?;
+                }
             }
-            Ok::<_, sqlx::Error>(outcome)
+            Ok::<_, AppError>(outcome)
         });
         let updated = self.cache.write(stale, update, as_locked_and_saved);
         Ok(updated.await?.ok_or(NOT_FOUND)?.1)
@@ -233,8 +243,9 @@ impl TaskService for Tasks {
             let deleted = self.tasks.delete(id).await?;
             if deleted {
                 WorkspaceEvent::TaskDeleted(&task).record(&*self.events).await?;
+                self.jobs.enqueue(rebuild_soon(task.workspace_id)).await?;
             }
-            Ok::<_, sqlx::Error>(deleted)
+            Ok::<_, AppError>(deleted)
         });
         self.cache.write(stale, delete, |_| Vec::new()).await?;
         Ok(())
