@@ -22,6 +22,7 @@ async fn an_invalid_variable_stops_startup_with_one_line_naming_it() {
         ("APP_PORT", "eighty"),
         ("REDIS_ENABLED", "maybe"),
         ("DATABASE_STATEMENT_TIMEOUT_MS", "0"),
+        ("JOBS_PURGE_SCHEDULE", "hourly"),
     ];
     for (variable, value) in cases {
         let output = nestling().env(variable, value).output().await.unwrap();
