@@ -503,3 +503,110 @@ async fn nestling_worker_runs_the_apps_jobs_without_http_and_stops_on_sigterm() 
     assert!(status.success(), "{status:?}");
     assert!(stopping.elapsed() < 2 * SECOND, "stopped in {:?}", stopping.elapsed());
 }
+
+/// A `nestling worker` process on the test's database, with this environment.
+fn worker_process(app: &TestApp, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut command = crate::cli::nestling();
+    command
+        .arg("worker")
+        .env("DATABASE_URL", &app.settings.database.url)
+        .env("JOBS_POLL_MS", "100")
+        // The purge below waits on a table lock the test holds: longer than the default deadline.
+        .env("DATABASE_STATEMENT_TIMEOUT_MS", "60000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().unwrap()
+}
+
+/// Holds an exclusive lock on `auth_tokens` until dropped or committed: the purge's first
+/// statement waits on it, so its job runs as long as the test wants.
+async fn hold_tokens_table(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE auth_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+fn signal(child: &tokio::process::Child, signal: i32) {
+    // SAFETY: signalling a process this test spawned.
+    unsafe { libc::kill(child.id().unwrap() as i32, signal) };
+}
+
+/// A worker killed with SIGKILL in the middle of a job: the job runs to completion on another
+/// worker once the lease is over, its lost attempt counted. (The purge is idempotent: deleting
+/// what is expired twice deletes it once, which is why a job may be run again at all.)
+#[tokio::test]
+async fn a_job_whose_worker_is_killed_mid_job_completes_on_another_worker_after_the_lease() {
+    let app = TestApp::builder().settings(|s| s.jobs.workers = 0).spawn().await;
+    let lock = hold_tokens_table(&app).await;
+    let mut first = worker_process(&app, &[("JOBS_LEASE_MS", "1500")]);
+    let id = queue(&app)
+        .enqueue(NewJob::new(nestling::modules::maintenance::PURGE, json!({})))
+        .await
+        .unwrap()
+        .unwrap();
+    until_state(&app, id, "running", 15 * SECOND).await;
+
+    signal(&first, libc::SIGKILL);
+    first.wait().await.unwrap();
+    let killed = Instant::now();
+    lock.commit().await.unwrap();
+    let _second = worker_process(&app, &[("JOBS_LEASE_MS", "1500")]);
+    until_state(&app, id, "done", 15 * SECOND).await;
+    let (_, attempts, _) = state_of(&app, id).await;
+    assert_eq!(attempts, 2, "the killed attempt counts");
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1000),
+        "not before the lease ran out"
+    );
+}
+
+/// SIGTERM: a worker finishes a job that ends within `APP_SHUTDOWN_TIMEOUT`, and hands back one
+/// that does not, which another worker then runs; the handed-back attempt is not counted.
+#[tokio::test]
+async fn sigterm_lets_a_short_job_finish_and_hands_a_long_one_to_another_worker() {
+    let app = TestApp::builder().settings(|s| s.jobs.workers = 0).spawn().await;
+    let jobs = queue(&app);
+    let purge = || NewJob::new(nestling::modules::maintenance::PURGE, json!({}));
+
+    // A job that ends 2 s into a 5 s shutdown timeout.
+    let lock = hold_tokens_table(&app).await;
+    let mut worker = worker_process(&app, &[("APP_SHUTDOWN_TIMEOUT", "5")]);
+    let short = jobs.enqueue(purge()).await.unwrap().unwrap();
+    until_state(&app, short, "running", 15 * SECOND).await;
+    signal(&worker, libc::SIGTERM);
+    tokio::time::sleep(2 * SECOND).await;
+    lock.commit().await.unwrap();
+    let status = tokio::time::timeout(10 * SECOND, worker.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    assert_eq!(
+        state_of(&app, short).await.0,
+        "done",
+        "finished before the worker stopped"
+    );
+
+    // A job still running when the 2 s timeout ends: handed back, run by the next worker.
+    let lock = hold_tokens_table(&app).await;
+    let mut worker = worker_process(&app, &[("APP_SHUTDOWN_TIMEOUT", "2")]);
+    let long = jobs.enqueue(purge()).await.unwrap().unwrap();
+    until_state(&app, long, "running", 15 * SECOND).await;
+    signal(&worker, libc::SIGTERM);
+    let status = tokio::time::timeout(10 * SECOND, worker.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    let (state, attempts, _) = state_of(&app, long).await;
+    assert_eq!(
+        (state.as_str(), attempts),
+        ("queued", 0),
+        "handed back, its attempt not counted"
+    );
+    lock.commit().await.unwrap();
+    let _next = worker_process(&app, &[]);
+    until_state(&app, long, "done", 15 * SECOND).await;
+}
