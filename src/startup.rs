@@ -60,13 +60,7 @@ impl Application {
     /// Binds and starts serving an already built container (tests build theirs with overrides).
     pub fn serve(settings: &Settings, module: Arc<AppModule>) -> Result<Self, StartupError> {
         let container = module.clone();
-        let cache: Arc<dyn CacheService> = module.resolve();
-        cache.start();
-        let events: Arc<dyn EventBus> = module.resolve();
-        events.start();
-        let jobs: Arc<dyn JobQueue> = module.resolve();
-        modules::register_jobs(&module, &settings.jobs);
-        jobs.start();
+        start_background_work(&module, settings);
         let metrics: Arc<dyn MetricsRegistry> = module.resolve();
         let telemetry = metrics.telemetry();
         let address = format!("{}:{}", settings.app.host, settings.app.port);
@@ -165,13 +159,8 @@ pub async fn run_worker(mut settings: Settings) -> Result<(), StartupError> {
     let migrate = settings.database.migrate_on_start;
     let pool = database::prepare(&mut settings, migrate).await?;
     let module = Arc::new(container::builder(&settings, pool).build());
-    let cache: Arc<dyn CacheService> = module.resolve();
-    cache.start();
-    let events: Arc<dyn EventBus> = module.resolve();
-    events.start();
+    start_background_work(&module, &settings);
     let jobs: Arc<dyn JobQueue> = module.resolve();
-    modules::register_jobs(&module, &settings.jobs);
-    jobs.start();
     if settings.jobs.workers == 0 {
         log::warn!("worker: JOBS_WORKERS=0, so this process runs no job (only the scheduler)");
     }
@@ -183,6 +172,18 @@ pub async fn run_worker(mut settings: Settings) -> Result<(), StartupError> {
     );
     jobs.stop(settings.app.shutdown_timeout).await;
     Ok(())
+}
+
+/// What runs beside the requests, in a web instance and a worker alike: the cache's fleet sync,
+/// the event relay and feeds, the app's job kinds and schedules, the workers.
+fn start_background_work(module: &AppModule, settings: &Settings) {
+    let cache: Arc<dyn CacheService> = module.resolve();
+    cache.start();
+    let events: Arc<dyn EventBus> = module.resolve();
+    events.start();
+    let jobs: Arc<dyn JobQueue> = module.resolve();
+    modules::register_jobs(module, &settings.jobs);
+    jobs.start();
 }
 
 async fn stop_requested() {
