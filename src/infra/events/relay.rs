@@ -62,10 +62,9 @@ async fn prune(inner: &Inner) {
     let mut pruned = 0;
     while started.elapsed() < PRUNE_BUDGET {
         let batch = async {
-            let mut tx = within(deadline, inner.db.pool().begin()).await?;
-            if !within(deadline, outbox::lock(&mut tx, Lock::Prune, deadline)).await? {
+            let Some(mut tx) = begin_locked(inner, Lock::Prune, deadline).await? else {
                 return Ok(0);
-            }
+            };
             let deleted = within(deadline, outbox::prune(&mut tx, inner.settings.retention)).await?;
             within(deadline, tx.commit()).await?;
             Ok::<_, sqlx::Error>(deleted)
@@ -125,12 +124,10 @@ async fn publish_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
         return Ok(Pass::Done);
     }
     let deadline = inner.db.statement_timeout();
-    let mut tx = within(deadline, inner.db.pool().begin()).await?;
-    // Postgres ends the transaction, and frees the lock, if this instance stops answering (frozen)
-    // for longer than a statement may take.
-    if !within(deadline, outbox::lock(&mut tx, Queue::Unpublished.lock(), deadline)).await? {
+    // Idle no longer than a statement may take.
+    let Some(mut tx) = begin_locked(inner, Queue::Unpublished.lock(), deadline).await? else {
         return Ok(Pass::Busy);
-    }
+    };
     let events = within(deadline, outbox::number(&mut tx, BATCH)).await?;
     within(deadline, tx.commit()).await?;
     if events.is_empty() {
@@ -151,6 +148,20 @@ async fn publish_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
         .with_label_values(&[via])
         .inc_by(events.len() as u64);
     Ok(full_if(events.len(), BATCH))
+}
+
+/// A transaction holding one of the fleet-wide passes' locks, or `None` while another instance
+/// holds it. Postgres ends the transaction, and frees the lock, once it has been idle for longer
+/// than `idle` (this instance froze or lost its connection).
+async fn begin_locked(
+    inner: &Inner,
+    lock: Lock,
+    idle: Duration,
+) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
+    let deadline = inner.db.statement_timeout();
+    let mut tx = within(deadline, inner.db.pool().begin()).await?;
+    let locked = within(deadline, outbox::lock(&mut tx, lock, idle)).await?;
+    Ok(locked.then_some(tx))
 }
 
 fn full_if(taken: usize, batch: i64) -> Pass {
@@ -219,12 +230,12 @@ async fn handler_pass(inner: &Inner) -> Result<Pass, sqlx::Error> {
         return Ok(Pass::Done);
     }
     let deadline = inner.db.statement_timeout();
-    let mut tx = within(deadline, inner.db.pool().begin()).await?;
+    // Idle while one event's subscribers run, every attempt included.
     let attempts = inner.settings.handler_timeout * HANDLER_ATTEMPTS + RETRY_PAUSE * 3;
     let idle = attempts * inner.subscriber_count() as u32 + deadline;
-    if !within(deadline, outbox::lock(&mut tx, Queue::Unhandled.lock(), idle)).await? {
+    let Some(mut tx) = begin_locked(inner, Queue::Unhandled.lock(), idle).await? else {
         return Ok(Pass::Busy);
-    }
+    };
     let Some(event) = within(deadline, outbox::unhandled(&mut tx, 1)).await?.pop() else {
         within(deadline, tx.commit()).await?;
         return Ok(Pass::Done);
