@@ -151,6 +151,8 @@ struct Inner {
     kinds: Mutex<HashMap<&'static str, (JobKind, JobHandler)>>,
     wake: Notify,
     running: Mutex<Running>,
+    /// Jobs that succeeded here, recorded done by the next claim (`store::complete_and_claim`).
+    finished: Mutex<Vec<store::Finished>>,
     /// Set by `stop`: claim nothing more.
     stopping: std::sync::atomic::AtomicBool,
     idle: Notify,
@@ -186,6 +188,7 @@ impl<M: shaku::Module + shaku::HasComponent<dyn Database>> Component<M> for PgJo
                 kinds: Mutex::default(),
                 wake: Notify::new(),
                 running: Mutex::default(),
+                finished: Mutex::default(),
                 stopping: Default::default(),
                 idle: Notify::new(),
             }),
@@ -252,12 +255,14 @@ impl JobQueue for PgJobQueue {
         loop {
             let idle = inner.idle.notified();
             if inner.running().jobs.is_empty() {
+                inner.record_finished().await;
                 return;
             }
             if tokio::time::timeout_at(deadline, idle).await.is_err() {
                 break;
             }
         }
+        inner.record_finished().await;
         let left: Vec<Claimed> = {
             let mut running = inner.running();
             running
@@ -320,6 +325,38 @@ impl Inner {
         });
     }
 
+    fn take_finished(&self) -> Vec<store::Finished> {
+        std::mem::take(&mut *self.finished.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records the jobs `claim_for` did not: at stop, or when no queue had room.
+    async fn record_finished(&self) {
+        let finished = self.take_finished();
+        if !finished.is_empty() {
+            self.claim_for("", 0, finished).await;
+        }
+    }
+
+    /// One round trip: records `finished` done and claims up to `room` jobs of `queue`. When it
+    /// fails, the finished jobs wait for the next round (their leases cover them meanwhile).
+    async fn claim_for(&self, queue: &str, room: i64, finished: Vec<store::Finished>) -> Vec<Claimed> {
+        let round =
+            store::complete_and_claim(&*self.db, self.worker, &finished, queue, self.settings.lease, room).await;
+        match round {
+            Ok(round) => {
+                for job in finished.iter().filter(|job| !round.completed.contains(&job.id)) {
+                    log::warn!("jobs: job {}'s lease was taken over: its success is not recorded", job.id);
+                }
+                round.claimed
+            }
+            Err(err) => {
+                log::debug!("jobs: claiming from {queue:?} failed: {err}");
+                self.finished.lock().unwrap_or_else(|e| e.into_inner()).extend(finished);
+                Vec::new()
+            }
+        }
+    }
+
     fn schedules(&self) -> Vec<Schedule> {
         self.schedules.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -374,11 +411,17 @@ async fn worker_loop(inner: Arc<Inner>) {
             if room == 0 {
                 continue;
             }
-            match store::claim(&*inner.db, queue, inner.worker, inner.settings.lease, room).await {
-                Ok(jobs) => jobs.into_iter().for_each(|job| run(&inner, queue, job)),
-                Err(err) => log::debug!("jobs: claiming from {queue} failed: {err}"),
+            let claimed = inner.claim_for(queue, room, inner.take_finished()).await;
+            if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                // `stop` began while this claim was on its way: it no longer waits for these.
+                if let Err(err) = store::hand_back(&*inner.db, &claimed, inner.worker).await {
+                    log::warn!("jobs: handing back {} jobs failed (their leases will expire): {err}", claimed.len());
+                }
+                return;
             }
+            claimed.into_iter().for_each(|job| run(&inner, queue, job));
         }
+        inner.record_finished().await;
         // An enqueue on this instance, a finished job (a slot is free) or the poll (jobs enqueued
         // elsewhere, retries coming due) starts the next round.
         tokio::select! {
@@ -437,24 +480,24 @@ fn run(inner: &Arc<Inner>, queue: &'static str, job: Claimed) {
                 Err(format!("timed out after {:?}", kind.timeout))
             }
         };
-        let recorded = match &result {
-            Ok(()) => store::complete(&*inner.db, &job, inner.worker).await,
+        match &result {
+            // Recorded with the worker's next claim, which this job's freed slot sets off.
+            Ok(()) => inner.finished.lock().unwrap_or_else(|e| e.into_inner()).push(store::Finished {
+                id: job.id,
+                attempt: job.attempt,
+            }),
             Err(error) => {
                 let delay = kind.retry_delay(job.attempt as u32);
                 inner.wake_at(delay);
-                store::fail(&*inner.db, &job, inner.worker, error, delay).await
+                match store::fail(&*inner.db, &job, inner.worker, error, delay).await {
+                    Ok(true) => {}
+                    Ok(false) => log::warn!("jobs: job {}'s lease was taken over: its failure is not recorded", job.id),
+                    Err(err) => log::warn!(
+                        "jobs: recording job {}'s failure failed (its lease will expire): {err}",
+                        job.id
+                    ),
+                }
             }
-        };
-        match (&result, recorded) {
-            (_, Ok(true)) => {}
-            (_, Ok(false)) => log::warn!(
-                "jobs: job {}'s lease was taken over: its outcome is not recorded",
-                job.id
-            ),
-            (_, Err(err)) => log::warn!(
-                "jobs: recording job {}'s outcome failed (its lease will expire): {err}",
-                job.id
-            ),
         }
         let outcome = match &result {
             Ok(()) => "done",
