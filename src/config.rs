@@ -247,6 +247,10 @@ pub struct JobSettings {
     /// How long a claimed job is held without a renewal: after a worker dies, its jobs run again
     /// within this.
     pub lease: Duration,
+    /// Task writes enqueue their workspace's `metrics.rebuild` (`METRICS_REBUILD_ON_WRITE`); off,
+    /// the stored days change only through `POST …/metrics/rebuild` (and the benchmark measures
+    /// a create without its enqueue).
+    pub metrics_rebuild_on_write: bool,
     /// Cron expressions (six fields, seconds first, UTC) of the app's schedules.
     pub purge_schedule: String,
     pub due_reminders_schedule: String,
@@ -408,6 +412,7 @@ impl Settings {
                 poll_every: vars.millis("JOBS_POLL_MS", 500)?,
                 lease: vars.millis("JOBS_LEASE_MS", 30_000)?,
                 purge_schedule: vars.cron("JOBS_PURGE_SCHEDULE", "0 0 * * * *")?,
+                metrics_rebuild_on_write: vars.parse("METRICS_REBUILD_ON_WRITE", true, "true or false")?,
                 due_reminders_schedule: vars.cron("JOBS_DUE_REMINDERS_SCHEDULE", "0 0 8 * * *")?,
             },
         })

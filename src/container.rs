@@ -28,7 +28,7 @@ use crate::modules::metrics::service::{Metrics, MetricsParameters};
 use crate::modules::projects::repository::PgProjectRepository;
 use crate::modules::projects::service::Projects;
 use crate::modules::tasks::repository::PgTaskRepository;
-use crate::modules::tasks::service::Tasks;
+use crate::modules::tasks::service::{Tasks, TasksParameters};
 use crate::modules::users::repository::PgUserRepository;
 use crate::modules::users::service::Users;
 use crate::modules::workspaces::repository::PgWorkspaceRepository;
@@ -133,6 +133,9 @@ pub fn builder(settings: &Settings, pool: PgPool) -> shaku::ModuleBuilder<AppMod
         })
         .with_component_parameters::<Metrics>(MetricsParameters {
             rebuild_concurrency: settings.locks.metrics_rebuild_concurrency,
+        })
+        .with_component_parameters::<Tasks>(TasksParameters {
+            skip_metrics_rebuild: !settings.jobs.metrics_rebuild_on_write,
         })
         .with_component_parameters::<HealthChecks>(HealthChecksParameters {
             started: Instant::now(),

@@ -100,6 +100,9 @@ impl NewJob {
     }
 }
 
+/// See `Inner::queued_here`: more than the clock skew between an instance and Postgres.
+const QUEUED_MARGIN: Duration = Duration::from_millis(500);
+
 /// See `Inner::wake_at`.
 const DUE_MARGIN: Duration = Duration::from_millis(50);
 
@@ -151,6 +154,10 @@ struct Inner {
     kinds: Mutex<HashMap<&'static str, (JobKind, JobHandler)>>,
     wake: Notify,
     running: Mutex<Running>,
+    /// When the queued job of a unique (kind, key) this instance inserted or met is due: until
+    /// shortly before, no worker can take it, so an enqueue of the same key coalesces without a
+    /// round trip (see `queued_here`).
+    queued: Mutex<HashMap<(&'static str, String), DateTime<Utc>>>,
     /// Jobs that succeeded here, recorded done by the next claim (`store::complete_and_claim`).
     finished: Mutex<Vec<store::Finished>>,
     /// Set by `stop`: claim nothing more.
@@ -188,6 +195,7 @@ impl<M: shaku::Module + shaku::HasComponent<dyn Database>> Component<M> for PgJo
                 kinds: Mutex::default(),
                 wake: Notify::new(),
                 running: Mutex::default(),
+                queued: Mutex::default(),
                 finished: Mutex::default(),
                 stopping: Default::default(),
                 idle: Notify::new(),
@@ -220,7 +228,12 @@ impl JobQueue for PgJobQueue {
             .inner
             .kind(job.kind)
             .ok_or_else(|| JobError::UnknownKind(job.kind.to_owned()))?;
-        let id = store::insert(
+        if let Some(key) = &job.unique_key {
+            if self.inner.queued_here(kind.name, key) {
+                return Ok(None);
+            }
+        }
+        let inserted = store::insert(
             &*self.inner.db,
             kind.queue,
             kind.name,
@@ -230,14 +243,28 @@ impl JobQueue for PgJobQueue {
             job.unique_key.as_deref(),
         )
         .await?;
-        let inner = self.inner.clone();
-        let due_in = job.run_at.and_then(|at| (at - Utc::now()).to_std().ok());
-        let wake = move || match due_in {
-            Some(due_in) => inner.wake_at(due_in),
-            None => inner.wake.notify_one(),
-        };
-        crate::infra::database::transaction::after_commit(wake).await;
-        Ok(id)
+        // A coalesced job wakes no one: the queued one it joined has its wake-up (or the poll).
+        // Waking per enqueue would make a burst of coalesced writes a burst of claim rounds.
+        match (inserted.id, inserted.due, job.unique_key) {
+            (Some(_), due, key) => {
+                let inner = self.inner.clone();
+                let due_in = job.run_at.and_then(|at| (at - Utc::now()).to_std().ok());
+                let after_commit = move || {
+                    if let (Some(due), Some(key)) = (due, key) {
+                        inner.remember_queued(kind.name, key, due);
+                    }
+                    match due_in {
+                        Some(due_in) => inner.wake_at(due_in),
+                        None => inner.wake.notify_one(),
+                    }
+                };
+                crate::infra::database::transaction::after_commit(after_commit).await;
+            }
+            // Met a committed queued job.
+            (None, Some(due), Some(key)) => self.inner.remember_queued(kind.name, key, due),
+            (None, _, _) => {}
+        }
+        Ok(inserted.id)
     }
 
     fn start(&self) {
@@ -325,6 +352,24 @@ impl Inner {
         });
     }
 
+    /// Whether a queued job of `kind` with `key` is known to stay queued a while yet: due more
+    /// than `QUEUED_MARGIN` from now (workers take a job once the database's clock passes its due
+    /// time). Coalescing here is what the insert would do: nothing, as the queued job runs after.
+    fn queued_here(&self, kind: &str, key: &str) -> bool {
+        let queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let until = Utc::now() + chrono::Duration::from_std(QUEUED_MARGIN).expect("a short margin");
+        queued.get(&(kind, key.to_owned())).is_some_and(|due| *due > until)
+    }
+
+    fn remember_queued(&self, kind: &'static str, key: String, due: DateTime<Utc>) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if queued.len() >= 10_000 {
+            let now = Utc::now();
+            queued.retain(|_, due| *due > now);
+        }
+        queued.insert((kind, key), due);
+    }
+
     fn take_finished(&self) -> Vec<store::Finished> {
         std::mem::take(&mut *self.finished.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -345,7 +390,10 @@ impl Inner {
         match round {
             Ok(round) => {
                 for job in finished.iter().filter(|job| !round.completed.contains(&job.id)) {
-                    log::warn!("jobs: job {}'s lease was taken over: its success is not recorded", job.id);
+                    log::warn!(
+                        "jobs: job {}'s lease was taken over: its success is not recorded",
+                        job.id
+                    );
                 }
                 round.claimed
             }
@@ -415,7 +463,10 @@ async fn worker_loop(inner: Arc<Inner>) {
             if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
                 // `stop` began while this claim was on its way: it no longer waits for these.
                 if let Err(err) = store::hand_back(&*inner.db, &claimed, inner.worker).await {
-                    log::warn!("jobs: handing back {} jobs failed (their leases will expire): {err}", claimed.len());
+                    log::warn!(
+                        "jobs: handing back {} jobs failed (their leases will expire): {err}",
+                        claimed.len()
+                    );
                 }
                 return;
             }
@@ -482,16 +533,23 @@ fn run(inner: &Arc<Inner>, queue: &'static str, job: Claimed) {
         };
         match &result {
             // Recorded with the worker's next claim, which this job's freed slot sets off.
-            Ok(()) => inner.finished.lock().unwrap_or_else(|e| e.into_inner()).push(store::Finished {
-                id: job.id,
-                attempt: job.attempt,
-            }),
+            Ok(()) => inner
+                .finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(store::Finished {
+                    id: job.id,
+                    attempt: job.attempt,
+                }),
             Err(error) => {
                 let delay = kind.retry_delay(job.attempt as u32);
                 inner.wake_at(delay);
                 match store::fail(&*inner.db, &job, inner.worker, error, delay).await {
                     Ok(true) => {}
-                    Ok(false) => log::warn!("jobs: job {}'s lease was taken over: its failure is not recorded", job.id),
+                    Ok(false) => log::warn!(
+                        "jobs: job {}'s lease was taken over: its failure is not recorded",
+                        job.id
+                    ),
                     Err(err) => log::warn!(
                         "jobs: recording job {}'s failure failed (its lease will expire): {err}",
                         job.id

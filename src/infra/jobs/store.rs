@@ -20,8 +20,16 @@ pub struct Claimed {
     pub max_attempts: i32,
 }
 
-/// Inserts the job in the current transaction; `None` when a queued job of its kind has its
-/// unique key already (coalesced).
+/// What an enqueue did: the new job's id (`None`: coalesced with the queued job holding its key),
+/// and when the queued job holding the key is due (the new one, or the one it met; unknown when
+/// that one was not committed yet).
+#[derive(Debug, sqlx::FromRow)]
+pub(super) struct Inserted {
+    pub id: Option<i64>,
+    pub due: Option<DateTime<Utc>>,
+}
+
+/// Inserts the job in the current transaction.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn insert(
     db: &dyn Database,
@@ -31,7 +39,7 @@ pub(super) async fn insert(
     max_attempts: i32,
     run_at: Option<DateTime<Utc>>,
     unique_key: Option<&str>,
-) -> Result<Option<i64>, sqlx::Error> {
+) -> Result<Inserted, sqlx::Error> {
     let write = async {
         let mut write = db.writer().await?;
         let id = insert_on(write.conn(), queue, kind, payload, max_attempts, run_at, unique_key).await?;
@@ -50,12 +58,17 @@ pub(super) async fn insert_on(
     max_attempts: i32,
     run_at: Option<DateTime<Utc>>,
     unique_key: Option<&str>,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO jobs (queue, kind, payload, max_attempts, run_at, unique_key)
-         VALUES ($1, $2, $3, $4, coalesce($5, now()), $6)
-         ON CONFLICT (kind, unique_key) WHERE state = 'queued' AND unique_key IS NOT NULL DO NOTHING
-         RETURNING id",
+) -> Result<Inserted, sqlx::Error> {
+    let found = sqlx::query_as(
+        "WITH inserted AS (
+             INSERT INTO jobs (queue, kind, payload, max_attempts, run_at, unique_key)
+             VALUES ($1, $2, $3, $4, coalesce($5, now()), $6)
+             ON CONFLICT (kind, unique_key) WHERE state = 'queued' AND unique_key IS NOT NULL DO NOTHING
+             RETURNING id, run_at)
+         SELECT id, run_at AS due FROM inserted
+         UNION ALL
+         SELECT NULL, run_at FROM jobs
+         WHERE kind = $2 AND unique_key = $6 AND state = 'queued' AND NOT EXISTS (SELECT 1 FROM inserted)",
     )
     .bind(queue)
     .bind(kind)
@@ -64,7 +77,8 @@ pub(super) async fn insert_on(
     .bind(run_at)
     .bind(unique_key)
     .fetch_optional(conn)
-    .await
+    .await?;
+    Ok(found.unwrap_or(Inserted { id: None, due: None }))
 }
 
 /// What a worker's round trip returns: the jobs it now holds, and which of the finished jobs it
@@ -100,7 +114,17 @@ pub(super) async fn complete_and_claim(
 ) -> Result<Round, sqlx::Error> {
     let ids: Vec<i64> = finished.iter().map(|job| job.id).collect();
     let attempts: Vec<i32> = finished.iter().map(|job| job.attempt).collect();
-    let query = sqlx::query_as::<_, (Vec<i64>, Option<i64>, Option<String>, Option<serde_json::Value>, Option<i32>, Option<i32>)>(
+    let query = sqlx::query_as::<
+        _,
+        (
+            Vec<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<serde_json::Value>,
+            Option<i32>,
+            Option<i32>,
+        ),
+    >(
         "WITH quick AS (SELECT set_config('synchronous_commit', 'off', true)),
          done AS (
              UPDATE jobs SET state = 'done', finished_at = now(), lease_until = NULL

@@ -52,6 +52,9 @@ pub struct Tasks {
     /// Task writes enqueue their workspace's metrics rebuild (coalesced).
     #[shaku(inject)]
     jobs: Arc<dyn JobQueue>,
+    /// `METRICS_REBUILD_ON_WRITE=false`. Negative, so that a module built without the parameter
+    /// keeps the rebuilds.
+    skip_metrics_rebuild: bool,
 }
 
 const NOT_FOUND: AppError = AppError::NotFound { entity: "task" };
@@ -75,6 +78,15 @@ fn list_variant(query: &TaskQuery) -> String {
 }
 
 impl Tasks {
+    /// Enqueues the workspace's coalesced metrics rebuild in the write's transaction (unless
+    /// `METRICS_REBUILD_ON_WRITE=false`).
+    async fn rebuild_metrics_soon(&self, workspace_id: Uuid) -> AppResult<()> {
+        if !self.skip_metrics_rebuild {
+            self.jobs.enqueue(rebuild_soon(workspace_id)).await?;
+        }
+        Ok(())
+    }
+
     /// The task fresh from Postgres (the base of every write), if the user may see it.
     async fn find_for_write(&self, user_id: Uuid, id: Uuid) -> AppResult<Task> {
         let task = self.tasks.find(id).await?.ok_or(NOT_FOUND)?;
@@ -134,7 +146,7 @@ impl TaskService for Tasks {
         let create = self.db.transaction(async {
             let created = self.tasks.create(&task).await?;
             WorkspaceEvent::TaskCreated(&created).record(&*self.events).await?;
-            self.jobs.enqueue(rebuild_soon(created.workspace_id)).await?;
+            self.rebuild_metrics_soon(created.workspace_id).await?;
             Ok::<_, AppError>(created)
         });
         Ok(self
@@ -227,7 +239,7 @@ impl TaskService for Tasks {
                 WorkspaceEvent::TaskUpdated(saved).record(&*self.events).await?;
                 // Completion moves the daily counts; other fields do not.
                 if before.completed_at != saved.completed_at {
-                    self.jobs.enqueue(rebuild_soon(saved.workspace_id)).await?;
+                    self.rebuild_metrics_soon(saved.workspace_id).await?;
                 }
             }
             Ok::<_, AppError>(outcome)
@@ -243,7 +255,7 @@ impl TaskService for Tasks {
             let deleted = self.tasks.delete(id).await?;
             if deleted {
                 WorkspaceEvent::TaskDeleted(&task).record(&*self.events).await?;
-                self.jobs.enqueue(rebuild_soon(task.workspace_id)).await?;
+                self.rebuild_metrics_soon(task.workspace_id).await?;
             }
             Ok::<_, AppError>(deleted)
         });
