@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The job queue's benchmark ([9/11]; not part of `cargo test`), release build, on this machine:
 # 1. the drain rate: `JOBS` no-op jobs (default 10,000) enqueued, then drained by the default
-#    worker count (bench/jobs.rs);
+#    worker count (bench/jobs.rs), DRAINS times (default 3: single runs vary);
 # 2. what the enqueue costs a write: task creates (each enqueues its workspace's coalesced
 #    `metrics.rebuild` in its transaction) against the same build with
 #    METRICS_REBUILD_ON_WRITE=false, and with the enqueue but no workers (JOBS_WORKERS=0: the
-#    insert alone, without the rebuilds' work), alternating, ROUNDS rounds (default 5), memory mode.
+#    queued rebuild never runs, so every enqueue asks Postgres: the insert's worst case, without
+#    the rebuilds' work), alternating, ROUNDS rounds (default 5), memory mode.
 # Postgres: $DATABASE_URL, or the dev service. The creates go to a workspace of a user the run
 # registers, and the workspace is deleted after.
 #
-# Usage: [JOBS=10000] [ROUNDS=5] bench/jobs.sh [seconds per slot, default 8] [connections, default 16]
+# Usage: [JOBS=10000] [DRAINS=3] [ROUNDS=5] bench/jobs.sh [seconds per slot, default 8] [connections, default 16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-8}
 CONNECTIONS=${2:-16}
 ROUNDS=${ROUNDS:-5}
+DRAINS=${DRAINS:-3}
 
 source bench/lib.sh
 need wrk wrk
@@ -30,8 +32,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== drain"
-RUST_LOG=warn target/release/examples/jobs "${JOBS:-10000}"
+echo "== drain, $DRAINS runs"
+for _ in $(seq "$DRAINS"); do RUST_LOG=warn target/release/examples/jobs "${JOBS:-10000}"; done
 
 PORT=$(free_port)
 BASE="http://127.0.0.1:$PORT"
@@ -63,7 +65,7 @@ stop_app
 
 echo "== task create, with and without its metrics.rebuild enqueue (${DURATION}s, $CONNECTIONS connections, $ROUNDS rounds)"
 # Three sides per round: the default (enqueue; the rebuilds the creates cause run in the slot),
-# no enqueue, and the enqueue alone (no workers: its cost without the rebuilds' work).
+# no enqueue, and the enqueue with no workers (every enqueue a round trip; no rebuilds).
 printf 'round\tside\treq/s\tp99 (ms)\tfailed\n'
 for round in $(seq "$ROUNDS"); do
   for side in enqueue none enqueue-no-workers; do
