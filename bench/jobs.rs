@@ -67,6 +67,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bind(KIND)
         .execute(&pool)
         .await?;
+    // Its 10,000 dead rows would slow the next run's claims until autovacuum came by: successive
+    // runs measured 5,545 down to 3,525 jobs/s without this.
+    sqlx::query("VACUUM ANALYZE jobs").execute(&pool).await?;
 
     let rate = |took: Duration| jobs_wanted as f64 / took.as_secs_f64();
     println!(
