@@ -18,7 +18,8 @@
 # mode the CPU target counts both; PAIRS starts with a discarded pair, and a target holds when
 # the worse quartile of the pairs meets it (the lower one for req/s, the upper for CPU).
 #
-# Usage: [BEFORE=<git revision>] [PAIRS=<n> [PAIR_SECONDS=<s>] [PAIRS_LOG=<file>]] bench/run.sh [seconds per run,
+# Usage: [BEFORE=<git revision>] [PAIRS=<n> [PAIR_SECONDS=<s>] [PAIRS_LOG=<file>]]
+#        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] bench/run.sh [seconds per run,
 #        default 10] [connections, default 64] [rounds, default 3; 0 with PAIRS: only the pairs]
 #
 # The targets of [6/6] are printed against its "before" run (BENCHMARKS.md, 2026-12-03): absolute
@@ -37,7 +38,7 @@ need wrk wrk
 need redis-server redis-server
 need curl curl
 
-cargo build --release --quiet --bin nestling --example ceiling --example same_work
+cargo build --release --quiet --bin nestling --example ceiling --example same_work --example users
 BIN=target/release/nestling
 WORK=$(mktemp -d)
 BEFORE_BIN=""
@@ -277,6 +278,56 @@ if [ -n "${PAIRS:-}" ]; then
   [ -z "${PAIRS_LOG:-}" ] || cp "$WORK/pairs.log" "$PAIRS_LOG"
 fi
 
+# USERS (default 5,000; 0 skips it): many users, as real traffic is. USERS users, all members
+# of the demo workspace, each with a token (bench/users.rs); wrk's script picks a token per
+# request and reads the task list, in Redis mode with the default /api quota, the limiter on and
+# off alternating for USERS_ROUNDS rounds (default 3) of USERS_SECONDS (default 8), each after a
+# 2 s warm-up that fills every user's session. Reports req/s, p99, CPU per request (app, and
+# redis-server) and Redis commands per request.
+USERS=${USERS:-5000}
+if [ "$USERS" -gt 0 ]; then
+  target/release/examples/users "$USERS" "$WORK/tokens.txt" >/dev/null
+  cat >"$WORK/users.lua" <<LUA
+local tokens = {}
+for line in io.lines("$WORK/tokens.txt") do tokens[#tokens + 1] = line end
+function init(args) math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16)) end
+request = function()
+  return wrk.format("GET", "$LIST", {["Authorization"] = "Bearer " .. tokens[math.random(#tokens)]})
+end
+LUA
+  # Commands Redis ran (those inside a script count: the limiter's script runs five), and
+  # script calls (EVALSHA: what the limiter sends).
+  redis_commands() { redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed:/ {print $2 + 0}'; }
+  script_calls() { redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[:=,]' '/^cmdstat_evalsha:/ {n = $3} END {print n + 0}'; }
+  users_slot() { # round side [app variables...]
+    local round=$1 side=$2; shift 2
+    start_app REDIS_ENABLED=true RATE_LIMIT_API=600 "$@"
+    wrk -t2 -c"$CONNECTIONS" -d2s -s "$WORK/users.lua" "$BASE$LIST" >/dev/null
+    local before redis_before commands_before calls_before out requests errors
+    before=$(cpu_ns "$APP_PID"); redis_before=$(cpu_ns "$REDIS_PID"); commands_before=$(redis_commands); calls_before=$(script_calls)
+    out=$(wrk -t2 -c"$CONNECTIONS" -d"${USERS_SECONDS:-8}s" --latency -s "$WORK/users.lua" "$BASE$LIST")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    errors=$(awk '/Non-2xx/ {print $5}' <<<"$out"); errors=${errors:-0}
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$side" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+      "$(awk -f bench/lib.awk -f <(echo '$1 == "99%" { print ms($2) }') <<<"$out")" \
+      "$(awk -v ns="$(( $(cpu_ns "$APP_PID") - before ))" -v n="$requests" 'BEGIN { printf "%.2f", ns / 1e3 / n }')" \
+      "$(awk -v ns="$(( $(cpu_ns "$REDIS_PID") - redis_before ))" -v n="$requests" 'BEGIN { printf "%.2f", ns / 1e3 / n }')" \
+      "$(awk -v c="$(( $(redis_commands) - commands_before ))" -v n="$requests" 'BEGIN { printf "%.3f", c / n }')" \
+      "$(awk -v c="$(( $(script_calls) - calls_before ))" -v n="$requests" 'BEGIN { printf "%.3f", c / n }')" |
+      tee -a "$WORK/users.tsv"
+    stop_app
+    if [ "$errors" != 0 ]; then
+      echo "bench: $USERS users, $side: $errors non-2xx responses in round $round (the quota refused them?): the run stops" >&2
+      exit 1
+    fi
+  }
+  printf '\n%s users, Redis mode, default /api quota\nround\tlimiter\treq/s\tp99 (ms)\tapp CPU us/req\tredis-server CPU us/req\tRedis commands/req\tscript calls/req\n' "$USERS"
+  for round in $(seq "${USERS_ROUNDS:-3}"); do
+    users_slot "$round" on
+    users_slot "$round" off RATE_LIMIT_ENABLED=false
+  done
+fi
+
 echo
 if [ "$ROUNDS" -gt 0 ]; then
 echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per run, wrk -t2; $(nproc) cores"
@@ -361,4 +412,17 @@ if [ -n "${PAIRS:-}" ]; then
         printf "  %s: req/s >= 90 %% of the yardstick: lower quartile %.0f %% (%s; median %.0f %%); CPU per request <= 1.15x: upper quartile %.2fx (%s; median %.2fx); against the lean handler, median %.0f %%\n", s, share, verdict(share >= 90), median(shares), cost, verdict(cost <= 1.15), median(costs), median(lean_shares)
       }
     }') "$WORK/pairs.tsv"
+fi
+if [ "$USERS" -gt 0 ]; then
+  printf "\n%s users (medians of %s rounds):\n" "$USERS" "${USERS_ROUNDS:-3}"
+  awk -F'\t' -f bench/lib.awk -f <(echo '
+    { rps[$2] = rps[$2] " " $3; p99[$2] = p99[$2] " " $4; cpu[$2] = cpu[$2] " " ($5 + $6); commands[$2] = commands[$2] " " $7; calls[$2] = calls[$2] " " $8
+      if ($2 == "on") on[$1] = $3; else off[$1] = $3 }
+    END {
+      for (r in on) shares = shares " " 100 * on[r] / off[r]
+      share = median(shares); c = median(calls["on"]); p = median(p99["on"]) / median(p99["off"])
+      printf "  limiter on: %.0f req/s, p99 %.2f ms, %.1f us/req (app + Redis), %.3f script calls/req (%.3f Redis commands/req, counting those inside the script)\n", median(rps["on"]), median(p99["on"]), median(cpu["on"]), c, median(commands["on"])
+      printf "  limiter off: %.0f req/s, p99 %.2f ms, %.1f us/req (app + Redis), %.3f Redis commands/req\n", median(rps["off"]), median(p99["off"]), median(cpu["off"]), median(commands["off"])
+      printf "  targets: limited >= 90 %% of unlimited: %.0f %% (%s; rounds%s); <= 0.1 Redis calls/req: %.3f (%s); p99 <= 1.2x unlimited: %.2fx (%s)\n", share, verdict(share >= 90), shares, c, verdict(c <= 0.1), p, verdict(p <= 1.2)
+    }') "$WORK/users.tsv"
 fi
