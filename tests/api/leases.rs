@@ -42,7 +42,7 @@ async fn a_client_calling_now_and_then_is_charged_one_token_per_request() {
         .settings(short_leases(10_000))
         .spawn()
         .await;
-    assert_eq!(app.settings.rate_limit.lease, 100, "the default lease");
+    assert_eq!(app.settings.rate_limit.lease, 1000, "the default lease");
     let user = app.register_user().await;
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -65,7 +65,8 @@ async fn across_two_instances_busy_and_sporadic_clients_are_accepted_within_inst
         .spawn()
         .await;
     let b = TestApp::builder().sibling_of(&a).spawn().await;
-    let lease = a.settings.rate_limit.lease.min(LIMIT / 100);
+    // The cap: RATE_LIMIT_LEASE, at most 5 % of the quota.
+    let lease = a.settings.rate_limit.lease.min(LIMIT / 20);
     let bound = 2 * lease;
     let busy = a.register_user().await;
     let sporadic: Vec<TestUser> = join_all((0..3).map(|_| a.register_user())).await;
@@ -136,4 +137,78 @@ async fn two_quotas_with_the_same_period_are_both_enforced(backend: Backend) {
         statuses.push(app.get("/api/users/me", &user.token).await.status.as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+}
+
+/// Redis script calls the limiter made (the cache's fills use other scripts, counted apart).
+async fn limiter_calls(redis: &crate::helpers::TestRedis) -> u64 {
+    let mut connection = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Real traffic is many users, each making a few requests a second; with leases of a fixed 1 %
+/// of the quota (6 of the default 600 a minute) each of them called Redis every third request.
+/// A lease sized by the identity's recent rate lasts its lifetime: one call per many requests.
+#[tokio::test]
+async fn a_user_making_requests_steadily_calls_redis_at_most_once_per_ten_requests() {
+    let redis = crate::helpers::private_redis().await;
+    let app = TestApp::builder()
+        .redis(&redis)
+        .settings(|s| s.rate_limit.api = vec![per(600, 60)])
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    // Its session cached first: only the limiter's calls are counted.
+    app.get("/api/users/me", &user.token).await.assert_status(200);
+    let before = limiter_calls(&redis).await;
+    // 200 requests at about 50 a second, as a busy client (under the quota: 600 a minute).
+    for _ in 0..200 {
+        app.get("/api/users/me", &user.token).await.assert_status(200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = limiter_calls(&redis).await - before;
+    assert!(calls <= 20, "{calls} limiter calls to Redis for 200 requests");
+}
+
+/// The request whose token takes a lease under its top-up mark is answered from the lease at
+/// once; the top-up goes on in the background. Before, that request waited for Redis (here
+/// frozen: the command timeout).
+#[tokio::test]
+async fn the_request_that_tops_up_a_lease_does_not_wait_for_redis() {
+    let redis = crate::helpers::private_redis().await;
+    let app = TestApp::builder()
+        .redis(&redis)
+        .settings(|s| {
+            s.rate_limit.api = vec![per(1_000_000, 3600)];
+            s.rate_limit.lease = 20;
+            s.rate_limit.lease_lifetime = Duration::from_secs(60);
+            s.redis.command_timeout = Duration::from_millis(500);
+        })
+        .spawn()
+        .await;
+    let user = app.register_user().await;
+    // The first request takes one token, the second (a burst) a whole lease of 20 and spends one:
+    // 19 are left, and no top-up is under way.
+    for _ in 0..2 {
+        app.get("/api/users/me", &user.token).await.assert_status(200);
+    }
+    redis.freeze();
+    // 16 requests: the 15th leaves 4, under a quarter, and sets off the top-up (before, a lease
+    // was topped up under half of it). Each is answered from the lease, none waits for Redis.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..16 {
+        let started = std::time::Instant::now();
+        app.get("/api/users/me", &user.token).await.assert_status(200);
+        slowest = slowest.max(started.elapsed());
+    }
+    redis.thaw();
+    assert!(slowest < Duration::from_millis(250), "a request waited {slowest:?}");
 }

@@ -485,7 +485,7 @@ async fn without_the_command_timeout_a_frozen_redis_holds_login_decisions() {
 
 #[tokio::test]
 async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis_once_per_lease() {
-    // A lease is at most 1 % of the quota: 500 allows the lease of 5 asked for.
+    // A lease is at most 5 % of the quota: 500 allows the lease of 5 asked for.
     const LIMIT: u64 = 500;
     const LEASE: u64 = 5;
     let redis = private_redis().await;
@@ -541,8 +541,8 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
         .await
         .unwrap();
     let calls = evalsha(&info) - calls_before;
-    // A lease is topped up when under half of it is left, by what it lacks: at most one call
-    // per half a lease.
+    // A lease is topped up when under a quarter of it is left, by what it lacks: at most one
+    // call per half a lease.
     assert!(
         calls <= 100 * 2 / LEASE + 1,
         "{calls} script calls for 100 requests with a lease of {LEASE}"

@@ -3,10 +3,12 @@
 //! route group by the `RateLimit` middleware (`middleware`).
 //!
 //! - `/api` (every route but login and register): per user when the bearer token is valid, else
-//!   per client IP. It sits on every request, so an instance takes tokens from Redis
-//!   `RATE_LIMIT_LEASE` at a time and spends them locally; what a lease did not spend goes back
-//!   with the next call. Across the fleet the policy admits at most the exact figure and at least
-//!   that less instances × lease (README, "Rate limiting").
+//!   per client IP. It sits on every request, so an instance takes a lease of tokens from Redis
+//!   per identity and spends them locally. A lease is what the identity spent in the last lease
+//!   lifetime, capped (`RATE_LIMIT_LEASE`, 5 % of the quota), and is topped up in the background
+//!   when under a quarter is left; what a lease did not spend goes back with the next call.
+//!   Across the fleet the policy admits at most the exact figure and at least that less
+//!   instances × the cap (README, "Rate limiting").
 //! - login and register: per client IP and per email, exact across instances (one script call
 //!   decides both identities and every quota); a success gives its email token back.
 //! - Without Redis (memory mode, breaker open, or a call that exceeds the command timeout) the
@@ -147,7 +149,7 @@ fn period_name(period: Duration) -> String {
 struct Group {
     policies: Vec<Policy>,
     policy_header: HeaderValue,
-    /// Tokens taken from Redis per call (1: every request is decided in Redis, exactly).
+    /// The most tokens a lease holds (1: every request is decided in Redis, exactly).
     lease: u64,
 }
 
@@ -228,7 +230,8 @@ pub struct PolicyView {
     /// `user-or-ip`, `ip` or `email`.
     pub identity: &'static str,
     pub quotas: Vec<QuotaView>,
-    /// Tokens an instance takes from Redis at a time (1 = exact across instances).
+    /// The most tokens an instance takes from Redis at a time for one identity (1 = exact
+    /// across instances).
     pub lease: u64,
 }
 
@@ -293,6 +296,11 @@ struct Lease {
     /// and those that find nothing wait for it (`refilled`) instead of each asking Redis.
     refilling: AtomicBool,
     refill_done: tokio::sync::Notify,
+    /// The size of the lease now: what the identity spent in a lease lifetime lately.
+    size: AtomicU64,
+    /// When the last grant came, and the tokens spent since: the identity's recent rate.
+    granted_at: AtomicU64,
+    spent: AtomicU64,
 }
 
 impl Lease {
@@ -316,6 +324,9 @@ impl Lease {
 
 const REFILL_WAIT: Duration = Duration::from_secs(1);
 
+/// A lease is at most 1/`LEASE_SHARE` of the tightest quota (5 %).
+const LEASE_SHARE: u64 = 20;
+
 /// A lease this request is to top up, and how many tokens it lacks.
 type TopUp = (Arc<Lease>, u64);
 
@@ -335,7 +346,21 @@ const LOCAL_CAPACITY: u64 = 100_000;
 /// quota).
 const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 86_400);
 
+/// The component: the limiter behind an `Arc`, so a lease's top-up can go on in a task of its own
+/// while the request that set it off is answered.
 pub struct RedisRateLimiter {
+    inner: Arc<Limiter>,
+}
+
+impl std::ops::Deref for RedisRateLimiter {
+    type Target = Limiter;
+
+    fn deref(&self) -> &Limiter {
+        &self.inner
+    }
+}
+
+pub struct Limiter {
     redis: Arc<dyn RedisService>,
     settings: RateLimitSettings,
     api: Group,
@@ -431,10 +456,23 @@ impl RedisRateLimiter {
         telemetry: &Telemetry,
         capacity: u64,
     ) -> Self {
-        // A lease is at most 1 % of the policy's tightest quota: the fleet's error stays within
-        // instances × 1 % of it, however large RATE_LIMIT_LEASE is.
+        Self {
+            inner: Arc::new(Limiter::with_capacity(redis, settings, telemetry, capacity)),
+        }
+    }
+}
+
+impl Limiter {
+    fn with_capacity(
+        redis: Arc<dyn RedisService>,
+        settings: RateLimitSettings,
+        telemetry: &Telemetry,
+        capacity: u64,
+    ) -> Self {
+        // A lease is at most 5 % of the policy's tightest quota: what other instances' leases
+        // hold back stays within instances × 5 % of it, however large RATE_LIMIT_LEASE is.
         let tightest = settings.api.iter().map(|q| q.limit).min().unwrap_or(1);
-        let lease = settings.lease.min(tightest / 100).max(1);
+        let lease = settings.lease.min(tightest / LEASE_SHARE).max(1);
         let api = Group::new(vec![Policy::new("api", settings.api.clone())], lease);
         let credentials = Group::new(
             vec![
@@ -495,7 +533,7 @@ impl RedisRateLimiter {
     /// Answers from this instance's lease: a token of it, or the denial Redis gave until it
     /// expires. `None`: ask Redis. With the decision come the lease and the tokens it lacks when
     /// this request is the one to top it up (under half a lease left, nobody else at it).
-    fn spend_lease(&self, identity: &Identity, size: u64) -> Option<(Decision, Option<TopUp>)> {
+    fn spend_lease(&self, identity: &Identity, cap: u64) -> Option<(Decision, Option<TopUp>)> {
         let lease = self.leases.get(identity)?;
         let now = self.now();
         let reset = Duration::from_micros(lease.reset_at.load(Ordering::Relaxed).saturating_sub(now));
@@ -509,6 +547,7 @@ impl RedisRateLimiter {
             })
             .flatten();
         if let Some(before) = spent {
+            lease.spent.fetch_add(1, Ordering::Relaxed);
             let decision = Decision {
                 allowed: true,
                 tightest,
@@ -518,14 +557,18 @@ impl RedisRateLimiter {
                 decided_by: DecidedBy::Lease,
             };
             let left = before - 1;
-            // Under half a lease left: a top-up must arrive before the rest is spent, or the
-            // requests that find it empty wait for it.
-            let top_up = left * 2 < size
+            // Under a quarter of the lease left: a top-up sets off, in the background, while a
+            // quarter of a lifetime's requests still find tokens.
+            let top_up = left * 4 < lease.size.load(Ordering::Relaxed)
                 && lease
                     .refilling
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();
-            return Some((decision, top_up.then(|| (lease, size - left))));
+            if !top_up {
+                return Some((decision, None));
+            }
+            let next = self.next_size(&lease, now, cap);
+            return Some((decision, Some((lease, next.saturating_sub(left).max(1)))));
         }
         if lease.tokens.load(Ordering::Acquire) > 0 {
             // Lapsed tokens: ask Redis, which takes them back first.
@@ -543,6 +586,18 @@ impl RedisRateLimiter {
             };
             (decision, None)
         })
+    }
+
+    /// The size of an identity's next lease: the tokens it spent since its last grant, scaled to
+    /// a lease lifetime, at least 1 and at most `cap`. A client calling now and then gets 1 (it
+    /// is charged what it uses), a busy one a lifetime's worth (one Redis call per lease).
+    fn next_size(&self, lease: &Lease, now: u64, cap: u64) -> u64 {
+        let elapsed = now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)).max(1_000);
+        let spent = lease.spent.load(Ordering::Relaxed);
+        let per_lifetime = u128::from(spent) * u128::from(micros(self.settings.lease_lifetime)) / u128::from(elapsed);
+        let size = u64::try_from(per_lifetime).unwrap_or(u64::MAX).clamp(1, cap);
+        lease.size.store(size, Ordering::Relaxed);
+        size
     }
 
     /// Takes the tokens of a lease that lapsed unspent, to give them back to Redis.
@@ -572,6 +627,8 @@ impl RedisRateLimiter {
         // Tokens that lapsed while this call was out are lent on with the new ones: each was
         // granted once, and dropping them would charge the client for nothing.
         lease.tokens.fetch_add(granted - used, Ordering::AcqRel);
+        lease.granted_at.store(now, Ordering::Relaxed);
+        lease.spent.store(used, Ordering::Relaxed);
         lease
             .expires
             .store(now + micros(self.settings.lease_lifetime), Ordering::Release);
@@ -710,7 +767,7 @@ impl RedisRateLimiter {
     }
 
     /// Redis first (a lease, or one script call), else the in-process rule.
-    async fn decide(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
+    async fn decide(self: &Arc<Self>, group: RouteGroup, identities: &[Identity]) -> Decision {
         let identities = &identities[..identities.len().min(self.group(group).policies.len())];
         if self.redis.active().is_some_and(|redis| redis.accepting()) {
             let lease = self.group(group).lease;
@@ -741,7 +798,9 @@ impl RedisRateLimiter {
                 }
             }
             let returned = taking.as_ref().map_or(0, |state| self.reclaim_lapsed(state));
-            let wanted = if taking.is_some() { lease } else { 1 };
+            let wanted = taking
+                .as_ref()
+                .map_or(1, |state| self.next_size(state, self.now(), lease));
             let decided = self.in_redis(group, identities, wanted, returned).await.map(|outcome| {
                 let mut decision = self.decision(group, &outcome, DecidedBy::Redis);
                 if lease > 1 {
@@ -764,14 +823,22 @@ impl RedisRateLimiter {
     /// A decision from this instance's lease (`spend_lease`); the one request whose token left
     /// it under half full tops it up, waiting a round trip for that, so the others never
     /// wait and the lease never holds more than its size.
-    async fn decide_by_lease(&self, group: RouteGroup, identities: &[Identity], lease: u64) -> Option<Decision> {
+    async fn decide_by_lease(
+        self: &Arc<Self>,
+        group: RouteGroup,
+        identities: &[Identity],
+        lease: u64,
+    ) -> Option<Decision> {
         let (decision, top_up) = self.spend_lease(&identities[0], lease)?;
         if let Some((state, lacking)) = top_up {
-            if let Some(outcome) = self.in_redis(group, identities, lacking, 0).await {
-                let topped = self.decision(group, &outcome, DecidedBy::Redis);
-                self.record_lease(&identities[0], outcome.granted, 0, &topped);
-            }
-            state.finish_refill();
+            let (limiter, identities) = (self.clone(), SmallVec::<[Identity; 2]>::from_slice(identities));
+            tokio::spawn(async move {
+                if let Some(outcome) = limiter.in_redis(group, &identities, lacking, 0).await {
+                    let topped = limiter.decision(group, &outcome, DecidedBy::Redis);
+                    limiter.record_lease(&identities[0], outcome.granted, 0, &topped);
+                }
+                state.finish_refill();
+            });
         }
         Some(decision)
     }
@@ -812,7 +879,7 @@ impl RateLimiter for RedisRateLimiter {
     }
 
     async fn check(&self, group: RouteGroup, identities: &[Identity]) -> Decision {
-        let decision = self.decide(group, identities).await;
+        let decision = self.inner.decide(group, identities).await;
         self.decisions[group as usize][usize::from(!decision.allowed)][decision.decided_by as usize].inc();
         decision
     }
