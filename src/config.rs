@@ -372,7 +372,7 @@ impl Settings {
                 auth_ip: vars.quotas("RATE_LIMIT_AUTH_IP", "20, 1000/1d", window)?,
                 auth_email: vars.quotas("RATE_LIMIT_AUTH_EMAIL", "5, 100/1d", window)?,
                 lease: vars.positive("RATE_LIMIT_LEASE", 1000, "a number of tokens > 0")?,
-                lease_lifetime: vars.millis("RATE_LIMIT_LEASE_LIFETIME_MS", 1000)?,
+                lease_lifetime: vars.millis("RATE_LIMIT_LEASE_LIFETIME_MS", 5000)?,
                 trust_proxy: vars.networks("TRUST_PROXY")?,
                 instances: vars.positive("APP_INSTANCES", 1, "a number of instances > 0")?,
             },
