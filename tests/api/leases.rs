@@ -139,21 +139,6 @@ async fn two_quotas_with_the_same_period_are_both_enforced(backend: Backend) {
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
 }
 
-/// Redis script calls the limiter made (the cache's fills use other scripts, counted apart).
-async fn limiter_calls(redis: &crate::helpers::TestRedis) -> u64 {
-    let mut connection = redis.connection().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 /// Real traffic is many users, each making a few requests a second; with leases of a fixed 1 %
 /// of the quota (6 of the default 600 a minute) each of them called Redis every third request.
 /// A lease sized by the identity's recent rate lasts its lifetime: one call per many requests.
@@ -168,13 +153,13 @@ async fn a_user_making_requests_steadily_calls_redis_at_most_once_per_ten_reques
     let user = app.register_user().await;
     // Its session cached first: only the limiter's calls are counted.
     app.get("/api/users/me", &user.token).await.assert_status(200);
-    let before = limiter_calls(&redis).await;
+    let before = redis.evalsha_calls().await;
     // 200 requests at about 50 a second, as a busy client (under the quota: 600 a minute).
     for _ in 0..200 {
         app.get("/api/users/me", &user.token).await.assert_status(200);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let calls = limiter_calls(&redis).await - before;
+    let calls = redis.evalsha_calls().await - before;
     assert!(calls <= 20, "{calls} limiter calls to Redis for 200 requests");
 }
 

@@ -496,14 +496,6 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
     .await;
     let b = TestApp::builder().sibling_of(&a).spawn().await;
     let user = a.register_user().await;
-    let mut connection = redis.connection().await;
-    let evalsha = |info: &str| -> u64 {
-        info.lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .and_then(|l| l.split("calls=").nth(1))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
     // Eight clients, four per instance, eighty requests each: more than the limit.
     let clients = (0..8).map(|n| {
         let (app, token) = (if n % 2 == 0 { &a } else { &b }, &user.token);
@@ -526,21 +518,11 @@ async fn a_leased_policy_is_off_by_at_most_instances_times_lease_and_calls_redis
     let other = a.register_user().await;
     // Once first, so the cache's own fill scripts (session, user) are not counted.
     a.get("/api/users/me", &other.token).await.assert_status(200);
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let calls_before = evalsha(&info);
+    let calls_before = redis.evalsha_calls().await;
     for _ in 0..100 {
         a.get("/api/users/me", &other.token).await;
     }
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let calls = evalsha(&info) - calls_before;
+    let calls = redis.evalsha_calls().await - calls_before;
     // A lease is topped up when under a quarter of it is left, by what it lacks: at most one
     // call per half a lease.
     assert!(

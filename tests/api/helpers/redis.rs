@@ -211,6 +211,22 @@ impl TestRedis {
         self.stat("total_reads_processed").await
     }
 
+    /// `EVALSHA` calls so far (`INFO commandstats`): the rate limiter's script calls (the
+    /// cache's fills use other commands).
+    pub async fn evalsha_calls(&self) -> u64 {
+        let mut connection = self.connection().await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
     async fn stat(&self, name: &str) -> u64 {
         let mut connection = self.connection().await;
         let info: String = redis::cmd("INFO")
