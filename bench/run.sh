@@ -19,7 +19,8 @@
 # the worse quartile of the pairs meets it (the lower one for req/s, the upper for CPU).
 #
 # Usage: [BEFORE=<git revision>] [PAIRS=<n> [PAIR_SECONDS=<s>] [PAIRS_LOG=<file>]]
-#        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] bench/run.sh [seconds per run,
+#        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] [CHART=<file.svg>]
+#        bench/run.sh [seconds per run,
 #        default 10] [connections, default 64] [rounds, default 3; 0 with PAIRS: only the pairs]
 #
 # The targets of [6/6] are printed against its "before" run (BENCHMARKS.md, 2026-12-03): absolute
@@ -425,4 +426,26 @@ if [ "$USERS" -gt 0 ]; then
       printf "  limiter off: %.0f req/s, p99 %.2f ms, %.1f us/req (app + Redis), %.3f Redis commands/req\n", median(rps["off"]), median(p99["off"]), median(cpu["off"]), median(commands["off"])
       printf "  targets: limited >= 90 %% of unlimited: %.0f %% (%s; rounds%s); <= 0.1 Redis calls/req: %.3f (%s); p99 <= 1.2x unlimited: %.2fx (%s)\n", share, verdict(share >= 90), shares, c, verdict(c <= 0.1), p, verdict(p <= 1.2)
     }') "$WORK/users.tsv"
+fi
+
+# The chart BENCHMARKS.md shows, from this run's pairs and users (medians): CHART=<file.svg>,
+# by default bench/chart.svg; CHART= skips it.
+if [ -n "${CHART-bench/chart.svg}" ] && { [ -n "${PAIRS:-}" ] || [ "$USERS" -gt 0 ]; }; then
+  : >"$WORK/chart.tsv"
+  if [ -n "${PAIRS:-}" ]; then
+    awk -F'\t' -f bench/lib.awk -f <(echo '
+      { rps[$2] = rps[$2] " " $3; cpu[$2] = cpu[$2] " " $7; app_redis[$2] = app_redis[$2] " " ($7 + $9) }
+      END {
+        y = "same work, same response (hand-written)"
+        printf "L1 hit, Redis\t%.0f\t%.0f\t%.2f\t%.2f\n", median(rps["L1 hit (redis mode)"]), median(rps[y]), median(app_redis["L1 hit (redis mode)"]), median(app_redis[y])
+        printf "L1 hit, memory\t%.0f\t%.0f\t%.2f\t%.2f\n", median(rps["L1 hit (memory mode)"]), median(rps[y]), median(cpu["L1 hit (memory mode)"]), median(cpu[y])
+      }') "$WORK/pairs.tsv" >>"$WORK/chart.tsv"
+  fi
+  if [ "$USERS" -gt 0 ]; then
+    awk -F'\t' -v users="$USERS" -f bench/lib.awk -f <(echo '
+      { rps[$2] = rps[$2] " " $3; cpu[$2] = cpu[$2] " " ($5 + $6) }
+      END { printf "%d users\t%.0f\t%.0f\t%.2f\t%.2f\n", users, median(rps["on"]), median(rps["off"]), median(cpu["on"]), median(cpu["off"]) }') \
+      "$WORK/users.tsv" >>"$WORK/chart.tsv"
+  fi
+  bench/chart.sh "$WORK/chart.tsv" "${CHART-bench/chart.svg}"
 fi
