@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::{private_postgres, TestApp};
+use crate::helpers::{private_postgres, TestApp, TestPostgres};
 use reqwest::Method;
 use serde_json::json;
 
@@ -62,19 +62,25 @@ async fn a_frozen_postgres_turns_requests_into_503_within_the_deadline() {
         .assert_status(201);
 }
 
-/// The control: with the library defaults (no statement deadline, 30 s acquire) the same fault
-/// hangs the request, which is what the test above would catch if the deadline were removed.
-#[tokio::test]
-async fn without_a_deadline_a_frozen_postgres_hangs_the_request() {
-    let postgres = private_postgres().await;
-    let app = TestApp::builder()
-        .postgres(&postgres)
+/// An app on `postgres` with sqlx's defaults in place of the deadlines (no statement deadline,
+/// 30 s acquire): the controls' setting.
+async fn with_library_defaults(postgres: &TestPostgres) -> TestApp {
+    TestApp::builder()
+        .postgres(postgres)
         .settings(|s| {
             s.database.statement_timeout = Duration::from_secs(3600);
             s.database.acquire_timeout = Duration::from_secs(30);
         })
         .spawn()
-        .await;
+        .await
+}
+
+/// The control: with the library defaults (no statement deadline, 30 s acquire) the same fault
+/// hangs the request, which is what the test above would catch if the deadline were removed.
+#[tokio::test]
+async fn without_a_deadline_a_frozen_postgres_hangs_the_request() {
+    let postgres = private_postgres().await;
+    let app = with_library_defaults(&postgres).await;
     let user = app.register_user().await;
     postgres.freeze();
     let write = app.post("/api/workspaces", &user.token, json!({ "name": "while frozen" }));
@@ -243,14 +249,7 @@ async fn a_frozen_postgres_delays_the_metrics_scrape_by_the_deadline_at_most() {
 #[tokio::test]
 async fn without_a_deadline_a_frozen_postgres_hangs_the_metrics_scrape() {
     let postgres = private_postgres().await;
-    let app = TestApp::builder()
-        .postgres(&postgres)
-        .settings(|s| {
-            s.database.statement_timeout = Duration::from_secs(3600);
-            s.database.acquire_timeout = Duration::from_secs(30);
-        })
-        .spawn()
-        .await;
+    let app = with_library_defaults(&postgres).await;
     app.request(Method::GET, "/metrics", None, None)
         .await
         .assert_status(200);

@@ -233,16 +233,7 @@ impl JobQueue for PgJobQueue {
                 return Ok(None);
             }
         }
-        let inserted = store::insert(
-            &*self.inner.db,
-            kind.queue,
-            kind.name,
-            &job.payload,
-            kind.max_attempts as i32,
-            job.run_at,
-            job.unique_key.as_deref(),
-        )
-        .await?;
+        let inserted = store::insert(&*self.inner.db, &kind, &job).await?;
         // A coalesced job wakes no one: the queued one it joined has its wake-up (or the poll).
         // Waking per enqueue would make a burst of coalesced writes a burst of claim rounds.
         match (inserted.id, inserted.due, job.unique_key) {

@@ -78,15 +78,7 @@ async fn fire(inner: &Inner, schedule: &Schedule, at: DateTime<Utc>) -> Result<(
         return Ok(());
     }
     let job = NewJob::new(schedule.kind, serde_json::json!({ "firedAt": at }));
-    let insert = super::store::insert_on(
-        &mut tx,
-        kind.queue,
-        kind.name,
-        &job.payload,
-        kind.max_attempts as i32,
-        None,
-        None,
-    );
+    let insert = super::store::insert_on(&mut tx, &kind, &job);
     within(deadline, insert).await?;
     within(deadline, tx.commit()).await?;
     inner

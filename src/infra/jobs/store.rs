@@ -7,6 +7,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::{JobKind, NewJob};
 use crate::infra::database::Database;
 
 /// A job a worker holds: what it runs, and what proves it still holds it (`worker`, `attempt`).
@@ -29,20 +30,11 @@ pub(super) struct Inserted {
     pub due: Option<DateTime<Utc>>,
 }
 
-/// Inserts the job in the current transaction.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn insert(
-    db: &dyn Database,
-    queue: &str,
-    kind: &str,
-    payload: &serde_json::Value,
-    max_attempts: i32,
-    run_at: Option<DateTime<Utc>>,
-    unique_key: Option<&str>,
-) -> Result<Inserted, sqlx::Error> {
+/// Inserts the job of `kind` in the current transaction.
+pub(super) async fn insert(db: &dyn Database, kind: &JobKind, job: &NewJob) -> Result<Inserted, sqlx::Error> {
     let write = async {
         let mut write = db.writer().await?;
-        let id = insert_on(write.conn(), queue, kind, payload, max_attempts, run_at, unique_key).await?;
+        let id = insert_on(write.conn(), kind, job).await?;
         write.commit().await?;
         Ok(id)
     };
@@ -50,15 +42,7 @@ pub(super) async fn insert(
 }
 
 /// `insert`, on a connection the caller holds (the scheduler's transaction).
-pub(super) async fn insert_on(
-    conn: &mut PgConnection,
-    queue: &str,
-    kind: &str,
-    payload: &serde_json::Value,
-    max_attempts: i32,
-    run_at: Option<DateTime<Utc>>,
-    unique_key: Option<&str>,
-) -> Result<Inserted, sqlx::Error> {
+pub(super) async fn insert_on(conn: &mut PgConnection, kind: &JobKind, job: &NewJob) -> Result<Inserted, sqlx::Error> {
     let found = sqlx::query_as(
         "WITH inserted AS (
              INSERT INTO jobs (queue, kind, payload, max_attempts, run_at, unique_key)
@@ -70,12 +54,12 @@ pub(super) async fn insert_on(
          SELECT NULL, run_at FROM jobs
          WHERE kind = $2 AND unique_key = $6 AND state = 'queued' AND NOT EXISTS (SELECT 1 FROM inserted)",
     )
-    .bind(queue)
-    .bind(kind)
-    .bind(payload)
-    .bind(max_attempts)
-    .bind(run_at)
-    .bind(unique_key)
+    .bind(kind.queue)
+    .bind(kind.name)
+    .bind(&job.payload)
+    .bind(kind.max_attempts as i32)
+    .bind(job.run_at)
+    .bind(job.unique_key.as_deref())
     .fetch_optional(conn)
     .await?;
     Ok(found.unwrap_or(Inserted { id: None, due: None }))

@@ -492,19 +492,6 @@ impl RedisRateLimiter {
         telemetry: &Telemetry,
         capacity: u64,
     ) -> Self {
-        Self {
-            inner: Arc::new(Limiter::with_capacity(redis, settings, telemetry, capacity)),
-        }
-    }
-}
-
-impl Limiter {
-    fn with_capacity(
-        redis: Arc<dyn RedisService>,
-        settings: RateLimitSettings,
-        telemetry: &Telemetry,
-        capacity: u64,
-    ) -> Self {
         // A lease is at most 5 % of the policy's tightest quota: what other instances' leases
         // hold back stays within instances × 5 % of it, however large RATE_LIMIT_LEASE is.
         let tightest = settings.api.iter().map(|q| q.limit).min().unwrap_or(1);
@@ -523,7 +510,7 @@ impl Limiter {
             .chain(&credentials.policies)
             .map(|_| identity_cache(capacity))
             .collect();
-        Self {
+        let inner = Limiter {
             redis,
             leases: Leases::new(capacity as usize),
             known_addresses: Cache::builder()
@@ -544,9 +531,12 @@ impl Limiter {
                     })
                 })
             }),
-        }
+        };
+        Self { inner: Arc::new(inner) }
     }
+}
 
+impl Limiter {
     fn group(&self, group: RouteGroup) -> &Group {
         match group {
             RouteGroup::Api => &self.api,
@@ -626,7 +616,8 @@ impl Limiter {
 
     /// The size of an identity's next lease: the tokens it spent since its last grant, scaled to
     /// a lease lifetime, at least 1 and at most `cap`. A client calling now and then gets 1 (it
-    /// is charged what it uses), a busy one a lifetime's worth (one Redis call per lease).
+    /// is charged what it uses), a busy one a lifetime's worth (one Redis call per lease). It
+    /// becomes the lease's size, which the next top-up mark is judged by.
     fn next_size(&self, lease: &Lease, now: u64, cap: u64) -> u64 {
         let elapsed = now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)).max(1_000);
         let spent = lease.spent.load(Ordering::Relaxed);

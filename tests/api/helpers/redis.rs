@@ -211,16 +211,21 @@ impl TestRedis {
         self.stat("total_reads_processed").await
     }
 
+    async fn info(&self, section: &str) -> String {
+        let mut connection = self.connection().await;
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
+
     /// `EVALSHA` calls so far (`INFO commandstats`): the rate limiter's script calls (the
     /// cache's fills use other commands).
     pub async fn evalsha_calls(&self) -> u64 {
-        let mut connection = self.connection().await;
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut connection)
+        self.info("commandstats")
             .await
-            .unwrap();
-        info.lines()
+            .lines()
             .find(|l| l.starts_with("cmdstat_evalsha:"))
             .and_then(|l| l.split("calls=").nth(1))
             .and_then(|rest| rest.split(',').next())
@@ -228,13 +233,7 @@ impl TestRedis {
     }
 
     async fn stat(&self, name: &str) -> u64 {
-        let mut connection = self.connection().await;
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        nestling::infra::redis::info_field(&info, name)
+        nestling::infra::redis::info_field(&self.info("stats").await, name)
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("INFO stats has {name}"))
     }
