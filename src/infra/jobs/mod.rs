@@ -162,6 +162,9 @@ struct Inner {
     finished: Mutex<Vec<store::Finished>>,
     /// Set by `stop`: claim nothing more.
     stopping: std::sync::atomic::AtomicBool,
+    /// Held by the worker loop from a claim until its jobs are in `running` (or handed back), so
+    /// `stop` never finds `running` empty while a claimed job is on its way there.
+    round: tokio::sync::Mutex<()>,
     idle: Notify,
 }
 
@@ -198,6 +201,7 @@ impl<M: shaku::Module + shaku::HasComponent<dyn Database>> Component<M> for PgJo
                 queued: Mutex::default(),
                 finished: Mutex::default(),
                 stopping: Default::default(),
+                round: tokio::sync::Mutex::new(()),
                 idle: Notify::new(),
             }),
         })
@@ -269,6 +273,9 @@ impl JobQueue for PgJobQueue {
         let inner = &self.inner;
         inner.stopping.store(true, std::sync::atomic::Ordering::Release);
         inner.wake.notify_one();
+        // A round under way finishes first: its jobs are then running (waited for below) or
+        // handed back.
+        drop(inner.round.lock().await);
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let idle = inner.idle.notified();
@@ -426,6 +433,7 @@ async fn worker_loop(inner: Arc<Inner>) {
     let mut reaped_at = tokio::time::Instant::now();
     let mut round: usize = 0;
     loop {
+        let in_round = inner.round.lock().await;
         if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -452,7 +460,8 @@ async fn worker_loop(inner: Arc<Inner>) {
             }
             let claimed = inner.claim_for(queue, room, inner.take_finished()).await;
             if inner.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                // `stop` began while this claim was on its way: it no longer waits for these.
+                // `stop` began while this claim was on its way (it waits for this round to
+                // end): these go back at once rather than start.
                 if let Err(err) = store::hand_back(&*inner.db, &claimed, inner.worker).await {
                     log::warn!(
                         "jobs: handing back {} jobs failed (their leases will expire): {err}",
@@ -464,6 +473,7 @@ async fn worker_loop(inner: Arc<Inner>) {
             claimed.into_iter().for_each(|job| run(&inner, queue, job));
         }
         inner.record_finished().await;
+        drop(in_round);
         // An enqueue on this instance, a finished job (a slot is free) or the poll (jobs enqueued
         // elsewhere, retries coming due) starts the next round.
         tokio::select! {
