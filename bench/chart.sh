@@ -20,7 +20,7 @@ set key outside bottom center horizontal
 set grid ytics
 set yrange [0:*]
 set xtics noenhanced font ",11"
-set multiplot layout 1,2 title "nestling beside its yardsticks: the same-response handler; for the users, the limiter off ($(date -u +%Y-%m-%d), $(nproc) cores, bench/run.sh)"
+set multiplot layout 1,2 title "nestling beside its yardsticks: the same-response handler; for the users, the limiter off; for brotli, the uncompressed hit ($(date -u +%Y-%m-%d), $(nproc) cores, bench/run.sh)"
 set title "requests per second (higher is better)"
 plot "$DATA" using 2:xtic(1) title "nestling" linecolor rgb "#2b6cb0", \
      "" using 3 title "yardstick" linecolor rgb "#a0aec0"

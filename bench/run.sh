@@ -187,11 +187,12 @@ SAME_RESPONSE="http://127.0.0.1:$SAME_RESPONSE_PORT$LIST"
 # The yardstick must send what the app sends: the same status (200), header names, body and ETag
 # (the values of date, the request id and the counters aside). Checked in both modes before
 # anything is measured; the run stops when they differ.
-same_answer() { # mode
+same_answer() { # mode [Accept-Encoding]
   local side
   for side in app yardstick; do
     local url=$BASE$LIST; [ "$side" = app ] || url=$SAME_RESPONSE
-    curl -s -D "$WORK/$side.headers" -o "$WORK/$side.body" "$url" -H "authorization: Bearer $TOKEN"
+    curl -s -D "$WORK/$side.headers" -o "$WORK/$side.body" "$url" -H "authorization: Bearer $TOKEN" \
+      ${2:+-H "accept-encoding: $2"}
     tr -d '\r' <"$WORK/$side.headers" | awk -F': ' '
       NR == 1 { print "status " $0; next }
       NF > 1 { name = tolower($1); if (name == "etag") print "etag " $2; else if (name != "date") print "header " name }' |
@@ -199,15 +200,24 @@ same_answer() { # mode
   done
   if ! cmp -s "$WORK/app.body" "$WORK/yardstick.body" || ! diff -q "$WORK/app.shape" "$WORK/yardstick.shape" >/dev/null ||
     ! grep -qx 'status 200 OK' "$WORK/app.shape"; then
-    echo "bench: in $1 the yardstick does not answer as the app does (< app, > yardstick); the run stops:" >&2
+    echo "bench: in $1${2:+ ($2)} the yardstick does not answer as the app does (< app, > yardstick); the run stops:" >&2
     diff "$WORK/app.shape" "$WORK/yardstick.shape" >&2 || true
     cmp "$WORK/app.body" "$WORK/yardstick.body" >&2 || true
     exit 1
   fi
-  echo "same answer in $1: $(grep -c '^header' "$WORK/app.shape") header names, the body ($(wc -c <"$WORK/app.body") bytes) and the ETag"
+  echo "same answer in $1${2:+ ($2)}: $(grep -c '^header' "$WORK/app.shape") header names, the body ($(wc -c <"$WORK/app.body") bytes) and the ETag"
 }
-start_app REDIS_ENABLED=false REDIS_URL=; warm; same_answer "memory mode"; stop_app
+# What a browser sends: the compressed L1 hit's requests.
+BROWSER_ENCODINGS="gzip, deflate, br, zstd"
+start_app REDIS_ENABLED=false REDIS_URL=; warm; same_answer "memory mode"; same_answer "memory mode" "$BROWSER_ENCODINGS"; stop_app
 start_app REDIS_ENABLED=true; warm; same_answer "redis mode"; stop_app
+# Bytes on the wire for the page, headers included, in each form (BENCHMARKS.md).
+start_app REDIS_ENABLED=false REDIS_URL=; warm
+for accept in identity gzip br; do
+  curl -s -o /dev/null -w "$accept\t%{size_header}\t%{size_download}\n" "$BASE$LIST" \
+    -H "authorization: Bearer $TOKEN" -H "accept-encoding: $accept"
+done >"$WORK/wire.tsv"
+stop_app
 
 for ROUND in $(seq "$ROUNDS"); do
   SERVER_PID=$CEILING_PID
@@ -264,11 +274,13 @@ if [ -n "${PAIRS:-}" ]; then
       full) SERVER_PID=$SAME_WORK_PID; measure "same work, same response (hand-written)" "$SAME_RESPONSE" ;;
       redis) SERVER_PID=$REDIS_APP_PID; measure "L1 hit (redis mode)" "http://127.0.0.1:$REDIS_APP_PORT$LIST" ;;
       memory) SERVER_PID=$MEMORY_APP_PID; measure "L1 hit (memory mode)" "http://127.0.0.1:$MEMORY_APP_PORT$LIST" ;;
+      brotli) SERVER_PID=$MEMORY_APP_PID
+        measure "L1 hit (memory mode, brotli)" "http://127.0.0.1:$MEMORY_APP_PORT$LIST" -H "accept-encoding: $BROWSER_ENCODINGS" ;;
     esac
   }
   # Pair 0 is a warm-up, discarded: the first slots of a run measure the machine settling.
   for ROUND in $(seq 0 "$PAIRS"); do
-    if [ $((ROUND % 2)) -eq 1 ]; then order="same redis memory full"; else order="full memory redis same"; fi
+    if [ $((ROUND % 2)) -eq 1 ]; then order="same redis memory brotli full"; else order="full brotli memory redis same"; fi
     for one in $order; do
       if [ "$ROUND" = 0 ]; then RESULTS=/dev/null slot "$one" >/dev/null; else slot "$one" >>"$WORK/pairs.log"; fi
     done
@@ -412,7 +424,14 @@ if [ -n "${PAIRS:-}" ]; then
         share = quantile(shares, 0.25); cost = quantile(costs, 0.75)
         printf "  %s: req/s >= 90 %% of the yardstick: lower quartile %.0f %% (%s; median %.0f %%); CPU per request <= 1.15x: upper quartile %.2fx (%s; median %.2fx); against the lean handler, median %.0f %%\n", s, share, verdict(share >= 90), median(shares), cost, verdict(cost <= 1.15), median(costs), median(lean_shares)
       }
+      # The compressed L1 hit against the uncompressed one, pair by pair (same app).
+      s = "L1 hit (memory mode, brotli)"; shares = ""
+      for (p in pairs) shares = shares " " 100 * rps[p, s] / rps[p, "L1 hit (memory mode)"]
+      share = quantile(shares, 0.25)
+      printf "  %s: req/s >= 90 %% of the uncompressed L1 hit: lower quartile %.0f %% (%s; median %.0f %%)\n", s, share, verdict(share >= 90), median(shares)
     }') "$WORK/pairs.tsv"
+  awk -F'\t' '{ size[$1] = $2 + $3; body[$1] = $3 }
+    END { printf "  bytes on the wire per answer (headers + body): identity %d (body %d), gzip %d (body %d), brotli %d (body %d)\n", size["identity"], body["identity"], size["gzip"], body["gzip"], size["br"], body["br"] }' "$WORK/wire.tsv"
 fi
 if [ "$USERS" -gt 0 ]; then
   printf "\n%s users (medians of %s rounds):\n" "$USERS" "${USERS_ROUNDS:-3}"
@@ -439,6 +458,8 @@ if [ -n "${CHART-bench/chart.svg}" ] && { [ -n "${PAIRS:-}" ] || [ "$USERS" -gt 
         y = "same work, same response (hand-written)"
         printf "L1 hit, Redis\t%.0f\t%.0f\t%.2f\t%.2f\n", median(rps["L1 hit (redis mode)"]), median(rps[y]), median(app_redis["L1 hit (redis mode)"]), median(app_redis[y])
         printf "L1 hit, memory\t%.0f\t%.0f\t%.2f\t%.2f\n", median(rps["L1 hit (memory mode)"]), median(rps[y]), median(cpu["L1 hit (memory mode)"]), median(cpu[y])
+        m = "L1 hit (memory mode)"; b = "L1 hit (memory mode, brotli)"
+        printf "L1 hit, brotli (vs. uncompressed)\t%.0f\t%.0f\t%.2f\t%.2f\n", median(rps[b]), median(rps[m]), median(cpu[b]), median(cpu[m])
       }') "$WORK/pairs.tsv" >>"$WORK/chart.tsv"
   fi
   if [ "$USERS" -gt 0 ]; then

@@ -11,7 +11,7 @@
 //! It serves the route on the app's exact path twice, each on a port of its own: the lean answer
 //! (body, ETag, cache-control) on the first port, and on the second the answer nestling sends: a
 //! request id, the RateLimit headers, the cache's status, the security headers, the
-//! `If-None-Match` and `no-cache` checks, and the HTTP metrics (the L1 yardstick: that work is
+//! `If-None-Match` and `no-cache` checks, gzip and brotli forms made once per page (`Vary`), and the HTTP metrics (the L1 yardstick: that work is
 //! the route's; `bench/run.sh` checks the two answers match before it measures). Header names are
 //! constants, as nestling's are.
 //!
@@ -23,11 +23,12 @@
 //! database is the app's (`DATABASE_URL`, or the dev service).
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH, REFERRER_POLICY,
-    X_CONTENT_TYPE_OPTIONS,
+    HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
+    REFERRER_POLICY, VARY, X_CONTENT_TYPE_OPTIONS,
 };
 use actix_web::web::{self, Bytes};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer};
@@ -37,6 +38,7 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use moka::sync::Cache;
 use nestling::config::Settings;
+use nestling::infra::cache::compressed::Compressed;
 use nestling::infra::edge::{self, X_REQUEST_ID};
 use nestling::infra::telemetry::Telemetry;
 use nestling::modules::tasks::model::Task;
@@ -67,6 +69,8 @@ struct Page {
     bytes: Bytes,
     etag: HeaderValue,
     expires_at: Instant,
+    /// Its gzip and brotli forms, made on first ask (nestling's own type).
+    compressed: Arc<Compressed>,
 }
 
 struct State {
@@ -133,6 +137,7 @@ impl State {
             bytes: self.page.clone(),
             etag: HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..8]))).unwrap(),
             expires_at: now + self.page_ttl,
+            compressed: Arc::default(),
         };
         self.pages.insert(key, page.clone());
         page
@@ -199,10 +204,15 @@ async fn list_tasks<const SAME_RESPONSE: bool>(
     // nestling's own helpers (`infra::edge`), so the checks cost what they cost the app.
     let headers = request.headers();
     let request_id = edge::request_id(headers);
+    let coding = edge::preferred_coding(headers);
+    let (body, etag, encoding) = match page.compressed.form(coding, &page.bytes, &page.etag, || ()) {
+        Some(form) => (form.bytes.clone(), form.etag.clone(), Some(coding.token())),
+        None => (page.bytes, page.etag, None),
+    };
     let unchanged = !edge::asks_no_cache(headers)
         && headers
             .get(IF_NONE_MATCH)
-            .is_some_and(|wanted| edge::etag_matches(wanted.as_bytes(), page.etag.as_bytes()));
+            .is_some_and(|wanted| edge::etag_matches(wanted.as_bytes(), etag.as_bytes()));
     let ttl_left = page.expires_at.saturating_duration_since(now).as_secs();
     let mut response = if unchanged {
         HttpResponse::NotModified()
@@ -211,7 +221,8 @@ async fn list_tasks<const SAME_RESPONSE: bool>(
     };
     response
         .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
-        .insert_header((ETAG, page.etag))
+        .insert_header((VARY, HeaderValue::from_static("accept-encoding")))
+        .insert_header((ETAG, etag))
         .insert_header((CACHE_STATUS, format!("nestling; hit; ttl={ttl_left}")))
         .insert_header((X_CACHE, HeaderValue::from_static("HIT-L1")))
         .insert_header((RATELIMIT_POLICY, state.policy.clone()))
@@ -222,10 +233,13 @@ async fn list_tasks<const SAME_RESPONSE: bool>(
         .insert_header((X_REQUEST_ID, request_id))
         .insert_header((X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .insert_header((REFERRER_POLICY, HeaderValue::from_static("no-referrer")));
+    if let (Some(encoding), false) = (encoding, unchanged) {
+        response.insert_header((CONTENT_ENCODING, HeaderValue::from_static(encoding)));
+    }
     let response = if unchanged {
         response.finish()
     } else {
-        response.content_type("application/json").body(page.bytes)
+        response.content_type("application/json").body(body)
     };
     state.requests.inc();
     state.duration.observe(started.elapsed().as_secs_f64());

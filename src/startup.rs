@@ -77,6 +77,8 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(module.clone())
+                // Counts the cached reads' compressions (`cached_response`).
+                .app_data(telemetry.clone())
                 .app_data(error::json_config())
                 .app_data(error::path_config())
                 .app_data(error::query_config())

@@ -27,6 +27,7 @@ use futures_util::future::{ready, LocalBoxFuture, Ready};
 use prometheus::{Histogram, IntCounter};
 
 use crate::infra::cache::bypassing_cache;
+use crate::infra::cache::compressed::Coding;
 use crate::infra::telemetry::Telemetry;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -157,7 +158,9 @@ where
                 let (req, response) = response.into_parts();
                 let mut not_modified = response.set_body(());
                 *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+                // A 304 describes the representation by its validators and `Vary`, not its body.
                 not_modified.headers_mut().remove(header::CONTENT_TYPE);
+                not_modified.headers_mut().remove(header::CONTENT_ENCODING);
                 ServiceResponse::new(req, not_modified).map_into_right_body()
             } else {
                 response.map_into_left_body()
@@ -215,6 +218,65 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// The coding a cached read is sent in: brotli or gzip, whichever `Accept-Encoding` rates higher
+/// (brotli on a tie: smaller), else the body as it is. `*` stands for codings not named. A client
+/// that refuses `identity` still gets it when it accepts neither (RFC 9110 §12.5.3 allows that
+/// over a 406). By hand rather than actix's `AcceptEncoding::negotiate`: that one allocates on
+/// every request and breaks ties by list order, so browsers (`gzip, deflate, br`) would get gzip.
+pub fn preferred_coding(headers: &HeaderMap) -> Coding {
+    let Some(accept) = headers.get(header::ACCEPT_ENCODING) else {
+        return Coding::Identity;
+    };
+    let (mut brotli, mut gzip, mut any) = (None, None, None);
+    for item in accept.as_bytes().split(|b| *b == b',') {
+        let mut parts = item.split(|b| *b == b';');
+        let coding = parts.next().unwrap_or_default().trim_ascii();
+        let quality = parts
+            .find_map(|param| {
+                let param = param.trim_ascii();
+                let value = param.strip_prefix(b"q=").or_else(|| param.strip_prefix(b"Q="))?;
+                Some(thousandths(value))
+            })
+            .unwrap_or(1000);
+        if coding.eq_ignore_ascii_case(b"br") {
+            brotli = Some(quality);
+        } else if coding.eq_ignore_ascii_case(b"gzip") || coding.eq_ignore_ascii_case(b"x-gzip") {
+            gzip = Some(quality);
+        } else if coding == b"*" {
+            any = Some(quality);
+        }
+    }
+    let brotli = brotli.or(any).unwrap_or(0);
+    let gzip = gzip.or(any).unwrap_or(0);
+    if brotli > 0 && brotli >= gzip {
+        Coding::Brotli
+    } else if gzip > 0 {
+        Coding::Gzip
+    } else {
+        Coding::Identity
+    }
+}
+
+/// A qvalue (`0.5`, `1`, `0.125`) in thousandths; anything else counts as 0 (not acceptable).
+fn thousandths(value: &[u8]) -> u16 {
+    let (whole, fraction) = match value.iter().position(|b| *b == b'.') {
+        Some(dot) => (&value[..dot], &value[dot + 1..]),
+        None => (value, &b""[..]),
+    };
+    if fraction.len() > 3 || !fraction.iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    let mut parts = 0;
+    for (i, digit) in fraction.iter().enumerate() {
+        parts += u16::from(digit - b'0') * [100, 10, 1][i];
+    }
+    match whole {
+        b"1" if parts == 0 => 1000,
+        b"0" => parts,
+        _ => 0,
+    }
+}
+
 /// `If-None-Match` (a list of entity tags, or `*`) against our ETag, by weak comparison
 /// (RFC 9110 §13.1.2).
 pub fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
@@ -226,4 +288,43 @@ pub fn etag_matches(if_none_match: &[u8], etag: &[u8]) -> bool {
         .split(|b| *b == b',')
         .map(|tag| tag.trim_ascii())
         .any(|tag| tag == b"*" || opaque(tag) == ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coding(accept: Option<&'static str>) -> Coding {
+        let mut headers = HeaderMap::new();
+        if let Some(accept) = accept {
+            headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(accept));
+        }
+        preferred_coding(&headers)
+    }
+
+    #[test]
+    fn accept_encoding_picks_the_coding_the_client_rates_highest() {
+        let cases = [
+            (None, Coding::Identity),
+            (Some(""), Coding::Identity),
+            (Some("gzip, deflate, br, zstd"), Coding::Brotli),
+            (Some("gzip"), Coding::Gzip),
+            (Some("GZIP"), Coding::Gzip),
+            (Some("br;q=0.5, gzip;q=0.8"), Coding::Gzip),
+            (Some("gzip;q=0.5, br;q=0.5"), Coding::Brotli),
+            (Some("br;q=0, gzip"), Coding::Gzip),
+            (Some("gzip;q=0, br;q=0"), Coding::Identity),
+            (Some("*"), Coding::Brotli),
+            (Some("*;q=0.1, br;q=0"), Coding::Gzip),
+            (Some("identity"), Coding::Identity),
+            (Some("deflate, identity;q=0"), Coding::Identity),
+            (Some("br;q=2"), Coding::Identity),
+            (Some("br;q=0.0001"), Coding::Identity),
+            (Some("br ; q=0.001"), Coding::Brotli),
+            (Some("gzip;q=1.000"), Coding::Gzip),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(coding(accept), expected, "Accept-Encoding: {accept:?}");
+        }
+    }
 }

@@ -42,6 +42,9 @@ pub struct Telemetry {
     pub invalidations_replayed: IntCounter,
     pub invalidations_pending: IntGauge,
     pub l1_entries: IntGauge,
+    /// Cached bodies compressed, by `encoding` = `gzip` | `br`: once per entry and form, so this
+    /// grows with fills, not with requests.
+    pub cache_compressions: IntCounterVec,
     /// `group` = `api` | `credentials`, `outcome` = `allowed` | `denied`, `by` = `redis` | `lease` | `local`.
     pub rate_limit_decisions: IntCounterVec,
     /// Time to get a lock or a semaphore permit, waiting included: `kind` = `lock` | `semaphore`,
@@ -138,6 +141,11 @@ impl Telemetry {
             invalidations_pending: IntGauge::new("cache_invalidations_pending", "Invalidations waiting for Redis")
                 .expect("gauge"),
             l1_entries: IntGauge::new("cache_l1_entries", "Entries in the in-process cache").expect("gauge"),
+            cache_compressions: counter(
+                "cache_compressions_total",
+                "Cached bodies compressed (once per entry and encoding), by encoding: gzip, br",
+                &["encoding"],
+            ),
             rate_limit_decisions: counter(
                 "rate_limit_decisions_total",
                 "Rate-limit decisions by route group, outcome and where they were made",
@@ -208,6 +216,9 @@ impl Telemetry {
         for via in ["redis", "postgres"] {
             telemetry.events_published.with_label_values(&[via]);
         }
+        for encoding in ["gzip", "br"] {
+            telemetry.cache_compressions.with_label_values(&[encoding]);
+        }
         let registry = &telemetry.registry;
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(telemetry.http_requests.clone()),
@@ -228,6 +239,7 @@ impl Telemetry {
             Box::new(telemetry.invalidations_replayed.clone()),
             Box::new(telemetry.invalidations_pending.clone()),
             Box::new(telemetry.l1_entries.clone()),
+            Box::new(telemetry.cache_compressions.clone()),
             Box::new(telemetry.rate_limit_decisions.clone()),
             Box::new(telemetry.lock_wait.clone()),
             Box::new(telemetry.idempotency_requests.clone()),

@@ -137,28 +137,56 @@ pub mod nullable {
     }
 }
 
-/// A cacheable read as an HTTP response: the cached JSON bytes as they are, with an `ETag`,
+/// A cacheable read as an HTTP response: the cached JSON bytes as they are, or their gzip or
+/// brotli form kept with the entry (`Accept-Encoding`; `Vary` says so), with an `ETag` per form,
 /// `Cache-Control: private, no-cache` (clients keep it but revalidate: a 304 costs no body),
 /// the cache's view in `Cache-Status` (RFC 9211) and, for familiarity, `X-Cache` (`HIT-L1`,
 /// `HIT-L2`, `MISS`, `BYPASS`).
-pub fn cached_response(cached: crate::infra::cache::Cached) -> actix_web::HttpResponse {
-    use crate::infra::cache::CacheTier;
-    use actix_web::http::header::{HeaderName, HeaderValue, CACHE_CONTROL, ETAG};
-    const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-    const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-    let status = match cached.tier {
-        CacheTier::HitL1 => format!("nestling; hit; ttl={}", cached.ttl.as_secs()),
-        CacheTier::HitL2 => format!("nestling; hit; ttl={}; detail=redis", cached.ttl.as_secs()),
-        CacheTier::Miss => "nestling; fwd=miss; stored".to_owned(),
-        CacheTier::Bypass => "nestling; fwd=request".to_owned(),
-    };
-    actix_web::HttpResponse::Ok()
-        .content_type("application/json")
-        .insert_header((ETAG, cached.etag))
-        .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
-        .insert_header((CACHE_STATUS, status))
-        .insert_header((X_CACHE, HeaderValue::from_static(cached.tier.header_value())))
-        .body(cached.bytes)
+pub fn cached_response(cached: crate::infra::cache::Cached) -> CachedResponse {
+    CachedResponse(cached)
+}
+
+/// See `cached_response`: a responder, because the form depends on the request.
+pub struct CachedResponse(crate::infra::cache::Cached);
+
+impl actix_web::Responder for CachedResponse {
+    type Body = actix_web::body::BoxBody;
+
+    fn respond_to(self, req: &actix_web::HttpRequest) -> actix_web::HttpResponse {
+        use crate::infra::cache::CacheTier;
+        use crate::infra::edge::preferred_coding;
+        use crate::infra::telemetry::Telemetry;
+        use actix_web::http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_ENCODING, ETAG, VARY};
+        const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+        const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+        let cached = self.0;
+        let status = match cached.tier {
+            CacheTier::HitL1 => format!("nestling; hit; ttl={}", cached.ttl.as_secs()),
+            CacheTier::HitL2 => format!("nestling; hit; ttl={}; detail=redis", cached.ttl.as_secs()),
+            CacheTier::Miss => "nestling; fwd=miss; stored".to_owned(),
+            CacheTier::Bypass => "nestling; fwd=request".to_owned(),
+        };
+        let mut response = actix_web::HttpResponse::Ok();
+        response
+            .content_type("application/json")
+            .insert_header((CACHE_CONTROL, HeaderValue::from_static("private, no-cache")))
+            .insert_header((VARY, HeaderValue::from_static("accept-encoding")))
+            .insert_header((CACHE_STATUS, status))
+            .insert_header((X_CACHE, HeaderValue::from_static(cached.tier.header_value())));
+        let coding = preferred_coding(req.headers());
+        let count = || {
+            if let Some(telemetry) = req.app_data::<std::sync::Arc<Telemetry>>() {
+                telemetry.cache_compressions.with_label_values(&[coding.token()]).inc();
+            }
+        };
+        match cached.compressed.form(coding, &cached.bytes, &cached.etag, count) {
+            Some(form) => response
+                .insert_header((CONTENT_ENCODING, HeaderValue::from_static(coding.token())))
+                .insert_header((ETAG, form.etag.clone()))
+                .body(form.bytes.clone()),
+            None => response.insert_header((ETAG, cached.etag)).body(cached.bytes),
+        }
+    }
 }
 
 /// Serializes a value for the cache (the bytes the response will carry).

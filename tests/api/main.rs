@@ -9,6 +9,7 @@ mod cache_races;
 mod cli;
 mod cluster;
 mod compose;
+mod compression;
 mod cors;
 mod database_faults;
 mod errors;

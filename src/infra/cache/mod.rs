@@ -10,6 +10,7 @@
 //!   lost its connection flushes L1 (pub/sub is at-most-once);
 //! - invalidations that could not reach Redis are queued and replayed when it answers again.
 
+pub mod compressed;
 mod subscriber;
 
 tokio::task_local! {
@@ -51,6 +52,7 @@ use crate::infra::redis::breaker::BreakerState;
 use crate::infra::redis::keys::{CacheKey, KeyRegistry, Namespace};
 use crate::infra::redis::{Redis, RedisFailure, RedisService, RedisStatus, ScanCursor};
 use crate::infra::telemetry::Telemetry;
+use compressed::Compressed;
 
 /// Where a response came from: the `X-Cache` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct Cached {
     pub ttl: Duration,
     /// A strong validator of `bytes`, the same on every instance (`ETag`).
     pub etag: HeaderValue,
+    /// Its gzip and brotli forms, kept with the entry once made.
+    pub compressed: Arc<Compressed>,
 }
 
 /// `"<16 hex digits>"`: the first 64 bits of the body's SHA-256. Computed once per fill, so a hit
@@ -290,6 +294,7 @@ struct L1Entry {
     epoch: (u64, u64),
     filled_at: Instant,
     etag: HeaderValue,
+    compressed: Arc<Compressed>,
 }
 
 impl L1Entry {
@@ -302,6 +307,7 @@ impl L1Entry {
         let now = Instant::now();
         L1Entry {
             etag,
+            compressed: Arc::default(),
             bytes,
             expires_at: now + ttl,
             origin,
@@ -316,6 +322,7 @@ impl L1Entry {
             bytes: self.bytes,
             tier,
             etag: self.etag,
+            compressed: self.compressed,
         }
     }
 }
@@ -706,6 +713,7 @@ impl Inner {
             let bytes = loader.await?;
             return Ok(Cached {
                 etag: etag_of(&bytes),
+                compressed: Arc::default(),
                 bytes,
                 tier: CacheTier::Bypass,
                 ttl: Duration::ZERO,

@@ -6,8 +6,8 @@ use super::service::MetricsService;
 use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody};
 use crate::modules::auth::AuthUser;
-use crate::modules::cached_response;
 use crate::modules::resource;
+use crate::modules::{cached_response, CachedResponse};
 
 /// Mounted under `/api/workspaces`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -29,7 +29,7 @@ pub async fn get_daily_metrics(
     metrics: Inject<dyn MetricsService>,
     id: web::Path<Uuid>,
     query: web::Query<DailyMetricsQuery>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     Ok(cached_response(metrics.daily(me.id, *id, query.into_inner()).await?))
 }
 

@@ -9,8 +9,8 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
-use crate::modules::cached_response;
 use crate::modules::resource;
+use crate::modules::{cached_response, CachedResponse};
 
 /// Mounted under `/api/projects`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -63,7 +63,7 @@ pub async fn list_projects(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     Ok(cached_response(projects.list(me.id, *id).await?))
 }
 
@@ -77,7 +77,7 @@ pub async fn get_project(
     me: AuthUser,
     projects: Inject<dyn ProjectService>,
     id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     Ok(cached_response(projects.get(me.id, *id).await?))
 }
 

@@ -9,9 +9,9 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
-use crate::modules::cached_response;
 use crate::modules::paging::Page;
 use crate::modules::resource;
+use crate::modules::{cached_response, CachedResponse};
 
 /// Mounted under `/api/tasks`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -68,7 +68,7 @@ pub async fn list_tasks(
     tasks: Inject<dyn TaskService>,
     id: web::Path<Uuid>,
     query: web::Query<TaskQuery>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     query.validate()?;
     Ok(cached_response(tasks.list(me.id, *id, query.into_inner()).await?))
 }
@@ -79,7 +79,7 @@ pub async fn list_tasks(
     params(("id" = Uuid, Path, description = "Task id")),
     responses((status = 200, body = Task), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
-pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<HttpResponse> {
+pub async fn get_task(me: AuthUser, tasks: Inject<dyn TaskService>, id: web::Path<Uuid>) -> AppResult<CachedResponse> {
     Ok(cached_response(tasks.get(me.id, *id).await?))
 }
 

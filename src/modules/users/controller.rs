@@ -8,12 +8,12 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
-use crate::modules::cached_response;
 use crate::modules::paging::Page;
 use crate::modules::resource;
 use crate::modules::tasks::dto::AssignedTaskQuery;
 use crate::modules::tasks::model::Task;
 use crate::modules::tasks::service::TaskService;
+use crate::modules::{cached_response, CachedResponse};
 
 /// Mounted under `/api/users/me`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -34,7 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (status = 401, description = "Missing, invalid or expired token", body = ErrorBody),
     )
 )]
-pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<HttpResponse> {
+pub async fn get_me(me: AuthUser, users: Inject<dyn UserService>) -> AppResult<CachedResponse> {
     Ok(cached_response(users.get(me.id).await?))
 }
 
@@ -71,7 +71,7 @@ pub async fn list_my_tasks(
     me: AuthUser,
     tasks: Inject<dyn TaskService>,
     query: web::Query<AssignedTaskQuery>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     query.validate()?;
     Ok(cached_response(
         tasks.list_assigned(me.id, query.into_inner().into()).await?,

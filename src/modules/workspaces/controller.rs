@@ -9,8 +9,8 @@ use crate::container::Inject;
 use crate::error::{AppResult, ErrorBody, JsonBody};
 use crate::infra::idempotency::Idempotent;
 use crate::modules::auth::AuthUser;
-use crate::modules::cached_response;
 use crate::modules::resource;
+use crate::modules::{cached_response, CachedResponse};
 
 /// Mounted under `/api/workspaces` (with the projects and metrics of a workspace).
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -56,7 +56,7 @@ pub async fn create_workspace(
     get, path = "/api/workspaces", tag = "workspaces", operation_id = "list_workspaces", security(("bearer" = [])),
     responses((status = 200, body = Vec<Workspace>), (status = 401, body = ErrorBody))
 )]
-pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<HttpResponse> {
+pub async fn list_workspaces(me: AuthUser, workspaces: Inject<dyn WorkspaceService>) -> AppResult<CachedResponse> {
     Ok(cached_response(workspaces.list(me.id).await?))
 }
 
@@ -73,7 +73,7 @@ pub async fn get_workspace(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     Ok(cached_response(workspaces.get(me.id, *id).await?))
 }
 
@@ -125,7 +125,7 @@ pub async fn list_members(
     me: AuthUser,
     workspaces: Inject<dyn WorkspaceService>,
     id: web::Path<Uuid>,
-) -> AppResult<HttpResponse> {
+) -> AppResult<CachedResponse> {
     Ok(cached_response(workspaces.members(me.id, *id).await?))
 }
 
