@@ -330,8 +330,9 @@ const REFILL_WAIT: Duration = Duration::from_secs(1);
 /// A lease is at most 1/`LEASE_SHARE` of the tightest quota (5 %).
 const LEASE_SHARE: u64 = 20;
 
-/// A lease this request is to top up, and how many tokens it lacks.
-type TopUp = (Arc<Lease>, u64);
+/// A lease this request is to top up, how many tokens it lacks, and whether what is left lasts
+/// until the next top-up tick (else the top-up goes at once).
+type TopUp = (Arc<Lease>, u64, bool);
 
 type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
 
@@ -388,8 +389,9 @@ impl Leases {
 
 const LEASE_SHARDS: usize = 256;
 
-/// Top-ups wait for the next tick of this clock and go to Redis together (`next_top_up_tick`).
-/// A top-up sets off with a quarter of the lease left, so the wait is spent from the lease.
+/// Top-ups wait for the next tick of this clock and go to Redis together (`next_top_up_tick`),
+/// when what is left of the lease lasts four ticks at the rate it is spent; those of identities
+/// faster than that go at once.
 const TOP_UP_TICK: Duration = Duration::from_millis(5);
 
 /// Identities whose state one policy keeps in process at most.
@@ -622,7 +624,15 @@ impl Limiter {
                 return Some((decision, None));
             }
             let next = self.next_size(lease, now, cap);
-            return Some((decision, Some((lease.clone(), next.saturating_sub(left).max(1)))));
+            // At the rate the lease is spent, do the tokens left last a few ticks?
+            let since_grant = now.saturating_sub(lease.granted_at.load(Ordering::Relaxed));
+            let spent = lease.spent.load(Ordering::Relaxed).max(1);
+            let can_wait =
+                u128::from(left) * u128::from(since_grant) / u128::from(spent) > u128::from(micros(TOP_UP_TICK) * 4);
+            return Some((
+                decision,
+                Some((lease.clone(), next.saturating_sub(left).max(1), can_wait)),
+            ));
         }
         if lease.tokens.load(Ordering::Acquire) > 0 {
             // Lapsed tokens: ask Redis, which takes them back first.
@@ -885,10 +895,12 @@ impl Limiter {
         lease: u64,
     ) -> Option<Decision> {
         let (decision, top_up) = self.spend_lease(&identities[0], lease)?;
-        if let Some((state, lacking)) = top_up {
+        if let Some((state, lacking, can_wait)) = top_up {
             let (limiter, identities) = (self.clone(), SmallVec::<[Identity; 2]>::from_slice(identities));
             tokio::spawn(async move {
-                tokio::time::sleep_until(limiter.next_top_up_tick()).await;
+                if can_wait {
+                    tokio::time::sleep_until(limiter.next_top_up_tick()).await;
+                }
                 if let Some(outcome) = limiter.in_redis(group, &identities, lacking, 0).await {
                     let topped = limiter.decision(group, &outcome, DecidedBy::Redis);
                     limiter.record_lease(&identities[0], outcome.granted, 0, &topped);
