@@ -20,3 +20,9 @@ function quantile(list, q,   n, arr, k) {
 }
 # A target's outcome, as the summaries print it.
 function verdict(holds) { return holds ? "holds" : "does not hold" }
+# One row of the table BENCHMARKS.md opens with (bench/run.sh prints it last), appended to the
+# file `head` names: scenario, what is measured, nestling, yardstick (name: figure), ratio, target,
+# outcome.
+function head_row(scenario, measure, ours, yardstick, ratio, target, holds) {
+  printf "| %s | %s | %s | %s | %s | %s | %s |\n", scenario, measure, ours, yardstick, ratio, target, holds >> head
+}

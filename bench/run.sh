@@ -19,7 +19,7 @@
 # the worse quartile of the pairs meets it (the lower one for req/s, the upper for CPU).
 #
 # Usage: [BEFORE=<git revision>] [PAIRS=<n> [PAIR_SECONDS=<s>] [PAIRS_LOG=<file>]]
-#        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] [CHART=<file.svg>]
+#        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] [CHART=<file.svg>] [HEAD_TABLE=<file.md>]
 #        bench/run.sh [seconds per run,
 #        default 10] [connections, default 64] [rounds, default 3; 0 with PAIRS: only the pairs]
 #
@@ -344,7 +344,7 @@ fi
 echo
 if [ "$ROUNDS" -gt 0 ]; then
 echo "Medians over $ROUNDS rounds; body $BODY_BYTES bytes; $CONNECTIONS connections, ${DURATION}s per run, wrk -t2; $(nproc) cores"
-awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
+awk -F'\t' -v before="${BEFORE:-}" -v head="$WORK/head.md" -f bench/lib.awk -f <(echo '
   NR == 1 { next }
   !($2 in seen) { seen[$2] = 1; order[++count] = $2 }
   { rps[$2] = rps[$2] " " $3; p50[$2] = p50[$2] " " ms($4); p99[$2] = p99[$2] " " ms($5); errors[$2] += $6; cpu[$2] = cpu[$2] " " $7; trips[$2] = trips[$2] " " $8; rcpu[$2] = rcpu[$2] " " $9 }
@@ -390,6 +390,11 @@ awk -F'\t' -v before="${BEFORE:-}" -f bench/lib.awk -f <(echo '
       x = r[l2] / r["before: " l2]; printf "  L2 hit >= 2x the before build: %.2fx (%s)\n", x, verdict(x >= 2)
     } else printf "  L2 hit >= 2x and 90/10 mix >= 1.5x: run with BEFORE=ac69ffd to measure the before build alongside\n"
     x = 100 * r["uncached (Postgres)"] / r["one query (hand-written)"]; printf "  uncached >= 50 %% of one query: %.0f %% (%s)\n", x, verdict(x >= 50)
+    head_row("L2 hit (L1 off), Redis mode", "req/s", sprintf("%.0f", r[l2]), sprintf("one Redis GET: %.0f", r[get]), sprintf("%.0f %% (median of rounds)", 100 * r[l2] / r[get]), "<= 2 Redis round trips a request (tested)", "-")
+    head_row("uncached (Postgres)", "req/s", sprintf("%.0f", r["uncached (Postgres)"]), sprintf("one query: %.0f", r["one query (hand-written)"]), sprintf("%.0f %% (median of rounds)", x), ">= 50 %", verdict(x >= 50))
+    f = "Redis frozen (SIGSTOP)"; mm = "L1 hit (memory mode)"
+    head_row("L1 hit, Redis frozen (SIGSTOP)", "req/s", sprintf("%.0f", r[f]), sprintf("memory mode: %.0f", r[mm]), sprintf("%.0f %% (median of rounds)", 100 * r[f] / r[mm]), "-", "-")
+    head_row("90 % read / 10 % write, Redis mode", "req/s", sprintf("%.0f", r[mix]), "-", "-", "-", "-")
     if (("before: " mix) in r) {
       x = r[mix] / r["before: " mix]; printf "  90/10 mix >= 1.5x the before build: %.2fx (%s)\n", x, verdict(x >= 1.5)
     }
@@ -407,8 +412,9 @@ awk -F'\t' -f bench/lib.awk -f <(echo '
   }') "$WORK/startup.tsv"
 if [ -n "${PAIRS:-}" ]; then
   printf "\nthe L1 targets pair by pair (%s pairs of %s s slots after a discarded one; the verdict is the worse quartile of the pairs\047 ratios):\n" "$PAIRS" "${PAIR_SECONDS:-3}"
-  awk -F'\t' -f bench/lib.awk -f <(echo '
-    { rps[$1, $2] = $3; cpu[$1, $2] = $7; rcpu[$1, $2] = $9; pairs[$1] = 1 }
+  awk -F'\t' -v head="$WORK/head.md" -f bench/lib.awk -f <(echo '
+    { rps[$1, $2] = $3; cpu[$1, $2] = $7; rcpu[$1, $2] = $9; pairs[$1] = 1
+      ours_rps[$2] = ours_rps[$2] " " $3; ours_cpu[$2] = ours_cpu[$2] " " ($2 ~ /redis mode/ ? $7 + $9 : $7) }
     END {
       full = "same work, same response (hand-written)"; lean = "same work (hand-written handler)"
       for (m = 1; m <= 2; m++) {
@@ -422,6 +428,9 @@ if [ -n "${PAIRS:-}" ]; then
         # A target holds when its worse quartile meets it: the lower one of the req/s shares,
         # the upper one of the CPU ratios.
         share = quantile(shares, 0.25); cost = quantile(costs, 0.75)
+        mode = (m == 1) ? "L1 hit, Redis mode" : "L1 hit, memory mode"
+        head_row(mode, "req/s", sprintf("%.0f", median(ours_rps[s])), sprintf("same-response handler: %.0f", median(ours_rps[full])), sprintf("%.0f %% (lower quartile)", share), ">= 90 %", verdict(share >= 90))
+        head_row(mode, (m == 1) ? "CPU µs/req, app + redis-server" : "CPU µs/req", sprintf("%.1f", median(ours_cpu[s])), sprintf("same-response handler: %.1f", median(ours_cpu[full])), sprintf("%.2fx (upper quartile)", cost), "<= 1.15x", verdict(cost <= 1.15))
         printf "  %s: req/s >= 90 %% of the yardstick: lower quartile %.0f %% (%s; median %.0f %%); CPU per request <= 1.15x: upper quartile %.2fx (%s; median %.2fx); against the lean handler, median %.0f %%\n", s, share, verdict(share >= 90), median(shares), cost, verdict(cost <= 1.15), median(costs), median(lean_shares)
       }
       # The compressed L1 hit against the uncompressed one, pair by pair (same app).
@@ -429,22 +438,38 @@ if [ -n "${PAIRS:-}" ]; then
       for (p in pairs) shares = shares " " 100 * rps[p, s] / rps[p, "L1 hit (memory mode)"]
       share = quantile(shares, 0.25)
       printf "  %s: req/s >= 90 %% of the uncompressed L1 hit: lower quartile %.0f %% (%s; median %.0f %%)\n", s, share, verdict(share >= 90), median(shares)
+      head_row("L1 hit, brotli (memory mode)", "req/s", sprintf("%.0f", median(ours_rps[s])), sprintf("the uncompressed L1 hit: %.0f", median(ours_rps["L1 hit (memory mode)"])), sprintf("%.0f %% (lower quartile)", share), ">= 90 %", verdict(share >= 90))
     }') "$WORK/pairs.tsv"
-  awk -F'\t' '{ size[$1] = $2 + $3; body[$1] = $3 }
-    END { printf "  bytes on the wire per answer (headers + body): identity %d (body %d), gzip %d (body %d), brotli %d (body %d)\n", size["identity"], body["identity"], size["gzip"], body["gzip"], size["br"], body["br"] }' "$WORK/wire.tsv"
+  awk -F'\t' -v head="$WORK/head.md" '{ size[$1] = $2 + $3; body[$1] = $3 }
+    END { printf "  bytes on the wire per answer (headers + body): identity %d (body %d), gzip %d (body %d), brotli %d (body %d)\n", size["identity"], body["identity"], size["gzip"], body["gzip"], size["br"], body["br"]
+      printf "| L1 hit, brotli (memory mode) | bytes on the wire, headers + body | %d (gzip: %d) | uncompressed: %d | %.0f %% | - | - |\n", size["br"], size["gzip"], size["identity"], 100 * size["br"] / size["identity"] >> head }' "$WORK/wire.tsv"
 fi
 if [ "$USERS" -gt 0 ]; then
   printf "\n%s users (medians of %s rounds):\n" "$USERS" "${USERS_ROUNDS:-3}"
-  awk -F'\t' -f bench/lib.awk -f <(echo '
+  awk -F'\t' -v head="$WORK/head.md" -v users="$USERS" -f bench/lib.awk -f <(echo '
     { rps[$2] = rps[$2] " " $3; p99[$2] = p99[$2] " " $4; cpu[$2] = cpu[$2] " " ($5 + $6); commands[$2] = commands[$2] " " $7; calls[$2] = calls[$2] " " $8
       if ($2 == "on") on[$1] = $3; else off[$1] = $3 }
     END {
-      for (r in on) shares = shares " " 100 * on[r] / off[r]
+      for (r in on) shares = shares " " sprintf("%.1f", 100 * on[r] / off[r])
       share = median(shares); c = median(calls["on"]); p = median(p99["on"]) / median(p99["off"])
       printf "  limiter on: %.0f req/s, p99 %.2f ms, %.1f us/req (app + Redis), %.3f script calls/req (%.3f Redis commands/req, counting those inside the script)\n", median(rps["on"]), median(p99["on"]), median(cpu["on"]), c, median(commands["on"])
       printf "  limiter off: %.0f req/s, p99 %.2f ms, %.1f us/req (app + Redis), %.3f Redis commands/req\n", median(rps["off"]), median(p99["off"]), median(cpu["off"]), median(commands["off"])
       printf "  targets: limited >= 90 %% of unlimited: %.0f %% (%s; rounds%s); <= 0.1 Redis calls/req: %.3f (%s); p99 <= 1.2x unlimited: %.2fx (%s)\n", share, verdict(share >= 90), shares, c, verdict(c <= 0.1), p, verdict(p <= 1.2)
+      u = sprintf("%d users, Redis mode, limiter on", users)
+      head_row(u, "req/s", sprintf("%.0f", median(rps["on"])), sprintf("limiter off: %.0f", median(rps["off"])), sprintf("%.0f %% (median of rounds)", share), ">= 90 %", verdict(share >= 90))
+      head_row(u, "p99 ms", sprintf("%.2f", median(p99["on"])), sprintf("limiter off: %.2f", median(p99["off"])), sprintf("%.2fx", p), "<= 1.2x", verdict(p <= 1.2))
+      head_row(u, "Redis calls/req (commands, counting the script\047s)", sprintf("%.3f (%.3f)", c, median(commands["on"])), sprintf("limiter off: %.3f", median(commands["off"])), "-", "<= 0.1", verdict(c <= 0.1))
+      head_row(u, "CPU µs/req, app + redis-server", sprintf("%.1f", median(cpu["on"])), sprintf("limiter off: %.1f", median(cpu["off"])), sprintf("%.2fx", median(cpu["on"]) / median(cpu["off"])), "-", "-")
     }') "$WORK/users.tsv"
+fi
+
+# The table BENCHMARKS.md opens with: every scenario of this run, its yardstick, the ratio and
+# the target (HEAD_TABLE=<file> keeps a copy).
+if [ -s "$WORK/head.md" ]; then
+  printf "\n| scenario | measure | nestling | yardstick | ratio | target | outcome |\n| --- | --- | ---: | --- | ---: | --- | --- |\n" >"$WORK/head.table"
+  cat "$WORK/head.md" >>"$WORK/head.table"
+  cat "$WORK/head.table"
+  [ -z "${HEAD_TABLE:-}" ] || cp "$WORK/head.table" "$HEAD_TABLE"
 fi
 
 # The chart BENCHMARKS.md shows, from this run's pairs and users (medians): CHART=<file.svg>,
