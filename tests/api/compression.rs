@@ -3,7 +3,6 @@
 
 use std::io::Read;
 
-use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{Backend, TestApp, TestUser};
@@ -84,14 +83,11 @@ async fn long_task_list(app: &TestApp) -> (TestUser, String) {
     (user, format!("/api/projects/{project_id}/tasks"))
 }
 
-/// `/metrics`' value of one series.
+/// How many times the cache compressed a body in `encoding` (`/metrics`).
 async fn compressions(app: &TestApp, encoding: &str) -> f64 {
-    let series = format!("nestling_cache_compressions_total{{encoding=\"{encoding}\"}} ");
-    let exported = app.request(Method::GET, "/metrics", None, None).await;
-    exported
-        .text
-        .lines()
-        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+    let series = format!("nestling_cache_compressions_total{{encoding=\"{encoding}\"}}");
+    app.metric(&series)
+        .await
         .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 

@@ -87,14 +87,9 @@ async fn until_none_left(app: &TestApp, condition: &str, within: Duration) {
     }
 }
 
-/// One series of this instance's `/metrics`, by its name and labels as exported (0 if absent).
+/// One series of this instance's `/metrics` (0 if absent).
 async fn metric(app: &TestApp, series: &str) -> f64 {
-    let exported = app.request(Method::GET, "/metrics", None, None).await;
-    exported
-        .text
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    app.metric(series).await.unwrap_or(0.0)
 }
 
 async fn task_in(app: &TestApp, user: &TestUser, project: &Value, title: &str) -> Value {

@@ -11,7 +11,7 @@ use nestling::infra::jobs::{Claimed, JobHandler, NewJob};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::TestApp;
+use crate::helpers::{sample, TestApp};
 use crate::jobs::{kind, queue, recording, until_state, SECOND};
 
 const ADMIN: &str = "jobs-admin-token";
@@ -137,18 +137,6 @@ async fn the_job_endpoints_need_admin_token_or_an_admin_user_and_a_refused_retry
 }
 
 /// The value of `series` (name and labels, as exposed) in the `/metrics` text.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-async fn scrape(app: &TestApp) -> String {
-    let response = app.request(Method::GET, "/metrics", None, None).await;
-    response.assert_status(200);
-    response.text
-}
-
 /// One worker slot, held by a job that waits for the test: what is enqueued meanwhile waits. The
 /// gauges count what is due (not a job scheduled for later), age the backlog from its oldest due
 /// job, count the dead, and read 0 again once the queue drained. A kind's runs exist at zero
@@ -181,7 +169,7 @@ async fn the_job_gauges_show_the_due_backlog_its_oldest_wait_and_the_dead_and_fa
     };
     jobs.register(kind("test.blocking", 1, SECOND), blocking);
     jobs.register(kind("test.quick", 1, SECOND), recording(Arc::default(), |_| Ok(())));
-    let before = scrape(&app).await;
+    let before = app.scrape_metrics().await;
     for outcome in ["done", "retry", "dead"] {
         let series = format!(r#"nestling_job_runs_total{{kind="test.quick",outcome="{outcome}"}}"#);
         assert_eq!(sample(&before, &series), Some(0.0), "{series} before the first run");
@@ -201,7 +189,7 @@ async fn the_job_gauges_show_the_due_backlog_its_oldest_wait_and_the_dead_and_fa
     let later = NewJob::new("test.quick", json!({})).at(now + chrono::Duration::hours(1));
     jobs.enqueue(later).await.unwrap();
 
-    let backlog = scrape(&app).await;
+    let backlog = app.scrape_metrics().await;
     assert_eq!(
         sample(&backlog, r#"nestling_jobs_waiting{queue="test"}"#),
         Some(2.0),
@@ -218,7 +206,7 @@ async fn the_job_gauges_show_the_due_backlog_its_oldest_wait_and_the_dead_and_fa
     for id in quick_ids {
         until_state(&app, id, "done", 5 * SECOND).await;
     }
-    let drained = scrape(&app).await;
+    let drained = app.scrape_metrics().await;
     assert_eq!(sample(&drained, r#"nestling_jobs_waiting{queue="test"}"#), Some(0.0));
     assert_eq!(
         sample(&drained, r#"nestling_job_oldest_waiting_seconds{queue="test"}"#),

@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{shared_redis, TestApp, World};
+use crate::helpers::{sample, shared_redis, TestApp, World};
 
 const ADMIN: &str = "observability-admin";
 
@@ -16,9 +16,7 @@ async fn admin_app(redis: bool) -> TestApp {
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    sample(text, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
 
 #[tokio::test]

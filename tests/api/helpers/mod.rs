@@ -307,6 +307,13 @@ impl Drop for TestApp {
     }
 }
 
+/// One series' value in a Prometheus exposition, by its name and labels as exported.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// A response with its body parsed as JSON (`Value::Null` when empty or not JSON).
 #[derive(Debug)]
 pub struct TestResponse {
@@ -465,6 +472,18 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// This instance's `/metrics`, as Prometheus scrapes it.
+    pub async fn scrape_metrics(&self) -> String {
+        let response = self.request(Method::GET, "/metrics", None, None).await;
+        response.assert_status(200);
+        response.text
+    }
+
+    /// One series of this instance's `/metrics` (`name{labels}` as exported), if exported.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        sample(&self.scrape_metrics().await, series)
     }
 
     /// A GET with `Cache-Control: no-cache`: what Postgres holds now, past every cache tier.
