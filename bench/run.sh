@@ -16,7 +16,10 @@
 # and the run stops if they differ; a slot with any non-2xx answer stops the run; CPU is read
 # from /proc/<pid>/task/*/schedstat (nanoseconds), redis-server's beside each slot, and in Redis
 # mode the CPU target counts both; PAIRS starts with a discarded pair, and a target holds when
-# the worse quartile of the pairs meets it (the lower one for req/s, the upper for CPU).
+# the worse quartile of the pairs meets it (the lower one for req/s, the upper for CPU). The
+# compressed answers are compared too, and their bytes on the wire printed. The run ends with
+# one table of every scenario it ran (its yardstick, the ratio, the target: BENCHMARKS.md's head)
+# and draws the chart.
 #
 # Usage: [BEFORE=<git revision>] [PAIRS=<n> [PAIR_SECONDS=<s>] [PAIRS_LOG=<file>]]
 #        [USERS=<n, default 5000; 0: skip> [USERS_ROUNDS=3] [USERS_SECONDS=8]] [CHART=<file.svg>] [HEAD_TABLE=<file.md>]
@@ -256,7 +259,9 @@ done
 # machine's speed drifts within that time by more than the 10 % those targets allow
 # (BENCHMARKS.md, fourth session). Here both apps and the same-work handler stay up and run back
 # to back in short slots (PAIR_SECONDS, default 3), in alternating order; each pair's ratio is
-# taken first, then the median of the pairs.
+# taken first, then the quartiles of the pairs. The memory-mode app is read a second time in each
+# pair as a browser reads it (`Accept-Encoding: gzip, deflate, br, zstd`): the brotli L1 hit
+# against the uncompressed one.
 if [ -n "${PAIRS:-}" ]; then
   REDIS_APP_PORT=$(free_port)
   MEMORY_APP_PORT=$(free_port)
