@@ -212,15 +212,14 @@ same_answer() { # mode [Accept-Encoding]
 }
 # What a browser sends: the compressed L1 hit's requests.
 BROWSER_ENCODINGS="gzip, deflate, br, zstd"
-start_app REDIS_ENABLED=false REDIS_URL=; warm; same_answer "memory mode"; same_answer "memory mode" "$BROWSER_ENCODINGS"; stop_app
-start_app REDIS_ENABLED=true; warm; same_answer "redis mode"; stop_app
+start_app REDIS_ENABLED=false REDIS_URL=; warm; same_answer "memory mode"; same_answer "memory mode" "$BROWSER_ENCODINGS"
 # Bytes on the wire for the page, headers included, in each form (BENCHMARKS.md).
-start_app REDIS_ENABLED=false REDIS_URL=; warm
 for accept in identity gzip br; do
   curl -s -o /dev/null -w "$accept\t%{size_header}\t%{size_download}\n" "$BASE$LIST" \
     -H "authorization: Bearer $TOKEN" -H "accept-encoding: $accept"
 done >"$WORK/wire.tsv"
 stop_app
+start_app REDIS_ENABLED=true; warm; same_answer "redis mode"; stop_app
 
 for ROUND in $(seq "$ROUNDS"); do
   SERVER_PID=$CEILING_PID

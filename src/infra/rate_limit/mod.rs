@@ -494,6 +494,15 @@ fn script() -> &'static Script {
     SCRIPT_ONCE.get_or_init(|| Script::new(SCRIPT))
 }
 
+/// The tokens spent from a lease since its last grant, and the microseconds since that grant:
+/// the identity's recent rate, which sizes its next lease and times its top-up.
+fn spending_since_grant(lease: &Lease, now: u64) -> (u64, u64) {
+    (
+        lease.spent.load(Ordering::Relaxed),
+        now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)),
+    )
+}
+
 fn micros(duration: Duration) -> u64 {
     duration.as_micros() as u64
 }
@@ -585,7 +594,7 @@ impl Limiter {
 
     /// Answers from this instance's lease: a token of it, or the denial Redis gave until it
     /// expires. `None`: ask Redis. With the decision come the lease and the tokens it lacks when
-    /// this request is the one to top it up (under half a lease left, nobody else at it).
+    /// this request is the one to top it up (under a quarter of the lease left, nobody else at it).
     fn spend_lease(&self, identity: &Identity, cap: u64) -> Option<(Decision, Option<TopUp>)> {
         self.leases.with(identity, |lease| self.spend(lease, cap))
     }
@@ -625,10 +634,9 @@ impl Limiter {
             }
             let next = self.next_size(lease, now, cap);
             // At the rate the lease is spent, do the tokens left last a few ticks?
-            let since_grant = now.saturating_sub(lease.granted_at.load(Ordering::Relaxed));
-            let spent = lease.spent.load(Ordering::Relaxed).max(1);
-            let can_wait =
-                u128::from(left) * u128::from(since_grant) / u128::from(spent) > u128::from(micros(TOP_UP_TICK) * 4);
+            let (spent, since_grant) = spending_since_grant(lease, now);
+            let can_wait = u128::from(left) * u128::from(since_grant) / u128::from(spent.max(1))
+                > u128::from(micros(TOP_UP_TICK) * 4);
             return Some((
                 decision,
                 Some((lease.clone(), next.saturating_sub(left).max(1), can_wait)),
@@ -657,8 +665,8 @@ impl Limiter {
     /// is charged what it uses), a busy one a lifetime's worth (one Redis call per lease). It
     /// becomes the lease's size, which the next top-up mark is judged by.
     fn next_size(&self, lease: &Lease, now: u64, cap: u64) -> u64 {
-        let elapsed = now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)).max(1_000);
-        let spent = lease.spent.load(Ordering::Relaxed);
+        let (spent, since_grant) = spending_since_grant(lease, now);
+        let elapsed = since_grant.max(1_000);
         let per_lifetime = u128::from(spent) * u128::from(micros(self.settings.lease_lifetime)) / u128::from(elapsed);
         let size = u64::try_from(per_lifetime).unwrap_or(u64::MAX).clamp(1, cap);
         lease.size.store(size, Ordering::Relaxed);
@@ -886,8 +894,9 @@ impl Limiter {
     }
 
     /// A decision from this instance's lease (`spend_lease`); the one request whose token left
-    /// it under half full tops it up, waiting a round trip for that, so the others never
-    /// wait and the lease never holds more than its size.
+    /// it under a quarter full sets off its top-up in a task of its own (on the next top-up tick
+    /// unless the lease would run out first) and is answered at once, and the lease never holds
+    /// more than its size.
     async fn decide_by_lease(
         self: &Arc<Self>,
         group: RouteGroup,
