@@ -197,3 +197,52 @@ async fn the_request_that_tops_up_a_lease_does_not_wait_for_redis() {
     redis.thaw();
     assert!(slowest < Duration::from_millis(250), "a request waited {slowest:?}");
 }
+
+/// Thousands of busy users each top up a lease now and then; a round trip apiece cost Redis and
+/// the app more than the scripts did. The top-ups that set off within one tick of the limiter's
+/// clock reach Redis together, in one round trip.
+#[tokio::test]
+async fn top_ups_set_off_together_reach_redis_in_one_round_trip() {
+    const USERS: usize = 20;
+    let redis = crate::helpers::private_redis().await;
+    let app = TestApp::builder()
+        .redis(&redis)
+        .settings(|s| {
+            s.rate_limit.api = vec![per(1_000_000, 3600)];
+            s.rate_limit.lease = 20;
+            s.rate_limit.lease_lifetime = Duration::from_secs(60);
+        })
+        .spawn()
+        .await;
+    let users: Vec<TestUser> = join_all((0..USERS).map(|_| app.register_user())).await;
+    let (app, users) = (&app, &users);
+    let requests = |count: usize| {
+        join_all(users.iter().map(move |user| async move {
+            for _ in 0..count {
+                app.get("/api/users/me", &user.token).await.assert_status(200);
+            }
+        }))
+    };
+    // Each user's first request takes a token, its second (a burst) a lease of 20: 19 are left.
+    requests(2).await;
+    // A pause, so that the rate each lease is spent at lets its top-up wait for the tick (what
+    // is left lasts more than four ticks); 14 requests then leave each lease 5 tokens.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    requests(14).await;
+    let round_trips = "nestling_redis_command_duration_seconds_count{outcome=\"ok\"}";
+    let (calls_before, trips_before) = (redis.evalsha_calls().await, app.metric(round_trips).await.unwrap());
+    // Every user's next request leaves 4, under a quarter of the lease: all top up at once.
+    requests(1).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while redis.evalsha_calls().await < calls_before + USERS as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every lease topped up");
+    let trips = app.metric(round_trips).await.unwrap() - trips_before;
+    assert!(
+        trips <= (USERS / 4) as f64,
+        "{USERS} top-ups took {trips} round trips to Redis"
+    );
+}

@@ -35,7 +35,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::config::{Quota, RateLimitSettings};
-use crate::infra::redis::RedisService;
+use crate::infra::redis::{RedisService, ScriptRun};
 use crate::infra::telemetry::Telemetry;
 use gcra::Cell;
 
@@ -334,6 +334,14 @@ const LEASE_SHARE: u64 = 20;
 /// until the next top-up tick (else the top-up goes at once).
 type TopUp = (Arc<Lease>, u64, bool);
 
+/// A top-up waiting for the next tick: its identities, lease and the tokens it lacks.
+struct WaitingTopUp {
+    group: RouteGroup,
+    identities: SmallVec<[Identity; 2]>,
+    lease: Arc<Lease>,
+    lacking: u64,
+}
+
 type IdentityCache<V> = Cache<Identity, V, foldhash::fast::RandomState>;
 
 /// Bounded by count only: per-entry expiry would cost every lookup its bookkeeping, and an
@@ -422,6 +430,8 @@ pub struct Limiter {
     /// In-process GCRA state per (group, policy index): identity → TATs of its quotas.
     local: Vec<IdentityCache<Arc<Mutex<Vec<u64>>>>>,
     leases: Leases,
+    /// Top-ups waiting for the next tick, sent to Redis in one round trip (`top_up_together`).
+    waiting_top_ups: Mutex<Vec<WaitingTopUp>>,
     /// (email, address) pairs that logged in, by digest; Redis holds the fleet's copy.
     known_addresses: Cache<[u8; 32], (), foldhash::fast::RandomState>,
     /// The local clock's zero, so TATs are microseconds since start.
@@ -503,6 +513,23 @@ fn spending_since_grant(lease: &Lease, now: u64) -> (u64, u64) {
     )
 }
 
+/// The script's answer: granted, retry-after, then remaining and reset per quota.
+fn outcome_of(value: redis::Value) -> Option<gcra::Outcome> {
+    let numbers: Vec<i64> = redis::from_redis_value(value).ok()?;
+    let (head, cells) = numbers.split_at_checked(2)?;
+    Some(gcra::Outcome {
+        granted: head[0].max(0) as u64,
+        retry_after: head[1].max(0) as u64,
+        cells: cells
+            .chunks_exact(2)
+            .map(|pair| gcra::CellState {
+                remaining: pair[0].max(0) as u64,
+                reset: pair[1].max(0) as u64,
+            })
+            .collect(),
+    })
+}
+
 fn micros(duration: Duration) -> u64 {
     duration.as_micros() as u64
 }
@@ -540,6 +567,7 @@ impl RedisRateLimiter {
         let inner = Limiter {
             redis,
             leases: Leases::new(capacity as usize),
+            waiting_top_ups: Mutex::new(Vec::new()),
             known_addresses: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(KNOWN_ADDRESS_TTL)
@@ -750,9 +778,8 @@ impl Limiter {
         Some(merged)
     }
 
-    /// The GCRA script over the policies at `indices` (each one key: the policy's state for its
-    /// identity). Each quota is a field named by its index, so two quotas with the same period
-    /// (`"5, 50/1m"`) are two states, as they are in process.
+    /// The GCRA script over the policies at `indices` (`script_run`); `None` when Redis could not
+    /// decide.
     async fn run_script(
         &self,
         group: RouteGroup,
@@ -761,13 +788,35 @@ impl Limiter {
         wanted: u64,
         returned: u64,
     ) -> Option<gcra::Outcome> {
+        let run = self.script_run(group, identities, indices, wanted, returned);
+        // `run_script` bounds the connection wait and the command together by the command timeout.
+        match self.redis.run_script(script(), &run.keys, &run.args).await {
+            Ok(value) => outcome_of(value),
+            Err(err) => {
+                log::debug!("rate limit: deciding locally, Redis failed: {err}");
+                None
+            }
+        }
+    }
+
+    /// The script's keys and arguments for the policies at `indices` (each one key: the policy's
+    /// state for its identity). Each quota is a field named by its index, so two quotas with the
+    /// same period (`"5, 50/1m"`) are two states, as they are in process.
+    fn script_run(
+        &self,
+        group: RouteGroup,
+        identities: &[Identity],
+        indices: &[usize],
+        wanted: u64,
+        returned: u64,
+    ) -> ScriptRun {
         let spec = self.group(group);
-        let keys = self.redis.keys();
-        let mut redis_keys = Vec::with_capacity(indices.len());
+        let registry = self.redis.keys();
+        let mut keys = Vec::with_capacity(indices.len());
         let mut args: Vec<Vec<u8>> = vec![wanted.to_string().into_bytes(), returned.to_string().into_bytes()];
         for (position, &index) in indices.iter().enumerate() {
             let policy = &spec.policies[index];
-            redis_keys.push(keys.rate_limit(policy.name, &identities[index].key_material()));
+            keys.push(registry.rate_limit(policy.name, &identities[index].key_material()));
             for (field, quota) in policy.quotas.iter().enumerate() {
                 let period = micros(quota.period);
                 args.push((position + 1).to_string().into_bytes());
@@ -776,27 +825,7 @@ impl Limiter {
                 args.push(period.to_string().into_bytes());
             }
         }
-        // `run_script` bounds the connection wait and the command together by the command timeout.
-        let value = match self.redis.run_script(script(), &redis_keys, &args).await {
-            Ok(value) => value,
-            Err(err) => {
-                log::debug!("rate limit: deciding locally, Redis failed: {err}");
-                return None;
-            }
-        };
-        let numbers: Vec<i64> = redis::from_redis_value(value).ok()?;
-        let (head, cells) = numbers.split_at_checked(2)?;
-        Some(gcra::Outcome {
-            granted: head[0].max(0) as u64,
-            retry_after: head[1].max(0) as u64,
-            cells: cells
-                .chunks_exact(2)
-                .map(|pair| gcra::CellState {
-                    remaining: pair[0].max(0) as u64,
-                    reset: pair[1].max(0) as u64,
-                })
-                .collect(),
-        })
+        ScriptRun { keys, args }
     }
 
     /// The same rule in process, at 1/`APP_INSTANCES` of each quota.
@@ -894,9 +923,10 @@ impl Limiter {
     }
 
     /// A decision from this instance's lease (`spend_lease`); the one request whose token left
-    /// it under a quarter full sets off its top-up in a task of its own (on the next top-up tick
-    /// unless the lease would run out first) and is answered at once, and the lease never holds
-    /// more than its size.
+    /// it under a quarter full sets off its top-up and is answered at once: on the next top-up
+    /// tick, with the others of that tick (`top_up_together`), unless the lease would run out
+    /// first; then (and on a Redis Cluster) in a task of its own. The lease never holds more than
+    /// its size.
     async fn decide_by_lease(
         self: &Arc<Self>,
         group: RouteGroup,
@@ -904,20 +934,70 @@ impl Limiter {
         lease: u64,
     ) -> Option<Decision> {
         let (decision, top_up) = self.spend_lease(&identities[0], lease)?;
-        if let Some((state, lacking, can_wait)) = top_up {
-            let (limiter, identities) = (self.clone(), SmallVec::<[Identity; 2]>::from_slice(identities));
-            tokio::spawn(async move {
-                if can_wait {
+        let Some((state, lacking, can_wait)) = top_up else {
+            return Some(decision);
+        };
+        let identities = SmallVec::<[Identity; 2]>::from_slice(identities);
+        let on_cluster = self.redis.active().is_some_and(|redis| redis.is_cluster());
+        if can_wait && !on_cluster {
+            let waiting = WaitingTopUp {
+                group,
+                identities,
+                lease: state,
+                lacking,
+            };
+            let first_of_tick = {
+                let mut queue = self.waiting_top_ups.lock().unwrap();
+                queue.push(waiting);
+                queue.len() == 1
+            };
+            if first_of_tick {
+                let limiter = self.clone();
+                tokio::spawn(async move {
                     tokio::time::sleep_until(limiter.next_top_up_tick()).await;
-                }
-                if let Some(outcome) = limiter.in_redis(group, &identities, lacking, 0).await {
-                    let topped = limiter.decision(group, &outcome, DecidedBy::Redis);
-                    limiter.record_lease(&identities[0], outcome.granted, 0, &topped);
-                }
-                state.finish_refill();
-            });
+                    limiter.top_up_together().await;
+                });
+            }
+            return Some(decision);
         }
+        let limiter = self.clone();
+        tokio::spawn(async move {
+            if let Some(outcome) = limiter.in_redis(group, &identities, lacking, 0).await {
+                let topped = limiter.decision(group, &outcome, DecidedBy::Redis);
+                limiter.record_lease(&identities[0], outcome.granted, 0, &topped);
+            }
+            state.finish_refill();
+        });
         Some(decision)
+    }
+
+    /// The top-ups that waited for this tick, in one round trip (a pipeline of script runs):
+    /// with thousands of busy identities, a round trip each cost Redis and this instance more than
+    /// the scripts themselves. A top-up Redis could not decide is left for the next request.
+    async fn top_up_together(&self) {
+        let waiting = std::mem::take(&mut *self.waiting_top_ups.lock().unwrap());
+        let runs: Vec<ScriptRun> = waiting
+            .iter()
+            .map(|top_up| {
+                let all: SmallVec<[usize; 2]> = (0..top_up.identities.len()).collect();
+                self.script_run(top_up.group, &top_up.identities, &all, top_up.lacking, 0)
+            })
+            .collect();
+        let answers = match self.redis.run_scripts(script(), &runs).await {
+            Ok(answers) => answers,
+            Err(err) => {
+                log::debug!("rate limit: top-ups not taken, Redis failed: {err}");
+                Vec::new()
+            }
+        };
+        let mut answers = answers.into_iter();
+        for top_up in waiting {
+            if let Some(outcome) = answers.next().and_then(outcome_of) {
+                let topped = self.decision(top_up.group, &outcome, DecidedBy::Redis);
+                self.record_lease(&top_up.identities[0], outcome.granted, 0, &topped);
+            }
+            top_up.lease.finish_refill();
+        }
     }
 
     fn decision(&self, group: RouteGroup, outcome: &gcra::Outcome, decided_by: DecidedBy) -> Decision {

@@ -616,6 +616,19 @@ impl Redis {
         .await
     }
 
+    /// The server's clock (`TIME`; on a cluster, the node the command lands on), as seconds and
+    /// microseconds since the Unix epoch.
+    pub async fn server_time(&self) -> Result<(u64, u64), RedisFailure> {
+        self.call(|c| async move {
+            let time = redis::cmd("TIME");
+            match c {
+                Connection::Standalone(mut c) => time.query_async(&mut c).await,
+                Connection::Cluster(mut c) => time.query_async(&mut c).await,
+            }
+        })
+        .await
+    }
+
     /// Connections open and idle in the pool, and its counters (a cluster: its one connection).
     pub fn pool_statistics(&self) -> (u32, u32, bb8::Statistics) {
         match &self.backend {
@@ -700,7 +713,17 @@ pub trait RedisService: Interface {
     async fn incr(&self, key: &RedisKey, by: i64, ttl: Duration) -> Result<i64, RedisFailure>;
     /// EVALSHA, loading the script when Redis answers NOSCRIPT. User data goes in `args` only.
     async fn run_script(&self, script: &Script, keys: &[RedisKey], args: &[Vec<u8>]) -> Result<Value, RedisFailure>;
+    /// Several runs of one script in one round trip (a pipeline), answers in order; a run that
+    /// failed answers with its error value. Not on a Redis Cluster, where the keys of one
+    /// pipeline may live on different nodes (`Disabled` there).
+    async fn run_scripts(&self, script: &Script, runs: &[ScriptRun]) -> Result<Vec<Value>, RedisFailure>;
     async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure>;
+}
+
+/// One run of a script in `RedisService::run_scripts`.
+pub struct ScriptRun {
+    pub keys: Vec<RedisKey>,
+    pub args: Vec<Vec<u8>>,
 }
 
 pub struct RedisModule {
@@ -906,6 +929,32 @@ impl RedisService for RedisModule {
         self.require()?
             .call_within(Some(self.settings.command_timeout), |mut c| async move {
                 invocation.invoke_async(&mut c).await
+            })
+            .await
+    }
+
+    async fn run_scripts(&self, script: &Script, runs: &[ScriptRun]) -> Result<Vec<Value>, RedisFailure> {
+        let redis = self.require()?;
+        if redis.is_cluster() {
+            return Err(RedisFailure::Disabled);
+        }
+        // The load first: a pipelined EVALSHA does not load the script itself, and a load of a
+        // script Redis has is a lookup.
+        let mut pipeline = redis::pipe();
+        pipeline.load_script(script).ignore();
+        for run in runs {
+            let mut invocation = script.prepare_invoke();
+            for key in &run.keys {
+                invocation.key(key.as_str());
+            }
+            for arg in &run.args {
+                invocation.arg(arg.as_slice());
+            }
+            pipeline.invoke_script(&invocation);
+        }
+        redis
+            .call_within(Some(self.settings.command_timeout), |mut c| async move {
+                pipeline.query_async(&mut c).await
             })
             .await
     }
