@@ -14,5 +14,7 @@ COPY --from=build /src/target/release/nestling /usr/local/bin/nestling
 USER nestling
 ENV APP_HOST=0.0.0.0 APP_PORT=8080 APP_ENV=production
 EXPOSE 8080
+# Liveness only: `nestling doctor` (the same image, `docker run --rm --env-file .env IMAGE nestling
+# doctor`, or `docker compose run --rm doctor`) is the check to run before a deploy, not every 10 s.
 HEALTHCHECK --interval=10s --timeout=3s CMD curl -fsS http://127.0.0.1:8080/health/live || exit 1
 CMD ["nestling"]

@@ -1,6 +1,7 @@
 //! The one `Settings` struct, read from the environment (a `.env` file is loaded by `main`).
 //! Every variable has a development default; a bad value stops start-up with a line naming the variable.
 
+use std::cell::RefCell;
 use std::fmt::Display;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -283,6 +284,36 @@ impl TtlTable {
     }
 }
 
+/// One environment variable as the configuration read it: its value when set, and its default.
+#[derive(Debug, Clone)]
+pub struct Variable {
+    pub name: &'static str,
+    pub set: Option<String>,
+    pub default: String,
+}
+
+impl Variable {
+    /// The value in force, fit to print: a token is hidden, and so are a URL's credentials.
+    pub fn shown(&self) -> String {
+        let value = self.set.as_deref().unwrap_or(&self.default);
+        if self.name.ends_with("_TOKEN") && !value.is_empty() {
+            return "***".to_owned();
+        }
+        value.split(',').map(redacted).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// A URL with its user and password replaced by `***` (anything else as it is).
+pub fn redacted(url: &str) -> String {
+    match url
+        .split_once("://")
+        .and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?.1)))
+    {
+        Some((scheme, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid value for {name}: expected {expected}, got {value:?}")]
 pub struct ConfigError {
@@ -298,8 +329,22 @@ impl Settings {
 
     /// Reads settings through `lookup`, so tests can build them without touching the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let vars = Vars(&lookup);
-        let database_url = lookup("DATABASE_URL");
+        Self::described(lookup).map(|(settings, _)| settings)
+    }
+
+    /// `from_lookup`, with every variable it read: set or not, and its default (`nestling doctor`).
+    pub fn described(lookup: impl Fn(&str) -> Option<String>) -> Result<(Self, Vec<Variable>), ConfigError> {
+        let vars = Vars {
+            lookup: &lookup,
+            read: RefCell::new(Vec::new()),
+        };
+        let settings = Self::from_vars(&vars)?;
+        Ok((settings, vars.read.into_inner()))
+    }
+
+    fn from_vars(vars: &Vars<'_, impl Fn(&str) -> Option<String>>) -> Result<Self, ConfigError> {
+        let lookup = vars.lookup;
+        let database_url = vars.get("DATABASE_URL", DEFAULT_DATABASE_URL);
         let window = vars.secs("RATE_LIMIT_WINDOW", 60)?;
         Ok(Settings {
             app: AppSettings {
@@ -308,7 +353,7 @@ impl Settings {
                 port: vars.parse("APP_PORT", 8080, "a port number (0-65535)")?,
                 workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
                 shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
-                admin_token: lookup("ADMIN_TOKEN").filter(|token| !token.is_empty()),
+                admin_token: vars.get("ADMIN_TOKEN", "").filter(|token| !token.is_empty()),
                 auth_token_sliding: vars.parse("AUTH_TOKEN_SLIDING", false, "true or false")?,
             },
             database: DatabaseSettings {
@@ -325,7 +370,8 @@ impl Settings {
             redis: RedisSettings {
                 enabled: vars.parse("REDIS_ENABLED", false, "true or false")?,
                 url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
-                cluster_nodes: lookup("REDIS_CLUSTER_NODES")
+                cluster_nodes: vars
+                    .get("REDIS_CLUSTER_NODES", "")
                     .unwrap_or_default()
                     .split(',')
                     .map(str::trim)
@@ -335,7 +381,8 @@ impl Settings {
                 fleet_sync: ["REDIS_URL", "REDIS_CLUSTER_NODES"]
                     .into_iter()
                     .any(|name| lookup(name).is_some_and(|value| !value.trim().is_empty())),
-                tls_ca_file: lookup("REDIS_TLS_CA_FILE")
+                tls_ca_file: vars
+                    .get("REDIS_TLS_CA_FILE", "")
                     .filter(|path| !path.is_empty())
                     .map(PathBuf::from),
                 key_prefix: vars.non_empty("REDIS_KEY_PREFIX", "nestling:")?,
@@ -419,11 +466,26 @@ impl Settings {
     }
 }
 
-struct Vars<'a, F: Fn(&str) -> Option<String>>(&'a F);
+/// The environment as the configuration reads it: every read is recorded with its default, so
+/// `nestling doctor` can show each variable, set or not.
+struct Vars<'a, F: Fn(&str) -> Option<String>> {
+    lookup: &'a F,
+    read: RefCell<Vec<Variable>>,
+}
 
 impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
-    fn string(&self, name: &str, default: &str) -> String {
-        (self.0)(name).unwrap_or_else(|| default.to_owned())
+    fn get(&self, name: &'static str, default: impl Display) -> Option<String> {
+        let value = (self.lookup)(name);
+        self.read.borrow_mut().push(Variable {
+            name,
+            set: value.clone(),
+            default: default.to_string(),
+        });
+        value
+    }
+
+    fn string(&self, name: &'static str, default: &str) -> String {
+        self.get(name, default).unwrap_or_else(|| default.to_owned())
     }
 
     /// A string that must not be empty (an empty key prefix would put the app's keys, and its
@@ -446,7 +508,7 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
         default: T,
         expected: &'static str,
     ) -> Result<T, ConfigError> {
-        match (self.0)(name) {
+        match self.get(name, &default) {
             None => Ok(default),
             Some(value) => value.trim().parse().map_err(|_| ConfigError { name, expected, value }),
         }

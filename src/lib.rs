@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod container;
+pub mod doctor;
 pub mod error;
 pub mod infra;
 pub mod modules;

@@ -1,11 +1,11 @@
 //! `nestling` (serve), `nestling migrate`, `nestling seed`, `nestling admin grant|revoke <email>`,
 //! `nestling admin end-sessions <email>`, `nestling jobs list [--dead]`, `nestling jobs retry <id>`,
-//! `nestling redis check`, `nestling health`.
+//! `nestling redis check`, `nestling health`, `nestling doctor`.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nestling::config::Settings;
+use nestling::config::{redacted, Settings};
 use nestling::infra::database;
 use nestling::infra::redis::check::check;
 use nestling::infra::redis::keys::KeyRegistry;
@@ -44,6 +44,10 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Check what a deploy needs, one line each: every configuration variable (set or default),
+    /// Postgres and its version, pending migrations, the job queue, Redis (as `redis check`) and
+    /// the clocks' skew. Exits 1 naming what fails.
+    Doctor,
     /// Run this configuration's job workers and scheduler without HTTP (SIGTERM: finish within
     /// APP_SHUTDOWN_TIMEOUT, hand the rest back).
     Worker,
@@ -98,6 +102,9 @@ fn main() -> ExitCode {
     dotenvy::dotenv().ok();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn")).init();
     let cli = Cli::parse();
+    if let Some(Command::Doctor) = cli.command {
+        return doctor();
+    }
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(err) => {
@@ -119,6 +126,7 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
     match command {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await?,
         Command::Worker => nestling::startup::run_worker(settings).await?,
+        Command::Doctor => unreachable!("run before the configuration is read"),
         Command::Migrate => {
             database::prepare(&mut settings, true).await?;
             log::info!("migrations applied");
@@ -182,6 +190,22 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
         }
     }
     Ok(())
+}
+
+/// `nestling doctor`: reads the configuration itself, so that an invalid variable is one failed
+/// check among the others' lines rather than the end of the run.
+fn doctor() -> ExitCode {
+    let checkup = actix_web::rt::System::new().block_on(nestling::doctor::examine(|name| std::env::var(name).ok()));
+    for line in &checkup.lines {
+        println!("{line}");
+    }
+    if checkup.failed.is_empty() {
+        println!("doctor: every check passed");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("nestling doctor: failed: {}", checkup.failed.join(", "));
+        ExitCode::FAILURE
+    }
 }
 
 /// Ends the sessions through the app's own services, so the invalidations take the path of a
@@ -340,15 +364,4 @@ async fn get(base: &str, path: &str) -> Result<(u16, Vec<u8>), Box<dyn std::erro
         .and_then(|code| code.parse().ok())
         .ok_or("the answer has no status")?;
     Ok((status, response[head_end + 4..].to_vec()))
-}
-
-/// The URL without its user and password.
-fn redacted(url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?.1)))
-    {
-        Some((scheme, host)) => format!("{scheme}://***@{host}"),
-        None => url.to_owned(),
-    }
 }

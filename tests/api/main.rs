@@ -12,6 +12,7 @@ mod compose;
 mod compression;
 mod cors;
 mod database_faults;
+mod doctor;
 mod errors;
 mod events;
 mod failed_writes;

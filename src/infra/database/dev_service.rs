@@ -66,17 +66,30 @@ fn ensure_running_blocking() -> Result<String, String> {
         if already_running { "using the" } else { "started a" },
         data.display()
     );
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/nestling"))
+    Ok(dev_url(port))
+}
+
+fn dev_url(port: u16) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/nestling")
 }
 
 /// `.nestling/pg` in the working directory; as root, when the `postgres` user cannot reach that
 /// folder (a clone under /root), a folder under the temp dir named after the working directory.
 fn data_dir() -> Result<PathBuf, String> {
+    let data = data_dir_path()?;
+    let in_working_directory = std::env::current_dir().is_ok_and(|cwd| data.starts_with(cwd));
+    if in_working_directory {
+        std::fs::create_dir_all(data.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| format!("cannot create .nestling: {e}"))?;
+    }
+    Ok(data)
+}
+
+/// Where `data_dir` puts the cluster, creating nothing.
+fn data_dir_path() -> Result<PathBuf, String> {
     let cwd = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
     let local = cwd.join(".nestling").join("pg");
     if local_server::reachable_by_server_user(&local) {
-        std::fs::create_dir_all(local.parent().unwrap_or(Path::new(".")))
-            .map_err(|e| format!("cannot create .nestling: {e}"))?;
         return Ok(local);
     }
     use std::hash::{Hash, Hasher};
@@ -85,4 +98,12 @@ fn data_dir() -> Result<PathBuf, String> {
     Ok(std::env::temp_dir()
         .join(format!("nestling-dev-{:x}", hasher.finish()))
         .join("pg"))
+}
+
+/// The dev service's database URL when this working directory has one, without starting it
+/// (`nestling doctor`): whether it runs, a connection tells.
+pub fn url_if_created() -> Option<String> {
+    let port = std::fs::read_to_string(data_dir_path().ok()?.join("nestling.port")).ok()?;
+    let port: u16 = port.trim().parse().ok()?;
+    Some(dev_url(port))
 }
