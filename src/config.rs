@@ -58,6 +58,9 @@ pub struct AppSettings {
     pub port: u16,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// `APP_SHUTDOWN_DELAY`: how long a SIGTERM'd instance keeps serving, not ready, before it
+    /// drains (load balancers polling readiness notice meanwhile).
+    pub shutdown_delay: Duration,
     /// Bearer credential for `/admin/*`; admin routes answer 403 while it is unset.
     pub admin_token: Option<String>,
     /// `AUTH_TOKEN_SLIDING`: a token used in the last half of its life is extended to a whole
@@ -353,6 +356,11 @@ impl Settings {
                 port: vars.parse("APP_PORT", 8080, "a port number (0-65535)")?,
                 workers: vars.parse("APP_WORKERS", 0, "a number of worker threads (0 = one per core)")?,
                 shutdown_timeout: vars.secs("APP_SHUTDOWN_TIMEOUT", 10)?,
+                shutdown_delay: Duration::from_secs(vars.parse(
+                    "APP_SHUTDOWN_DELAY",
+                    5,
+                    "a whole number of seconds (0: drain at once)",
+                )?),
                 admin_token: vars.get("ADMIN_TOKEN", "").filter(|token| !token.is_empty()),
                 auth_token_sliding: vars.parse("AUTH_TOKEN_SLIDING", false, "true or false")?,
             },

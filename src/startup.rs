@@ -15,12 +15,13 @@ use crate::container::{self, AppModule};
 use crate::error;
 use crate::infra::cache::CacheService;
 use crate::infra::cors::Cors;
-use crate::infra::database::{self, DatabaseSetupError};
+use crate::infra::database::{self, Database, DatabaseSetupError};
 use crate::infra::edge::Edge;
 use crate::infra::events::EventBus;
 use crate::infra::jobs::JobQueue;
 use crate::infra::telemetry::MetricsRegistry;
 use crate::modules;
+use crate::modules::health::service::HealthService;
 use crate::openapi::ApiDoc;
 use shaku::{HasComponent, ModuleBuilder};
 
@@ -37,6 +38,7 @@ pub struct Application {
     server: Server,
     module: Arc<AppModule>,
     shutdown_timeout: std::time::Duration,
+    shutdown_delay: std::time::Duration,
 }
 
 impl Application {
@@ -109,6 +111,7 @@ impl Application {
             server,
             module: container,
             shutdown_timeout: settings.app.shutdown_timeout,
+            shutdown_delay: settings.app.shutdown_delay,
         })
     }
 
@@ -126,30 +129,62 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGTERM or Ctrl-C, then stops gracefully: event streams are ended first (their
-    /// clients reconnect elsewhere with `Last-Event-ID`), so that they do not hold the shutdown
-    /// for `APP_SHUTDOWN_TIMEOUT`; requests in flight finish.
+    /// Serves until SIGTERM or Ctrl-C, then stops gracefully. SIGTERM (what an orchestrator or
+    /// `docker stop` sends): readiness answers 503 at once, and the instance goes on serving for
+    /// `APP_SHUTDOWN_DELAY`, so that load balancers polling readiness stop routing here first
+    /// (Ctrl-C, a person at a terminal, skips the wait). Then event streams are ended (their
+    /// clients reconnect elsewhere with `Last-Event-ID`, rather than hold the shutdown for
+    /// `APP_SHUTDOWN_TIMEOUT`), requests in flight finish, the workers stop taking jobs and
+    /// finish theirs within the timeout, and the Postgres pool closes. A second signal stops at
+    /// once.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
+        let health: Arc<dyn HealthService> = self.module.resolve();
         let events: Arc<dyn EventBus> = self.module.resolve();
         let jobs: Arc<dyn JobQueue> = self.module.resolve();
-        let within = self.shutdown_timeout;
-        tokio::spawn(async move {
-            stop_requested().await;
-            log::info!("stopping: ending event streams, finishing requests and jobs in flight (again to stop at once)");
-            events.end_streams();
-            // Jobs stop taking work, finish within the timeout, and hand the rest back.
-            let jobs_stopped = tokio::spawn(async move { jobs.stop(within).await });
-            let graceful = async {
-                handle.stop(true).await;
-                let _ = jobs_stopped.await;
-            };
-            tokio::select! {
-                _ = graceful => {}
-                _ = stop_requested() => handle.stop(false).await,
+        let database: Arc<dyn Database> = self.module.resolve();
+        let (within, delay) = (self.shutdown_timeout, self.shutdown_delay);
+        let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = tokio::spawn({
+            let signalled = signalled.clone();
+            async move {
+                let signal = stop_requested().await;
+                signalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                health.begin_stopping();
+                if signal == Signal::Terminate && !delay.is_zero() {
+                    log::info!("stopping: not ready from now on; serving {delay:?} more so that load balancers notice (again to stop at once)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop_requested() => return handle.stop(false).await,
+                    }
+                }
+                log::info!(
+                    "stopping: ending event streams, finishing requests and jobs in flight (again to stop at once)"
+                );
+                events.end_streams();
+                // Jobs stop taking work, finish within the timeout, and hand the rest back.
+                let jobs_stopped = tokio::spawn(async move { jobs.stop(within).await });
+                let graceful = async {
+                    handle.stop(true).await;
+                    let _ = jobs_stopped.await;
+                };
+                tokio::select! {
+                    _ = graceful => {}
+                    _ = stop_requested() => handle.stop(false).await,
+                }
             }
         });
-        self.server.await
+        let served = self.server.await;
+        if signalled.load(std::sync::atomic::Ordering::Relaxed) {
+            // The jobs' turn to finish, then the pool: its connections end cleanly.
+            let _ = stopping.await;
+            let _ = tokio::time::timeout(within, database.pool().close()).await;
+            log::info!("stopped");
+        } else {
+            // Stopped through its handle (tests): nothing was asked of the rest.
+            stopping.abort();
+        }
+        served
     }
 }
 
@@ -188,19 +223,30 @@ fn start_background_work(module: &AppModule, settings: &Settings) {
     jobs.start();
 }
 
-async fn stop_requested() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM: an orchestrator, `docker stop`, a rolling restart.
+    Terminate,
+    /// Ctrl-C.
+    Interrupt,
+}
+
+async fn stop_requested() -> Signal {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler installs");
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = ctrl_c => Signal::Interrupt,
+            _ = term.recv() => Signal::Terminate,
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+        Signal::Interrupt
+    }
 }
 
 fn redirect(to: &'static str) -> HttpResponse {

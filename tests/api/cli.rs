@@ -77,6 +77,7 @@ async fn sigterm_stops_the_server_gracefully() {
         .env("DATABASE_URL", url)
         .env("APP_PORT", port.to_string())
         .env("APP_WORKERS", "1")
+        .env("APP_SHUTDOWN_DELAY", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use shaku::HasComponent;
 use uuid::Uuid;
 
-use crate::helpers::instance::{Instance, TestDatabase};
+use crate::helpers::instance::{signed_up_with_workspace, Instance, TestDatabase};
 use crate::helpers::partition::Partition;
 use crate::helpers::sse::{until_numbered, Next, SseClient, SseEvent};
 use crate::helpers::{private_redis, shared_redis, Backend, TestApp, TestUser};
@@ -928,46 +928,21 @@ async fn a_thousand_idle_streams_cost_one_instance_under_50_mib() {
     }
 }
 
-/// Lifts this process's soft limit on open files to `needed` (children inherit it).
-/// A user and a workspace on an instance run as its own process: (token, workspace id).
-async fn signed_up_with_workspace(client: &reqwest::Client, base: &str) -> (String, String) {
-    let (email, password) = ("streams@example.com", "correct horse battery");
-    let send = |path: &str, token: Option<&str>, body: Value| {
-        let mut request = client.post(format!("{base}{path}")).json(&body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        async move {
-            let response = request.send().await.expect("request sent");
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let registered = send(
-        "/api/auth/register",
-        None,
-        json!({ "email": email, "password": password, "name": "Streams" }),
-    )
-    .await;
-    assert_eq!(registered.0, 201, "register: {}", registered.1);
-    let login = send("/api/auth/login", None, json!({ "email": email, "password": password })).await;
-    assert_eq!(login.0, 200, "login: {}", login.1);
-    let token = login.1["token"].as_str().unwrap().to_owned();
-    let created = send("/api/workspaces", Some(&token), json!({ "name": "Streams" })).await;
-    assert_eq!(created.0, 201, "create workspace: {}", created.1);
-    (token, created.1["id"].as_str().unwrap().to_owned())
-}
-
 /// Stopping an instance (SIGTERM, as a rolling restart does) ends its event streams first, so
 /// they do not hold the shutdown for `APP_SHUTDOWN_TIMEOUT`: their clients reconnect elsewhere
 /// with `Last-Event-ID`. Left open, one idle stream kept the process for the whole timeout.
 #[tokio::test]
 async fn sigterm_ends_the_instances_streams_and_it_exits_without_waiting_for_them() {
     let db = TestDatabase::create().await;
-    let env: Vec<(String, String)> = [("DATABASE_URL", db.url.as_str()), ("APP_SHUTDOWN_TIMEOUT", "5")]
-        .iter()
-        .map(|(name, value)| (name.to_string(), value.to_string()))
-        .collect();
+    let env: Vec<(String, String)> = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("APP_SHUTDOWN_TIMEOUT", "5"),
+        // No wait for load balancers: what is timed here is the drain.
+        ("APP_SHUTDOWN_DELAY", "0"),
+    ]
+    .iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
     let mut instance = Instance::start(&env).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let (token, workspace_id) = signed_up_with_workspace(&client, &instance.url).await;
@@ -978,6 +953,7 @@ async fn sigterm_ends_the_instances_streams_and_it_exits_without_waiting_for_the
     stream.until_end(SECOND).await.expect("the stream has ended");
 }
 
+/// Lifts this process's soft limit on open files to `needed` (children inherit it).
 fn raise_open_file_limit(needed: libc::rlim_t) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

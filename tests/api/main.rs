@@ -34,6 +34,7 @@ mod rate_limit;
 mod readme;
 mod redis_faults;
 mod redis_module;
+mod restart;
 mod rollout;
 mod sessions;
 mod tasks;

@@ -28,10 +28,10 @@ pub async fn live() -> HttpResponse {
 }
 
 /// 200 when Postgres answers within `DATABASE_HEALTH_TIMEOUT_MS`, 503 otherwise (a ping's answer
-/// is reused for a second).
+/// is reused for a second), and 503 from the moment the instance is told to stop (SIGTERM).
 #[utoipa::path(
     get, path = "/health/ready", tag = "health", operation_id = "get_readiness",
-    responses((status = 200, body = HealthReport), (status = 503, description = "Database down", body = HealthReport))
+    responses((status = 200, body = HealthReport), (status = 503, description = "Database down, or the instance is stopping", body = HealthReport))
 )]
 pub async fn ready(checks: Inject<dyn HealthService>) -> HttpResponse {
     respond(checks.readiness().await)

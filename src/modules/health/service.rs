@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 use shaku::{Component, Interface};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use utoipa::ToSchema;
@@ -108,10 +109,14 @@ impl Probe {
 
 #[async_trait]
 pub trait HealthService: Interface {
-    /// Database only: what a load balancer needs to route traffic here.
+    /// Database only: what a load balancer needs to route traffic here. Not ready from the
+    /// moment the instance is told to stop (`begin_stopping`).
     async fn readiness(&self) -> HealthReport;
     /// Every component.
     async fn report(&self) -> HealthReport;
+    /// The instance is going away (SIGTERM): readiness answers 503 from now on, so that load
+    /// balancers stop routing here while it still serves.
+    fn begin_stopping(&self);
 }
 
 #[derive(Component)]
@@ -128,6 +133,8 @@ pub struct HealthChecks {
     database_probe: Probe,
     #[shaku(force_default)]
     redis_probe: Probe,
+    #[shaku(force_default)]
+    stopping: AtomicBool,
 }
 
 impl HealthChecks {
@@ -237,11 +244,25 @@ impl HealthChecks {
 #[async_trait]
 impl HealthService for HealthChecks {
     async fn readiness(&self) -> HealthReport {
-        self.assemble(vec![("database", self.database().await)])
+        let mut components = vec![("database", self.database().await)];
+        if self.stopping.load(Ordering::Relaxed) {
+            components.push((
+                "instance",
+                ComponentHealth {
+                    message: Some("stopping: finishing the requests in flight".into()),
+                    ..ComponentHealth::new(ComponentStatus::Down)
+                },
+            ));
+        }
+        self.assemble(components)
     }
 
     async fn report(&self) -> HealthReport {
         let ((redis, cache), database) = tokio::join!(self.redis_and_cache(), self.database());
         self.assemble(vec![("database", database), ("redis", redis), ("cache", cache)])
+    }
+
+    fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 }

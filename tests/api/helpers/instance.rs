@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nestling::infra::database::local_server::free_port;
+use serde_json::{json, Value};
 
 use super::{create_database, drop_database, shared_postgres};
 
@@ -49,7 +50,11 @@ impl Instance {
     /// Runs `nestling` with `env` (and nothing else from the test's environment but `PATH`) on a
     /// free port, until `/health/live` answers.
     pub async fn start(env: &[(String, String)]) -> Instance {
-        let port = free_port().expect("free port");
+        Self::start_on(free_port().expect("free port"), env).await
+    }
+
+    /// `start` on `port` (a restart takes its instance's port again).
+    pub async fn start_on(port: u16, env: &[(String, String)]) -> Instance {
         let log = std::env::temp_dir().join(format!("nestling-instance-{port}.log"));
         let child = tokio::process::Command::new(binary())
             .current_dir(std::env::temp_dir())
@@ -93,10 +98,21 @@ impl Instance {
     /// Sends SIGTERM and waits for the process to exit (at most `within`): how long it took.
     pub async fn terminate(&mut self, within: Duration) -> Option<Duration> {
         let started = Instant::now();
+        self.send_sigterm();
+        self.exited(within).await?;
+        Some(started.elapsed())
+    }
+
+    /// SIGTERM, as an orchestrator sends it; `exited` waits for the exit.
+    pub fn send_sigterm(&self) {
         // SAFETY: signalling the process this handle spawned.
         unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
-        tokio::time::timeout(within, self.child.wait()).await.ok()?.ok()?;
-        Some(started.elapsed())
+    }
+
+    /// Waits for the process to exit (at most `within`): whether it exited 0.
+    pub async fn exited(&mut self, within: Duration) -> Option<bool> {
+        let status = tokio::time::timeout(within, self.child.wait()).await.ok()?.ok()?;
+        Some(status.success())
     }
 
     pub async fn stop(mut self) {
@@ -108,4 +124,33 @@ impl Drop for Instance {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// A user and a workspace on an instance run as its own process: (token, workspace id).
+pub async fn signed_up_with_workspace(client: &reqwest::Client, base: &str) -> (String, String) {
+    let (email, password) = ("instance@example.com", "correct horse battery");
+    let send = |path: &str, token: Option<&str>, body: Value| {
+        let mut request = client.post(format!("{base}{path}")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.expect("request sent");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let registered = send(
+        "/api/auth/register",
+        None,
+        json!({ "email": email, "password": password, "name": "Streams" }),
+    )
+    .await;
+    assert_eq!(registered.0, 201, "register: {}", registered.1);
+    let login = send("/api/auth/login", None, json!({ "email": email, "password": password })).await;
+    assert_eq!(login.0, 200, "login: {}", login.1);
+    let token = login.1["token"].as_str().unwrap().to_owned();
+    let created = send("/api/workspaces", Some(&token), json!({ "name": "Streams" })).await;
+    assert_eq!(created.0, 201, "create workspace: {}", created.1);
+    (token, created.1["id"].as_str().unwrap().to_owned())
 }
