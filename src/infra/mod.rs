@@ -1,8 +1,9 @@
-//! Infrastructure without routes: the database pool and its local servers, Redis (pool, keys,
+//! Infrastructure without routes: who calls (`caller`, implemented by the auth feature), the database pool and its local servers, Redis (pool, keys,
 //! breaker), the two-tier cache, rate limiting, idempotency keys, locks and semaphores, durable
 //! events, background jobs, the app-wide middleware (`edge`, `cors`), Prometheus telemetry.
 
 pub mod cache;
+pub mod caller;
 pub mod cors;
 pub mod database;
 pub mod edge;

@@ -14,7 +14,8 @@ use actix_web::{HttpResponse, ResponseError};
 use futures_util::future::{ready, LocalBoxFuture, Ready};
 use shaku::HasComponent;
 
-use super::{fingerprint, key_of, Caller, Claim, IdempotencyStore, Recorded, HEADER, REPLAYED_HEADER};
+use super::{fingerprint, key_of, Claim, IdempotencyStore, Recorded, HEADER, REPLAYED_HEADER};
+use crate::infra::caller::Caller;
 use crate::container::AppModule;
 use crate::error::{AppError, JsonObject};
 use crate::infra::cache::{invalidating_after_commit, CacheService};

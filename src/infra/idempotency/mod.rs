@@ -33,9 +33,6 @@ pub use middleware::Idempotent;
 pub use store::{Claim, IdempotencyStore, OpenClaim, PgIdempotencyStore, PgIdempotencyStoreParameters, Recorded};
 
 use actix_web::HttpRequest;
-use async_trait::async_trait;
-use shaku::Interface;
-use uuid::Uuid;
 
 use crate::error::AppError;
 
@@ -45,15 +42,6 @@ pub const HEADER: &str = "Idempotency-Key";
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
 /// Longest key accepted.
 pub const MAX_KEY_LENGTH: usize = 255;
-
-/// Who makes a request, for the middleware (keys are scoped per user). Implemented by the auth
-/// feature; infrastructure does not read tokens itself.
-#[async_trait(?Send)]
-pub trait Caller: Interface {
-    /// The user behind the request's credentials; `None` when there is none or it is refused
-    /// (the handler then answers 401 as it would without a key).
-    async fn user_id(&self, req: &HttpRequest) -> Option<Uuid>;
-}
 
 /// The key from the header: 1 to 255 printable ASCII characters, else `400`
 /// `invalid_idempotency_key`. `None` when the header is absent.

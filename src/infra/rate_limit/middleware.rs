@@ -2,8 +2,9 @@
 //! It works out the identities, asks the `RateLimiter` once, answers 429 in the error envelope
 //! with `Retry-After` when denied, and puts the RateLimit headers on every response.
 //!
-//! For `/api` the identity is the user behind a valid bearer token (kept in the request's
-//! extensions, so `AuthUser` does not authenticate twice), else the client IP. For login and
+//! For `/api` the identity is the user behind the request's credentials, as the `Caller` the
+//! auth feature implements finds it (and leaves for the handler, which does not authenticate
+//! twice), else the client IP. For login and
 //! register it is the client IP and the email of the JSON body, parsed here once and handed on to
 //! the handler (`JsonObject`), so both read the same email. A login or register that succeeds
 //! gives its email token back (only failures count against an account), and an address an
@@ -17,7 +18,7 @@ use std::sync::Arc;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
-use actix_web::{HttpMessage, HttpRequest, ResponseError};
+use actix_web::{HttpRequest, ResponseError};
 use futures_util::future::{ready, LocalBoxFuture, Ready};
 use ipnet::IpNet;
 use shaku::HasComponent;
@@ -26,8 +27,7 @@ use smallvec::SmallVec;
 use super::{Identity, RateLimiter, RouteGroup};
 use crate::container::AppModule;
 use crate::error::{AppError, JsonObject};
-use crate::modules::auth::extractor::{bearer_token, AuthUser, RefusedToken};
-use crate::modules::auth::service::AuthService;
+use crate::infra::caller::Caller;
 
 /// Wraps a scope or resource in the policies of a route group.
 #[derive(Debug, Clone, Copy)]
@@ -72,14 +72,14 @@ where
 pub struct RateLimitMiddleware<S> {
     service: Rc<S>,
     group: RouteGroup,
-    /// The container's limiter and auth service, resolved once per worker: no shared `Arc`
+    /// The container's limiter and caller, resolved once per worker: no shared `Arc`
     /// counts touched per request.
     resolved: Rc<OnceCell<Resolved>>,
 }
 
 struct Resolved {
     limiter: Arc<dyn RateLimiter>,
-    auth: Arc<dyn AuthService>,
+    caller: Arc<dyn Caller>,
 }
 
 impl<S, B> Service<ServiceRequest> for RateLimitMiddleware<S>
@@ -98,7 +98,7 @@ where
             if let Some(module) = req.app_data::<Arc<AppModule>>() {
                 let _ = self.resolved.set(Resolved {
                     limiter: module.resolve(),
-                    auth: module.resolve(),
+                    caller: module.resolve(),
                 });
             }
         }
@@ -106,7 +106,7 @@ where
         let resolved = self.resolved.clone();
         let group = self.group;
         Box::pin(async move {
-            let Some(Resolved { limiter, auth }) = resolved.get() else {
+            let Some(Resolved { limiter, caller }) = resolved.get() else {
                 return service.call(req).await.map(ServiceResponse::map_into_left_body);
             };
             // Login and register stay limited whatever the switch says; their other methods are
@@ -121,7 +121,7 @@ where
             let mut email = None;
             match group {
                 RouteGroup::Api => {
-                    let user = authenticated_user(&req, auth.as_ref()).await;
+                    let user = caller.user_id(req.request()).await.map(Identity::User);
                     identities.push(user.unwrap_or_else(|| ip(&req)));
                 }
                 RouteGroup::Credentials => {
@@ -164,24 +164,6 @@ where
             limiter.headers(group, &decision, response.headers_mut());
             Ok(response.map_into_left_body())
         })
-    }
-}
-
-/// The user behind a valid bearer token, remembered for the `AuthUser` extractor (as is a
-/// refused token, so it is not looked up twice).
-async fn authenticated_user(req: &ServiceRequest, auth: &dyn AuthService) -> Option<Identity> {
-    let token = bearer_token(req.request())?.to_owned();
-    match auth.authenticate(&token).await {
-        Ok(id) => {
-            req.extensions_mut().insert(AuthUser { id, token });
-            Some(Identity::User(id))
-        }
-        Err(AppError::Unauthorized { code, message }) => {
-            req.extensions_mut().insert(RefusedToken { code, message });
-            None
-        }
-        // Anything else (the database is down) the extractor meets again and answers.
-        Err(_) => None,
     }
 }
 

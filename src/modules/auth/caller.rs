@@ -1,5 +1,5 @@
 //! `BearerCaller`: the user behind a request's bearer token, for infrastructure that must know
-//! who calls (idempotency keys are per user) without depending on this feature.
+//! who calls (the rate limiter, idempotency keys) without depending on this feature.
 
 use std::sync::Arc;
 
@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::extractor::{bearer_token, AuthUser, RefusedToken};
 use super::service::AuthService;
-use crate::infra::idempotency::Caller;
+use crate::error::AppError;
+use crate::infra::caller::Caller;
 
 #[derive(Component)]
 #[shaku(interface = Caller)]
@@ -30,9 +31,19 @@ impl Caller for BearerCaller {
             return None;
         }
         let token = bearer_token(req)?.to_owned();
-        let id = self.auth.authenticate(&token).await.ok()?;
-        // Left for the handler's `AuthUser`, so it does not authenticate again.
-        req.extensions_mut().insert(AuthUser { id, token });
-        Some(id)
+        // Either answer is left for the handler's `AuthUser`, so it does not look the token up
+        // again.
+        match self.auth.authenticate(&token).await {
+            Ok(id) => {
+                req.extensions_mut().insert(AuthUser { id, token });
+                Some(id)
+            }
+            Err(AppError::Unauthorized { code, message }) => {
+                req.extensions_mut().insert(RefusedToken { code, message });
+                None
+            }
+            // Anything else (the database is down) the extractor meets again and answers.
+            Err(_) => None,
+        }
     }
 }
