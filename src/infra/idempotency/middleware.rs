@@ -15,10 +15,10 @@ use futures_util::future::{ready, LocalBoxFuture, Ready};
 use shaku::HasComponent;
 
 use super::{fingerprint, key_of, Claim, IdempotencyStore, Recorded, HEADER, REPLAYED_HEADER};
-use crate::infra::caller::Caller;
 use crate::container::AppModule;
 use crate::error::{AppError, JsonObject};
 use crate::infra::cache::{invalidating_after_commit, CacheService};
+use crate::infra::caller::Caller;
 
 /// The middleware (see the module header of `infra::idempotency`).
 #[derive(Debug, Clone, Copy)]
