@@ -270,12 +270,13 @@ pub struct TtlTable {
     pub user: Duration,
     pub rate_limit_window: Duration,
     pub auth_token: Duration,
+    // @generate: ttl-fields
 }
 
 impl TtlTable {
     /// (environment variable, default seconds, value) for every entry, in README order.
-    pub fn entries(&self) -> [(&'static str, u64, Duration); 7] {
-        [
+    pub fn entries(&self) -> Vec<(&'static str, u64, Duration)> {
+        vec![
             ("CACHE_TTL_TASKS", 300, self.tasks),
             ("CACHE_TTL_PROJECTS", 600, self.projects),
             ("CACHE_TTL_WORKSPACES", 1800, self.workspaces),
@@ -283,6 +284,7 @@ impl TtlTable {
             ("CACHE_TTL_USER", 3600, self.user),
             ("RATE_LIMIT_WINDOW", 60, self.rate_limit_window),
             ("AUTH_TOKEN_TTL", 7200, self.auth_token),
+            // @generate: ttl-entries
         ]
     }
 }
@@ -420,6 +422,7 @@ impl Settings {
                 user: vars.secs("CACHE_TTL_USER", 3600)?,
                 rate_limit_window: window,
                 auth_token: vars.secs("AUTH_TOKEN_TTL", 7200)?,
+                // @generate: ttl-variables
             },
             rate_limit: RateLimitSettings {
                 enabled: vars.parse("RATE_LIMIT_ENABLED", true, "true or false")?,

@@ -33,6 +33,7 @@ use crate::modules::users::repository::PgUserRepository;
 use crate::modules::users::service::Users;
 use crate::modules::workspaces::repository::PgWorkspaceRepository;
 use crate::modules::workspaces::service::Workspaces;
+// @generate: imports
 
 module! {
     pub AppModule {
@@ -47,6 +48,7 @@ module! {
             // services: rules
             Auth, BearerCaller, Users, Workspaces, Projects, Tasks, Metrics, HealthChecks,
             Admin,
+            // @generate: components
         ],
         providers = []
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod container;
 pub mod doctor;
 pub mod error;
+pub mod generate;
 pub mod infra;
 pub mod modules;
 pub mod openapi;

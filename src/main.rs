@@ -44,6 +44,12 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// Write code: `generate resource labels name:string color:enum(red|blue)? --parent workspaces`.
+    #[command(alias = "g")]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateWhat,
+    },
     /// Check what a deploy needs, one line each: every configuration variable (set or default),
     /// Postgres and its version, pending migrations, the job queue, Redis (as `redis check`) and
     /// the clocks' skew. Exits 1 naming what fails.
@@ -60,6 +66,31 @@ enum Command {
     Redis {
         #[command(subcommand)]
         action: RedisAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum GenerateWhat {
+    /// A cached, documented, tested CRUD resource under a workspace or a project: the feature
+    /// module, a migration, a test file, and the lines that wire them in (README, "Adding a
+    /// feature module"). Refuses to overwrite; run again, it changes nothing.
+    Resource {
+        /// Plural, snake_case: the table, the module and the URL (`labels`).
+        name: String,
+        /// `name:type`, type one of string, text, int, bool, date, timestamp, uuid, enum(a|b|c);
+        /// `?` after the type makes the field optional (`color:enum(red|blue)?`).
+        fields: Vec<String>,
+        #[arg(long, value_enum, default_value = "workspaces")]
+        parent: nestling::generate::Parent,
+        /// The singular, when it is not the name without its plural ending.
+        #[arg(long)]
+        singular: Option<String>,
+        /// Seconds its entries stay cached (the default of its TTL-table row).
+        #[arg(long, default_value_t = 600)]
+        ttl: u64,
+        /// The repository's root.
+        #[arg(long, default_value = ".")]
+        root: std::path::PathBuf,
     },
 }
 
@@ -102,8 +133,10 @@ fn main() -> ExitCode {
     dotenvy::dotenv().ok();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,sqlx=warn")).init();
     let cli = Cli::parse();
-    if let Some(Command::Doctor) = cli.command {
-        return doctor();
+    match cli.command {
+        Some(Command::Doctor) => return doctor(),
+        Some(Command::Generate { what }) => return generate(what),
+        _ => {}
     }
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
@@ -126,7 +159,7 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
     match command {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await?,
         Command::Worker => nestling::startup::run_worker(settings).await?,
-        Command::Doctor => unreachable!("run before the configuration is read"),
+        Command::Doctor | Command::Generate { .. } => unreachable!("run before the configuration is read"),
         Command::Migrate => {
             database::prepare(&mut settings, true).await?;
             log::info!("migrations applied");
@@ -190,6 +223,38 @@ async fn run(command: Command, mut settings: Settings) -> Result<(), Box<dyn std
         }
     }
     Ok(())
+}
+
+/// `nestling generate`: works on the source tree; needs no configuration.
+fn generate(what: GenerateWhat) -> ExitCode {
+    let GenerateWhat::Resource {
+        name,
+        fields,
+        parent,
+        singular,
+        ttl,
+        root,
+    } = what;
+    let request = nestling::generate::Request {
+        root,
+        name,
+        singular,
+        parent,
+        fields,
+        ttl_seconds: ttl,
+    };
+    match nestling::generate::resource(&request) {
+        Ok(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("nestling generate: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `nestling doctor`: reads the configuration itself, so that an invalid variable is one failed

@@ -6,6 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
 use crate::modules::{admin, auth, cache_policy, events, health, metrics, projects, tasks, users, workspaces};
+// @generate: imports
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +31,7 @@ use crate::modules::{admin, auth, cache_policy, events, health, metrics, project
         admin::controller::warm_cache, admin::controller::get_redis_health, admin::controller::get_redis_metrics,
         admin::controller::get_redis_slowlog, admin::controller::get_redis_keys, admin::controller::delete_user_sessions,
         admin::controller::list_jobs, admin::controller::retry_job, cache_policy::get_cache_policy, cache_policy::get_rate_limit_policy,
+        // @generate: paths
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth, &IdempotencyKeys, &RateLimitResponses, &ExtractorErrors),
@@ -42,6 +44,7 @@ use crate::modules::{admin, auth, cache_policy, events, health, metrics, project
         (name = "health", description = "Liveness, readiness, components"),
         (name = "admin", description = "Operator endpoints (ADMIN_TOKEN or a user with the admin role)"),
         (name = "cache", description = "The TTL table and the rate-limit policies in force"),
+        // @generate: tags
     )
 )]
 pub struct ApiDoc;
@@ -151,7 +154,7 @@ impl Modify for ExtractorErrors {
 /// The operations wrapped in `Idempotent` (`infra::idempotency`): the creating POSTs and every
 /// PATCH. A test sends each documented one an invalid key, and every other operation too, so
 /// this list and the routes cannot drift apart.
-pub const IDEMPOTENT_OPERATIONS: [&str; 8] = [
+pub const IDEMPOTENT_OPERATIONS: &[&str] = &[
     "create_workspace",
     "update_workspace",
     "add_member",
@@ -160,6 +163,7 @@ pub const IDEMPOTENT_OPERATIONS: [&str; 8] = [
     "create_task",
     "update_task",
     "update_me",
+    // @generate: idempotent
 ];
 
 /// The `Idempotency-Key` header, and the answers it adds: 409 while the key's first request is

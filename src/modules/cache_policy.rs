@@ -57,7 +57,8 @@ pub async fn get_cache_policy(_me: AuthUser, cache: Inject<dyn CacheService>) ->
         key_prefix: keys.prefix().to_owned(),
         ttl_jitter_percent: cache.ttl_jitter_percent(),
         namespaces: Namespace::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .map(|namespace| CachePolicyEntry {
                 namespace,
                 ttl_seconds: keys.ttl(namespace).as_secs(),

@@ -11,6 +11,7 @@ pub mod projects;
 pub mod tasks;
 pub mod users;
 pub mod workspaces;
+// @generate: modules
 
 use actix_web::web::{self, ServiceConfig};
 
@@ -36,6 +37,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(
             web::scope("/api/workspaces")
                 .wrap(RateLimit::api())
+                // @generate: workspace-children
                 .configure(workspaces::configure)
                 .configure(projects::configure_in_workspace)
                 .configure(metrics::configure)
@@ -44,6 +46,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(
             web::scope("/api/projects")
                 .wrap(RateLimit::api())
+                // @generate: project-children
                 .configure(tasks::configure_in_project)
                 .configure(projects::configure),
         )
@@ -52,6 +55,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
                 .wrap(RateLimit::api())
                 .configure(tasks::configure),
         )
+        // @generate: scopes
         .service(web::scope("/admin").configure(admin::configure))
         .configure(cache_policy::configure);
 }
@@ -134,6 +138,61 @@ pub mod nullable {
 
     pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
         Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+/// Whole numbers in request bodies: JSON Schema counts `7.0` as an integer and a client may send
+/// it so, where serde's `i64` wants `7`. Accepted when it has no fractional part and fits; with
+/// `#[serde(deserialize_with = "whole_number::deserialize")]` (or `optional` for `Option<i64>`,
+/// `nullable` for a PATCH's `Option<Option<i64>>`, each with `default`).
+pub mod whole_number {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Number;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        whole(Number::deserialize(d)?)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Option::<Number>::deserialize(d)?.map(whole).transpose()
+    }
+
+    pub fn nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+        optional(d).map(Some)
+    }
+
+    fn whole<E: Error>(number: Number) -> Result<i64, E> {
+        // 2^63 as f64: the first value past i64::MAX.
+        const OUT_OF_RANGE: f64 = 9_223_372_036_854_775_808.0;
+        number
+            .as_i64()
+            .or_else(|| {
+                number
+                    .as_f64()
+                    .filter(|f| f.fract() == 0.0 && (-OUT_OF_RANGE..OUT_OF_RANGE).contains(f))
+                    .map(|f| f as i64)
+            })
+            .ok_or_else(|| E::custom(format!("expected a whole number from -2^63 to 2^63-1, got {number}")))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(deserialize_with = "super::deserialize")]
+            n: i64,
+        }
+
+        #[test]
+        fn integral_floats_are_whole_numbers_and_fractions_are_not() {
+            let n = |json: &str| serde_json::from_str::<Body>(json).map(|body| body.n).ok();
+            assert_eq!(n(r#"{"n": 7}"#), Some(7));
+            assert_eq!(n(r#"{"n": -1022.0}"#), Some(-1022));
+            assert_eq!(n(r#"{"n": 1.5}"#), None);
+            assert_eq!(n(r#"{"n": 1e300}"#), None);
+            assert_eq!(n(r#"{"n": "7"}"#), None);
+        }
     }
 }
 

@@ -40,3 +40,4 @@ mod sessions;
 mod tasks;
 mod users;
 mod workspaces;
+// @generate: modules

@@ -132,7 +132,8 @@ impl CacheService for TieredCache {
             }
         }
         Namespace::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .map(|namespace| {
                 let hits_l1 = inner.counted(namespace, CacheTier::HitL1);
                 let hits_l2 = inner.counted(namespace, CacheTier::HitL2);

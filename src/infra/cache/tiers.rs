@@ -137,7 +137,8 @@ impl Inner {
             l1_enabled: cache.l1_enabled,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             counters: Namespace::ALL
-                .into_iter()
+                .iter()
+                .copied()
                 .map(|ns| {
                     ["hit_l1", "hit_l2", "miss", "bypass"]
                         .map(|result| telemetry.cache_requests.with_label_values(&[ns.as_str(), result]))

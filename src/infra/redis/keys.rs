@@ -26,10 +26,11 @@ pub enum Namespace {
     Users,
     AuthTokens,
     DailyMetrics,
+    // @generate: namespaces
 }
 
 impl Namespace {
-    pub const ALL: [Namespace; 10] = [
+    pub const ALL: &'static [Namespace] = &[
         Self::Tasks,
         Self::TaskLists,
         Self::Projects,
@@ -40,6 +41,7 @@ impl Namespace {
         Self::Users,
         Self::AuthTokens,
         Self::DailyMetrics,
+        // @generate: namespace-list
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Namespace {
             Self::Users => "users",
             Self::AuthTokens => "auth-tokens",
             Self::DailyMetrics => "daily-metrics",
+            // @generate: namespace-names
         }
     }
 
@@ -74,6 +77,7 @@ impl Namespace {
             Self::Users => 1,
             Self::AuthTokens => 1,
             Self::DailyMetrics => 1,
+            // @generate: namespace-formats
         }
     }
 
@@ -84,7 +88,7 @@ impl Namespace {
     }
 
     pub fn parse(name: &str) -> Option<Namespace> {
-        Self::ALL.into_iter().find(|ns| ns.as_str() == name)
+        Self::ALL.iter().copied().find(|ns| ns.as_str() == name)
     }
 
     /// The TTL-table entry this namespace lives by.
@@ -96,6 +100,7 @@ impl Namespace {
             Self::Users => table.user,
             Self::AuthTokens => table.auth_token,
             Self::DailyMetrics => table.daily_metrics,
+            // @generate: namespace-ttls
         }
     }
 }
@@ -246,6 +251,8 @@ impl KeyRegistry {
     pub fn all_daily_metrics(&self, workspace_id: Uuid) -> CacheKey {
         self.plain(Namespace::DailyMetrics, workspace_id)
     }
+
+    // @generate: key-builders
 
     /// The state of one rate-limit policy for one identity (a user id, a client IP, an email):
     /// `<prefix>rl:<policy>:{<sha256(identity) in hex>}`, whatever the identity holds.
