@@ -44,7 +44,7 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
-    /// Write code: `generate resource labels name:string color:enum(red|blue)? --parent workspaces`.
+    /// Write code: `generate resource labels name:string 'color:enum(red|blue)?' --parent workspaces`.
     #[command(alias = "g")]
     Generate {
         #[command(subcommand)]
@@ -78,7 +78,8 @@ enum GenerateWhat {
         /// Plural, snake_case: the table, the module and the URL (`labels`).
         name: String,
         /// `name:type`, type one of string, text, int, bool, date, timestamp, uuid, enum(a|b|c);
-        /// `?` after the type makes the field optional (`color:enum(red|blue)?`).
+        /// `?` after the type makes the field optional (`'color:enum(red|blue)?'`: quoted for the
+        /// shell).
         fields: Vec<String>,
         #[arg(long, value_enum, default_value = "workspaces")]
         parent: nestling::generate::Parent,

@@ -163,6 +163,13 @@ async fn a_user_making_requests_steadily_calls_redis_at_most_once_per_ten_reques
     assert!(calls <= 20, "{calls} limiter calls to Redis for 200 requests");
 }
 
+/// Leases of at most 20 tokens that last a minute, under a quota that never runs out.
+fn leases_of_20(s: &mut Settings) {
+    s.rate_limit.api = vec![per(1_000_000, 3600)];
+    s.rate_limit.lease = 20;
+    s.rate_limit.lease_lifetime = Duration::from_secs(60);
+}
+
 /// The request whose token takes a lease under its top-up mark is answered from the lease at
 /// once; the top-up goes on in the background. Before, that request waited for Redis (here
 /// frozen: the command timeout).
@@ -172,9 +179,7 @@ async fn the_request_that_tops_up_a_lease_does_not_wait_for_redis() {
     let app = TestApp::builder()
         .redis(&redis)
         .settings(|s| {
-            s.rate_limit.api = vec![per(1_000_000, 3600)];
-            s.rate_limit.lease = 20;
-            s.rate_limit.lease_lifetime = Duration::from_secs(60);
+            leases_of_20(s);
             s.redis.command_timeout = Duration::from_millis(500);
         })
         .spawn()
@@ -205,15 +210,7 @@ async fn the_request_that_tops_up_a_lease_does_not_wait_for_redis() {
 async fn top_ups_set_off_together_reach_redis_in_one_round_trip() {
     const USERS: usize = 20;
     let redis = crate::helpers::private_redis().await;
-    let app = TestApp::builder()
-        .redis(&redis)
-        .settings(|s| {
-            s.rate_limit.api = vec![per(1_000_000, 3600)];
-            s.rate_limit.lease = 20;
-            s.rate_limit.lease_lifetime = Duration::from_secs(60);
-        })
-        .spawn()
-        .await;
+    let app = TestApp::builder().redis(&redis).settings(leases_of_20).spawn().await;
     let users: Vec<TestUser> = join_all((0..USERS).map(|_| app.register_user())).await;
     let (app, users) = (&app, &users);
     let requests = |count: usize| {
