@@ -31,6 +31,8 @@ pub enum StartupError {
     Database(#[from] DatabaseSetupError),
     #[error("cannot listen on {address}: {source}")]
     Bind { address: String, source: std::io::Error },
+    #[error("cannot listen for SIGTERM and Ctrl-C: {0}")]
+    Signals(std::io::Error),
 }
 
 pub struct Application {
@@ -39,6 +41,7 @@ pub struct Application {
     module: Arc<AppModule>,
     shutdown_timeout: std::time::Duration,
     shutdown_delay: std::time::Duration,
+    signals: StopSignals,
 }
 
 impl Application {
@@ -70,6 +73,8 @@ impl Application {
             address: address.clone(),
             source,
         };
+        // Before the socket listens: from then on, connections are accepted (by the kernel).
+        let signals = StopSignals::listen().map_err(StartupError::Signals)?;
         let listener = TcpListener::bind(&address).map_err(bind_error)?;
         let port = listener.local_addr().map_err(bind_error)?.port();
         let openapi = ApiDoc::openapi();
@@ -112,6 +117,7 @@ impl Application {
             module: container,
             shutdown_timeout: settings.app.shutdown_timeout,
             shutdown_delay: settings.app.shutdown_delay,
+            signals,
         })
     }
 
@@ -144,18 +150,19 @@ impl Application {
         let jobs: Arc<dyn JobQueue> = self.module.resolve();
         let database: Arc<dyn Database> = self.module.resolve();
         let (within, delay) = (self.shutdown_timeout, self.shutdown_delay);
+        let mut signals = self.signals;
         let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopping = tokio::spawn({
             let signalled = signalled.clone();
             async move {
-                let signal = stop_requested().await;
+                let signal = signals.next().await;
                 signalled.store(true, std::sync::atomic::Ordering::Relaxed);
                 health.begin_stopping();
-                if signal == Signal::Terminate && !delay.is_zero() {
+                if signal == StopSignal::Terminate && !delay.is_zero() {
                     log::info!("stopping: not ready from now on; serving {delay:?} more so that load balancers notice (again to stop at once)");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stop_requested() => return handle.stop(false).await,
+                        _ = signals.next() => return handle.stop(false).await,
                     }
                 }
                 log::info!(
@@ -170,7 +177,7 @@ impl Application {
                 };
                 tokio::select! {
                     _ = graceful => {}
-                    _ = stop_requested() => handle.stop(false).await,
+                    _ = signals.next() => handle.stop(false).await,
                 }
             }
         });
@@ -196,13 +203,14 @@ pub async fn run_worker(mut settings: Settings) -> Result<(), StartupError> {
     let migrate = settings.database.migrate_on_start;
     let pool = database::prepare(&mut settings, migrate).await?;
     let module = Arc::new(container::builder(&settings, pool).build());
+    let mut signals = StopSignals::listen().map_err(StartupError::Signals)?;
     start_background_work(&module, &settings);
     let jobs: Arc<dyn JobQueue> = module.resolve();
     if settings.jobs.workers == 0 {
         log::warn!("worker: JOBS_WORKERS=0, so this process runs no job (only the scheduler)");
     }
     log::info!("worker: running up to {} jobs at once, no HTTP", settings.jobs.workers);
-    stop_requested().await;
+    signals.next().await;
     log::info!(
         "worker: stopping: no new jobs, running ones get {:?}",
         settings.app.shutdown_timeout
@@ -224,28 +232,51 @@ fn start_background_work(module: &AppModule, settings: &Settings) {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
+enum StopSignal {
     /// SIGTERM: an orchestrator, `docker stop`, a rolling restart.
     Terminate,
-    /// Ctrl-C.
+    /// Ctrl-C (SIGINT).
     Interrupt,
 }
 
-async fn stop_requested() -> Signal {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and Ctrl-C, listened for from the moment this is made: made before the server accepts
+/// its first connection, so that a signal arriving while the instance starts stops it gracefully
+/// rather than killing it (the default action), as it did when the listeners were made later.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = ctrl_c => Signal::Interrupt,
-            _ = term.recv() => Signal::Terminate,
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-        Signal::Interrupt
+
+    /// The next stop signal.
+    async fn next(&mut self) -> StopSignal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => StopSignal::Interrupt,
+                _ = self.terminate.recv() => StopSignal::Terminate,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            StopSignal::Interrupt
+        }
     }
 }
 

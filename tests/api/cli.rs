@@ -97,6 +97,45 @@ async fn sigterm_stops_the_server_gracefully() {
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 }
 
+/// A SIGTERM that arrives the moment the instance accepts its first connection (a rolling
+/// restart that stops an instance which has only just started) stops it gracefully too: exit 0,
+/// not killed by the signal's default action. The listeners were once installed after the
+/// server had started accepting, and this killed the process now and then.
+#[tokio::test]
+async fn a_sigterm_while_the_instance_starts_still_stops_it_gracefully() {
+    let app = TestApp::spawn().await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        shared_postgres_port().await,
+        app.db_name
+    );
+    for attempt in 0..10 {
+        let port = free_port().unwrap();
+        let mut child = nestling()
+            .env("DATABASE_URL", &url)
+            .env("APP_PORT", port.to_string())
+            .env("APP_WORKERS", "1")
+            .env("APP_SHUTDOWN_DELAY", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The first moment a connection is accepted: no HTTP round trip in between.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the binary did not start serving");
+            std::thread::yield_now();
+        }
+        // SAFETY: signalling the child we just spawned.
+        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "attempt {attempt}: exited with {status}");
+    }
+}
+
 async fn shared_postgres_port() -> u16 {
     tokio::task::spawn_blocking(shared_postgres).await.unwrap().port
 }
