@@ -152,6 +152,11 @@ async fn connect(url: &str, timeout: Duration) -> Result<PgConnection, sqlx::Err
     within(timeout, options.connect()).await
 }
 
+/// Postgres' `undefined_table` (42P01): a table the pending migrations have not made yet.
+fn is_undefined_table(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P01"))
+}
+
 /// Migrations in the binary against those the database recorded: pending, changed since they
 /// were applied, failed, or unknown to this build.
 async fn migrations(settings: &Settings, conn: &mut PgConnection, checkup: &mut Checkup) {
@@ -163,7 +168,7 @@ async fn migrations(settings: &Settings, conn: &mut PgConnection, checkup: &mut 
                 .map(|(version, checksum, success)| (version, (checksum, success)))
                 .collect(),
             // No table yet: nothing applied.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => HashMap::new(),
+            Err(err) if is_undefined_table(&err) => HashMap::new(),
             Err(err) => {
                 checkup.record(
                     "migrations",
@@ -237,7 +242,7 @@ async fn job_queue(settings: &Settings, conn: &mut PgConnection, checkup: &mut C
             let hint = if dead > 0 { " (`nestling jobs list --dead`)" } else { "" };
             checkup.record("job queue", verdict, format!("{text}{hint}"));
         }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+        Err(err) if is_undefined_table(&err) => {
             checkup.record(
                 "job queue",
                 Verdict::Warn,

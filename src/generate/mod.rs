@@ -381,10 +381,8 @@ fn apply(root: &Path, files: Vec<NewFile>, insertions: Vec<Insertion>) -> Result
         if text.contains(&insertion.sign) {
             continue;
         }
-        if let Some(updated) = insert_at_marker(text, path, insertion.slot, &insertion.text)? {
-            *text = updated;
-            slots.push(insertion.slot);
-        }
+        *text = insert_at_marker(text, path, insertion.slot, &insertion.text)?;
+        slots.push(insertion.slot);
     }
     for (path, text, slots) in edited {
         if slots.is_empty() {
@@ -412,8 +410,8 @@ fn apply(root: &Path, files: Vec<NewFile>, insertions: Vec<Insertion>) -> Result
 }
 
 /// `text` with `snippet` inserted above the line holding `@generate: <slot>`, indented as that
-/// line is; `None` when the snippet is there already.
-fn insert_at_marker(text: &str, path: &str, slot: &str, snippet: &str) -> Result<Option<String>, GenerateError> {
+/// line is (whether it is there already, `apply` tells by the insertion's sign).
+fn insert_at_marker(text: &str, path: &str, slot: &str, snippet: &str) -> Result<String, GenerateError> {
     let marker = format!("@generate: {slot}");
     let lines: Vec<&str> = text.split('\n').collect();
     let found: Vec<usize> = (0..lines.len())
@@ -439,13 +437,10 @@ fn insert_at_marker(text: &str, path: &str, slot: &str, snippet: &str) -> Result
             }
         })
         .collect();
-    if text.contains(&indented.join("\n")) {
-        return Ok(None);
-    }
     let mut out: Vec<String> = lines[..at].iter().map(|l| l.to_string()).collect();
     out.extend(indented);
     out.extend(lines[at..].iter().map(|l| l.to_string()));
-    Ok(Some(out.join("\n")))
+    Ok(out.join("\n"))
 }
 
 fn parse_if_rust(path: &str, text: &str) -> Result<(), GenerateError> {
@@ -538,14 +533,17 @@ mod tests {
         // And when nothing is in the way, both are written.
         apply(root.path(), vec![new_file("fresh.rs")], vec![insertion("slot")]).unwrap();
         assert_eq!(read("wired.rs").unwrap(), "fn wired() {}\n// @generate: slot\n");
+        // Once: a second run finds both there.
+        let again = apply(root.path(), vec![new_file("fresh.rs")], vec![insertion("slot")]).unwrap();
+        assert_eq!(again, ["unchanged fresh.rs", "unchanged wired.rs"]);
+        assert_eq!(read("wired.rs").unwrap(), "fn wired() {}\n// @generate: slot\n");
     }
 
     #[test]
-    fn a_snippet_goes_above_its_marker_once() {
+    fn a_snippet_goes_above_its_marker_indented_as_it_is() {
         let text = "fn a() {}\n    // @generate: slot\n";
-        let once = insert_at_marker(text, "x.rs", "slot", "b,\nc,").unwrap().unwrap();
+        let once = insert_at_marker(text, "x.rs", "slot", "b,\nc,").unwrap();
         assert_eq!(once, "fn a() {}\n    b,\n    c,\n    // @generate: slot\n");
-        assert_eq!(insert_at_marker(&once, "x.rs", "slot", "b,\nc,").unwrap(), None);
         assert!(insert_at_marker(text, "x.rs", "other", "b").is_err());
     }
 }

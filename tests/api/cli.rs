@@ -63,37 +63,46 @@ async fn migrate_creates_a_missing_database_and_applies_migrations() {
     admin.close().await;
 }
 
-#[tokio::test]
-async fn sigterm_stops_the_server_gracefully() {
-    // A database of its own, made by the harness; the binary serves it.
-    let app = TestApp::spawn().await;
+/// The binary serving `app`'s database (made by the harness) on `port`.
+async fn serving(app: &TestApp, port: u16, shutdown_delay: &str) -> tokio::process::Child {
     let url = format!(
         "postgres://postgres@127.0.0.1:{}/{}",
         shared_postgres_port().await,
         app.db_name
     );
-    let port = free_port().unwrap();
-    let mut child = nestling()
+    nestling()
         .env("DATABASE_URL", url)
         .env("APP_PORT", port.to_string())
         .env("APP_WORKERS", "1")
-        .env("APP_SHUTDOWN_DELAY", "1")
+        .env("APP_SHUTDOWN_DELAY", shutdown_delay)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// SIGTERM, and how the process exited.
+async fn exit_after_sigterm(mut child: tokio::process::Child) -> std::process::ExitStatus {
+    // SAFETY: signalling the child this test spawned.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_gracefully() {
+    let app = TestApp::spawn().await;
+    let port = free_port().unwrap();
+    let child = serving(&app, port, "1").await;
     let live = format!("http://127.0.0.1:{port}/health/live");
     let deadline = Instant::now() + Duration::from_secs(20);
     while app.client.get(&live).send().await.is_err() {
         assert!(Instant::now() < deadline, "the binary did not start serving");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // SAFETY: signalling the child we just spawned.
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
+    let status = exit_after_sigterm(child).await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
 }
 
@@ -104,34 +113,16 @@ async fn sigterm_stops_the_server_gracefully() {
 #[tokio::test]
 async fn a_sigterm_while_the_instance_starts_still_stops_it_gracefully() {
     let app = TestApp::spawn().await;
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        shared_postgres_port().await,
-        app.db_name
-    );
     for attempt in 0..10 {
         let port = free_port().unwrap();
-        let mut child = nestling()
-            .env("DATABASE_URL", &url)
-            .env("APP_PORT", port.to_string())
-            .env("APP_WORKERS", "1")
-            .env("APP_SHUTDOWN_DELAY", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = serving(&app, port, "0").await;
         // The first moment a connection is accepted: no HTTP round trip in between.
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "the binary did not start serving");
             std::thread::yield_now();
         }
-        // SAFETY: signalling the child we just spawned.
-        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
+        let status = exit_after_sigterm(child).await;
         assert!(status.success(), "attempt {attempt}: exited with {status}");
     }
 }

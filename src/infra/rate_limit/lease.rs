@@ -293,12 +293,17 @@ impl Limiter {
         let limiter = self.clone();
         tokio::spawn(async move {
             if let Some(outcome) = limiter.in_redis(group, &identities, lacking, 0).await {
-                let topped = limiter.decision(group, &outcome, DecidedBy::Redis);
-                limiter.record_lease(&identities[0], outcome.granted, 0, &topped);
+                limiter.record_top_up(group, &identities[0], &outcome);
             }
             state.finish_refill();
         });
         Some(decision)
+    }
+
+    /// Keeps what Redis granted a top-up in the identity's lease (no request spent a token of it).
+    fn record_top_up(&self, group: RouteGroup, identity: &Identity, outcome: &gcra::Outcome) {
+        let topped = self.decision(group, outcome, DecidedBy::Redis);
+        self.record_lease(identity, outcome.granted, 0, &topped);
     }
 
     /// The top-ups that waited for this tick, in one round trip (a pipeline of script runs):
@@ -323,8 +328,7 @@ impl Limiter {
         let mut answers = answers.into_iter();
         for top_up in waiting {
             if let Some(outcome) = answers.next().and_then(outcome_of) {
-                let topped = self.decision(top_up.group, &outcome, DecidedBy::Redis);
-                self.record_lease(&top_up.identities[0], outcome.granted, 0, &topped);
+                self.record_top_up(top_up.group, &top_up.identities[0], &outcome);
             }
             top_up.lease.finish_refill();
         }

@@ -619,14 +619,8 @@ impl Redis {
     /// The server's clock (`TIME`; on a cluster, the node the command lands on), as seconds and
     /// microseconds since the Unix epoch.
     pub async fn server_time(&self) -> Result<(u64, u64), RedisFailure> {
-        self.call(|c| async move {
-            let time = redis::cmd("TIME");
-            match c {
-                Connection::Standalone(mut c) => time.query_async(&mut c).await,
-                Connection::Cluster(mut c) => time.query_async(&mut c).await,
-            }
-        })
-        .await
+        self.call(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .await
     }
 
     /// Connections open and idle in the pool, and its counters (a cluster: its one connection).
@@ -718,6 +712,18 @@ pub trait RedisService: Interface {
     /// pipeline may live on different nodes (`Disabled` there).
     async fn run_scripts(&self, script: &Script, runs: &[ScriptRun]) -> Result<Vec<Value>, RedisFailure>;
     async fn publish(&self, channel: &RedisKey, message: &[u8]) -> Result<(), RedisFailure>;
+}
+
+/// A call of `script` with these keys and arguments.
+fn invocation<'a>(script: &'a Script, keys: &[RedisKey], args: &[Vec<u8>]) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key.as_str());
+    }
+    for arg in args {
+        invocation.arg(arg.as_slice());
+    }
+    invocation
 }
 
 /// One run of a script in `RedisService::run_scripts`.
@@ -919,13 +925,7 @@ impl RedisService for RedisModule {
     }
 
     async fn run_script(&self, script: &Script, keys: &[RedisKey], args: &[Vec<u8>]) -> Result<Value, RedisFailure> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key.as_str());
-        }
-        for arg in args {
-            invocation.arg(arg.as_slice());
-        }
+        let invocation = invocation(script, keys, args);
         self.require()?
             .call_within(Some(self.settings.command_timeout), |mut c| async move {
                 invocation.invoke_async(&mut c).await
@@ -934,8 +934,8 @@ impl RedisService for RedisModule {
     }
 
     async fn run_scripts(&self, script: &Script, runs: &[ScriptRun]) -> Result<Vec<Value>, RedisFailure> {
-        let redis = self.require()?;
-        if redis.is_cluster() {
+        let server = self.require()?;
+        if server.is_cluster() {
             return Err(RedisFailure::Disabled);
         }
         // The load first: a pipelined EVALSHA does not load the script itself, and a load of a
@@ -943,16 +943,9 @@ impl RedisService for RedisModule {
         let mut pipeline = redis::pipe();
         pipeline.load_script(script).ignore();
         for run in runs {
-            let mut invocation = script.prepare_invoke();
-            for key in &run.keys {
-                invocation.key(key.as_str());
-            }
-            for arg in &run.args {
-                invocation.arg(arg.as_slice());
-            }
-            pipeline.invoke_script(&invocation);
+            pipeline.invoke_script(&invocation(script, &run.keys, &run.args));
         }
-        redis
+        server
             .call_within(Some(self.settings.command_timeout), |mut c| async move {
                 pipeline.query_async(&mut c).await
             })
